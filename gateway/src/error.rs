@@ -1,0 +1,165 @@
+//! The gateway's errors and the one place that turns them into HTTP responses.
+//!
+//! Each variant says whose fault it is ([`Fault`]) so failover and metrics can tell a client's
+//! mistake from a backend's; [`Error::to_api`] maps every variant, exhaustively, to a status, an
+//! OpenAI error body and a metric label. Messages never contain keys, tokens or credentials.
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, header};
+use tollgate_common::{ApiError, ErrorKind};
+
+/// Where the fault lies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The client sent something wrong, or is not allowed.
+    Downstream,
+    /// A backend failed or no backend could serve.
+    Upstream,
+    /// Our own state (the store, a bug).
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{message}")]
+    BadRequest { message: String, param: Option<&'static str> },
+    #[error("invalid or missing API key")]
+    Unauthenticated,
+    #[error("this consumer may not use model {0:?}")]
+    ModelNotAllowed(String),
+    #[error("this consumer is disabled")]
+    ConsumerDisabled,
+    #[error("the token quota for this period is spent")]
+    QuotaExceeded { retry_after_ms: u64 },
+    #[error("token rate limit exceeded")]
+    RateLimited { retry_after_ms: u64 },
+    #[error("the model {0:?} does not exist or no backend serves it")]
+    ModelNotFound(String),
+    #[error("no such route")]
+    RouteNotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("request body is larger than {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("no backend is available for this model; retry later")]
+    NoBackend { retry_after_ms: Option<u64> },
+    #[error("the backend failed: {0}")]
+    Upstream(String),
+    #[error("the backend did not answer in time")]
+    UpstreamTimeout,
+    #[error("the limits store is unavailable")]
+    StoreUnavailable,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Error::BadRequest { message: message.into(), param: None }
+    }
+
+    pub fn fault(&self) -> Fault {
+        match self {
+            Error::BadRequest { .. }
+            | Error::Unauthenticated
+            | Error::ModelNotAllowed(_)
+            | Error::ConsumerDisabled
+            | Error::QuotaExceeded { .. }
+            | Error::RateLimited { .. }
+            | Error::ModelNotFound(_)
+            | Error::RouteNotFound
+            | Error::MethodNotAllowed
+            | Error::BodyTooLarge { .. } => Fault::Downstream,
+            Error::NoBackend { .. } | Error::Upstream(_) | Error::UpstreamTimeout => Fault::Upstream,
+            Error::StoreUnavailable | Error::Internal(_) => Fault::Internal,
+        }
+    }
+
+    /// The client-facing error: kind, message, param, retry hint.
+    pub fn to_api(&self) -> ApiError {
+        let kind = match self {
+            Error::BadRequest { .. } => ErrorKind::InvalidRequest,
+            Error::Unauthenticated => ErrorKind::InvalidApiKey,
+            Error::ModelNotAllowed(_) => ErrorKind::ModelNotAllowed,
+            Error::ConsumerDisabled => ErrorKind::ConsumerDisabled,
+            Error::QuotaExceeded { .. } => ErrorKind::QuotaExceeded,
+            Error::RateLimited { .. } => ErrorKind::RateLimited,
+            Error::ModelNotFound(_) => ErrorKind::ModelNotFound,
+            Error::RouteNotFound => ErrorKind::NotFound,
+            Error::MethodNotAllowed => ErrorKind::MethodNotAllowed,
+            Error::BodyTooLarge { .. } => ErrorKind::BodyTooLarge,
+            Error::NoBackend { .. } | Error::StoreUnavailable => ErrorKind::Unavailable,
+            Error::Upstream(_) => ErrorKind::BadGateway,
+            Error::UpstreamTimeout => ErrorKind::GatewayTimeout,
+            Error::Internal(_) => ErrorKind::Internal,
+        };
+        let message = match self {
+            // Internal detail stays in our logs.
+            Error::Internal(_) => "internal error".to_string(),
+            Error::Upstream(_) => "the backend failed to answer; retry later".to_string(),
+            other => other.to_string(),
+        };
+        let mut api = ApiError::new(kind, message);
+        if let Error::BadRequest { param: Some(p), .. } = self {
+            api = api.with_param(p);
+        }
+        match self {
+            Error::QuotaExceeded { retry_after_ms } | Error::RateLimited { retry_after_ms } => {
+                api.with_retry_after_ms(*retry_after_ms)
+            }
+            Error::NoBackend { retry_after_ms: Some(ms) } => api.with_retry_after_ms(*ms),
+            Error::StoreUnavailable => api.with_retry_after_ms(1000),
+            _ => api,
+        }
+    }
+}
+
+/// Renders an [`ApiError`] as a response with `retry-after` / `retry-after-ms` when set.
+pub fn api_response(api: &ApiError) -> Response {
+    let mut resp = (api.kind.status(), api.body()).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some(ms) = api.retry_after_ms {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000).max(1)));
+        h.insert("retry-after-ms", HeaderValue::from(ms));
+    }
+    resp
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        if let Error::Internal(detail) = &self {
+            tracing::error!(%detail, "internal error");
+        }
+        let mut resp = api_response(&self.to_api());
+        resp.extensions_mut().insert(ErrorCode(self.to_api().kind.code()));
+        resp
+    }
+}
+
+/// The low-cardinality error label, carried on error responses for metrics.
+#[derive(Clone, Copy, Debug)]
+pub struct ErrorCode(pub &'static str);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rate limits carry both retry headers, rounded up to whole seconds.
+    #[test]
+    fn retry_headers() {
+        let r = Error::RateLimited { retry_after_ms: 1500 }.into_response();
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["retry-after"], "2");
+        assert_eq!(r.headers()["retry-after-ms"], "1500");
+    }
+
+    /// Internal detail never reaches the client.
+    #[test]
+    fn internal_detail_hidden() {
+        let api = Error::Internal("redis://:secret@host".into()).to_api();
+        assert!(!api.message.contains("secret"));
+        let api = Error::Upstream("connect to http://x?key=abc".into()).to_api();
+        assert!(!api.message.contains("abc"));
+    }
+}

@@ -1,0 +1,36 @@
+//! tollgate: a gateway for AI model traffic. Applications call it as they would call OpenAI or
+//! Azure OpenAI; it authenticates the caller, reserves the request's tokens against the
+//! consumer's limits, routes to the best available backend, streams the answer back, and
+//! settles and accounts the tokens actually used.
+//!
+//! # Layout
+//! - [`pipeline`] — the request path, one step per stage, in order.
+//! - [`auth`] — subscription keys (hashed) → consumer.
+//! - [`limits`] — the reservation against the shared store, and what happens when it fails.
+//! - [`request`] — what the client asked for (route, body fields), body rewriting for backends.
+//! - [`tokens`] — tiktoken counting for estimates and for backends that report no usage.
+//! - [`routing`] — backends, priority groups and weights, the local circuit cache.
+//! - [`breaker`] — failure counting and tripping.
+//! - [`proxy`] — forwarding with failover, streaming the response through a usage tap.
+//! - [`usage`] — settle, cost and usage totals, off the request path.
+//! - [`telemetry`] — metrics.
+//! - [`server`] — building the app, serving, graceful shutdown.
+//! - [`cli`] — the `tollgate` commands.
+
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod breaker;
+pub mod cli;
+pub mod error;
+pub mod limits;
+pub mod pipeline;
+pub mod proxy;
+pub mod request;
+pub mod routing;
+pub mod server;
+pub mod telemetry;
+pub mod tokens;
+pub mod usage;
+
+pub use server::{Gateway, app, run};

@@ -1,0 +1,199 @@
+//! The request path, in order. Each step says why it sits where it does.
+
+use crate::Gateway;
+use crate::error::Error;
+use crate::proxy::Forward;
+use crate::request::{self, Operation, RouteStyle};
+use crate::routing::now_ms;
+use crate::usage::{Meter, Outcome};
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, HeaderValue};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Serves one model request and always answers with `x-request-id`.
+pub async fn handle(
+    gw: Arc<Gateway>,
+    op: Operation,
+    style: RouteStyle,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let request_id = request_id(&headers);
+    let mut resp = match serve(&gw, op, style, &headers, body, started, &request_id).await {
+        Ok(r) => r,
+        Err(e) => {
+            gw.metrics.error(e.to_api().kind.code());
+            e.into_response()
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// The client's `x-request-id` when it is sane, else a new one.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+async fn serve(
+    gw: &Gateway,
+    op: Operation,
+    style: RouteStyle,
+    headers: &HeaderMap,
+    body: Body,
+    started: Instant,
+    request_id: &str,
+) -> Result<Response, Error> {
+    // 1. Authenticate before reading the body: an unknown caller costs nothing more.
+    let caller = gw.auth.authenticate(headers, &gw.limits).await?;
+
+    // 2. Read the body, bounded: nothing larger than `server.max_body_bytes` is held.
+    let body = read_body(headers, body, gw.config.server.max_body_bytes).await?;
+
+    // 3. Parse only the fields the gateway needs; the bytes are forwarded as they came.
+    let mut req = request::parse(op, style, body)?;
+
+    // 4. An unknown model is a 404 before any tokens are reserved.
+    if !gw.routes.has_model(&req.model) {
+        return Err(Error::ModelNotFound(req.model));
+    }
+
+    // 5. Estimate: prompt tokens (tiktoken, off the runtime when large) + requested output.
+    let pieces = std::mem::take(&mut req.prompt.pieces);
+    let prompt_tokens = gw.tokenizer.count_pieces(pieces, req.prompt.framing).await;
+    let output = match op {
+        Operation::Embeddings => 0,
+        _ => req.max_output.unwrap_or(gw.config.limits.default_max_tokens) * req.choices,
+    };
+    let estimate = prompt_tokens + output;
+
+    // 6. Reserve: the one store call on the path (limits, model allow-list, bucket, quota).
+    let reserved =
+        gw.limits.reserve(&caller.consumer, &req.model, estimate, caller.require_record).await?;
+    let team = caller.team.clone().unwrap_or_else(|| reserved.admission.team.clone());
+    let remaining_tpm = reserved.admission.remaining_tpm;
+    let remaining_quota = reserved.admission.remaining_quota;
+
+    // 7. From here on the meter settles the reservation however the request ends.
+    let mut meter = Meter::new(
+        gw.usage_tx.clone(),
+        Outcome {
+            request_id: request_id.to_string(),
+            consumer: caller.consumer.clone(),
+            team,
+            model: req.model.clone(),
+            op,
+            stream: req.stream,
+            backend: None,
+            reserved: Some(reserved),
+            reported: None,
+            prompt_tokens,
+            text: String::new(),
+            status: 0,
+            complete: false,
+            started,
+            first_byte: None,
+            duration: Default::default(),
+            failovers: 0,
+        },
+    );
+
+    // 8. Plan from the local circuit cache (no store call), then forward with failover
+    //    before the first byte.
+    let result = match gw.routes.plan(&req.model, now_ms()) {
+        Ok(plan) => {
+            let fwd = Forward {
+                client: &gw.client,
+                breakers: &gw.breakers,
+                req: &req,
+                headers,
+                request_id,
+            };
+            fwd.run(&plan, &mut meter).await
+        }
+        Err(e) => Err(e),
+    };
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            meter.get().status = e.to_api().kind.status().as_u16();
+            return Err(e);
+        }
+    };
+
+    // 9. What the client may want to know about its limits and (when asked) the route taken.
+    let h = resp.headers_mut();
+    if let Some(t) = remaining_tpm {
+        h.insert("x-ratelimit-remaining-tokens", HeaderValue::from(t.max(0)));
+    }
+    if let Some(q) = remaining_quota {
+        h.insert("x-quota-remaining-tokens", HeaderValue::from(q.max(0)));
+    }
+    if gw.config.server.debug_headers {
+        if let Some(name) = resp_backend(&resp) {
+            resp.headers_mut().insert("x-tollgate-backend", name);
+        }
+        if let Ok(v) = HeaderValue::from_str(&caller.consumer) {
+            resp.headers_mut().insert("x-tollgate-consumer", v);
+        }
+    }
+    Ok(resp)
+}
+
+fn resp_backend(resp: &Response) -> Option<HeaderValue> {
+    resp.extensions().get::<crate::proxy::ServedBy>().and_then(|s| HeaderValue::from_str(&s.0).ok())
+}
+
+/// Reads the body up to `limit` bytes; larger is a 413 whatever the client declared.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<bytes::Bytes, Error> {
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(Error::BodyTooLarge { limit });
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            || e.to_string().contains("length limit");
+        if too_large {
+            Error::BodyTooLarge { limit }
+        } else {
+            Error::bad_request("could not read the request body")
+        }
+    })
+}
+
+/// `GET /v1/models`: the models this consumer may use.
+pub async fn models(gw: Arc<Gateway>, headers: HeaderMap) -> Response {
+    let caller = match gw.auth.authenticate(&headers, &gw.limits).await {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let allowed: Option<Vec<String>> = match gw.limits.get_consumer(&caller.consumer).await {
+        Some(rec) if !rec.models.is_empty() => Some(rec.models),
+        _ => None,
+    };
+    let mut ids: Vec<&String> = gw
+        .routes
+        .models()
+        .filter(|m| allowed.as_ref().is_none_or(|a| a.contains(m)))
+        .collect();
+    ids.sort();
+    let data: Vec<serde_json::Value> = ids
+        .into_iter()
+        .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "tollgate"}))
+        .collect();
+    axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
+}

@@ -1,0 +1,261 @@
+//! What a client asked for: the operation and route style (from the path), and the few body
+//! fields the gateway needs (model, stream flags, output limits, prompt text). The body is
+//! never re-encoded unless the backend needs a change ([`rewrite_body`]); the original bytes
+//! are forwarded otherwise.
+
+use crate::error::Error;
+use crate::tokens::PromptText;
+use bytes::Bytes;
+use indexmap::IndexMap;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// The OpenAI operation a route maps to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    Chat,
+    Completions,
+    Embeddings,
+    Responses,
+}
+
+impl Operation {
+    /// Path suffix shared by the OpenAI and Azure APIs.
+    pub fn path(self) -> &'static str {
+        match self {
+            Operation::Chat => "chat/completions",
+            Operation::Completions => "completions",
+            Operation::Embeddings => "embeddings",
+            Operation::Responses => "responses",
+        }
+    }
+
+    /// `gen_ai.operation.name` of the GenAI semantic conventions.
+    pub fn gen_ai_name(self) -> &'static str {
+        match self {
+            Operation::Chat | Operation::Responses => "chat",
+            Operation::Completions => "text_completion",
+            Operation::Embeddings => "embeddings",
+        }
+    }
+
+    /// Whether a stream of this operation reports usage only when `include_usage` is asked.
+    pub fn needs_include_usage(self) -> bool {
+        matches!(self, Operation::Chat | Operation::Completions)
+    }
+}
+
+/// How the client addressed the model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouteStyle {
+    /// `/v1/...`, model in the body.
+    OpenAi,
+    /// `/openai/v1/...`, model in the body.
+    AzureV1,
+    /// `/openai/deployments/{deployment}/...`: the deployment names the model.
+    AzureDeployment { deployment: String, api_version: Option<String> },
+}
+
+/// The parsed request.
+#[derive(Debug)]
+pub struct ClientRequest {
+    pub op: Operation,
+    pub style: RouteStyle,
+    pub model: String,
+    pub stream: bool,
+    /// The client itself asked for `stream_options.include_usage`.
+    pub client_include_usage: bool,
+    /// Requested completion tokens per choice, if the client set a limit.
+    pub max_output: Option<u64>,
+    /// Number of choices (`n`), which multiplies the completion estimate.
+    pub choices: u64,
+    pub prompt: PromptText,
+    pub body: Bytes,
+}
+
+#[derive(Deserialize)]
+struct Fields<'a> {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    max_output_tokens: Option<u64>,
+    #[serde(default)]
+    n: Option<u64>,
+    #[serde(borrow, default)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    input: Option<&'a RawValue>,
+    #[serde(default)]
+    instructions: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+fn missing(field: &'static str) -> Error {
+    Error::BadRequest { message: format!("you must provide a '{field}' parameter"), param: Some(field) }
+}
+
+/// Parses the body of a POST to one of the model routes.
+pub fn parse(op: Operation, style: RouteStyle, body: Bytes) -> Result<ClientRequest, Error> {
+    if body.is_empty() {
+        return Err(Error::bad_request("the request body is empty; send a JSON object"));
+    }
+    let first = body.iter().find(|c| !c.is_ascii_whitespace());
+    if first.is_some_and(|c| *c != b'{') {
+        if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok() {
+            return Err(Error::bad_request("the request body must be a JSON object"));
+        }
+        return Err(Error::bad_request("could not parse the JSON body: expected a JSON object"));
+    }
+    let f: Fields<'_> = serde_json::from_slice(&body).map_err(|e| {
+        if e.is_syntax() || e.is_eof() {
+            Error::bad_request(format!("could not parse the JSON body: {e}"))
+        } else {
+            Error::bad_request(format!("invalid request body: {e}"))
+        }
+    })?;
+    let model = match (&style, f.model) {
+        (RouteStyle::AzureDeployment { deployment, .. }, _) => deployment.clone(),
+        (_, Some(m)) if !m.is_empty() => m,
+        _ => return Err(missing("model")),
+    };
+    let prompt = match op {
+        Operation::Chat => {
+            let raw = f.messages.ok_or_else(|| missing("messages"))?;
+            PromptText::from_messages(raw).map_err(|m| Error::BadRequest {
+                message: m,
+                param: Some("messages"),
+            })?
+        }
+        Operation::Completions => PromptText::from_input(f.prompt.ok_or_else(|| missing("prompt"))?),
+        Operation::Embeddings => PromptText::from_input(f.input.ok_or_else(|| missing("input"))?),
+        Operation::Responses => {
+            let mut p = PromptText::from_input(f.input.ok_or_else(|| missing("input"))?);
+            p.pieces.extend(f.instructions);
+            p
+        }
+    };
+    let stream = f.stream.unwrap_or(false);
+    if stream && op == Operation::Embeddings {
+        return Err(Error::BadRequest {
+            message: "embeddings cannot be streamed".into(),
+            param: Some("stream"),
+        });
+    }
+    let choices = f.n.unwrap_or(1);
+    if choices == 0 || choices > 128 {
+        return Err(Error::BadRequest { message: "'n' must be between 1 and 128".into(), param: Some("n") });
+    }
+    Ok(ClientRequest {
+        op,
+        style,
+        model,
+        stream,
+        client_include_usage: f.stream_options.and_then(|s| s.include_usage).unwrap_or(false),
+        max_output: f.max_completion_tokens.or(f.max_tokens).or(f.max_output_tokens),
+        choices,
+        prompt,
+        body,
+    })
+}
+
+/// The body for a backend: the original bytes, unless the backend needs another `model` or the
+/// gateway must ask for `stream_options.include_usage`. Top-level values are copied verbatim.
+pub fn rewrite_body(
+    body: &Bytes,
+    set_model: Option<&str>,
+    include_usage: bool,
+) -> Result<Bytes, Error> {
+    if set_model.is_none() && !include_usage {
+        return Ok(body.clone());
+    }
+    let mut map: IndexMap<String, Box<RawValue>> = serde_json::from_slice(body)
+        .map_err(|e| Error::bad_request(format!("invalid request body: {e}")))?;
+    let to_raw = |v: serde_json::Value| {
+        serde_json::value::to_raw_value(&v).map_err(|e| Error::Internal(e.to_string()))
+    };
+    if let Some(m) = set_model {
+        map.insert("model".into(), to_raw(serde_json::Value::String(m.into()))?);
+    }
+    if include_usage {
+        let mut opts: serde_json::Map<String, serde_json::Value> = match map.get("stream_options") {
+            Some(raw) => serde_json::from_str(raw.get()).unwrap_or_default(),
+            None => serde_json::Map::new(),
+        };
+        opts.insert("include_usage".into(), serde_json::Value::Bool(true));
+        map.insert("stream_options".into(), to_raw(serde_json::Value::Object(opts))?);
+    }
+    serde_json::to_vec(&map).map(Bytes::from).map_err(|e| Error::Internal(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(body: &str) -> Result<ClientRequest, Error> {
+        parse(Operation::Chat, RouteStyle::OpenAi, Bytes::from(body.to_string()))
+    }
+
+    /// The fields the gateway needs are read; everything else is left alone.
+    #[test]
+    fn reads_fields() {
+        let r = chat(r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],
+            "stream":true,"stream_options":{"include_usage":true},"max_tokens":7,"n":2,"temperature":0.1}"#)
+        .unwrap();
+        assert_eq!((r.model.as_str(), r.stream, r.client_include_usage), ("gpt-4o", true, true));
+        assert_eq!((r.max_output, r.choices), (Some(7), 2));
+    }
+
+    /// Bad bodies are 400s that say what is wrong.
+    #[test]
+    fn rejects_bad_bodies() {
+        for (body, needle) in [
+            ("", "empty"),
+            ("{not json", "parse"),
+            ("[1,2]", "JSON object"),
+            (r#"{"messages":[]}"#, "'model'"),
+            (r#"{"model":"m"}"#, "'messages'"),
+            (r#"{"model":"m","messages":"hi"}"#, "array"),
+            (r#"{"model":"m","messages":[],"stream":"yes"}"#, "invalid"),
+            (r#"{"model":5,"messages":[]}"#, "invalid"),
+        ] {
+            let e = chat(body).unwrap_err();
+            assert!(matches!(e, Error::BadRequest { .. }), "{body}: {e:?}");
+            assert!(e.to_string().contains(needle), "{body}: {e}");
+        }
+    }
+
+    /// The Azure deployment route names the model even when the body has none.
+    #[test]
+    fn deployment_is_the_model() {
+        let style = RouteStyle::AzureDeployment { deployment: "gpt-4o".into(), api_version: None };
+        let r = parse(Operation::Chat, style, Bytes::from_static(br#"{"messages":[]}"#)).unwrap();
+        assert_eq!(r.model, "gpt-4o");
+    }
+
+    /// Rewriting keeps every other field and merges into existing stream_options.
+    #[test]
+    fn rewrite_keeps_fields() {
+        let b = Bytes::from_static(br#"{"model":"a","messages":[{"x":1}],"stream_options":{"foo":2}}"#);
+        assert_eq!(rewrite_body(&b, None, false).unwrap(), b);
+        let out = rewrite_body(&b, Some("dep-a"), true).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["model"], "dep-a");
+        assert_eq!(v["messages"][0]["x"], 1);
+        assert_eq!(v["stream_options"], serde_json::json!({"foo":2,"include_usage":true}));
+    }
+}

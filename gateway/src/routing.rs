@@ -1,0 +1,288 @@
+//! Which backend serves a request. A model's backends form priority groups (PTU = 1,
+//! PAYG = 2, ...); the best group with an available backend serves, chosen by weight inside
+//! the group; lower groups only when every backend above is tripped or has failed this request.
+//! Routing reads circuit state from a local cache, so it costs no store call.
+
+use crate::error::Error;
+use http::HeaderValue;
+use rand::Rng;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tollgate_common::Secret;
+use tollgate_common::config::{BackendApi, BackendAuth, BackendConfig, Config, secret_from_env};
+
+/// A backend's credential, ready to put on a request.
+#[derive(Clone, Debug)]
+pub enum Credential {
+    None,
+    /// Header name and value, marked sensitive so hyper never logs it.
+    Header(&'static str, HeaderValue),
+}
+
+impl Credential {
+    fn from_config(b: &BackendConfig) -> anyhow::Result<Credential> {
+        let header = |name: &'static str, value: String| -> anyhow::Result<Credential> {
+            let mut v = HeaderValue::from_str(&value)
+                .map_err(|_| anyhow::anyhow!("backend {}: credential is not a valid header", b.name))?;
+            v.set_sensitive(true);
+            Ok(Credential::Header(name, v))
+        };
+        let env = |var: &str| -> anyhow::Result<Secret> {
+            secret_from_env(var).map_err(|e| anyhow::anyhow!("backends.{}.auth: {e}", b.name))
+        };
+        match &b.auth {
+            BackendAuth::None => Ok(Credential::None),
+            BackendAuth::ApiKey { key_env } => {
+                let key = env(key_env)?;
+                match b.api {
+                    BackendApi::Azure => header("api-key", key.expose().to_string()),
+                    BackendApi::Openai => header("authorization", format!("Bearer {}", key.expose())),
+                }
+            }
+            BackendAuth::Bearer { token_env } => {
+                header("authorization", format!("Bearer {}", env(token_env)?.expose()))
+            }
+            BackendAuth::Oauth2ClientCredentials { .. } | BackendAuth::AzureManagedIdentity { .. } => {
+                anyhow::bail!(
+                    "backends.{}.auth: token-based backend credentials are not supported yet",
+                    b.name
+                )
+            }
+        }
+    }
+}
+
+/// Prices in micro-units per one million tokens (so cost in pico-units is tokens × price).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PriceMicros {
+    pub input: u64,
+    pub output: u64,
+    pub cached_input: u64,
+}
+
+/// A configured backend and its live state.
+#[derive(Debug)]
+pub struct Backend {
+    pub name: Arc<str>,
+    pub config: BackendConfig,
+    /// `url` without a trailing `/` (and without a trailing `/v1` for OpenAI-style backends,
+    /// which the gateway adds itself).
+    pub base: String,
+    pub credential: Credential,
+    pub price: PriceMicros,
+    /// Circuit open until this unix time (ms); 0 = closed.
+    pub open_until_ms: AtomicU64,
+}
+
+impl Backend {
+    /// The URL for an operation on this backend.
+    pub fn url(&self, op: crate::request::Operation, deployment: &str, api_version: &str) -> String {
+        use crate::request::Operation;
+        match (self.config.api, op) {
+            (BackendApi::Openai, _) => format!("{}/v1/{}", self.base, op.path()),
+            (BackendApi::Azure, Operation::Responses) => format!("{}/openai/v1/responses", self.base),
+            (BackendApi::Azure, _) => format!(
+                "{}/openai/deployments/{}/{}?api-version={}",
+                self.base,
+                deployment,
+                op.path(),
+                api_version
+            ),
+        }
+    }
+
+    /// This backend's own name for a model.
+    pub fn deployment<'a>(&'a self, model: &'a str) -> &'a str {
+        self.config.deployments.get(model).map(String::as_str).unwrap_or(model)
+    }
+
+    pub fn is_open(&self, now_ms: u64) -> bool {
+        self.open_until_ms.load(Ordering::Relaxed) > now_ms
+    }
+
+    pub fn trip_until(&self, until_ms: u64) {
+        self.open_until_ms.fetch_max(until_ms, Ordering::Relaxed);
+    }
+}
+
+fn price_micros(p: f64) -> u64 {
+    (p * 1_000_000.0).round() as u64
+}
+
+struct Group {
+    members: Vec<(usize, u32)>,
+}
+
+/// Every backend, and per model the priority groups that serve it.
+pub struct Routes {
+    pub backends: Vec<Arc<Backend>>,
+    pools: HashMap<String, Vec<Group>>,
+}
+
+impl Routes {
+    pub fn from_config(config: &Config) -> anyhow::Result<Routes> {
+        let mut backends = Vec::new();
+        for b in &config.backends {
+            let mut base = b.url.trim_end_matches('/').to_string();
+            if b.api == BackendApi::Openai && base.ends_with("/v1") {
+                base.truncate(base.len() - 3);
+            }
+            let price = PriceMicros {
+                input: price_micros(b.price.input_per_1m),
+                output: price_micros(b.price.output_per_1m),
+                cached_input: price_micros(b.price.cached_input_per_1m.unwrap_or(b.price.input_per_1m)),
+            };
+            backends.push(Arc::new(Backend {
+                name: Arc::from(b.name.as_str()),
+                credential: Credential::from_config(b)?,
+                config: b.clone(),
+                base,
+                price,
+                open_until_ms: AtomicU64::new(0),
+            }));
+        }
+        let mut pools: HashMap<String, Vec<Group>> = HashMap::new();
+        for model in config.models() {
+            let mut by_priority: Vec<(u32, Vec<(usize, u32)>)> = Vec::new();
+            for (i, b) in backends.iter().enumerate() {
+                if !b.config.models.contains(&model) {
+                    continue;
+                }
+                let p = b.config.priority;
+                match by_priority.iter_mut().find(|(q, _)| *q == p) {
+                    Some((_, m)) => m.push((i, b.config.weight)),
+                    None => by_priority.push((p, vec![(i, b.config.weight)])),
+                }
+            }
+            by_priority.sort_by_key(|(p, _)| *p);
+            pools.insert(model, by_priority.into_iter().map(|(_, members)| Group { members }).collect());
+        }
+        Ok(Routes { backends, pools })
+    }
+
+    pub fn has_model(&self, model: &str) -> bool {
+        self.pools.contains_key(model)
+    }
+
+    pub fn models(&self) -> impl Iterator<Item = &String> {
+        self.pools.keys()
+    }
+
+    /// The backends to try for `model`, in order: the available ones of each priority group in a
+    /// weighted-random order, best group first. Tripped backends are left out; when every
+    /// backend is tripped the error says when the first one reopens.
+    pub fn plan(&self, model: &str, now_ms: u64) -> Result<Vec<Arc<Backend>>, Error> {
+        let groups = self.pools.get(model).ok_or_else(|| Error::ModelNotFound(model.to_string()))?;
+        let mut plan = Vec::with_capacity(4);
+        let mut rng = rand::rng();
+        let mut first_reopen = u64::MAX;
+        for g in groups {
+            let mut open: Vec<(usize, u32)> = Vec::with_capacity(g.members.len());
+            for &(i, w) in &g.members {
+                let b = &self.backends[i];
+                let until = b.open_until_ms.load(Ordering::Relaxed);
+                if until > now_ms {
+                    first_reopen = first_reopen.min(until);
+                } else {
+                    open.push((i, w));
+                }
+            }
+            // Weighted order without replacement.
+            while !open.is_empty() {
+                let total: u64 = open.iter().map(|(_, w)| *w as u64).sum();
+                let mut pick = rng.random_range(0..total);
+                let mut idx = 0;
+                for (k, (_, w)) in open.iter().enumerate() {
+                    if pick < *w as u64 {
+                        idx = k;
+                        break;
+                    }
+                    pick -= *w as u64;
+                }
+                let (i, _) = open.swap_remove(idx);
+                plan.push(self.backends[i].clone());
+            }
+        }
+        if plan.is_empty() {
+            let retry_after_ms = (first_reopen != u64::MAX).then(|| first_reopen - now_ms);
+            return Err(Error::NoBackend { retry_after_ms });
+        }
+        Ok(plan)
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(toml: &str) -> Config {
+        Config::from_toml(toml).unwrap()
+    }
+
+    const TWO_TIERS: &str = r#"
+[[backends]]
+name = "ptu"
+url = "http://127.0.0.1:1/"
+models = ["m"]
+priority = 1
+[[backends]]
+name = "payg-a"
+url = "http://127.0.0.1:2"
+models = ["m"]
+priority = 2
+weight = 3
+[[backends]]
+name = "payg-b"
+url = "http://127.0.0.1:3/v1"
+api = "openai"
+models = ["m"]
+priority = 2
+weight = 1
+"#;
+
+    /// The best priority group comes first; weights order the group; tripped backends drop out.
+    #[test]
+    fn priority_then_weight() {
+        let r = Routes::from_config(&config(TWO_TIERS)).unwrap();
+        let mut first_payg = HashMap::new();
+        for _ in 0..4000 {
+            let plan = r.plan("m", 1).unwrap();
+            assert_eq!(&*plan[0].name, "ptu");
+            assert_eq!(plan.len(), 3);
+            *first_payg.entry(plan[1].name.to_string()).or_insert(0) += 1;
+        }
+        let a = first_payg["payg-a"] as f64 / 4000.0;
+        assert!((0.70..0.80).contains(&a), "weight 3:1 gave {a}");
+        r.backends[0].trip_until(10_000);
+        let plan = r.plan("m", 5_000).unwrap();
+        assert_eq!(plan.len(), 2);
+        assert!(plan.iter().all(|b| b.name.starts_with("payg")));
+        r.backends[1].trip_until(20_000);
+        r.backends[2].trip_until(15_000);
+        match r.plan("m", 5_000) {
+            Err(Error::NoBackend { retry_after_ms }) => assert_eq!(retry_after_ms, Some(5_000)),
+            other => panic!("{:?}", other.map(|p| p.len())),
+        }
+        assert!(matches!(r.plan("x", 0), Err(Error::ModelNotFound(_))));
+    }
+
+    /// URLs follow each API's shape; a trailing /v1 in an OpenAI base is not doubled.
+    #[test]
+    fn urls() {
+        use crate::request::Operation;
+        let r = Routes::from_config(&config(TWO_TIERS)).unwrap();
+        assert_eq!(
+            r.backends[0].url(Operation::Chat, "dep", "2024-10-21"),
+            "http://127.0.0.1:1/openai/deployments/dep/chat/completions?api-version=2024-10-21"
+        );
+        assert_eq!(r.backends[2].url(Operation::Embeddings, "x", "v"), "http://127.0.0.1:3/v1/embeddings");
+    }
+}

@@ -1,0 +1,259 @@
+//! Building the gateway from a validated config, the HTTP routes, and serving with a graceful
+//! drain. [`run`] is what the binary and the real-socket tests call; [`app`] gives the router
+//! alone for in-process tests (`app(config).await?.0.oneshot(request)`).
+
+use crate::auth::KeyAuth;
+use crate::breaker::Breakers;
+use crate::limits::{AnyStore, Limits};
+use crate::pipeline;
+use crate::request::{Operation, RouteStyle};
+use crate::routing::Routes;
+use crate::telemetry::Metrics;
+use crate::tokens::Tokenizer;
+use crate::usage::{Outcome, UsageWorker};
+use anyhow::Context as _;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http::HeaderMap;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tollgate_common::config::{Config, StoreKind};
+use tollgate_common::key_hash;
+use tollgate_quota::{ConsumerRecord, LimitDefaults, MemoryStore, RedisStore, Store};
+
+/// Everything a request needs, shared by all requests.
+pub struct Gateway {
+    pub config: Config,
+    pub limits: Arc<Limits>,
+    pub auth: KeyAuth,
+    pub routes: Routes,
+    pub breakers: Breakers,
+    pub client: reqwest::Client,
+    pub metrics: Arc<Metrics>,
+    pub tokenizer: Tokenizer,
+    pub usage_tx: mpsc::UnboundedSender<Outcome>,
+}
+
+/// The background work that outlives requests: the usage worker.
+pub struct Background {
+    usage: JoinHandle<()>,
+}
+
+impl Background {
+    /// Waits for the usage worker to write what is pending (after every request has ended).
+    pub async fn finish(self, within: Duration) {
+        if tokio::time::timeout(within, self.usage).await.is_err() {
+            tracing::error!("usage worker did not finish in time; some usage may not be written");
+        }
+    }
+}
+
+/// The store the config asks for.
+pub async fn connect_store(config: &Config) -> anyhow::Result<AnyStore> {
+    Ok(match config.store.kind {
+        StoreKind::Memory => AnyStore::Memory(MemoryStore::new()),
+        StoreKind::Redis => {
+            let url = std::env::var("TOLLGATE_REDIS_URL").unwrap_or_else(|_| config.store.url.clone());
+            let opts = tollgate_quota::RedisOpts {
+                timeout: Duration::from_millis(config.store.timeout_ms),
+                pool_size: config.store.pool_size,
+                usage_retention_days: config.store.usage_retention_days.min(u32::MAX as u64) as u32,
+                ..Default::default()
+            };
+            AnyStore::Redis(RedisStore::connect(&url, opts).await.context("store.url")?)
+        }
+    })
+}
+
+/// Consumers from the config, as store records with their key hashes (from `key_sha256` and
+/// the plain key in `key_env`).
+pub fn config_consumers(config: &Config) -> anyhow::Result<Vec<(ConsumerRecord, Vec<String>)>> {
+    let mut out = Vec::new();
+    for c in &config.consumers {
+        let mut keys = c.key_sha256.iter().map(|k| k.to_ascii_lowercase()).collect::<Vec<_>>();
+        if let Some(var) = &c.key_env {
+            let key = tollgate_common::config::secret_from_env(var)
+                .map_err(|e| anyhow::anyhow!("consumers.{}.key_env: {e}", c.id))?;
+            keys.push(key_hash(key.expose()));
+        }
+        let rec = ConsumerRecord {
+            id: c.id.clone(),
+            team: c.team.clone().unwrap_or_else(|| c.id.clone()),
+            tpm: c.tpm,
+            quota: c.quota,
+            quota_period: c.quota_period,
+            models: c.models.clone(),
+            disabled: c.disabled,
+        };
+        out.push((rec, keys));
+    }
+    Ok(out)
+}
+
+/// Builds the gateway and its router. Spawns the usage worker.
+pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Background)> {
+    let store = connect_store(&config).await?;
+    let defaults = LimitDefaults {
+        tpm: config.limits.default_tpm,
+        quota: config.limits.default_quota,
+        quota_period: config.limits.default_quota_period,
+    };
+    let limits = Limits::new(store, config.store.on_error, defaults);
+    for (rec, keys) in config_consumers(&config)? {
+        // Written only when absent: the store wins once an operator has changed a consumer.
+        if let Err(e) = limits.store.seed_consumer(&rec, &keys).await {
+            tracing::warn!(consumer = %rec.id, error = %e, "could not seed consumer into the store");
+        }
+        // The local fallback knows every configured consumer from the start.
+        let _ = limits.local.seed_consumer(&rec, &keys).await;
+    }
+    let routes = Routes::from_config(&config)?;
+    let connect_ms = config.backends.iter().map(|b| b.timeouts.connect_ms).min().unwrap_or(2_000);
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_millis(connect_ms))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .tcp_nodelay(true)
+        .build()
+        .context("building the HTTP client")?;
+    let metrics = Arc::new(Metrics::default());
+    let tokenizer = Tokenizer::load();
+    let (usage_tx, usage_rx) = mpsc::unbounded_channel();
+    let key_ttl = match config.store.kind {
+        StoreKind::Memory => Duration::ZERO,
+        StoreKind::Redis => Duration::from_millis(config.limits.key_cache_ms),
+    };
+    let worker = UsageWorker { limits: limits.clone(), metrics: metrics.clone(), tokenizer };
+    let flush_for = Duration::from_millis(config.server.shutdown_grace_ms.min(10_000));
+    let usage = tokio::spawn(worker.run(usage_rx, flush_for));
+    let gw = Arc::new(Gateway {
+        auth: KeyAuth::new(key_ttl),
+        config,
+        limits,
+        routes,
+        breakers: Breakers::default(),
+        client,
+        metrics,
+        tokenizer,
+        usage_tx,
+    });
+    Ok((router(gw.clone()), gw, Background { usage }))
+}
+
+fn model_route(op: Operation, azure_v1: bool) -> axum::routing::MethodRouter<Arc<Gateway>> {
+    post(move |State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body| {
+        let style = if azure_v1 { RouteStyle::AzureV1 } else { RouteStyle::OpenAi };
+        pipeline::handle(gw, op, style, headers, body)
+    })
+}
+
+fn deployment_route(op: Operation) -> axum::routing::MethodRouter<Arc<Gateway>> {
+    post(
+        move |State(gw): State<Arc<Gateway>>,
+              Path(deployment): Path<String>,
+              Query(q): Query<HashMap<String, String>>,
+              headers: HeaderMap,
+              body: Body| {
+            let style = RouteStyle::AzureDeployment {
+                deployment,
+                api_version: q.get("api-version").cloned(),
+            };
+            pipeline::handle(gw, op, style, headers, body)
+        },
+    )
+}
+
+/// Every route of the HTTP surface.
+pub fn router(gw: Arc<Gateway>) -> Router {
+    use Operation::*;
+    let mut r = Router::new();
+    for (op, path) in [(Chat, "chat/completions"), (Completions, "completions"), (Embeddings, "embeddings"), (Responses, "responses")] {
+        r = r
+            .route(&format!("/v1/{path}"), model_route(op, false))
+            .route(&format!("/openai/v1/{path}"), model_route(op, true));
+        if op != Responses {
+            r = r.route(&format!("/openai/deployments/{{deployment}}/{path}"), deployment_route(op));
+        }
+    }
+    r.route("/v1/models", get(|State(gw): State<Arc<Gateway>>, h: HeaderMap| pipeline::models(gw, h)))
+        .route("/openai/v1/models", get(|State(gw): State<Arc<Gateway>>, h: HeaderMap| pipeline::models(gw, h)))
+        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { crate::error::Error::RouteNotFound.into_response() })
+        .method_not_allowed_fallback(|| async { crate::error::Error::MethodNotAllowed.into_response() })
+        .with_state(gw)
+}
+
+async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
+    use tollgate_common::config::OnError;
+    let kind = match gw.config.store.kind {
+        StoreKind::Memory => "memory",
+        StoreKind::Redis => "redis",
+    };
+    let reachable = gw.limits.store.ping().await.is_ok();
+    let (status, mode) = match (reachable, gw.config.store.on_error) {
+        (true, _) => (200, "shared"),
+        (false, OnError::Local) => (200, "fallback_local"),
+        (false, OnError::FailOpen) => (200, "fallback_open"),
+        (false, OnError::FailClosed) => (503, "unavailable"),
+    };
+    let body = serde_json::json!({"status": if status == 200 {"ready"} else {"not_ready"},
+        "store": kind, "store_reachable": reachable, "mode": mode});
+    (http::StatusCode::from_u16(status).unwrap_or_default(), axum::Json(body)).into_response()
+}
+
+async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    let extra = format!(
+        "# HELP tollgate_store_degraded Whether the fallback policy is in force\n\
+         # TYPE tollgate_store_degraded gauge\ntollgate_store_degraded {}\n",
+        gw.limits.degraded() as u8
+    );
+    (
+        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        gw.metrics.render(&extra),
+    )
+        .into_response()
+}
+
+/// Serves until `shutdown` resolves, then drains in-flight requests (streams included) for up
+/// to `server.shutdown_grace_ms` and writes pending usage before returning.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let grace = Duration::from_millis(config.server.shutdown_grace_ms);
+    let (router, gw, background) = app(config).await?;
+    drop(gw);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        tracing::info!("shutting down: draining in-flight requests");
+    });
+    let mut stop_rx2 = stop_rx.clone();
+    let serve = tokio::spawn(async move { server.await });
+    tokio::pin!(serve);
+    tokio::select! {
+        r = &mut serve => { r??; }
+        _ = async {
+            let _ = stop_rx2.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!("grace period over; closing the remaining connections");
+            serve.abort();
+        }
+    }
+    drop(stop_rx);
+    background.finish(Duration::from_secs(10)).await;
+    Ok(())
+}

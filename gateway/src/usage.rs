@@ -1,0 +1,283 @@
+//! Settle and account: what each request really used, off the latency path.
+//!
+//! The pipeline hands a [`Meter`] along with the request; whatever way the request ends —
+//! a complete response, a backend failure, an error, a client that disconnects mid-stream — the
+//! meter's drop sends an [`Outcome`] to the usage worker. The worker counts tokens the backend
+//! did not report (tiktoken, off the runtime for long text), corrects the reservation by
+//! (actual − estimate), prices the usage, folds it into the daily totals in the same store
+//! write, updates metrics and emits one usage event. Store writes are batched: one pipeline for
+//! whatever arrived while the previous write was in flight. Writes that fail are kept (bounded)
+//! and retried; what overflows is counted and logged, never dropped silently.
+
+use crate::limits::{Limits, Placement, Reserved};
+use crate::request::Operation;
+use crate::routing::Backend;
+use crate::telemetry::Metrics;
+use crate::tokens::Tokenizer;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tollgate_common::TokenUsage;
+use tollgate_quota::{Settlement, Store, UsageDelta, day_of};
+
+/// Most settlements held for retry while the store is unreachable.
+const MAX_PENDING: usize = 200_000;
+/// Most completion text kept for counting when the backend reports no usage.
+const MAX_TEXT: usize = 4 * 1024 * 1024;
+
+/// Everything known about a request once it is over.
+#[derive(Debug)]
+pub struct Outcome {
+    pub request_id: String,
+    pub consumer: Arc<str>,
+    pub team: String,
+    pub model: String,
+    pub op: Operation,
+    pub stream: bool,
+    pub backend: Option<Arc<Backend>>,
+    pub reserved: Option<Reserved>,
+    /// Usage as the backend reported it.
+    pub reported: Option<TokenUsage>,
+    /// Prompt tokens as the gateway counted them (used when the backend reports none).
+    pub prompt_tokens: u64,
+    /// Completion text seen, for counting when the backend reports no usage.
+    pub text: String,
+    /// HTTP status the client got (0 = the client went away first).
+    pub status: u16,
+    /// The response body ended as the backend ended it.
+    pub complete: bool,
+    pub started: Instant,
+    pub first_byte: Option<Duration>,
+    pub duration: Duration,
+    pub failovers: u32,
+}
+
+/// Follows one request and reports its [`Outcome`] exactly once, on drop.
+pub struct Meter {
+    outcome: Option<Outcome>,
+    tx: Option<mpsc::UnboundedSender<Outcome>>,
+}
+
+impl Meter {
+    pub fn new(tx: mpsc::UnboundedSender<Outcome>, outcome: Outcome) -> Meter {
+        Meter { outcome: Some(outcome), tx: Some(tx) }
+    }
+
+    /// A meter that reports nothing: what is left behind when a meter moves into a response body.
+    pub fn detached() -> Meter {
+        Meter { outcome: None, tx: None }
+    }
+
+    pub fn get(&mut self) -> &mut Outcome {
+        // The outcome is only taken in `drop`.
+        self.outcome.get_or_insert_with(unreachable_outcome)
+    }
+
+    pub fn push_text(&mut self, s: &str) {
+        let o = self.get();
+        if o.text.len() + s.len() <= MAX_TEXT {
+            o.text.push_str(s);
+        }
+    }
+}
+
+fn unreachable_outcome() -> Outcome {
+    Outcome {
+        request_id: String::new(),
+        consumer: Arc::from(""),
+        team: String::new(),
+        model: String::new(),
+        op: Operation::Chat,
+        stream: false,
+        backend: None,
+        reserved: None,
+        reported: None,
+        prompt_tokens: 0,
+        text: String::new(),
+        status: 0,
+        complete: false,
+        started: Instant::now(),
+        first_byte: None,
+        duration: Duration::ZERO,
+        failovers: 0,
+    }
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        if let (Some(mut o), Some(tx)) = (self.outcome.take(), self.tx.take()) {
+            o.duration = o.started.elapsed();
+            // The worker is gone only after shutdown's final flush; nothing left to settle then.
+            let _ = tx.send(o);
+        }
+    }
+}
+
+/// Tokens actually used: the backend's report, else our own count of what was served.
+pub async fn resolve_usage(o: &mut Outcome, tokenizer: &Tokenizer) -> TokenUsage {
+    if let Some(u) = o.reported {
+        return u;
+    }
+    let served = o.backend.is_some() && (200..300).contains(&o.status) || !o.text.is_empty();
+    if !served {
+        return TokenUsage::default();
+    }
+    let text = std::mem::take(&mut o.text);
+    let output = if text.is_empty() { 0 } else { tokenizer.count_pieces(vec![text], 0).await };
+    TokenUsage { input: o.prompt_tokens, output, cached_input: 0 }
+}
+
+/// Cost in pico-units: tokens × price per 1M tokens in micro-units.
+pub fn cost_pico(u: &TokenUsage, b: &Backend) -> u64 {
+    let cached = u.cached_input.min(u.input);
+    (u.input - cached) * b.price.input + cached * b.price.cached_input + u.output * b.price.output
+}
+
+/// The worker's inputs and outputs.
+pub struct UsageWorker {
+    pub limits: Arc<Limits>,
+    pub metrics: Arc<Metrics>,
+    pub tokenizer: Tokenizer,
+}
+
+impl UsageWorker {
+    /// Runs until every sender is gone, then flushes what is pending (bounded by `flush_for`).
+    pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Outcome>, flush_for: Duration) {
+        let mut pending: VecDeque<Settlement> = VecDeque::new();
+        let mut retry = tokio::time::interval(Duration::from_millis(500));
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch = Vec::with_capacity(256);
+        loop {
+            tokio::select! {
+                n = rx.recv_many(&mut batch, 1024) => {
+                    if n == 0 {
+                        break;
+                    }
+                    for o in batch.drain(..) {
+                        self.account(o, &mut pending).await;
+                    }
+                    self.flush(&mut pending).await;
+                }
+                _ = retry.tick(), if !pending.is_empty() => self.flush(&mut pending).await,
+            }
+        }
+        let deadline = Instant::now() + flush_for;
+        while !pending.is_empty() && Instant::now() < deadline {
+            self.flush(&mut pending).await;
+            if !pending.is_empty() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        if !pending.is_empty() {
+            tracing::error!(
+                settlements = pending.len(),
+                "shutting down with usage the store could not take; it is lost"
+            );
+        }
+    }
+
+    async fn account(&self, mut o: Outcome, pending: &mut VecDeque<Settlement>) {
+        let usage = resolve_usage(&mut o, &self.tokenizer).await;
+        let cost = o.backend.as_ref().map(|b| cost_pico(&usage, b)).unwrap_or(0);
+        self.metrics.record_outcome(&o, &usage, cost);
+        let backend_name = o.backend.as_ref().map(|b| b.name.to_string());
+        tracing::debug!(
+            target: "tollgate::usage",
+            request_id = %o.request_id,
+            consumer = %o.consumer,
+            team = %o.team,
+            model = %o.model,
+            backend = backend_name.as_deref().unwrap_or("-"),
+            input_tokens = usage.input,
+            output_tokens = usage.output,
+            cached_tokens = usage.cached_input,
+            cost_pico = cost,
+            status = o.status,
+            stream = o.stream,
+            latency_ms = o.duration.as_millis() as u64,
+            ttft_ms = o.first_byte.map(|d| d.as_millis() as u64),
+            "usage"
+        );
+        let Some(reserved) = o.reserved.take() else { return };
+        let actual = usage.total();
+        let served = o.backend.is_some() && actual > 0;
+        let delta = served.then(|| UsageDelta {
+            day: day_of(crate::routing::now_ms() / 1000),
+            team: o.team.clone(),
+            model: o.model.clone(),
+            backend: backend_name.unwrap_or_default(),
+            input: usage.input,
+            output: usage.output,
+            cached_input: usage.cached_input,
+            requests: 1,
+            cost_pico: cost,
+        });
+        let consumer = o.consumer.to_string();
+        match reserved.place {
+            Placement::Shared => pending.push_back(Settlement {
+                consumer,
+                reserved: reserved.tokens,
+                actual,
+                window: reserved.admission.window,
+                tpm: reserved.admission.tpm,
+                usage: delta,
+            }),
+            Placement::Local => {
+                // Correct the local bucket now; the usage totals still belong in the shared store.
+                let local = Settlement {
+                    consumer: consumer.clone(),
+                    reserved: reserved.tokens,
+                    actual,
+                    window: reserved.admission.window,
+                    tpm: reserved.admission.tpm,
+                    usage: None,
+                };
+                let _ = self.limits.local.settle(&[local]).await;
+                if delta.is_some() {
+                    pending.push_back(Settlement {
+                        consumer,
+                        reserved: 0,
+                        actual: 0,
+                        window: 0,
+                        tpm: None,
+                        usage: delta,
+                    });
+                }
+            }
+            Placement::Nowhere => {
+                // Admitted without the store (fail_open): charge it when the store is back.
+                pending.push_back(Settlement {
+                    consumer,
+                    reserved: 0,
+                    actual,
+                    window: 0,
+                    tpm: reserved.admission.tpm,
+                    usage: delta,
+                });
+            }
+        }
+        if pending.len() > MAX_PENDING {
+            let over = pending.len() - MAX_PENDING;
+            pending.drain(..over);
+            self.metrics.usage_dropped(over as u64);
+            tracing::error!(dropped = over, "usage buffer full while the store is unreachable");
+        }
+    }
+
+    async fn flush(&self, pending: &mut VecDeque<Settlement>) {
+        while !pending.is_empty() {
+            let n = pending.len().min(512);
+            let chunk: Vec<Settlement> = pending.iter().take(n).cloned().collect();
+            match self.limits.store.settle(&chunk).await {
+                Ok(()) => {
+                    pending.drain(..n);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, queued = pending.len(), "settle failed; will retry");
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! Everything tollgate keeps in the shared store: consumers and their keys, per-minute token
+//! buckets, period quotas, and daily usage totals.
+//!
+//! [`Store`] has two implementations with identical semantics, proven by one conformance suite
+//! (`tests/conformance.rs`) run against both:
+//! - [`RedisStore`]: the cluster store. Every operation on the request path is one Lua script
+//!   (`quota/lua/*.lua`) run with EVALSHA, so N replicas enforce limits as one process would.
+//! - [`MemoryStore`]: the embedded default for a single replica, and the per-replica fallback
+//!   when Redis is unreachable.
+//!
+//! Time always comes from the store (Redis `TIME`, or the memory store's [`Clock`]), never from
+//! the calling replica.
+
+#![forbid(unsafe_code)]
+
+mod memory;
+mod model;
+mod redis_store;
+
+pub use memory::{Clock, MemoryStore, SystemClock};
+pub use model::*;
+pub use redis_store::{RedisOpts, RedisStore};
+
+use std::future::Future;
+
+/// Why a store operation failed. Every variant is the store's fault, never the client's.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("store unreachable: {0}")]
+    Unavailable(String),
+    #[error("store timed out")]
+    Timeout,
+    #[error("store answered something unexpected: {0}")]
+    Protocol(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// The shared store. All methods are safe to call concurrently from many replicas.
+pub trait Store: Send + Sync + 'static {
+    /// The consumer a key hash (lowercase SHA-256 hex) belongs to.
+    fn lookup_key(&self, key_sha256: &str) -> impl Future<Output = Result<Option<String>>> + Send;
+
+    /// Reads the consumer's current limits, refills its bucket, checks the model and the
+    /// period quota, and debits `tokens` from both bucket and quota — all or nothing, atomically.
+    fn reserve(&self, req: &ReserveRequest<'_>) -> impl Future<Output = Result<Decision>> + Send;
+
+    /// Corrects earlier reservations by (actual − reserved) and adds usage totals. Batched:
+    /// one call may carry many settlements.
+    fn settle(&self, batch: &[Settlement]) -> impl Future<Output = Result<()>> + Send;
+
+    /// Writes a consumer from configuration only if the store has none by that id, and each
+    /// key hash only if it is not already mapped. Returns whether the consumer was written.
+    fn seed_consumer(
+        &self,
+        consumer: &ConsumerRecord,
+        key_hashes: &[String],
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Writes a consumer record, replacing any stored one (the admin path; operators may also
+    /// use `HSET` directly).
+    fn put_consumer(&self, consumer: &ConsumerRecord) -> impl Future<Output = Result<()>> + Send;
+
+    /// Maps a key hash to a consumer (overwrites).
+    fn put_key(&self, key_sha256: &str, consumer: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// The consumer's stored record, if any.
+    fn get_consumer(&self, id: &str) -> impl Future<Output = Result<Option<ConsumerRecord>>> + Send;
+
+    /// Daily usage totals for `since..=until` (days as `YYYYMMDD`).
+    fn usage(&self, since: u32, until: u32) -> impl Future<Output = Result<Vec<UsageRow>>> + Send;
+
+    /// A cheap round trip to tell whether the store is reachable.
+    fn ping(&self) -> impl Future<Output = Result<()>> + Send;
+}

@@ -1,0 +1,308 @@
+//! The in-memory store: the embedded default for one replica and the local fallback while Redis
+//! is unreachable. Its semantics are the Redis scripts', line for line (see `quota/lua/`); the
+//! conformance suite holds the two together.
+
+use crate::model::*;
+use crate::{Result, Store};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+/// Where the memory store takes its time from (unix microseconds).
+pub trait Clock: Send + Sync + 'static {
+    fn now_us(&self) -> u64;
+}
+
+/// The system clock, shifted by an adjustable offset (tests move time forward with it).
+#[derive(Debug, Default)]
+pub struct SystemClock {
+    offset_us: AtomicI64,
+}
+
+impl SystemClock {
+    pub fn advance_ms(&self, ms: i64) {
+        self.offset_us.fetch_add(ms * 1000, Ordering::SeqCst);
+    }
+}
+
+impl Clock for SystemClock {
+    fn now_us(&self) -> u64 {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0);
+        (t + self.offset_us.load(Ordering::Relaxed)).max(0) as u64
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    consumers: HashMap<String, ConsumerRecord>,
+    keys: HashMap<String, String>,
+    buckets: HashMap<String, Bucket>,
+    quotas: HashMap<String, QuotaUse>,
+    usage: HashMap<UsageKey, UsageTotals>,
+}
+
+#[derive(Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    ts_us: u64,
+}
+
+#[derive(Clone, Copy)]
+struct QuotaUse {
+    window: u64,
+    used: i64,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct UsageKey {
+    day: u32,
+    consumer: String,
+    team: String,
+    model: String,
+    backend: String,
+}
+
+#[derive(Clone, Copy, Default)]
+struct UsageTotals {
+    input: u64,
+    output: u64,
+    cached_input: u64,
+    requests: u64,
+    cost_pico: u64,
+}
+
+/// A [`Store`] held in this process.
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Mutex<Inner>>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::with_clock(Arc::new(SystemClock::default()))
+    }
+
+    pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
+        MemoryStore { inner: Arc::default(), clock }
+    }
+
+    /// Forgets every bucket and quota counter (keeps consumers, keys and usage). Used when the
+    /// local fallback hands enforcement back to Redis.
+    pub fn reset_counters(&self) {
+        let mut g = self.inner.lock();
+        g.buckets.clear();
+        g.quotas.clear();
+    }
+
+    /// Takes the usage totals accumulated so far, leaving none (the fallback's hand-over).
+    pub fn drain_usage(&self) -> Vec<UsageRow> {
+        let mut g = self.inner.lock();
+        g.usage.drain().map(|(k, v)| row(k, v)).collect()
+    }
+}
+
+fn row(k: UsageKey, v: UsageTotals) -> UsageRow {
+    UsageRow {
+        day: k.day,
+        consumer: k.consumer,
+        team: k.team,
+        model: k.model,
+        backend: k.backend,
+        input: v.input,
+        output: v.output,
+        cached_input: v.cached_input,
+        requests: v.requests,
+        cost_pico: v.cost_pico,
+    }
+}
+
+/// Refilled bucket level at `now_us` (absent = full).
+fn refill(b: Option<Bucket>, tpm: u64, now_us: u64) -> f64 {
+    let cap = tpm as f64;
+    match b {
+        None => cap,
+        Some(b) => {
+            let elapsed = now_us.saturating_sub(b.ts_us) as f64;
+            (b.tokens + elapsed * cap / 60_000_000.0).min(cap)
+        }
+    }
+}
+
+impl Store for MemoryStore {
+    async fn lookup_key(&self, key_sha256: &str) -> Result<Option<String>> {
+        Ok(self.inner.lock().keys.get(key_sha256).cloned())
+    }
+
+    async fn reserve(&self, req: &ReserveRequest<'_>) -> Result<Decision> {
+        let now_us = self.clock.now_us();
+        let now_s = now_us / 1_000_000;
+        let mut g = self.inner.lock();
+        let rec = g.consumers.get(req.consumer);
+        if rec.is_none() && req.require_record {
+            return Ok(Decision::UnknownConsumer);
+        }
+        let (team, tpm, quota, period) = match rec {
+            Some(r) => {
+                if r.disabled {
+                    return Ok(Decision::Disabled);
+                }
+                if !r.models.is_empty() && !r.models.iter().any(|m| m == req.model) {
+                    return Ok(Decision::ModelNotAllowed);
+                }
+                let period =
+                    if r.quota.is_some() { r.quota_period } else { req.defaults.quota_period };
+                (
+                    r.team.clone(),
+                    r.tpm.or(req.defaults.tpm),
+                    r.quota.or(req.defaults.quota),
+                    period,
+                )
+            }
+            None => (
+                String::new(),
+                req.defaults.tpm,
+                req.defaults.quota,
+                req.defaults.quota_period,
+            ),
+        };
+        let tokens = req.tokens as i64;
+        let (window, window_end) = window_bounds(period, now_s);
+
+        // Quota first: a spent quota outlasts any per-minute wait.
+        let mut used = 0;
+        if quota.is_some() {
+            used = match g.quotas.get(req.consumer) {
+                Some(q) if q.window == window => q.used,
+                _ => 0,
+            };
+        }
+        if let Some(q) = quota
+            && used + tokens > q as i64
+        {
+            return Ok(Decision::QuotaExceeded {
+                retry_after_ms: (window_end - now_s).max(1) * 1000,
+            });
+        }
+
+        let mut level = 0.0;
+        if let Some(t) = tpm {
+            level = refill(g.buckets.get(req.consumer).copied(), t, now_us);
+            // A request larger than the whole bucket passes when the bucket is full.
+            let need = (req.tokens.min(t)) as f64;
+            if level < need {
+                let deficit = need - level;
+                let retry_after_ms = if t == 0 {
+                    60_000
+                } else {
+                    ((deficit * 60_000.0 / t as f64).ceil() as u64).max(1)
+                };
+                return Ok(Decision::RateLimited { retry_after_ms, remaining_tpm: level.floor() as i64 });
+            }
+        }
+
+        // Admitted: debit both.
+        let mut remaining_tpm = None;
+        if tpm.is_some() {
+            level -= req.tokens as f64;
+            g.buckets.insert(req.consumer.to_string(), Bucket { tokens: level, ts_us: now_us });
+            remaining_tpm = Some(level.floor() as i64);
+        }
+        let mut remaining_quota = None;
+        if let Some(q) = quota {
+            g.quotas.insert(req.consumer.to_string(), QuotaUse { window, used: used + tokens });
+            remaining_quota = Some(q as i64 - used - tokens);
+        }
+        Ok(Decision::Admitted(Admission { team, remaining_tpm, remaining_quota, window, tpm }))
+    }
+
+    async fn settle(&self, batch: &[Settlement]) -> Result<()> {
+        let now_us = self.clock.now_us();
+        let mut g = self.inner.lock();
+        for s in batch {
+            let delta = s.actual as i64 - s.reserved as i64;
+            if delta != 0 {
+                if let Some(t) = s.tpm {
+                    let level = refill(g.buckets.get(&s.consumer).copied(), t, now_us);
+                    let level = (level - delta as f64).min(t as f64);
+                    g.buckets.insert(s.consumer.clone(), Bucket { tokens: level, ts_us: now_us });
+                }
+                if let Some(q) = g.quotas.get_mut(&s.consumer)
+                    && q.window == s.window
+                {
+                    q.used = (q.used + delta).max(0);
+                }
+            }
+            if let Some(u) = &s.usage {
+                let k = UsageKey {
+                    day: u.day,
+                    consumer: s.consumer.clone(),
+                    team: u.team.clone(),
+                    model: u.model.clone(),
+                    backend: u.backend.clone(),
+                };
+                let t = g.usage.entry(k).or_default();
+                t.input += u.input;
+                t.output += u.output;
+                t.cached_input += u.cached_input;
+                t.requests += u.requests;
+                t.cost_pico += u.cost_pico;
+            }
+        }
+        Ok(())
+    }
+
+    async fn seed_consumer(&self, consumer: &ConsumerRecord, key_hashes: &[String]) -> Result<bool> {
+        let mut g = self.inner.lock();
+        for k in key_hashes {
+            g.keys.entry(k.clone()).or_insert_with(|| consumer.id.clone());
+        }
+        if g.consumers.contains_key(&consumer.id) {
+            return Ok(false);
+        }
+        g.consumers.insert(consumer.id.clone(), consumer.clone());
+        Ok(true)
+    }
+
+    async fn put_consumer(&self, consumer: &ConsumerRecord) -> Result<()> {
+        self.inner.lock().consumers.insert(consumer.id.clone(), consumer.clone());
+        Ok(())
+    }
+
+    async fn put_key(&self, key_sha256: &str, consumer: &str) -> Result<()> {
+        self.inner.lock().keys.insert(key_sha256.to_string(), consumer.to_string());
+        Ok(())
+    }
+
+    async fn get_consumer(&self, id: &str) -> Result<Option<ConsumerRecord>> {
+        Ok(self.inner.lock().consumers.get(id).cloned())
+    }
+
+    async fn usage(&self, since: u32, until: u32) -> Result<Vec<UsageRow>> {
+        let g = self.inner.lock();
+        let mut rows: Vec<UsageRow> = g
+            .usage
+            .iter()
+            .filter(|(k, _)| k.day >= since && k.day <= until)
+            .map(|(k, v)| row(k.clone(), *v))
+            .collect();
+        rows.sort_by(|a, b| {
+            (a.day, &a.consumer, &a.model, &a.backend).cmp(&(b.day, &b.consumer, &b.model, &b.backend))
+        });
+        Ok(rows)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
+}

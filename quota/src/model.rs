@@ -1,0 +1,172 @@
+//! The records and decisions that cross the [`Store`](crate::Store) boundary.
+
+pub use tollgate_common::Period;
+
+
+/// A consumer as the store holds it (`tg:consumer:{id}` in Redis).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConsumerRecord {
+    pub id: String,
+    pub team: String,
+    /// Tokens per minute; `None` = no per-minute limit.
+    pub tpm: Option<u64>,
+    /// Tokens per `quota_period`; `None` = no period quota.
+    pub quota: Option<u64>,
+    pub quota_period: Period,
+    /// Models this consumer may use; empty = all.
+    pub models: Vec<String>,
+    pub disabled: bool,
+}
+
+/// Limits applied to a consumer that has no stored record or leaves a field unset
+/// (consumers known only through a JWT).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LimitDefaults {
+    pub tpm: Option<u64>,
+    pub quota: Option<u64>,
+    pub quota_period: Period,
+}
+
+#[derive(Clone, Debug)]
+pub struct ReserveRequest<'a> {
+    pub consumer: &'a str,
+    pub model: &'a str,
+    /// The estimate to debit: prompt tokens + requested completion tokens.
+    pub tokens: u64,
+    pub defaults: &'a LimitDefaults,
+    /// Key-authenticated callers must have a stored consumer; JWT callers may not.
+    pub require_record: bool,
+}
+
+/// The outcome of a reservation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Admitted(Admission),
+    /// The per-minute bucket lacks `tokens`; nothing was debited.
+    RateLimited { retry_after_ms: u64, remaining_tpm: i64 },
+    /// The period quota lacks `tokens`; nothing was debited. Retry when the window ends.
+    QuotaExceeded { retry_after_ms: u64 },
+    ModelNotAllowed,
+    Disabled,
+    UnknownConsumer,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Admission {
+    pub team: String,
+    /// Tokens left in the per-minute bucket after this debit (`None`: no limit).
+    pub remaining_tpm: Option<i64>,
+    /// Tokens left in the period quota after this debit (`None`: no quota).
+    pub remaining_quota: Option<i64>,
+    /// Start (unix seconds) of the quota window debited, so settle corrects the same window.
+    pub window: u64,
+    /// The per-minute limit in force for this reservation, handed back at settle.
+    pub tpm: Option<u64>,
+}
+
+/// A correction of one earlier reservation, plus the usage totals it adds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settlement {
+    pub consumer: String,
+    pub reserved: u64,
+    pub actual: u64,
+    /// [`Admission::window`] of the reservation; a quota window that has rolled over since is
+    /// not corrected.
+    pub window: u64,
+    /// [`Admission::tpm`] of the reservation: the bucket capacity to refill against.
+    pub tpm: Option<u64>,
+    pub usage: Option<UsageDelta>,
+}
+
+/// Usage added to the daily totals of one consumer × model × backend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UsageDelta {
+    /// `YYYYMMDD` (UTC) of the request.
+    pub day: u32,
+    pub team: String,
+    pub model: String,
+    pub backend: String,
+    pub input: u64,
+    pub output: u64,
+    pub cached_input: u64,
+    pub requests: u64,
+    /// Cost in pico-units (1e-12 of the price currency): tokens × price per 1M tokens in
+    /// micro-units, so totals are exact integers.
+    pub cost_pico: u64,
+}
+
+/// One row of the daily usage totals.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UsageRow {
+    pub day: u32,
+    pub consumer: String,
+    pub team: String,
+    pub model: String,
+    pub backend: String,
+    pub input: u64,
+    pub output: u64,
+    pub cached_input: u64,
+    pub requests: u64,
+    pub cost_pico: u64,
+}
+
+/// Start and end (unix seconds, end exclusive) of the UTC window of `period` containing `now`.
+/// Weeks start on Monday 00:00 UTC.
+pub fn window_bounds(period: Period, now_s: u64) -> (u64, u64) {
+    use chrono::{Datelike, TimeZone, Utc};
+    let day = 86_400;
+    match period {
+        Period::Hour => {
+            let s = now_s - now_s % 3600;
+            (s, s + 3600)
+        }
+        Period::Day => {
+            let s = now_s - now_s % day;
+            (s, s + day)
+        }
+        Period::Week => {
+            // 1970-01-01 was a Thursday: shift so weeks start on Monday.
+            let days = now_s / day;
+            let start_day = (days + 3) / 7 * 7 - 3;
+            (start_day * day, start_day * day + 7 * day)
+        }
+        Period::Month => {
+            let dt = Utc.timestamp_opt(now_s as i64, 0).single().unwrap_or_default();
+            let start = Utc
+                .with_ymd_and_hms(dt.year(), dt.month(), 1, 0, 0, 0)
+                .single()
+                .unwrap_or_default();
+            let (y, m) = if dt.month() == 12 { (dt.year() + 1, 1) } else { (dt.year(), dt.month() + 1) };
+            let end = Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).single().unwrap_or_default();
+            (start.timestamp() as u64, end.timestamp() as u64)
+        }
+    }
+}
+
+/// `YYYYMMDD` of a unix time (UTC).
+pub fn day_of(now_s: u64) -> u32 {
+    use chrono::{Datelike, TimeZone, Utc};
+    let dt = Utc.timestamp_opt(now_s as i64, 0).single().unwrap_or_default();
+    dt.year() as u32 * 10_000 + dt.month() * 100 + dt.day()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Windows are fixed UTC calendar windows; weeks start on Monday.
+    #[test]
+    fn windows() {
+        // 2026-11-26 13:45:10 UTC, a Thursday.
+        let t = 1_795_700_000 - 1_795_700_000 % 86_400 + 13 * 3600 + 45 * 60 + 10;
+        assert_eq!(day_of(t), 20261126);
+        let (s, e) = window_bounds(Period::Hour, t);
+        assert_eq!((s % 3600, e - s), (0, 3600));
+        let (s, _) = window_bounds(Period::Week, t);
+        assert_eq!(day_of(s), 20261123, "Monday");
+        let (s, e) = window_bounds(Period::Month, t);
+        assert_eq!((day_of(s), day_of(e)), (20261101, 20261201));
+        let (s, e) = window_bounds(Period::Month, 1_796_083_200 + 10); // 2026-12-01
+        assert_eq!((day_of(s), day_of(e)), (20261201, 20270101));
+    }
+}
