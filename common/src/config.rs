@@ -18,7 +18,10 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError { path: path.into(), message: message.into() }
+        ConfigError {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -102,7 +105,7 @@ impl Default for StoreConfig {
             url: "redis://127.0.0.1:6379".into(),
             on_error: OnError::Local,
             timeout_ms: 50,
-            pool_size: 16,
+            pool_size: 4,
             usage_retention_days: 400,
         }
     }
@@ -291,7 +294,11 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Timeouts { connect_ms: 2_000, first_byte_ms: 60_000, idle_ms: 60_000 }
+        Timeouts {
+            connect_ms: 2_000,
+            first_byte_ms: 60_000,
+            idle_ms: 60_000,
+        }
     }
 }
 
@@ -361,7 +368,10 @@ pub struct TelemetryConfig {
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        TelemetryConfig { otlp_endpoint: None, service_name: "tollgate".into() }
+        TelemetryConfig {
+            otlp_endpoint: None,
+            service_name: "tollgate".into(),
+        }
     }
 }
 
@@ -405,15 +415,23 @@ impl Config {
         for (i, b) in self.backends.iter().enumerate() {
             let at = |k: &str| format!("backends[{i}].{k}");
             if b.name.is_empty() || !b.name.chars().all(valid_name_char) {
-                return Err(ConfigError::new(at("name"), "use letters, digits, '-', '_', '.'"));
+                return Err(ConfigError::new(
+                    at("name"),
+                    "use letters, digits, '-', '_', '.'",
+                ));
             }
             if !names.insert(b.name.as_str()) {
-                return Err(ConfigError::new(at("name"), format!("duplicate backend {:?}", b.name)));
+                return Err(ConfigError::new(
+                    at("name"),
+                    format!("duplicate backend {:?}", b.name),
+                ));
             }
-            if !(b.url.starts_with("http://") || b.url.starts_with("https://"))
-                || b.url.len() < 10
+            if !(b.url.starts_with("http://") || b.url.starts_with("https://")) || b.url.len() < 10
             {
-                return Err(ConfigError::new(at("url"), "expected an http:// or https:// URL"));
+                return Err(ConfigError::new(
+                    at("url"),
+                    "expected an http:// or https:// URL",
+                ));
             }
             if b.models.is_empty() {
                 return Err(ConfigError::new(at("models"), "list at least one model"));
@@ -433,12 +451,18 @@ impl Config {
                 return Err(ConfigError::new(at("breaker.failures"), "must be > 0"));
             }
             if b.breaker.statuses.iter().any(|s| !(100..=599).contains(s)) {
-                return Err(ConfigError::new(at("breaker.statuses"), "HTTP statuses are 100..599"));
+                return Err(ConfigError::new(
+                    at("breaker.statuses"),
+                    "HTTP statuses are 100..599",
+                ));
             }
             for (k, v) in [
                 ("price.input_per_1m", b.price.input_per_1m),
                 ("price.output_per_1m", b.price.output_per_1m),
-                ("price.cached_input_per_1m", b.price.cached_input_per_1m.unwrap_or(0.0)),
+                (
+                    "price.cached_input_per_1m",
+                    b.price.cached_input_per_1m.unwrap_or(0.0),
+                ),
             ] {
                 if !v.is_finite() || v < 0.0 {
                     return Err(ConfigError::new(at(k), "must be a finite number >= 0"));
@@ -447,9 +471,14 @@ impl Config {
             if let Some(u) = b.spill_utilization
                 && !(0.0..=1.0).contains(&u)
             {
-                return Err(ConfigError::new(at("spill_utilization"), "must be within 0..1"));
+                return Err(ConfigError::new(
+                    at("spill_utilization"),
+                    "must be within 0..1",
+                ));
             }
-            if b.timeouts.connect_ms == 0 || b.timeouts.first_byte_ms == 0 || b.timeouts.idle_ms == 0
+            if b.timeouts.connect_ms == 0
+                || b.timeouts.first_byte_ms == 0
+                || b.timeouts.idle_ms == 0
             {
                 return Err(ConfigError::new(at("timeouts"), "timeouts must be > 0"));
             }
@@ -458,10 +487,16 @@ impl Config {
         for (i, c) in self.consumers.iter().enumerate() {
             let at = |k: &str| format!("consumers[{i}].{k}");
             if c.id.is_empty() || !c.id.chars().all(valid_name_char) {
-                return Err(ConfigError::new(at("id"), "use letters, digits, '-', '_', '.'"));
+                return Err(ConfigError::new(
+                    at("id"),
+                    "use letters, digits, '-', '_', '.'",
+                ));
             }
             if !ids.insert(c.id.as_str()) {
-                return Err(ConfigError::new(at("id"), format!("duplicate consumer {:?}", c.id)));
+                return Err(ConfigError::new(
+                    at("id"),
+                    format!("duplicate consumer {:?}", c.id),
+                ));
             }
             for (k, h) in c.key_sha256.iter().enumerate() {
                 if h.len() != 64 || !h.chars().all(|ch| ch.is_ascii_hexdigit()) {
@@ -482,10 +517,14 @@ impl Config {
             }
             (Some(j), _) => {
                 if j.jwks_url.is_none() && j.jwks_file.is_none() {
-                    return Err(ConfigError::new("auth.jwt.jwks_url", "set jwks_url or jwks_file"));
+                    return Err(ConfigError::new(
+                        "auth.jwt.jwks_url",
+                        "set jwks_url or jwks_file",
+                    ));
                 }
-                const KNOWN: [&str; 9] =
-                    ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"];
+                const KNOWN: [&str; 9] = [
+                    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+                ];
                 for a in &j.algorithms {
                     if !KNOWN.contains(&a.as_str()) {
                         return Err(ConfigError::new(
@@ -502,8 +541,11 @@ impl Config {
 
     /// Every model some backend serves, sorted.
     pub fn models(&self) -> Vec<String> {
-        let mut m: Vec<String> =
-            self.backends.iter().flat_map(|b| b.models.iter().cloned()).collect();
+        let mut m: Vec<String> = self
+            .backends
+            .iter()
+            .flat_map(|b| b.models.iter().cloned())
+            .collect();
         m.sort();
         m.dedup();
         m

@@ -113,7 +113,12 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        ApiError { kind, message: message.into(), param: None, retry_after_ms: None }
+        ApiError {
+            kind,
+            message: message.into(),
+            param: None,
+            retry_after_ms: None,
+        }
     }
 
     pub fn with_param(mut self, param: &'static str) -> Self {
@@ -154,7 +159,13 @@ impl ApiError {
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({}): {}", self.kind.status(), self.kind.code(), self.message)
+        write!(
+            f,
+            "{} ({}): {}",
+            self.kind.status(),
+            self.kind.code(),
+            self.message
+        )
     }
 }
 

@@ -65,7 +65,8 @@ pub trait Store: Send + Sync + 'static {
     fn put_key(&self, key_sha256: &str, consumer: &str) -> impl Future<Output = Result<()>> + Send;
 
     /// The consumer's stored record, if any.
-    fn get_consumer(&self, id: &str) -> impl Future<Output = Result<Option<ConsumerRecord>>> + Send;
+    fn get_consumer(&self, id: &str)
+    -> impl Future<Output = Result<Option<ConsumerRecord>>> + Send;
 
     /// Daily usage totals for `since..=until` (days as `YYYYMMDD`).
     fn usage(&self, since: u32, until: u32) -> impl Future<Output = Result<Vec<UsageRow>>> + Send;

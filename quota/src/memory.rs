@@ -94,7 +94,10 @@ impl MemoryStore {
     }
 
     pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
-        MemoryStore { inner: Arc::default(), clock }
+        MemoryStore {
+            inner: Arc::default(),
+            clock,
+        }
     }
 
     /// Forgets every bucket and quota counter (keeps consumers, keys and usage). Used when the
@@ -160,8 +163,11 @@ impl Store for MemoryStore {
                 if !r.models.is_empty() && !r.models.iter().any(|m| m == req.model) {
                     return Ok(Decision::ModelNotAllowed);
                 }
-                let period =
-                    if r.quota.is_some() { r.quota_period } else { req.defaults.quota_period };
+                let period = if r.quota.is_some() {
+                    r.quota_period
+                } else {
+                    req.defaults.quota_period
+                };
                 (
                     r.team.clone(),
                     r.tpm.or(req.defaults.tpm),
@@ -197,6 +203,13 @@ impl Store for MemoryStore {
 
         let mut level = 0.0;
         if let Some(t) = tpm {
+            if t == 0 {
+                // A zero limit refuses everything (an operator's off switch for traffic).
+                return Ok(Decision::RateLimited {
+                    retry_after_ms: 60_000,
+                    remaining_tpm: 0,
+                });
+            }
             level = refill(g.buckets.get(req.consumer).copied(), t, now_us);
             // A request larger than the whole bucket passes when the bucket is full.
             let need = (req.tokens.min(t)) as f64;
@@ -207,7 +220,10 @@ impl Store for MemoryStore {
                 } else {
                     ((deficit * 60_000.0 / t as f64).ceil() as u64).max(1)
                 };
-                return Ok(Decision::RateLimited { retry_after_ms, remaining_tpm: level.floor() as i64 });
+                return Ok(Decision::RateLimited {
+                    retry_after_ms,
+                    remaining_tpm: level.floor() as i64,
+                });
             }
         }
 
@@ -215,15 +231,33 @@ impl Store for MemoryStore {
         let mut remaining_tpm = None;
         if tpm.is_some() {
             level -= req.tokens as f64;
-            g.buckets.insert(req.consumer.to_string(), Bucket { tokens: level, ts_us: now_us });
+            g.buckets.insert(
+                req.consumer.to_string(),
+                Bucket {
+                    tokens: level,
+                    ts_us: now_us,
+                },
+            );
             remaining_tpm = Some(level.floor() as i64);
         }
         let mut remaining_quota = None;
         if let Some(q) = quota {
-            g.quotas.insert(req.consumer.to_string(), QuotaUse { window, used: used + tokens });
+            g.quotas.insert(
+                req.consumer.to_string(),
+                QuotaUse {
+                    window,
+                    used: used + tokens,
+                },
+            );
             remaining_quota = Some(q as i64 - used - tokens);
         }
-        Ok(Decision::Admitted(Admission { team, remaining_tpm, remaining_quota, window, tpm }))
+        Ok(Decision::Admitted(Admission {
+            team,
+            remaining_tpm,
+            remaining_quota,
+            window,
+            tpm,
+        }))
     }
 
     async fn settle(&self, batch: &[Settlement]) -> Result<()> {
@@ -235,7 +269,13 @@ impl Store for MemoryStore {
                 if let Some(t) = s.tpm {
                     let level = refill(g.buckets.get(&s.consumer).copied(), t, now_us);
                     let level = (level - delta as f64).min(t as f64);
-                    g.buckets.insert(s.consumer.clone(), Bucket { tokens: level, ts_us: now_us });
+                    g.buckets.insert(
+                        s.consumer.clone(),
+                        Bucket {
+                            tokens: level,
+                            ts_us: now_us,
+                        },
+                    );
                 }
                 if let Some(q) = g.quotas.get_mut(&s.consumer)
                     && q.window == s.window
@@ -262,10 +302,16 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn seed_consumer(&self, consumer: &ConsumerRecord, key_hashes: &[String]) -> Result<bool> {
+    async fn seed_consumer(
+        &self,
+        consumer: &ConsumerRecord,
+        key_hashes: &[String],
+    ) -> Result<bool> {
         let mut g = self.inner.lock();
         for k in key_hashes {
-            g.keys.entry(k.clone()).or_insert_with(|| consumer.id.clone());
+            g.keys
+                .entry(k.clone())
+                .or_insert_with(|| consumer.id.clone());
         }
         if g.consumers.contains_key(&consumer.id) {
             return Ok(false);
@@ -275,12 +321,18 @@ impl Store for MemoryStore {
     }
 
     async fn put_consumer(&self, consumer: &ConsumerRecord) -> Result<()> {
-        self.inner.lock().consumers.insert(consumer.id.clone(), consumer.clone());
+        self.inner
+            .lock()
+            .consumers
+            .insert(consumer.id.clone(), consumer.clone());
         Ok(())
     }
 
     async fn put_key(&self, key_sha256: &str, consumer: &str) -> Result<()> {
-        self.inner.lock().keys.insert(key_sha256.to_string(), consumer.to_string());
+        self.inner
+            .lock()
+            .keys
+            .insert(key_sha256.to_string(), consumer.to_string());
         Ok(())
     }
 
@@ -297,7 +349,12 @@ impl Store for MemoryStore {
             .map(|(k, v)| row(k.clone(), *v))
             .collect();
         rows.sort_by(|a, b| {
-            (a.day, &a.consumer, &a.model, &a.backend).cmp(&(b.day, &b.consumer, &b.model, &b.backend))
+            (a.day, &a.consumer, &a.model, &a.backend).cmp(&(
+                b.day,
+                &b.consumer,
+                &b.model,
+                &b.backend,
+            ))
         });
         Ok(rows)
     }

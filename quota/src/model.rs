@@ -2,7 +2,6 @@
 
 pub use tollgate_common::Period;
 
-
 /// A consumer as the store holds it (`tg:consumer:{id}` in Redis).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ConsumerRecord {
@@ -43,9 +42,14 @@ pub struct ReserveRequest<'a> {
 pub enum Decision {
     Admitted(Admission),
     /// The per-minute bucket lacks `tokens`; nothing was debited.
-    RateLimited { retry_after_ms: u64, remaining_tpm: i64 },
+    RateLimited {
+        retry_after_ms: u64,
+        remaining_tpm: i64,
+    },
     /// The period quota lacks `tokens`; nothing was debited. Retry when the window ends.
-    QuotaExceeded { retry_after_ms: u64 },
+    QuotaExceeded {
+        retry_after_ms: u64,
+    },
     ModelNotAllowed,
     Disabled,
     UnknownConsumer,
@@ -131,13 +135,23 @@ pub fn window_bounds(period: Period, now_s: u64) -> (u64, u64) {
             (start_day * day, start_day * day + 7 * day)
         }
         Period::Month => {
-            let dt = Utc.timestamp_opt(now_s as i64, 0).single().unwrap_or_default();
+            let dt = Utc
+                .timestamp_opt(now_s as i64, 0)
+                .single()
+                .unwrap_or_default();
             let start = Utc
                 .with_ymd_and_hms(dt.year(), dt.month(), 1, 0, 0, 0)
                 .single()
                 .unwrap_or_default();
-            let (y, m) = if dt.month() == 12 { (dt.year() + 1, 1) } else { (dt.year(), dt.month() + 1) };
-            let end = Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).single().unwrap_or_default();
+            let (y, m) = if dt.month() == 12 {
+                (dt.year() + 1, 1)
+            } else {
+                (dt.year(), dt.month() + 1)
+            };
+            let end = Utc
+                .with_ymd_and_hms(y, m, 1, 0, 0, 0)
+                .single()
+                .unwrap_or_default();
             (start.timestamp() as u64, end.timestamp() as u64)
         }
     }
@@ -146,7 +160,10 @@ pub fn window_bounds(period: Period, now_s: u64) -> (u64, u64) {
 /// `YYYYMMDD` of a unix time (UTC).
 pub fn day_of(now_s: u64) -> u32 {
     use chrono::{Datelike, TimeZone, Utc};
-    let dt = Utc.timestamp_opt(now_s as i64, 0).single().unwrap_or_default();
+    let dt = Utc
+        .timestamp_opt(now_s as i64, 0)
+        .single()
+        .unwrap_or_default();
     dt.year() as u32 * 10_000 + dt.month() * 100 + dt.day()
 }
 

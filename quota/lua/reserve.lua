@@ -1,0 +1,185 @@
+-- reserve.lua: admit or refuse one request of one consumer and debit it, in one round trip.
+-- The twin of `MemoryStore::reserve` (quota/src/memory.rs), decision for decision.
+--
+-- KEYS[1] tg:consumer:{ID}  hash: team, tpm, quota, quota_period, models, disabled (read only)
+-- KEYS[2] tg:bucket:{ID}    hash: tokens (float), ts (unix us); absent = full
+-- KEYS[3] tg:quota:{ID}     hash: w (window start, unix s), used
+-- ARGV[1] model
+-- ARGV[2] tokens to debit (whole number)
+-- ARGV[3] "1" = the consumer must have a stored record (key auth), "0" = defaults may apply
+-- ARGV[4] default tpm, "" = no per-minute limit
+-- ARGV[5] default quota, "" = no period quota
+-- ARGV[6] default quota period: hour | day | week | month
+-- ARGV[7] milliseconds added to Redis TIME (a test hook; 0 in production)
+--
+-- Returns an array of strings, the verdict first (numbers as strings: no float truncation):
+--   {"A", team, remaining_tpm | "", remaining_quota | "", window_start, tpm | ""}  admitted
+--   {"R", retry_after_ms, remaining_tpm}                                           rate limited
+--   {"Q", retry_after_ms}                                                          quota spent
+--   {"M"} model not allowed, {"D"} disabled, {"U"} unknown consumer
+-- Raises "TGBADFIELD ..." when an operator stored a field that is not a valid value.
+--
+-- Invariant: the bucket and the quota are debited together or not at all; a refusal writes
+-- nothing. Decision order: unknown, disabled, model, quota, bucket.
+
+local function int(x)
+  return string.format('%d', x)
+end
+
+local function whole(v, field)
+  if not v or v == '' then
+    return nil
+  end
+  local n = tonumber(v)
+  if not n or n < 0 or n ~= math.floor(n) then
+    error({err = 'TGBADFIELD ' .. KEYS[1] .. ' ' .. field .. ' is not a whole number: ' .. v})
+  end
+  return n
+end
+
+-- Days since 1970-01-01 of a civil date, and back (H. Hinnant's algorithms).
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = (m > 2) and (m - 3) or (m + 9)
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+local function civil_from_days(days)
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = (mp < 10) and (mp + 3) or (mp - 9)
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return y, m
+end
+
+-- Start and end (unix s, end exclusive) of the fixed UTC window; `window_bounds` in model.rs.
+local function window_bounds(period, now_s)
+  local day = 86400
+  if period == 'hour' then
+    local s = now_s - math.fmod(now_s, 3600)
+    return s, s + 3600
+  elseif period == 'day' then
+    local s = now_s - math.fmod(now_s, day)
+    return s, s + day
+  elseif period == 'week' then
+    local days = math.floor(now_s / day)
+    local start_day = math.floor((days + 3) / 7) * 7 - 3
+    return start_day * day, (start_day + 7) * day
+  elseif period == 'month' then
+    local y, m = civil_from_days(math.floor(now_s / day))
+    local ny, nm = y, m + 1
+    if m == 12 then ny, nm = y + 1, 1 end
+    return days_from_civil(y, m, 1) * day, days_from_civil(ny, nm, 1) * day
+  end
+  error({err = 'TGBADFIELD ' .. KEYS[1] .. ' quota_period is not hour|day|week|month: ' .. period})
+end
+
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2]) + tonumber(ARGV[7]) * 1000
+local now_s = (now_us - math.fmod(now_us, 1000000)) / 1000000
+
+local model = ARGV[1]
+local tokens = tonumber(ARGV[2])
+local tpm = whole(ARGV[4], 'default tpm')
+local quota = whole(ARGV[5], 'default quota')
+local period = ARGV[6]
+local team = ''
+
+local f = redis.call('HMGET', KEYS[1], 'team', 'tpm', 'quota', 'quota_period', 'models', 'disabled')
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if f[6] == '1' or f[6] == 'true' then
+    return {'D'}
+  end
+  if f[5] and f[5] ~= '' then
+    local allowed, any = false, false
+    for m in string.gmatch(f[5], '[^,]+') do
+      m = string.match(m, '^%s*(.-)%s*$')
+      if m ~= '' then
+        any = true
+        if m == model then
+          allowed = true
+          break
+        end
+      end
+    end
+    if any and not allowed then
+      return {'M'}
+    end
+  end
+  team = f[1] or ''
+  tpm = whole(f[2], 'tpm') or tpm
+  local q = whole(f[3], 'quota')
+  if q then
+    quota = q
+    if f[4] and f[4] ~= '' then period = f[4] end
+  end
+elseif ARGV[3] == '1' then
+  return {'U'}
+end
+
+local window, window_end = window_bounds(period, now_s)
+
+-- Quota first: a spent quota outlasts any per-minute wait.
+local used = 0
+if quota then
+  local q = redis.call('HMGET', KEYS[3], 'w', 'used')
+  if q[1] and tonumber(q[1]) == window then
+    used = tonumber(q[2]) or 0
+  end
+  if used + tokens > quota then
+    return {'Q', int(math.max(window_end - now_s, 1) * 1000)}
+  end
+end
+
+local level = 0
+if tpm then
+  -- A zero limit refuses everything (an operator's off switch for traffic).
+  if tpm == 0 then
+    return {'R', '60000', '0'}
+  end
+  local b = redis.call('HMGET', KEYS[2], 'tokens', 'ts')
+  if b[1] and b[2] then
+    local elapsed = math.max(now_us - tonumber(b[2]), 0)
+    level = math.min(tonumber(b[1]) + elapsed * tpm / 60000000, tpm)
+  else
+    level = tpm
+  end
+  -- A request larger than the whole bucket passes when the bucket is full.
+  local need = math.min(tokens, tpm)
+  if level < need then
+    local retry = 60000
+    if tpm > 0 then
+      retry = math.max(math.ceil((need - level) * 60000 / tpm), 1)
+    end
+    return {'R', int(retry), int(math.floor(level))}
+  end
+end
+
+-- Admitted: debit both.
+local rem_tpm = ''
+if tpm then
+  level = level - tokens
+  redis.call('HSET', KEYS[2], 'tokens', string.format('%.17g', level), 'ts', int(now_us))
+  -- Expire when refilled to full (+1 s): an absent bucket is a full one.
+  local ttl = 86400000
+  if tpm > 0 then ttl = math.ceil((tpm - level) * 60000 / tpm) + 1000 end
+  redis.call('PEXPIRE', KEYS[2], int(ttl))
+  rem_tpm = int(math.floor(level))
+end
+local rem_quota = ''
+if quota then
+  redis.call('HSET', KEYS[3], 'w', int(window), 'used', int(used + tokens))
+  redis.call('EXPIRE', KEYS[3], int(window_end - now_s + 86400))
+  rem_quota = int(quota - used - tokens)
+end
+return {'A', team, rem_tpm, rem_quota, int(window), tpm and int(tpm) or ''}

@@ -1,0 +1,69 @@
+-- settle.lua: apply a batch of settlements of ONE consumer and add its usage totals.
+-- The twin of `MemoryStore::settle` (quota/src/memory.rs). Different consumers live in
+-- different slots, so the caller sends one call per consumer, pipelined.
+--
+-- KEYS[1]    tg:bucket:{ID}           hash: tokens (float), ts (unix us); absent = full
+-- KEYS[2]    tg:quota:{ID}            hash: w (window start, unix s), used
+-- KEYS[3..]  tg:usage:{ID}:YYYYMMDD   hash: "<team>|<model>|<backend>|<metric>" -> integer
+-- ARGV[1]    milliseconds added to Redis TIME (a test hook; 0 in production)
+-- ARGV[2]    usage retention in seconds (EXPIRE of every usage key written)
+-- ARGV[3]    n, the number of corrections that follow
+-- then n x   delta (actual - reserved, may be negative), tpm ("" = no bucket), window start
+-- then m x   KEYS index of the usage key, "<team>|<model>|<backend>", in, out, cached, req, cost
+--
+-- Returns n.
+--
+-- Invariant: a correction is applied in order, each as the memory store does: the bucket is
+-- refilled to now, then debited by delta (a refund never lifts it above capacity); the quota
+-- counter moves by delta, never below 0, and only if it still counts the reservation's
+-- window. Usage counters only grow (HINCRBY), and every key written carries a TTL.
+
+local function int(x)
+  return string.format('%d', x)
+end
+
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2]) + tonumber(ARGV[1]) * 1000
+local retention = ARGV[2]
+local n = tonumber(ARGV[3])
+
+local i = 4
+for _ = 1, n do
+  local delta = tonumber(ARGV[i])
+  local tpm = ARGV[i + 1]
+  local window = tonumber(ARGV[i + 2])
+  i = i + 3
+  if delta ~= 0 then
+    if tpm ~= '' then
+      local cap = tonumber(tpm)
+      local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+      local level = cap
+      if b[1] and b[2] then
+        local elapsed = math.max(now_us - tonumber(b[2]), 0)
+        level = math.min(tonumber(b[1]) + elapsed * cap / 60000000, cap)
+      end
+      level = math.min(level - delta, cap)
+      redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', level), 'ts', int(now_us))
+      local ttl = 86400000
+      if cap > 0 then ttl = math.ceil((cap - level) * 60000 / cap) + 1000 end
+      redis.call('PEXPIRE', KEYS[1], int(ttl))
+    end
+    local q = redis.call('HMGET', KEYS[2], 'w', 'used')
+    if q[1] and tonumber(q[1]) == window then
+      redis.call('HSET', KEYS[2], 'used', int(math.max((tonumber(q[2]) or 0) + delta, 0)))
+    end
+  end
+end
+
+while i + 6 <= #ARGV do
+  local key = KEYS[tonumber(ARGV[i])]
+  local prefix = ARGV[i + 1]
+  redis.call('HINCRBY', key, prefix .. '|in', ARGV[i + 2])
+  redis.call('HINCRBY', key, prefix .. '|out', ARGV[i + 3])
+  redis.call('HINCRBY', key, prefix .. '|cached', ARGV[i + 4])
+  redis.call('HINCRBY', key, prefix .. '|req', ARGV[i + 5])
+  redis.call('HINCRBY', key, prefix .. '|cost', ARGV[i + 6])
+  redis.call('EXPIRE', key, retention)
+  i = i + 7
+end
+return n

@@ -1,0 +1,1030 @@
+//! The store conformance suite: one set of checks, generic over [`Store`], run against the
+//! memory store and against a real `redis-server` started by each test. Passing both proves the
+//! Lua scripts and `MemoryStore` make the same decisions, so the local fallback enforces what
+//! the cluster enforces.
+//!
+//! Time: both stores take "now" from their own clock (Redis `TIME`, the memory store's
+//! [`SystemClock`]) shifted by an offset, so a check can place now where it needs it — by
+//! default at 12:30 UTC (far from any window boundary), or 1.5 s before the next hour to sleep
+//! across a boundary. The `redis_only_*` tests at the end cover what only Redis has: scripts
+//! lost by the server, TTLs, operators' `HSET`s, reconnection and deadlines.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tollgate_quota::{
+    Admission, ConsumerRecord, Decision, LimitDefaults, MemoryStore, Period, RedisOpts, RedisStore,
+    ReserveRequest, Settlement, Store, SystemClock, UsageDelta, UsageRow, window_bounds,
+};
+use tollgate_tests::redis::RedisServer;
+
+// ---------------------------------------------------------------------------------------------
+// Environments: how each store is made, with its clock shifted by `offset_ms`.
+
+trait Env: Sync {
+    type S: Store + Clone;
+    fn store(&self, offset_ms: i64) -> impl Future<Output = Self::S> + Send;
+}
+
+struct MemEnv;
+
+impl Env for MemEnv {
+    type S = MemoryStore;
+    async fn store(&self, offset_ms: i64) -> MemoryStore {
+        let clock = Arc::new(SystemClock::default());
+        clock.advance_ms(offset_ms);
+        MemoryStore::with_clock(clock)
+    }
+}
+
+struct RedisEnv {
+    server: RedisServer,
+}
+
+impl RedisEnv {
+    fn start() -> RedisEnv {
+        RedisEnv {
+            server: RedisServer::start().expect("start redis-server"),
+        }
+    }
+}
+
+/// Test deadlines are generous: a shared 2-core machine also compiles while tests run.
+fn test_opts(offset_ms: i64) -> RedisOpts {
+    RedisOpts {
+        timeout: Duration::from_secs(2),
+        pool_size: 2,
+        time_offset_ms: offset_ms,
+        ..RedisOpts::default()
+    }
+}
+
+impl Env for RedisEnv {
+    type S = RedisStore;
+    async fn store(&self, offset_ms: i64) -> RedisStore {
+        RedisStore::connect(&self.server.url(), test_opts(offset_ms))
+            .await
+            .expect("connect")
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The offset that puts now at 12:30:00 UTC today: far from hour, day and month boundaries.
+fn mid_hour() -> i64 {
+    let now = now_ms();
+    now - now % 86_400_000 + 45_000_000 - now
+}
+
+/// The offset that puts now `ms` before the next full hour.
+fn before_hour(ms: i64) -> i64 {
+    let now = now_ms();
+    now - now % 3_600_000 + 3_600_000 - ms - now
+}
+
+/// The offset that puts now at unix second `s`.
+fn at(s: u64) -> i64 {
+    s as i64 * 1000 - now_ms()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers shared by the checks.
+
+const NO_DEFAULTS: LimitDefaults = LimitDefaults {
+    tpm: None,
+    quota: None,
+    quota_period: Period::Month,
+};
+
+fn consumer(id: &str) -> ConsumerRecord {
+    ConsumerRecord {
+        id: id.into(),
+        team: format!("team-{id}"),
+        ..ConsumerRecord::default()
+    }
+}
+
+fn with_tpm(id: &str, tpm: u64) -> ConsumerRecord {
+    ConsumerRecord {
+        tpm: Some(tpm),
+        ..consumer(id)
+    }
+}
+
+fn with_quota(id: &str, quota: u64, period: Period) -> ConsumerRecord {
+    ConsumerRecord {
+        quota: Some(quota),
+        quota_period: period,
+        ..consumer(id)
+    }
+}
+
+async fn reserve_with<S: Store>(
+    s: &S,
+    id: &str,
+    model: &str,
+    tokens: u64,
+    defaults: &LimitDefaults,
+    require_record: bool,
+) -> Decision {
+    let req = ReserveRequest {
+        consumer: id,
+        model,
+        tokens,
+        defaults,
+        require_record,
+    };
+    s.reserve(&req).await.expect("reserve")
+}
+
+async fn reserve<S: Store>(s: &S, id: &str, tokens: u64) -> Decision {
+    reserve_with(s, id, "gpt-4o", tokens, &NO_DEFAULTS, true).await
+}
+
+#[track_caller]
+fn admitted(d: Decision) -> Admission {
+    match d {
+        Decision::Admitted(a) => a,
+        other => panic!("expected Admitted, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn rate_limited(d: Decision) -> (u64, i64) {
+    match d {
+        Decision::RateLimited {
+            retry_after_ms,
+            remaining_tpm,
+        } => (retry_after_ms, remaining_tpm),
+        other => panic!("expected RateLimited, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn quota_exceeded(d: Decision) -> u64 {
+    match d {
+        Decision::QuotaExceeded { retry_after_ms } => retry_after_ms,
+        other => panic!("expected QuotaExceeded, got {other:?}"),
+    }
+}
+
+fn correction(id: &str, a: &Admission, reserved: u64, actual: u64) -> Settlement {
+    Settlement {
+        consumer: id.into(),
+        reserved,
+        actual,
+        window: a.window,
+        tpm: a.tpm,
+        usage: None,
+    }
+}
+
+/// Sleeps until the store-clock (now + `offset_ms`) has passed the next full hour by `ms`.
+async fn sleep_past_hour(offset_ms: i64, ms: i64) {
+    let now = now_ms() + offset_ms;
+    let wait = now - now % 3_600_000 + 3_600_000 + ms - now;
+    tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The checks.
+
+/// Decisions before any counting: unknown, disabled, model not allowed — in that order.
+async fn check_decisions<S: Store>(s: &S) {
+    assert_eq!(reserve(s, "ghost", 10).await, Decision::UnknownConsumer);
+    // Without require_record (a JWT caller) the defaults apply and the team is empty.
+    let defaults = LimitDefaults {
+        tpm: Some(1000),
+        quota: None,
+        quota_period: Period::Day,
+    };
+    let a = admitted(reserve_with(s, "ghost", "any", 10, &defaults, false).await);
+    assert_eq!(
+        (a.team.as_str(), a.tpm, a.remaining_tpm),
+        ("", Some(1000), Some(990))
+    );
+
+    let off = ConsumerRecord {
+        disabled: true,
+        models: vec!["other".into()],
+        ..consumer("off")
+    };
+    s.put_consumer(&off).await.unwrap();
+    assert_eq!(
+        reserve(s, "off", 10).await,
+        Decision::Disabled,
+        "disabled before model"
+    );
+    assert_eq!(
+        reserve_with(s, "off", "x", 1, &defaults, false).await,
+        Decision::Disabled
+    );
+
+    let picky = ConsumerRecord {
+        models: vec!["a".into(), "b".into()],
+        ..with_tpm("picky", 100)
+    };
+    s.put_consumer(&picky).await.unwrap();
+    assert_eq!(
+        reserve_with(s, "picky", "c", 1, &NO_DEFAULTS, true).await,
+        Decision::ModelNotAllowed
+    );
+    let a = admitted(reserve_with(s, "picky", "b", 1, &NO_DEFAULTS, true).await);
+    assert_eq!((a.team.as_str(), a.tpm), ("team-picky", Some(100)));
+
+    // A stored record without limits takes them from the defaults; empty models = all.
+    s.put_consumer(&consumer("plain")).await.unwrap();
+    let a = admitted(reserve_with(s, "plain", "whatever", 7, &defaults, true).await);
+    assert_eq!(
+        (a.team.as_str(), a.tpm, a.remaining_tpm, a.remaining_quota),
+        ("team-plain", Some(1000), Some(993), None)
+    );
+    let (ws, _) = window_bounds(Period::Day, a.window + 1);
+    assert_eq!(a.window, ws, "the window is the defaults' period's");
+}
+
+/// A full bucket admits a burst up to its capacity, then refuses with retry ≈ deficit·60000/tpm.
+async fn check_burst<S: Store>(s: &S) {
+    s.put_consumer(&with_tpm("burst", 6000)).await.unwrap();
+    for i in 0..6 {
+        let a = admitted(reserve(s, "burst", 1000).await);
+        let left = a.remaining_tpm.unwrap();
+        assert!(
+            (5000 - 1000 * i..5000 - 1000 * i + 50).contains(&left),
+            "left {left}"
+        );
+    }
+    let (retry, left) = rate_limited(reserve(s, "burst", 1000).await);
+    assert!((0..50).contains(&left), "remaining {left}");
+    // 100 tokens/s refill: a deficit of ~1000 tokens is ~10 s.
+    assert!((9_400..=10_000).contains(&retry), "retry_after_ms {retry}");
+    // A refusal debits nothing.
+    let (_, again) = rate_limited(reserve(s, "burst", 1000).await);
+    assert!(again >= left, "{again} < {left}");
+}
+
+/// The bucket refills continuously with real elapsed time (60000 tpm = 1000 tokens/s).
+async fn check_refill<S: Store>(s: &S) {
+    s.put_consumer(&with_tpm("refill", 60_000)).await.unwrap();
+    admitted(reserve(s, "refill", 60_000).await);
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, level) = rate_limited(reserve(s, "refill", 5_000).await);
+    let elapsed = start.elapsed().as_millis() as i64;
+    assert!(
+        level >= 290 && level <= elapsed + 20,
+        "level {level} after {elapsed} ms"
+    );
+    let a = admitted(reserve(s, "refill", level as u64).await);
+    assert!(a.remaining_tpm.unwrap() < 50, "{a:?}");
+}
+
+/// A request larger than the whole bucket passes only when the bucket is full.
+async fn check_oversized<S: Store>(s: &S) {
+    s.put_consumer(&with_tpm("big", 1000)).await.unwrap();
+    let a = admitted(reserve(s, "big", 5000).await);
+    assert_eq!(a.remaining_tpm, Some(-4000));
+    let (retry, left) = rate_limited(reserve(s, "big", 1).await);
+    assert!((-4000..-3990).contains(&left), "{left}");
+    // deficit 4001 tokens at 1000/60 s per token: ~240 s.
+    assert!((239_000..=240_060).contains(&retry), "{retry}");
+
+    s.put_consumer(&with_tpm("big2", 1000)).await.unwrap();
+    admitted(reserve(s, "big2", 10).await);
+    let (retry, _) = rate_limited(reserve(s, "big2", 5000).await);
+    assert!((1..=600).contains(&retry), "needs a full bucket: {retry}");
+}
+
+/// A spent period quota refuses with retry ≈ time to the window end (now is 12:30 UTC).
+async fn check_quota<S: Store>(s: &S) {
+    s.put_consumer(&with_quota("q", 1000, Period::Hour))
+        .await
+        .unwrap();
+    let a = admitted(reserve(s, "q", 600).await);
+    assert_eq!(
+        (a.remaining_quota, a.remaining_tpm, a.tpm),
+        (Some(400), None, None)
+    );
+    let retry = quota_exceeded(reserve(s, "q", 500).await);
+    assert!(
+        (1_795_000..=1_800_000).contains(&retry),
+        "retry_after_ms {retry}"
+    );
+    let a = admitted(reserve(s, "q", 400).await);
+    assert_eq!(a.remaining_quota, Some(0));
+    quota_exceeded(reserve(s, "q", 1).await);
+    // The quota outranks the bucket: a spent quota refuses even with tokens in the bucket.
+    let both = ConsumerRecord {
+        tpm: Some(10),
+        ..with_quota("qb", 5, Period::Day)
+    };
+    s.put_consumer(&both).await.unwrap();
+    quota_exceeded(reserve(s, "qb", 8).await);
+    // And a bucket refusal leaves the quota untouched.
+    let both = ConsumerRecord {
+        tpm: Some(10),
+        ..with_quota("qb2", 100, Period::Day)
+    };
+    s.put_consumer(&both).await.unwrap();
+    assert_eq!(
+        admitted(reserve(s, "qb2", 50).await).remaining_quota,
+        Some(50)
+    );
+    rate_limited(reserve(s, "qb2", 1).await);
+    s.put_consumer(&with_quota("qb2", 100, Period::Day))
+        .await
+        .unwrap();
+    assert_eq!(
+        admitted(reserve(s, "qb2", 50).await).remaining_quota,
+        Some(0)
+    );
+}
+
+/// The next hour resets an hourly quota (now starts 1.5 s before the hour).
+async fn check_rollover<S: Store>(s: &S, offset_ms: i64) {
+    s.put_consumer(&with_quota("roll", 1000, Period::Hour))
+        .await
+        .unwrap();
+    let first = admitted(reserve(s, "roll", 1000).await);
+    let retry = quota_exceeded(reserve(s, "roll", 1).await);
+    assert!((1000..=2000).contains(&retry), "retry_after_ms {retry}");
+    sleep_past_hour(offset_ms, 300).await;
+    let next = admitted(reserve(s, "roll", 1000).await);
+    assert_eq!(next.window, first.window + 3600);
+    assert_eq!(next.remaining_quota, Some(0));
+}
+
+/// Settling below the reservation refunds bucket and quota; above it, both are charged more.
+async fn check_settle<S: Store>(s: &S) {
+    let rec = ConsumerRecord {
+        tpm: Some(6000),
+        ..with_quota("down", 10_000, Period::Day)
+    };
+    s.put_consumer(&rec).await.unwrap();
+    let a = admitted(reserve(s, "down", 3000).await);
+    s.settle(&[correction("down", &a, 3000, 1000)])
+        .await
+        .unwrap();
+    let b = admitted(reserve(s, "down", 1).await);
+    let left = b.remaining_tpm.unwrap();
+    assert!(
+        (4999..5030).contains(&left),
+        "refund returned to the bucket: {left}"
+    );
+    assert_eq!(
+        b.remaining_quota,
+        Some(8999),
+        "refund returned to the quota"
+    );
+    // A refund never lifts the bucket above capacity.
+    s.settle(&[correction("down", &b, 100_000, 0)])
+        .await
+        .unwrap();
+    let c = admitted(reserve(s, "down", 6000).await);
+    assert_eq!(c.remaining_tpm, Some(0));
+    // ... and never pushes the quota below 0.
+    assert_eq!(
+        c.remaining_quota,
+        Some(10_000 - 6000),
+        "used clamped at 0, then 6000"
+    );
+
+    let rec = ConsumerRecord {
+        tpm: Some(6000),
+        ..with_quota("up", 100_000, Period::Day)
+    };
+    s.put_consumer(&rec).await.unwrap();
+    let a = admitted(reserve(s, "up", 1000).await);
+    s.settle(&[correction("up", &a, 1000, 9000)]).await.unwrap();
+    let (retry, left) = rate_limited(reserve(s, "up", 1).await);
+    assert!(
+        (-3000..-2950).contains(&left),
+        "over-use pushed the bucket negative: {left}"
+    );
+    assert!((29_500..=30_010).contains(&retry), "{retry}");
+
+    s.put_consumer(&with_quota("up2", 10_000, Period::Day))
+        .await
+        .unwrap();
+    let a = admitted(reserve(s, "up2", 1000).await);
+    // Two corrections of one consumer in one batch both apply.
+    let batch = [
+        correction("up2", &a, 1000, 3000),
+        correction("up2", &a, 0, 1000),
+    ];
+    s.settle(&batch).await.unwrap();
+    assert_eq!(
+        admitted(reserve(s, "up2", 1).await).remaining_quota,
+        Some(5999)
+    );
+}
+
+/// A settlement for a window that has since rolled over leaves the new window alone.
+async fn check_settle_old_window<S: Store>(s: &S, offset_ms: i64) {
+    s.put_consumer(&with_quota("old", 1000, Period::Hour))
+        .await
+        .unwrap();
+    let a = admitted(reserve(s, "old", 600).await);
+    sleep_past_hour(offset_ms, 300).await;
+    let b = admitted(reserve(s, "old", 100).await);
+    assert_eq!(b.window, a.window + 3600);
+    s.settle(&[correction("old", &a, 600, 0)]).await.unwrap();
+    let c = admitted(reserve(s, "old", 900).await);
+    assert_eq!(
+        c.remaining_quota,
+        Some(0),
+        "the refund for the old window was not applied"
+    );
+    quota_exceeded(reserve(s, "old", 1).await);
+}
+
+/// An admin change to a consumer applies to the very next reservation.
+async fn check_admin_change<S: Store>(s: &S) {
+    s.put_consumer(&with_tpm("adm", 1000)).await.unwrap();
+    admitted(reserve(s, "adm", 800).await);
+    rate_limited(reserve(s, "adm", 800).await);
+    // Raising the limit: capacity grows, the level (~200) carries over.
+    s.put_consumer(&with_tpm("adm", 1_000_000)).await.unwrap();
+    let a = admitted(reserve(s, "adm", 150).await);
+    assert!(
+        a.remaining_tpm.unwrap() >= 50 && a.tpm == Some(1_000_000),
+        "{a:?}"
+    );
+    s.put_consumer(&ConsumerRecord {
+        disabled: true,
+        ..with_tpm("adm", 1000)
+    })
+    .await
+    .unwrap();
+    assert_eq!(reserve(s, "adm", 1).await, Decision::Disabled);
+    let rec = ConsumerRecord {
+        models: vec!["x".into()],
+        ..with_tpm("adm", 1_000_000)
+    };
+    s.put_consumer(&rec).await.unwrap();
+    assert_eq!(reserve(s, "adm", 1).await, Decision::ModelNotAllowed);
+    s.put_consumer(&with_quota("adm", 10, Period::Day))
+        .await
+        .unwrap();
+    quota_exceeded(reserve(s, "adm", 100).await);
+    // put_consumer replaces: the old tpm is gone.
+    assert_eq!(admitted(reserve(s, "adm", 10).await).tpm, None);
+    assert_eq!(
+        s.get_consumer("adm").await.unwrap(),
+        Some(with_quota("adm", 10, Period::Day))
+    );
+}
+
+/// Seeding never overwrites a stored consumer or an existing key mapping.
+async fn check_seed<S: Store>(s: &S) {
+    let first = with_tpm("seed", 100);
+    let k1 = "a".repeat(64);
+    let k2 = "b".repeat(64);
+    assert!(
+        s.seed_consumer(&first, std::slice::from_ref(&k1))
+            .await
+            .unwrap()
+    );
+    let second = with_tpm("seed", 999);
+    assert!(
+        !s.seed_consumer(&second, &[k1.clone(), k2.clone()])
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.get_consumer("seed").await.unwrap(), Some(first));
+    assert_eq!(
+        s.lookup_key(&k2).await.unwrap().as_deref(),
+        Some("seed"),
+        "new keys are mapped"
+    );
+
+    assert!(
+        s.seed_consumer(&with_tpm("other", 1), std::slice::from_ref(&k1))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        s.lookup_key(&k1).await.unwrap().as_deref(),
+        Some("seed"),
+        "not remapped"
+    );
+    s.put_key(&k1, "other").await.unwrap();
+    assert_eq!(
+        s.lookup_key(&k1).await.unwrap().as_deref(),
+        Some("other"),
+        "put_key overwrites"
+    );
+    assert_eq!(s.lookup_key(&"c".repeat(64)).await.unwrap(), None);
+    assert_eq!(s.get_consumer("nobody").await.unwrap(), None);
+
+    let full = ConsumerRecord {
+        id: "full".into(),
+        team: "t".into(),
+        tpm: Some(1),
+        quota: Some(2),
+        quota_period: Period::Week,
+        models: vec!["m1".into(), "m2".into()],
+        disabled: true,
+    };
+    s.put_consumer(&full).await.unwrap();
+    assert_eq!(
+        s.get_consumer("full").await.unwrap(),
+        Some(full),
+        "round trip"
+    );
+    s.ping().await.unwrap();
+}
+
+/// Usage totals add up per day × consumer × team × model × backend; `usage()` filters by day.
+async fn check_usage<S: Store>(s: &S) {
+    let u = |day, model: &str, input, output| UsageDelta {
+        day,
+        team: "fin".into(),
+        model: model.into(),
+        backend: "ptu-1".into(),
+        input,
+        output,
+        cached_input: input / 2,
+        requests: 1,
+        cost_pico: input * 1_000_000 + output,
+    };
+    let settle = |id: &str, usage| Settlement {
+        consumer: id.into(),
+        reserved: 0,
+        actual: 0,
+        window: 0,
+        tpm: None,
+        usage: Some(usage),
+    };
+    s.settle(&[
+        settle("u1", u(20260101, "gpt-4o", 100, 10)),
+        settle("u2", u(20260101, "gpt-4o", 1, 1)),
+        settle("u1", u(20260101, "gpt-4o", 200, 20)),
+        settle("u1", u(20260102, "gpt-4o", 5, 5)),
+        settle("u1", u(20260101, "mini", 7, 0)),
+    ])
+    .await
+    .unwrap();
+    s.settle(&[settle("u1", u(20260103, "gpt-4o", 1, 1))])
+        .await
+        .unwrap();
+
+    let row = |day, consumer: &str, model: &str, input, output, requests, cost_pico| UsageRow {
+        day,
+        consumer: consumer.into(),
+        team: "fin".into(),
+        model: model.into(),
+        backend: "ptu-1".into(),
+        input,
+        output,
+        cached_input: input / 2,
+        requests,
+        cost_pico,
+    };
+    let day1 = vec![
+        row(20260101, "u1", "gpt-4o", 300, 30, 2, 300_000_030),
+        row(20260101, "u1", "mini", 7, 0, 1, 7_000_000),
+        row(20260101, "u2", "gpt-4o", 1, 1, 1, 1_000_001),
+    ];
+    assert_eq!(s.usage(20260101, 20260101).await.unwrap(), day1);
+    let two = s.usage(20260101, 20260102).await.unwrap();
+    assert_eq!(two.len(), 4);
+    assert_eq!(two[3], row(20260102, "u1", "gpt-4o", 5, 5, 1, 5_000_005));
+    assert_eq!(s.usage(20260104, 20261231).await.unwrap(), vec![]);
+    let all = s.usage(0, u32::MAX).await.unwrap();
+    assert_eq!(all.iter().map(|r| r.requests).sum::<u64>(), 6);
+}
+
+/// Quota windows agree with `window_bounds` at the awkward instants: month ends, leap days,
+/// year ends, a Monday week start — in both stores.
+async fn check_windows<E: Env>(env: &E) {
+    let instants = [
+        1_835_481_590, // 2028-02-29 23:59:50 (leap day)
+        1_835_481_610, // 2028-03-01 00:00:10
+        1_798_761_590, // 2026-12-31 23:59:50
+        1_798_761_610, // 2027-01-01 00:00:10 (a Friday)
+        1_795_391_990, // 2026-11-22 23:59:50 (a Sunday)
+        1_795_392_010, // 2026-11-23 00:00:10 (a Monday)
+        4_107_542_410, // 2100-03-01 00:00:10 (2100 is not a leap year; a Monday)
+    ];
+    for t in instants {
+        let s = env.store(at(t)).await;
+        for period in [Period::Hour, Period::Day, Period::Week, Period::Month] {
+            let defaults = LimitDefaults {
+                tpm: None,
+                quota: Some(100),
+                quota_period: period,
+            };
+            let id = format!("w{t}{}", period.as_str());
+            let a = admitted(reserve_with(&s, &id, "m", 100, &defaults, false).await);
+            let (start, end) = window_bounds(period, t);
+            assert_eq!(a.window, start, "{period:?} at {t}");
+            let retry = quota_exceeded(reserve_with(&s, &id, "m", 1, &defaults, false).await);
+            let expected = (end - t) * 1000;
+            assert!(
+                retry <= expected && retry + 3000 >= expected,
+                "{period:?} at {t}: {retry}"
+            );
+        }
+    }
+}
+
+/// 2000 reservations of random sizes from 50 tasks never admit more than the quota (or the
+/// bucket allows), and admit nearly all of it.
+async fn check_concurrency<S: Store + Clone>(s: &S) {
+    const Q: u64 = 50_000;
+    const LARGEST: u64 = 200;
+    s.put_consumer(&ConsumerRecord {
+        tpm: Some(60_000),
+        ..with_quota("conc", Q, Period::Month)
+    })
+    .await
+    .unwrap();
+    s.put_consumer(&with_tpm("conc-tpm", 6000)).await.unwrap();
+    for (id, limit) in [("conc", Q), ("conc-tpm", 6000)] {
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..50u64)
+            .map(|t| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (t + 1).wrapping_mul(0xBF58_476D);
+                    let mut admitted = 0;
+                    for _ in 0..40 {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        let n = 1 + rng % LARGEST;
+                        if let Decision::Admitted(_) = reserve(&s, id, n).await {
+                            admitted += n;
+                        }
+                    }
+                    admitted
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.unwrap();
+        }
+        // The bucket refills while the test runs (100 tokens/s for conc-tpm).
+        let refill = if id == "conc-tpm" {
+            start.elapsed().as_millis() as u64 / 10 + 1
+        } else {
+            0
+        };
+        assert!(
+            total <= limit + refill,
+            "{id}: admitted {total} > {limit} + {refill}"
+        );
+        assert!(
+            total + LARGEST >= limit,
+            "{id}: admitted only {total} of {limit}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Instantiation: each check once per store.
+
+macro_rules! suite {
+    ($( $(#[$doc:meta])* $check:ident($offset:expr) => $mem:ident, $redis:ident; )*) => {$(
+        $(#[$doc])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $mem() {
+            let offset = $offset;
+            $check(&MemEnv.store(offset).await).await;
+        }
+        $(#[$doc])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $redis() {
+            let env = RedisEnv::start();
+            let offset = $offset;
+            $check(&env.store(offset).await).await;
+        }
+    )*};
+}
+
+macro_rules! suite_timed {
+    ($( $(#[$doc:meta])* $check:ident($offset:expr) => $mem:ident, $redis:ident; )*) => {$(
+        $(#[$doc])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $mem() {
+            let offset = $offset;
+            $check(&MemEnv.store(offset).await, offset).await;
+        }
+        $(#[$doc])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $redis() {
+            let env = RedisEnv::start();
+            let offset = $offset;
+            $check(&env.store(offset).await, offset).await;
+        }
+    )*};
+}
+
+suite! {
+    /// Unknown, disabled and model-not-allowed decisions, in order.
+    check_decisions(mid_hour()) => memory_decisions, redis_decisions;
+    /// Burst to capacity, then RateLimited with retry ≈ deficit·60000/tpm.
+    check_burst(mid_hour()) => memory_burst, redis_burst;
+    /// Continuous refill over real elapsed time.
+    check_refill(mid_hour()) => memory_refill, redis_refill;
+    /// A request larger than tpm passes only on a full bucket.
+    check_oversized(mid_hour()) => memory_oversized, redis_oversized;
+    /// A spent quota refuses until the window ends.
+    check_quota(mid_hour()) => memory_quota, redis_quota;
+    /// Settle refunds and over-use move bucket and quota.
+    check_settle(mid_hour()) => memory_settle, redis_settle;
+    /// Admin changes apply to the next reservation.
+    check_admin_change(mid_hour()) => memory_admin_change, redis_admin_change;
+    /// Seeding never overwrites.
+    check_seed(mid_hour()) => memory_seed, redis_seed;
+    /// Usage totals add up and filter by day.
+    check_usage(mid_hour()) => memory_usage, redis_usage;
+    /// Concurrent reservations never over-admit.
+    check_concurrency(mid_hour()) => memory_concurrency, redis_concurrency;
+}
+
+suite_timed! {
+    /// The next hour resets an hourly quota.
+    check_rollover(before_hour(1500)) => memory_rollover, redis_rollover;
+    /// A settlement for a rolled-over window does not touch the new one.
+    check_settle_old_window(before_hour(1500)) => memory_settle_old_window, redis_settle_old_window;
+}
+
+/// Quota windows agree with `window_bounds` at awkward instants (memory store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_windows() {
+    check_windows(&MemEnv).await;
+}
+
+/// Quota windows computed in Lua agree with `window_bounds` at awkward instants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_windows() {
+    check_windows(&RedisEnv::start()).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis only.
+
+/// After `SCRIPT FLUSH` every script call loads its script again and succeeds, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_only_noscript_recovery() {
+    let env = RedisEnv::start();
+    let s = env.store(mid_hour()).await;
+    let rec = ConsumerRecord {
+        tpm: Some(6000),
+        ..with_quota("ns", 10_000, Period::Day)
+    };
+    s.put_consumer(&rec).await.unwrap();
+    let a = admitted(reserve(&s, "ns", 1000).await);
+    assert_eq!(env.server.cli(&["SCRIPT", "FLUSH"]).unwrap(), "OK");
+    let b = admitted(reserve(&s, "ns", 1000).await);
+    assert_eq!(b.remaining_quota, Some(8000));
+    env.server.cli(&["SCRIPT", "FLUSH"]).unwrap();
+    // Two consumers in one settle pipeline: each correction applied once, not twice.
+    s.put_consumer(&with_quota("ns2", 10_000, Period::Day))
+        .await
+        .unwrap();
+    let c = admitted(reserve(&s, "ns2", 1000).await);
+    s.settle(&[
+        correction("ns", &a, 1000, 0),
+        correction("ns2", &c, 1000, 0),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(
+        admitted(reserve(&s, "ns", 1).await).remaining_quota,
+        Some(8999)
+    );
+    assert_eq!(
+        admitted(reserve(&s, "ns2", 1).await).remaining_quota,
+        Some(9999)
+    );
+    env.server.cli(&["SCRIPT", "FLUSH"]).unwrap();
+    assert!(s.seed_consumer(&consumer("ns3"), &[]).await.unwrap());
+}
+
+/// Bucket, quota and usage keys all carry a TTL: nothing in Redis grows without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_only_keys_expire() {
+    let env = RedisEnv::start();
+    let s = env.store(0).await;
+    let rec = ConsumerRecord {
+        tpm: Some(6000),
+        ..with_quota("ttl", 10_000, Period::Hour)
+    };
+    s.put_consumer(&rec).await.unwrap();
+    let a = admitted(reserve(&s, "ttl", 3000).await);
+    let usage = UsageDelta {
+        day: 20260101,
+        requests: 1,
+        ..UsageDelta::default()
+    };
+    s.settle(&[Settlement {
+        usage: Some(usage),
+        ..correction("ttl", &a, 3000, 2000)
+    }])
+    .await
+    .unwrap();
+    let pttl = |key: &str| -> i64 { env.server.cli(&["PTTL", key]).unwrap().parse().unwrap() };
+    let bucket = pttl("tg:bucket:{ttl}");
+    // 2000 tokens missing at 100/s: full again in 20 s, +1 s.
+    assert!((19_000..=21_000).contains(&bucket), "bucket PTTL {bucket}");
+    let quota = pttl("tg:quota:{ttl}");
+    assert!(
+        quota > 86_400_000 && quota <= 90_000_000,
+        "quota PTTL {quota}"
+    );
+    let usage = pttl("tg:usage:{ttl}:20260101");
+    assert!(
+        usage > 399 * 86_400_000 && usage <= 400 * 86_400_000,
+        "usage PTTL {usage}"
+    );
+    assert_eq!(
+        pttl("tg:consumer:{ttl}"),
+        -1,
+        "consumers are the operator's: no TTL"
+    );
+}
+
+/// Operators' plain `HSET`/`HDEL`/`SET`/`DEL` apply to the next call; absent fields fall back
+/// to the request's defaults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_only_operator_commands() {
+    let env = RedisEnv::start();
+    let s = env.store(mid_hour()).await;
+    let cli = |args: &[&str]| env.server.cli(args).unwrap();
+    cli(&[
+        "HSET",
+        "tg:consumer:{op}",
+        "team",
+        "fin",
+        "tpm",
+        "1000",
+        "models",
+        "gpt-4o, mini",
+    ]);
+    let defaults = LimitDefaults {
+        tpm: Some(5),
+        quota: Some(50_000),
+        quota_period: Period::Day,
+    };
+    let a = admitted(reserve_with(&s, "op", "mini", 100, &defaults, true).await);
+    assert_eq!(
+        (a.team.as_str(), a.tpm, a.remaining_quota),
+        ("fin", Some(1000), Some(49_900))
+    );
+    assert_eq!(
+        reserve_with(&s, "op", "other", 1, &defaults, true).await,
+        Decision::ModelNotAllowed
+    );
+    cli(&["HSET", "tg:consumer:{op}", "disabled", "1"]);
+    assert_eq!(
+        reserve_with(&s, "op", "mini", 1, &defaults, true).await,
+        Decision::Disabled
+    );
+    cli(&[
+        "HSET",
+        "tg:consumer:{op}",
+        "disabled",
+        "0",
+        "quota",
+        "100",
+        "quota_period",
+        "hour",
+    ]);
+    quota_exceeded(reserve_with(&s, "op", "mini", 101, &defaults, true).await);
+    cli(&["HDEL", "tg:consumer:{op}", "tpm", "quota", "models"]);
+    let a = admitted(reserve_with(&s, "op", "any", 1, &defaults, true).await);
+    assert_eq!(
+        (a.tpm, a.remaining_quota),
+        (Some(5), Some(49_899)),
+        "back to the defaults"
+    );
+
+    cli(&["SET", &format!("tg:key:{}", "d".repeat(64)), "op"]);
+    assert_eq!(
+        s.lookup_key(&"d".repeat(64)).await.unwrap().as_deref(),
+        Some("op")
+    );
+    cli(&["DEL", &format!("tg:key:{}", "d".repeat(64))]);
+    assert_eq!(s.lookup_key(&"d".repeat(64)).await.unwrap(), None);
+
+    // A malformed field is the operator's error, reported, never silently ignored.
+    cli(&["HSET", "tg:consumer:{op}", "tpm", "50k"]);
+    let req = ReserveRequest {
+        consumer: "op",
+        model: "m",
+        tokens: 1,
+        defaults: &defaults,
+        require_record: true,
+    };
+    let err = s.reserve(&req).await.unwrap_err();
+    assert!(err.to_string().contains("tpm"), "{err}");
+}
+
+/// The unix socket URL forms work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_only_unix_socket() {
+    let env = RedisEnv::start();
+    let url = env.server.unix_url();
+    let s = RedisStore::connect(&url, test_opts(0)).await.unwrap();
+    s.ping().await.unwrap();
+    let plain = url.replacen("redis+unix://", "unix://", 1);
+    let s = RedisStore::connect(&plain, test_opts(0)).await.unwrap();
+    s.put_key(&"e".repeat(64), "sock").await.unwrap();
+    assert_eq!(
+        s.lookup_key(&"e".repeat(64)).await.unwrap().as_deref(),
+        Some("sock")
+    );
+}
+
+/// A restarted server (empty, without scripts) is used again without a new store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_only_reconnects() {
+    let mut env = RedisEnv::start();
+    let s = env.store(mid_hour()).await;
+    s.put_consumer(&with_tpm("re", 1000)).await.unwrap();
+    admitted(reserve(&s, "re", 10).await);
+    env.server.stop();
+    let err = s.ping().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            tollgate_quota::Error::Unavailable(_) | tollgate_quota::Error::Timeout
+        ),
+        "{err:?}"
+    );
+    env.server.restart().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.ping().await.is_err() {
+        assert!(Instant::now() < deadline, "no reconnection within 5 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.put_consumer(&with_tpm("re", 1000)).await.unwrap();
+    assert_eq!(
+        admitted(reserve(&s, "re", 10).await).remaining_tpm,
+        Some(990),
+        "a fresh bucket"
+    );
+}
+
+/// A server that does not answer in time gives `Timeout`; an unreachable one `Unavailable`,
+/// whose message never shows the URL's password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_only_deadlines_and_errors() {
+    let env = RedisEnv::start();
+    let opts = RedisOpts {
+        timeout: Duration::from_millis(50),
+        ..test_opts(0)
+    };
+    let s = RedisStore::connect(&env.server.url(), opts).await.unwrap();
+    s.ping().await.unwrap();
+    env.server.cli(&["CLIENT", "PAUSE", "500", "ALL"]).unwrap();
+    let err = s.ping().await.unwrap_err();
+    assert!(matches!(err, tollgate_quota::Error::Timeout), "{err:?}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    s.ping().await.unwrap();
+
+    env.server
+        .cli(&["CONFIG", "SET", "requirepass", "right-one"])
+        .unwrap();
+    let url = format!("redis://:hunter2secret@127.0.0.1:{}/0", env.server.port());
+    let err = match RedisStore::connect(&url, test_opts(0)).await {
+        Ok(_) => panic!("connected with a wrong password"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(err, tollgate_quota::Error::Unavailable(_)),
+        "{err:?}"
+    );
+    assert!(
+        !format!("{err} {err:?}").contains("hunter2secret"),
+        "{err:?}"
+    );
+    let url = format!("redis://:right-one@127.0.0.1:{}/0", env.server.port());
+    RedisStore::connect(&url, test_opts(0))
+        .await
+        .unwrap()
+        .ping()
+        .await
+        .unwrap();
+
+    let closed = RedisServer::start().unwrap();
+    let url = closed.url();
+    drop(closed);
+    let err = match RedisStore::connect(&url, test_opts(0)).await {
+        Ok(_) => panic!("connected to a stopped server"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(err, tollgate_quota::Error::Unavailable(_)),
+        "{err:?}"
+    );
+}
