@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tollgate_common::config::OnError;
 use tollgate_quota::{
-    Admission, ConsumerRecord, Decision, LimitDefaults, MemoryStore, RedisStore, ReserveRequest,
-    Settlement, Store, UsageRow,
+    Admission, BreakerFailure, BreakerState, ConsumerRecord, Decision, LimitDefaults, MemoryStore,
+    RedisStore, ReserveRequest, Settlement, Store, UsageRow,
 };
 
 /// The configured store: memory (one replica) or Redis (a cluster).
@@ -59,6 +59,31 @@ impl Store for AnyStore {
     }
     async fn usage(&self, since: u32, until: u32) -> tollgate_quota::Result<Vec<UsageRow>> {
         delegate!(self, s => s.usage(since, until).await)
+    }
+    async fn heartbeat(&self, replica: &str, ttl_ms: u64) -> tollgate_quota::Result<u32> {
+        delegate!(self, s => s.heartbeat(replica, ttl_ms).await)
+    }
+    async fn breaker_failure(
+        &self,
+        backend: &str,
+        failure: &BreakerFailure,
+    ) -> tollgate_quota::Result<BreakerState> {
+        delegate!(self, s => s.breaker_failure(backend, failure).await)
+    }
+    async fn breaker_close(&self, backend: &str) -> tollgate_quota::Result<bool> {
+        delegate!(self, s => s.breaker_close(backend).await)
+    }
+    async fn breaker_probe(&self, backend: &str, lease_ms: u64) -> tollgate_quota::Result<bool> {
+        delegate!(self, s => s.breaker_probe(backend, lease_ms).await)
+    }
+    async fn breaker_states(
+        &self,
+        backends: &[String],
+    ) -> tollgate_quota::Result<Vec<BreakerState>> {
+        delegate!(self, s => s.breaker_states(backends).await)
+    }
+    fn breaker_events(&self) -> tokio::sync::broadcast::Receiver<BreakerState> {
+        delegate!(self, s => s.breaker_events())
     }
     async fn ping(&self) -> tollgate_quota::Result<()> {
         delegate!(self, s => s.ping().await)
@@ -130,7 +155,11 @@ impl Limits {
                 self.mark(true, "key lookup", Some(&e));
                 match self.on_error {
                     OnError::FailClosed => Err(Error::StoreUnavailable),
-                    _ => self.local.lookup_key(hex).await.map_err(|_| Error::StoreUnavailable),
+                    _ => self
+                        .local
+                        .lookup_key(hex)
+                        .await
+                        .map_err(|_| Error::StoreUnavailable),
                 }
             }
         }
@@ -152,7 +181,13 @@ impl Limits {
         tokens: u64,
         require_record: bool,
     ) -> Result<Reserved, Error> {
-        let req = ReserveRequest { consumer, model, tokens, defaults: &self.defaults, require_record };
+        let req = ReserveRequest {
+            consumer,
+            model,
+            tokens,
+            defaults: &self.defaults,
+            require_record,
+        };
         let (decision, place) = match self.store.reserve(&req).await {
             Ok(d) => {
                 self.mark(false, "reserve", None);
@@ -169,20 +204,38 @@ impl Limits {
                             remaining_quota: None,
                             window: 0,
                             tpm: None,
+                            quota: None,
+                            quota_period: Default::default(),
                         };
-                        return Ok(Reserved { admission, tokens, place: Placement::Nowhere });
+                        return Ok(Reserved {
+                            admission,
+                            tokens,
+                            place: Placement::Nowhere,
+                        });
                     }
                     OnError::Local => {
-                        let d = self.local.reserve(&req).await.map_err(|_| Error::StoreUnavailable)?;
+                        let d = self
+                            .local
+                            .reserve(&req)
+                            .await
+                            .map_err(|_| Error::StoreUnavailable)?;
                         (d, Placement::Local)
                     }
                 }
             }
         };
         match decision {
-            Decision::Admitted(admission) => Ok(Reserved { admission, tokens, place }),
-            Decision::RateLimited { retry_after_ms, .. } => Err(Error::RateLimited { retry_after_ms }),
-            Decision::QuotaExceeded { retry_after_ms } => Err(Error::QuotaExceeded { retry_after_ms }),
+            Decision::Admitted(admission) => Ok(Reserved {
+                admission,
+                tokens,
+                place,
+            }),
+            Decision::RateLimited { retry_after_ms, .. } => {
+                Err(Error::RateLimited { retry_after_ms })
+            }
+            Decision::QuotaExceeded { retry_after_ms } => {
+                Err(Error::QuotaExceeded { retry_after_ms })
+            }
             Decision::ModelNotAllowed => Err(Error::ModelNotAllowed(model.to_string())),
             Decision::Disabled => Err(Error::ConsumerDisabled),
             Decision::UnknownConsumer => Err(Error::Unauthenticated),

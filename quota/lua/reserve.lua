@@ -13,7 +13,8 @@
 -- ARGV[7] milliseconds added to Redis TIME (a test hook; 0 in production)
 --
 -- Returns an array of strings, the verdict first (numbers as strings: no float truncation):
---   {"A", team, remaining_tpm | "", remaining_quota | "", window_start, tpm | ""}  admitted
+--   {"A", team, remaining_tpm | "", remaining_quota | "", window_start, tpm | "", quota | "", period}
+--                                                                                 admitted
 --   {"R", retry_after_ms, remaining_tpm}                                           rate limited
 --   {"Q", retry_after_ms}                                                          quota spent
 --   {"M"} model not allowed, {"D"} disabled, {"U"} unknown consumer
@@ -182,4 +183,4 @@ if quota then
   redis.call('EXPIRE', KEYS[3], int(window_end - now_s + 86400))
   rem_quota = int(quota - used - tokens)
 end
-return {'A', team, rem_tpm, rem_quota, int(window), tpm and int(tpm) or ''}
+return {'A', team, rem_tpm, rem_quota, int(window), tpm and int(tpm) or '', quota and int(quota) or '', period}

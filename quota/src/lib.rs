@@ -71,6 +71,42 @@ pub trait Store: Send + Sync + 'static {
     /// Daily usage totals for `since..=until` (days as `YYYYMMDD`).
     fn usage(&self, since: u32, until: u32) -> impl Future<Output = Result<Vec<UsageRow>>> + Send;
 
+    /// Registers `replica` as alive for `ttl_ms` and returns how many replicas are alive
+    /// (at least 1). Replicas use the count to share a limit while the store is unreachable.
+    fn heartbeat(&self, replica: &str, ttl_ms: u64) -> impl Future<Output = Result<u32>> + Send;
+
+    /// Counts a failure of a backend in its rolling window and trips its circuit when the
+    /// window holds `failures` of them — or at once for `trip_for_ms` (a `retry-after`), or at
+    /// once when the failure is a probe's. Returns the circuit as it now is.
+    fn breaker_failure(
+        &self,
+        backend: &str,
+        failure: &BreakerFailure,
+    ) -> impl Future<Output = Result<BreakerState>> + Send;
+
+    /// Closes a backend's circuit (a probe, or any request, succeeded). Returns whether it was
+    /// open or half-open, i.e. whether anything changed.
+    fn breaker_close(&self, backend: &str) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Asks to probe a backend whose trip has ended. True for exactly one caller per trip
+    /// cluster-wide (another caller gets a second chance only if the probe is not resolved
+    /// within `lease_ms`, e.g. its replica died).
+    fn breaker_probe(
+        &self,
+        backend: &str,
+        lease_ms: u64,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// The circuits of these backends as stored now.
+    fn breaker_states(
+        &self,
+        backends: &[String],
+    ) -> impl Future<Output = Result<Vec<BreakerState>>> + Send;
+
+    /// Circuit changes made by any replica, as they happen (Redis pub/sub; in-process for the
+    /// memory store). Lost messages are healed by periodic [`Store::breaker_states`] reads.
+    fn breaker_events(&self) -> tokio::sync::broadcast::Receiver<BreakerState>;
+
     /// A cheap round trip to tell whether the store is reachable.
     fn ping(&self) -> impl Future<Output = Result<()>> + Send;
 }

@@ -36,8 +36,18 @@ impl Clock for SystemClock {
     }
 }
 
+#[derive(Default, Clone)]
+struct Circuit {
+    open_until_ms: u64,
+    trip: u64,
+    probe_trip: Option<u64>,
+    probe_at_ms: u64,
+    failures: std::collections::VecDeque<u64>,
+}
+
 #[derive(Default)]
 struct Inner {
+    circuits: HashMap<String, Circuit>,
     consumers: HashMap<String, ConsumerRecord>,
     keys: HashMap<String, String>,
     buckets: HashMap<String, Bucket>,
@@ -80,6 +90,7 @@ struct UsageTotals {
 pub struct MemoryStore {
     inner: Arc<Mutex<Inner>>,
     clock: Arc<dyn Clock>,
+    events: tokio::sync::broadcast::Sender<BreakerState>,
 }
 
 impl Default for MemoryStore {
@@ -97,6 +108,7 @@ impl MemoryStore {
         MemoryStore {
             inner: Arc::default(),
             clock,
+            events: tokio::sync::broadcast::channel(1024).0,
         }
     }
 
@@ -257,6 +269,8 @@ impl Store for MemoryStore {
             remaining_quota,
             window,
             tpm,
+            quota,
+            quota_period: period,
         }))
     }
 
@@ -357,6 +371,114 @@ impl Store for MemoryStore {
             ))
         });
         Ok(rows)
+    }
+
+    async fn heartbeat(&self, _replica: &str, _ttl_ms: u64) -> Result<u32> {
+        Ok(1)
+    }
+
+    async fn breaker_failure(&self, backend: &str, f: &BreakerFailure) -> Result<BreakerState> {
+        let now = self.clock.now_us() / 1000;
+        let mut g = self.inner.lock();
+        let c = g.circuits.entry(backend.to_string()).or_default();
+        let mut trip_for = f.trip_for_ms.or(f.probe.then_some(f.trip_ms));
+        if trip_for.is_none() {
+            c.failures.push_back(now);
+            while c
+                .failures
+                .front()
+                .is_some_and(|t| *t + f.window_ms.max(1) <= now)
+            {
+                c.failures.pop_front();
+            }
+            if c.failures.len() >= f.failures.max(1) as usize {
+                trip_for = Some(f.trip_ms);
+            }
+        }
+        let mut changed = false;
+        if let Some(ms) = trip_for {
+            let until = now + ms;
+            if until > c.open_until_ms {
+                if c.open_until_ms <= now {
+                    c.trip += 1;
+                }
+                c.open_until_ms = until;
+                c.failures.clear();
+                changed = true;
+            }
+        }
+        let state = BreakerState {
+            backend: backend.to_string(),
+            open_until_ms: c.open_until_ms,
+            trip: c.trip,
+            now_ms: now,
+        };
+        drop(g);
+        if changed {
+            let _ = self.events.send(state.clone());
+        }
+        Ok(state)
+    }
+
+    async fn breaker_close(&self, backend: &str) -> Result<bool> {
+        let now = self.clock.now_us() / 1000;
+        let mut g = self.inner.lock();
+        let Some(c) = g.circuits.get_mut(backend) else {
+            return Ok(false);
+        };
+        if c.open_until_ms == 0 {
+            return Ok(false);
+        }
+        c.open_until_ms = 0;
+        c.probe_trip = None;
+        c.failures.clear();
+        let state = BreakerState {
+            backend: backend.to_string(),
+            open_until_ms: 0,
+            trip: c.trip,
+            now_ms: now,
+        };
+        drop(g);
+        let _ = self.events.send(state);
+        Ok(true)
+    }
+
+    async fn breaker_probe(&self, backend: &str, lease_ms: u64) -> Result<bool> {
+        let now = self.clock.now_us() / 1000;
+        let mut g = self.inner.lock();
+        let Some(c) = g.circuits.get_mut(backend) else {
+            return Ok(false);
+        };
+        if c.open_until_ms == 0 || c.open_until_ms > now {
+            return Ok(false);
+        }
+        if c.probe_trip == Some(c.trip) && now.saturating_sub(c.probe_at_ms) < lease_ms.max(1) {
+            return Ok(false);
+        }
+        c.probe_trip = Some(c.trip);
+        c.probe_at_ms = now;
+        Ok(true)
+    }
+
+    async fn breaker_states(&self, backends: &[String]) -> Result<Vec<BreakerState>> {
+        let now = self.clock.now_us() / 1000;
+        let g = self.inner.lock();
+        Ok(backends
+            .iter()
+            .map(|b| {
+                let c = g.circuits.get(b).cloned().unwrap_or_default();
+                BreakerState {
+                    backend: b.clone(),
+                    open_until_ms: c.open_until_ms,
+                    trip: c.trip,
+                    now_ms: now,
+                }
+            })
+            .collect())
+    }
+
+    fn breaker_events(&self) -> tokio::sync::broadcast::Receiver<BreakerState> {
+        self.events.subscribe()
     }
 
     async fn ping(&self) -> Result<()> {

@@ -66,6 +66,10 @@ pub struct Admission {
     pub window: u64,
     /// The per-minute limit in force for this reservation, handed back at settle.
     pub tpm: Option<u64>,
+    /// The period quota in force (so a replica can keep enforcing a share of it locally while
+    /// the shared store is unreachable).
+    pub quota: Option<u64>,
+    pub quota_period: Period,
 }
 
 /// A correction of one earlier reservation, plus the usage totals it adds.
@@ -112,6 +116,46 @@ pub struct UsageRow {
     pub cached_input: u64,
     pub requests: u64,
     pub cost_pico: u64,
+}
+
+/// A failure to count against a backend's circuit.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BreakerFailure {
+    /// Failures within `window_ms` that trip the circuit.
+    pub failures: u32,
+    pub window_ms: u64,
+    /// How long a trip lasts.
+    pub trip_ms: u64,
+    /// Trip at once for exactly this long (the backend's `retry-after`).
+    pub trip_for_ms: Option<u64>,
+    /// The failure is a probe's: re-open at once.
+    pub probe: bool,
+}
+
+/// A backend's circuit: closed when `open_until_ms` is 0; open until then; half-open (one
+/// probe allowed) once that time has passed without a close.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BreakerState {
+    pub backend: String,
+    /// Unix ms until which the circuit is open; 0 = closed.
+    pub open_until_ms: u64,
+    /// Trips so far (identifies a trip: one probe per trip).
+    pub trip: u64,
+    /// The store's clock when this state was read: a replica compares `open_until_ms` with
+    /// this, never with its own clock.
+    pub now_ms: u64,
+}
+
+impl BreakerState {
+    /// Milliseconds the circuit stays open from `now_ms` (0 when closed or half-open).
+    pub fn open_for_ms(&self) -> u64 {
+        self.open_until_ms.saturating_sub(self.now_ms)
+    }
+
+    /// Tripped and its time is up, not closed yet: one probe may go.
+    pub fn half_open(&self) -> bool {
+        self.open_until_ms != 0 && self.open_until_ms <= self.now_ms
+    }
 }
 
 /// Start and end (unix seconds, end exclusive) of the UTC window of `period` containing `now`.

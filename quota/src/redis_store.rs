@@ -22,6 +22,12 @@ use std::time::Duration;
 const RESERVE_LUA: &str = include_str!("../lua/reserve.lua");
 const SETTLE_LUA: &str = include_str!("../lua/settle.lua");
 const SEED_LUA: &str = include_str!("../lua/seed_consumer.lua");
+const BREAKER_FAILURE_LUA: &str = include_str!("../lua/breaker_failure.lua");
+const BREAKER_PROBE_LUA: &str = include_str!("../lua/breaker_probe.lua");
+const BREAKER_CLOSE_LUA: &str = include_str!("../lua/breaker_close.lua");
+const HEARTBEAT_LUA: &str = include_str!("../lua/heartbeat.lua");
+/// The pub/sub channel of circuit changes.
+pub const BREAKER_CHANNEL: &str = "tg:breaker";
 
 /// Metric names of the usage hash fields, in [`UsageDelta`] order.
 const METRICS: [&str; 5] = ["in", "out", "cached", "req", "cost"];
@@ -67,6 +73,17 @@ struct Inner {
     reserve: Script,
     settle: Script,
     seed: Script,
+    breaker_failure: Script,
+    breaker_probe: Script,
+    breaker_close: Script,
+    heartbeat: Script,
+    client: Client,
+    /// Circuit changes from the pub/sub listener (started on first subscription).
+    events: tokio::sync::broadcast::Sender<BreakerState>,
+    listening: std::sync::atomic::AtomicBool,
+    /// Makes each counted failure a distinct member of the window's sorted set.
+    failure_seq: AtomicUsize,
+    instance: String,
 }
 
 impl RedisStore {
@@ -126,6 +143,22 @@ impl RedisStore {
                 reserve: Script::new(RESERVE_LUA),
                 settle: Script::new(SETTLE_LUA),
                 seed: Script::new(SEED_LUA),
+                breaker_failure: Script::new(BREAKER_FAILURE_LUA),
+                breaker_probe: Script::new(BREAKER_PROBE_LUA),
+                breaker_close: Script::new(BREAKER_CLOSE_LUA),
+                heartbeat: Script::new(HEARTBEAT_LUA),
+                client: client.clone(),
+                events: tokio::sync::broadcast::channel(1024).0,
+                listening: std::sync::atomic::AtomicBool::new(false),
+                failure_seq: AtomicUsize::new(0),
+                instance: format!(
+                    "{}-{}",
+                    std::process::id(),
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_nanos() % 1_000_000_007)
+                        .unwrap_or(0)
+                ),
             }),
         })
     }
@@ -231,6 +264,58 @@ fn usage_key(id: &str, day: u32) -> String {
     format!("tg:usage:{{{id}}}:{day}")
 }
 
+fn breaker_key(backend: &str) -> String {
+    format!("tg:breaker:{{{backend}}}")
+}
+
+fn bfail_key(backend: &str) -> String {
+    format!("tg:bfail:{{{backend}}}")
+}
+
+/// Parses a `BACKEND open_until trip now` pub/sub message.
+fn parse_breaker_message(msg: &str) -> Option<BreakerState> {
+    let mut it = msg.rsplitn(4, ' ');
+    let now_ms = it.next()?.parse().ok()?;
+    let trip = it.next()?.parse().ok()?;
+    let open_until_ms = it.next()?.parse().ok()?;
+    let backend = it.next()?.to_string();
+    Some(BreakerState {
+        backend,
+        open_until_ms,
+        trip,
+        now_ms,
+    })
+}
+
+/// Listens on the breaker channel, reconnecting with backoff, forwarding to `tx`.
+async fn breaker_listener(client: Client, tx: tokio::sync::broadcast::Sender<BreakerState>) {
+    use futures::StreamExt as _;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if tx.receiver_count() == 0 {
+            return;
+        }
+        match client.get_async_pubsub().await {
+            Ok(mut ps) => {
+                if ps.subscribe(BREAKER_CHANNEL).await.is_ok() {
+                    backoff = Duration::from_millis(100);
+                    let mut stream = ps.on_message();
+                    while let Some(msg) = stream.next().await {
+                        if let Ok(text) = msg.get_payload::<String>()
+                            && let Some(state) = parse_breaker_message(&text)
+                        {
+                            let _ = tx.send(state);
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "breaker channel: cannot connect"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
 fn api_key(sha: &str) -> String {
     format!("tg:key:{sha}")
 }
@@ -314,12 +399,14 @@ fn decode_decision(v: &[String]) -> Result<Decision> {
     }
     let bad = || Error::Protocol(format!("reserve.lua returned {v:?}"));
     Ok(match v.first().map(String::as_str) {
-        Some("A") if v.len() == 6 => Decision::Admitted(Admission {
+        Some("A") if v.len() == 8 => Decision::Admitted(Admission {
             team: v[1].clone(),
             remaining_tpm: opt(&v[2])?,
             remaining_quota: opt(&v[3])?,
             window: num(&v[4])?,
             tpm: opt(&v[5])?,
+            quota: opt(&v[6])?,
+            quota_period: Period::parse(&v[7]).ok_or_else(bad)?,
         }),
         Some("R") if v.len() == 3 => Decision::RateLimited {
             retry_after_ms: num(&v[1])?,
@@ -670,6 +757,103 @@ impl Store for RedisStore {
             ))
         });
         Ok(rows)
+    }
+
+    async fn heartbeat(&self, replica: &str, ttl_ms: u64) -> Result<u32> {
+        let mut conn = self.conn();
+        let mut cmd = evalsha(&self.inner.heartbeat, &["tg:replicas"]);
+        cmd.arg(replica).arg(ttl_ms);
+        let n: u32 = self
+            .hot(eval(&mut conn, &self.inner.heartbeat, &cmd))
+            .await?;
+        Ok(n.max(1))
+    }
+
+    async fn breaker_failure(&self, backend: &str, f: &BreakerFailure) -> Result<BreakerState> {
+        let mut conn = self.conn();
+        let (k1, k2) = (breaker_key(backend), bfail_key(backend));
+        let mut cmd = evalsha(&self.inner.breaker_failure, &[&k1, &k2]);
+        let seq = self.inner.failure_seq.fetch_add(1, Ordering::Relaxed);
+        cmd.arg(f.failures.max(1))
+            .arg(f.window_ms.max(1))
+            .arg(f.trip_ms)
+            .arg(f.trip_for_ms.map(|v| v.to_string()).unwrap_or_default())
+            .arg(if f.probe { "1" } else { "0" })
+            .arg(BREAKER_CHANNEL)
+            .arg(format!("{}:{seq}", self.inner.instance));
+        let v: Vec<String> = self
+            .hot(eval(&mut conn, &self.inner.breaker_failure, &cmd))
+            .await?;
+        let bad = || Error::Protocol(format!("breaker_failure.lua returned {v:?}"));
+        Ok(BreakerState {
+            backend: backend.to_string(),
+            open_until_ms: v.first().and_then(|s| s.parse().ok()).ok_or_else(bad)?,
+            trip: v.get(1).and_then(|s| s.parse().ok()).ok_or_else(bad)?,
+            now_ms: v.get(2).and_then(|s| s.parse().ok()).ok_or_else(bad)?,
+        })
+    }
+
+    async fn breaker_close(&self, backend: &str) -> Result<bool> {
+        let mut conn = self.conn();
+        let (k1, k2) = (breaker_key(backend), bfail_key(backend));
+        let mut cmd = evalsha(&self.inner.breaker_close, &[&k1, &k2]);
+        cmd.arg(BREAKER_CHANNEL);
+        let n: i64 = self
+            .hot(eval(&mut conn, &self.inner.breaker_close, &cmd))
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn breaker_probe(&self, backend: &str, lease_ms: u64) -> Result<bool> {
+        let mut conn = self.conn();
+        let k1 = breaker_key(backend);
+        let mut cmd = evalsha(&self.inner.breaker_probe, &[&k1]);
+        cmd.arg(lease_ms.max(1));
+        let n: i64 = self
+            .hot(eval(&mut conn, &self.inner.breaker_probe, &cmd))
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn breaker_states(&self, backends: &[String]) -> Result<Vec<BreakerState>> {
+        let mut conn = self.conn();
+        let (secs, micros): (u64, u64) = self
+            .admin(redis::cmd("TIME").query_async(&mut conn))
+            .await?;
+        let now_ms = secs * 1000 + micros / 1000;
+        let mut pipe = redis::pipe();
+        for b in backends {
+            pipe.cmd("HMGET")
+                .arg(breaker_key(b))
+                .arg("open_until")
+                .arg("trip");
+        }
+        let rows: Vec<(Option<u64>, Option<u64>)> = if backends.is_empty() {
+            Vec::new()
+        } else {
+            self.admin(pipe.query_async(&mut conn)).await?
+        };
+        Ok(backends
+            .iter()
+            .zip(rows)
+            .map(|(b, (o, t))| BreakerState {
+                backend: b.clone(),
+                open_until_ms: o.unwrap_or(0),
+                trip: t.unwrap_or(0),
+                now_ms,
+            })
+            .collect())
+    }
+
+    fn breaker_events(&self) -> tokio::sync::broadcast::Receiver<BreakerState> {
+        let rx = self.inner.events.subscribe();
+        if !self.inner.listening.swap(true, Ordering::SeqCst) {
+            tokio::spawn(breaker_listener(
+                self.inner.client.clone(),
+                self.inner.events.clone(),
+            ));
+        }
+        rx
     }
 
     async fn ping(&self) -> Result<()> {

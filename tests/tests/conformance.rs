@@ -13,8 +13,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tollgate_quota::{
-    Admission, ConsumerRecord, Decision, LimitDefaults, MemoryStore, Period, RedisOpts, RedisStore,
-    ReserveRequest, Settlement, Store, SystemClock, UsageDelta, UsageRow, window_bounds,
+    Admission, BreakerFailure, ConsumerRecord, Decision, LimitDefaults, MemoryStore, Period,
+    RedisOpts, RedisStore, ReserveRequest, Settlement, Store, SystemClock, UsageDelta, UsageRow,
+    window_bounds,
 };
 use tollgate_tests::redis::RedisServer;
 
@@ -691,6 +692,123 @@ async fn check_concurrency<S: Store + Clone>(s: &S) {
 // ---------------------------------------------------------------------------------------------
 // Instantiation: each check once per store.
 
+fn failure(trip_for_ms: Option<u64>, probe: bool) -> BreakerFailure {
+    BreakerFailure {
+        failures: 3,
+        window_ms: 2_000,
+        trip_ms: 400,
+        trip_for_ms,
+        probe,
+    }
+}
+
+async fn check_breaker<S: Store>(s: &S) {
+    let mut events = s.breaker_events();
+    // Give a pub/sub listener time to subscribe before anything is published.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = "ptu-1";
+    for _ in 0..2 {
+        let st = s.breaker_failure(b, &failure(None, false)).await.unwrap();
+        assert_eq!(
+            (st.open_until_ms, st.trip),
+            (0, 0),
+            "two failures of three keep it closed"
+        );
+    }
+    let st = s.breaker_failure(b, &failure(None, false)).await.unwrap();
+    assert_eq!(st.trip, 1);
+    assert!((350..=400).contains(&st.open_for_ms()), "{st:?}");
+    let ev = tokio::time::timeout(Duration::from_secs(2), events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((ev.backend.as_str(), ev.trip), (b, 1));
+    assert!(ev.open_for_ms() > 300, "{ev:?}");
+    assert!(
+        !s.breaker_probe(b, 5_000).await.unwrap(),
+        "no probe while open"
+    );
+
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let st = &s
+        .breaker_states(&[b.to_string(), "other".into()])
+        .await
+        .unwrap();
+    assert!(st[0].half_open(), "{st:?}");
+    assert_eq!((st[1].open_until_ms, st[1].trip), (0, 0));
+    assert!(
+        s.breaker_probe(b, 5_000).await.unwrap(),
+        "the first asker probes"
+    );
+    assert!(
+        !s.breaker_probe(b, 5_000).await.unwrap(),
+        "one probe per trip"
+    );
+
+    // The probe failed: re-open at once, a new trip.
+    let st = s.breaker_failure(b, &failure(None, true)).await.unwrap();
+    assert_eq!(st.trip, 2);
+    assert!(st.open_for_ms() > 300);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert!(
+        s.breaker_probe(b, 5_000).await.unwrap(),
+        "a new trip has its own probe"
+    );
+    assert!(s.breaker_close(b).await.unwrap());
+    assert!(
+        !s.breaker_close(b).await.unwrap(),
+        "closing a closed circuit changes nothing"
+    );
+    let st = &s.breaker_states(&[b.to_string()]).await.unwrap()[0];
+    assert_eq!((st.open_until_ms, st.trip), (0, 2));
+    // The events arrive in order: open(1), open(2), closed.
+    let mut seen = Vec::new();
+    while let Ok(Ok(ev)) = tokio::time::timeout(Duration::from_millis(500), events.recv()).await {
+        seen.push((ev.trip, ev.open_until_ms == 0));
+    }
+    assert_eq!(seen, vec![(2, false), (2, true)]);
+
+    // A retry-after trips at once, for exactly that long.
+    let st = s
+        .breaker_failure("payg", &failure(Some(1_500), false))
+        .await
+        .unwrap();
+    assert!((1_450..=1_500).contains(&st.open_for_ms()), "{st:?}");
+    // A shorter retry-after never shortens an open circuit.
+    let st = s
+        .breaker_failure("payg", &failure(Some(10), false))
+        .await
+        .unwrap();
+    assert!(st.open_for_ms() > 1_000);
+    // The lease lapses if a probe is never resolved (its replica died).
+    let st = s
+        .breaker_failure("lapse", &failure(Some(50), false))
+        .await
+        .unwrap();
+    assert_eq!(st.trip, 1);
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert!(s.breaker_probe("lapse", 100).await.unwrap());
+    assert!(!s.breaker_probe("lapse", 100).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        s.breaker_probe("lapse", 100).await.unwrap(),
+        "lapsed lease granted again"
+    );
+}
+
+/// Heartbeats count the live replicas; a silent replica drops out after its ttl.
+#[tokio::test]
+async fn redis_only_heartbeat_counts_replicas() {
+    let env = RedisEnv::start();
+    let s = env.store(0).await;
+    assert_eq!(s.heartbeat("a", 300).await.unwrap(), 1);
+    assert_eq!(s.heartbeat("b", 300).await.unwrap(), 2);
+    assert_eq!(s.heartbeat("a", 300).await.unwrap(), 2);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(s.heartbeat("a", 300).await.unwrap(), 1, "b went silent");
+    assert_eq!(MemoryStore::new().heartbeat("x", 300).await.unwrap(), 1);
+}
+
 macro_rules! suite {
     ($( $(#[$doc:meta])* $check:ident($offset:expr) => $mem:ident, $redis:ident; )*) => {$(
         $(#[$doc])*
@@ -748,6 +866,8 @@ suite! {
     check_usage(mid_hour()) => memory_usage, redis_usage;
     /// Concurrent reservations never over-admit.
     check_concurrency(mid_hour()) => memory_concurrency, redis_concurrency;
+    /// Circuits: rolling-window trips, retry-after trips, one probe per trip, close, events.
+    check_breaker(0) => memory_breaker, redis_breaker;
 }
 
 suite_timed! {
