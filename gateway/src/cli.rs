@@ -13,7 +13,11 @@ use tollgate_common::key_hash;
 use tollgate_quota::{Store, UsageRow};
 
 #[derive(Parser)]
-#[command(name = "tollgate", version, about = "An AI gateway: token limits, PTU-first routing, cost showback")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "An AI gateway: token limits, PTU-first routing, cost showback"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -87,7 +91,10 @@ pub enum Format {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -108,12 +115,16 @@ fn init_logging() {
     let filter = EnvFilter::try_from_env("TOLLGATE_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Reads and validates a config file; errors name the file and the key.
 pub fn load_config(path: &Path) -> anyhow::Result<Config> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     Config::from_toml(&text).with_context(|| format!("{}", path.display()))
 }
 
@@ -133,7 +144,10 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 if let Some(var) = &c.key_env
                     && std::env::var(var).is_err()
                 {
-                    println!("warning: consumers {:?}: key_env {var} is not set here", c.id);
+                    println!(
+                        "warning: consumers {:?}: key_env {var} is not set here",
+                        c.id
+                    );
                 }
             }
             println!(
@@ -144,10 +158,18 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 config.models().join(", ")
             );
         }
-        Command::Keys { command: KeysCommand::Create { consumer, config } } => {
+        Command::Keys {
+            command: KeysCommand::Create { consumer, config },
+        } => {
             keys_create(&consumer, config.as_deref()).await?;
         }
-        Command::Usage { config, since, until, by, format } => {
+        Command::Usage {
+            config,
+            since,
+            until,
+            by,
+            format,
+        } => {
             let config = match config {
                 Some(p) => load_config(&p)?,
                 None => anyhow::bail!("--config FILE (or TOLLGATE_CONFIG) is required"),
@@ -193,8 +215,9 @@ async fn shutdown_signal() {
 pub fn new_key() -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();
-    let body: String =
-        (0..40).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect();
+    let body: String = (0..40)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect();
     format!("tg-{body}")
 }
 
@@ -232,7 +255,11 @@ fn parse_day(s: &str) -> anyhow::Result<u32> {
     Ok(d.year() as u32 * 10_000 + d.month() * 100 + d.day())
 }
 
-async fn read_usage(config: &Config, since: Option<&str>, until: Option<&str>) -> anyhow::Result<Vec<UsageRow>> {
+async fn read_usage(
+    config: &Config,
+    since: Option<&str>,
+    until: Option<&str>,
+) -> anyhow::Result<Vec<UsageRow>> {
     if config.store.kind != StoreKind::Redis {
         anyhow::bail!(
             "usage totals are kept in the store; with store.kind = \"memory\" they live inside the \
@@ -240,7 +267,10 @@ async fn read_usage(config: &Config, since: Option<&str>, until: Option<&str>) -
         );
     }
     let today = tollgate_quota::day_of(crate::routing::now_ms() / 1000);
-    let since = since.map(parse_day).transpose()?.unwrap_or(today / 100 * 100 + 1);
+    let since = since
+        .map(parse_day)
+        .transpose()?
+        .unwrap_or(today / 100 * 100 + 1);
     let until = until.map(parse_day).transpose()?.unwrap_or(today);
     let store: AnyStore = server::connect_store(config).await?;
     Ok(store.usage(since, until).await?)
@@ -294,7 +324,9 @@ pub fn render_usage(rows: &[UsageRow], by: By, format: Format) -> String {
             out.push('\n');
         }
         Format::Csv => {
-            out.push_str(&format!("{label},requests,input_tokens,output_tokens,cached_input_tokens,cost\n"));
+            out.push_str(&format!(
+                "{label},requests,input_tokens,output_tokens,cached_input_tokens,cost\n"
+            ));
             for (k, t) in &groups {
                 out.push_str(&format!(
                     "{k},{},{},{},{},{:.6}\n",
@@ -307,7 +339,12 @@ pub fn render_usage(rows: &[UsageRow], by: By, format: Format) -> String {
             }
         }
         Format::Table => {
-            let w = groups.keys().map(|k| k.len()).chain([label.len(), 5]).max().unwrap_or(8);
+            let w = groups
+                .keys()
+                .map(|k| k.len())
+                .chain([label.len(), 5])
+                .max()
+                .unwrap_or(8);
             out.push_str(&format!(
                 "{label:<w$}  {:>10}  {:>14}  {:>14}  {:>14}  {:>14}\n",
                 "requests", "input_tokens", "output_tokens", "cached_tokens", "cost"
@@ -338,7 +375,13 @@ pub async fn demo(listen: String) -> anyhow::Result<()> {
     for (name, tpm) in [("demo-ptu", Some(20_000)), ("demo-payg", None)] {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         urls.push(format!("http://{}", l.local_addr()?));
-        let opts = MockOpts { name: name.into(), tpm, ttft_ms: 50, tokens_per_sec: Some(200.0), ..Default::default() };
+        let opts = MockOpts {
+            name: name.into(),
+            tpm,
+            ttft_ms: 50,
+            tokens_per_sec: Some(200.0),
+            ..Default::default()
+        };
         tokio::spawn(async move {
             if let Err(e) = mock_serve(l, opts, std::future::pending()).await {
                 tracing::error!(error = %e, "demo mock backend failed");
@@ -408,13 +451,21 @@ mod tests {
             requests: 1,
             cost_pico: cost,
         };
-        let rows = vec![row("a", "m1", 10, 5, 1_500_000), row("a", "m2", 1, 1, 0), row("b", "m1", 2, 2, 0)];
+        let rows = vec![
+            row("a", "m1", 10, 5, 1_500_000),
+            row("a", "m2", 1, 1, 0),
+            row("b", "m1", 2, 2, 0),
+        ];
         let t = render_usage(&rows, By::Consumer, Format::Table);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 4, "{t}");
         assert!(lines[3].starts_with("TOTAL"));
-        assert!(lines[1].contains("11") && lines[1].contains("0.000002"), "{t}");
-        let j: serde_json::Value = serde_json::from_str(&render_usage(&rows, By::Model, Format::Json)).unwrap();
+        assert!(
+            lines[1].contains("11") && lines[1].contains("0.000002"),
+            "{t}"
+        );
+        let j: serde_json::Value =
+            serde_json::from_str(&render_usage(&rows, By::Model, Format::Json)).unwrap();
         assert_eq!(j["total"]["input_tokens"], 13);
         assert_eq!(j["rows"][0]["model"], "m1");
         assert_eq!(j["rows"][0]["requests"], 2);

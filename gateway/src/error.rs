@@ -22,7 +22,10 @@ pub enum Fault {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{message}")]
-    BadRequest { message: String, param: Option<&'static str> },
+    BadRequest {
+        message: String,
+        param: Option<&'static str>,
+    },
     #[error("invalid or missing API key")]
     Unauthenticated,
     #[error("this consumer may not use model {0:?}")]
@@ -55,7 +58,10 @@ pub enum Error {
 
 impl Error {
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Error::BadRequest { message: message.into(), param: None }
+        Error::BadRequest {
+            message: message.into(),
+            param: None,
+        }
     }
 
     pub fn fault(&self) -> Fault {
@@ -70,7 +76,9 @@ impl Error {
             | Error::RouteNotFound
             | Error::MethodNotAllowed
             | Error::BodyTooLarge { .. } => Fault::Downstream,
-            Error::NoBackend { .. } | Error::Upstream(_) | Error::UpstreamTimeout => Fault::Upstream,
+            Error::NoBackend { .. } | Error::Upstream(_) | Error::UpstreamTimeout => {
+                Fault::Upstream
+            }
             Error::StoreUnavailable | Error::Internal(_) => Fault::Internal,
         }
     }
@@ -107,7 +115,9 @@ impl Error {
             Error::QuotaExceeded { retry_after_ms } | Error::RateLimited { retry_after_ms } => {
                 api.with_retry_after_ms(*retry_after_ms)
             }
-            Error::NoBackend { retry_after_ms: Some(ms) } => api.with_retry_after_ms(*ms),
+            Error::NoBackend {
+                retry_after_ms: Some(ms),
+            } => api.with_retry_after_ms(*ms),
             Error::StoreUnavailable => api.with_retry_after_ms(1000),
             _ => api,
         }
@@ -118,9 +128,15 @@ impl Error {
 pub fn api_response(api: &ApiError) -> Response {
     let mut resp = (api.kind.status(), api.body()).into_response();
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     if let Some(ms) = api.retry_after_ms {
-        h.insert(header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000).max(1)));
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(ms.div_ceil(1000).max(1)),
+        );
         h.insert("retry-after-ms", HeaderValue::from(ms));
     }
     resp
@@ -132,7 +148,8 @@ impl IntoResponse for Error {
             tracing::error!(%detail, "internal error");
         }
         let mut resp = api_response(&self.to_api());
-        resp.extensions_mut().insert(ErrorCode(self.to_api().kind.code()));
+        resp.extensions_mut()
+            .insert(ErrorCode(self.to_api().kind.code()));
         resp
     }
 }
@@ -148,7 +165,10 @@ mod tests {
     /// Rate limits carry both retry headers, rounded up to whole seconds.
     #[test]
     fn retry_headers() {
-        let r = Error::RateLimited { retry_after_ms: 1500 }.into_response();
+        let r = Error::RateLimited {
+            retry_after_ms: 1500,
+        }
+        .into_response();
         assert_eq!(r.status(), 429);
         assert_eq!(r.headers()["retry-after"], "2");
         assert_eq!(r.headers()["retry-after-ms"], "1500");

@@ -5,12 +5,14 @@
 //!
 //! # Layout
 //! - [`pipeline`] — the request path, one step per stage, in order.
-//! - [`auth`] — subscription keys (hashed) → consumer.
+//! - [`auth`] — `auth.mode`: subscription keys (hashed) and/or JWTs → consumer.
+//! - [`jwt`] — JWT validation against a cached JWKS, claims → consumer, team, model access.
 //! - [`limits`] — the reservation against the shared store, and what happens when it fails.
 //! - [`request`] — what the client asked for (route, body fields), body rewriting for backends.
 //! - [`tokens`] — tiktoken counting for estimates and for backends that report no usage.
 //! - [`routing`] — backends, priority groups and weights, the local circuit cache.
 //! - [`breaker`] — failure counting and tripping.
+//! - [`credentials`] — backend tokens (OAuth2 client credentials, managed identity), kept fresh.
 //! - [`proxy`] — forwarding with failover, streaming the response through a usage tap.
 //! - [`usage`] — settle, cost and usage totals, off the request path.
 //! - [`telemetry`] — metrics.
@@ -22,7 +24,9 @@
 pub mod auth;
 pub mod breaker;
 pub mod cli;
+pub mod credentials;
 pub mod error;
+pub mod jwt;
 pub mod limits;
 pub mod pipeline;
 pub mod proxy;

@@ -7,12 +7,14 @@
 //! with this replica's own in-memory store, `fail_open` admits, `fail_closed` answers 503.
 
 use crate::error::Error;
+use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use tollgate_common::config::OnError;
 use tollgate_quota::{
     Admission, BreakerFailure, BreakerState, ConsumerRecord, Decision, LimitDefaults, MemoryStore,
-    RedisStore, ReserveRequest, Settlement, Store, UsageRow,
+    Period, RedisStore, ReserveRequest, Settlement, Store, UsageRow,
 };
 
 /// The configured store: memory (one replica) or Redis (a cluster).
@@ -38,8 +40,8 @@ impl Store for AnyStore {
     async fn reserve(&self, req: &ReserveRequest<'_>) -> tollgate_quota::Result<Decision> {
         delegate!(self, s => s.reserve(req).await)
     }
-    async fn settle(&self, batch: &[Settlement]) -> tollgate_quota::Result<()> {
-        delegate!(self, s => s.settle(batch).await)
+    async fn settle(&self, batch_id: u64, batch: &[Settlement]) -> tollgate_quota::Result<()> {
+        delegate!(self, s => s.settle(batch_id, batch).await)
     }
     async fn seed_consumer(
         &self,
@@ -107,6 +109,20 @@ pub enum Placement {
     Nowhere,
 }
 
+/// What this replica last learned of a consumer's limits from the shared store, so it can
+/// keep enforcing a share of them while the store is unreachable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Learned {
+    team: String,
+    tpm: Option<u64>,
+    /// Quota left in the current window at the last admission.
+    quota_left: Option<u64>,
+    quota_period: Period,
+}
+
+/// How long the shared store is left alone after it failed, before the next request tries it.
+const STORE_RETRY_MS: u64 = 250;
+
 pub struct Limits {
     pub store: AnyStore,
     /// This replica's own store, used while the shared store is unreachable (`on_error = local`).
@@ -114,16 +130,33 @@ pub struct Limits {
     pub on_error: OnError,
     pub defaults: LimitDefaults,
     degraded: AtomicBool,
+    /// Until this time (unix ms) requests skip the shared store and use the fallback, so an
+    /// outage costs one store timeout per interval, not one per request.
+    retry_at_ms: AtomicU64,
+    /// Live replicas as last counted; the local fallback enforces 1/N of each limit.
+    replicas: AtomicU32,
+    learned: Mutex<HashMap<String, Learned>>,
+    /// Consumers from the configuration (their model allow-lists hold during an outage too).
+    configured: HashMap<String, ConsumerRecord>,
 }
 
 impl Limits {
-    pub fn new(store: AnyStore, on_error: OnError, defaults: LimitDefaults) -> Arc<Self> {
+    pub fn new(
+        store: AnyStore,
+        on_error: OnError,
+        defaults: LimitDefaults,
+        configured: Vec<ConsumerRecord>,
+    ) -> Arc<Self> {
         Arc::new(Limits {
             store,
             local: MemoryStore::new(),
             on_error,
             defaults,
             degraded: AtomicBool::new(false),
+            retry_at_ms: AtomicU64::new(0),
+            replicas: AtomicU32::new(1),
+            learned: Mutex::new(HashMap::new()),
+            configured: configured.into_iter().map(|c| (c.id.clone(), c)).collect(),
         })
     }
 
@@ -132,36 +165,124 @@ impl Limits {
         self.degraded.load(Ordering::Relaxed)
     }
 
+    pub fn replicas(&self) -> u32 {
+        self.replicas.load(Ordering::Relaxed)
+    }
+
+    /// Counts this replica in and learns how many are alive (every second, from `server`).
+    pub async fn heartbeat(&self, replica: &str) {
+        if let Ok(n) = self.store.heartbeat(replica, 5_000).await {
+            let was = self.replicas.swap(n.max(1), Ordering::Relaxed);
+            if was != n && self.degraded() {
+                self.rebuild_local();
+            }
+        }
+    }
+
+    /// Whether to try the shared store now (always, unless it failed moments ago).
+    fn try_shared(&self) -> bool {
+        !self.degraded() || crate::routing::now_ms() >= self.retry_at_ms.load(Ordering::Relaxed)
+    }
+
     fn mark(&self, failed: bool, what: &str, err: Option<&tollgate_quota::Error>) {
+        if failed {
+            self.retry_at_ms
+                .store(crate::routing::now_ms() + STORE_RETRY_MS, Ordering::Relaxed);
+        }
         let was = self.degraded.swap(failed, Ordering::Relaxed);
         match (was, failed) {
-            (false, true) => tracing::warn!(
-                error = %err.map(|e| e.to_string()).unwrap_or_default(),
-                policy = ?self.on_error,
-                "store unreachable during {what}; fallback policy in force"
-            ),
+            (false, true) => {
+                tracing::warn!(
+                    error = %err.map(|e| e.to_string()).unwrap_or_default(),
+                    policy = ?self.on_error,
+                    replicas = self.replicas(),
+                    "store unreachable during {what}; fallback policy in force"
+                );
+                if self.on_error == OnError::Local {
+                    self.rebuild_local();
+                }
+            }
             (true, false) => tracing::info!("store reachable again; shared limits in force"),
             _ => {}
         }
     }
 
+    /// Writes this replica's share (1/N) of every known consumer's limits into the local store
+    /// and starts its counters afresh.
+    fn rebuild_local(&self) {
+        let n = self.replicas().max(1) as u64;
+        let share = |v: Option<u64>| v.map(|v| v.div_ceil(n));
+        let learned = self.learned.lock().clone();
+        let mut records: HashMap<String, ConsumerRecord> = self
+            .configured
+            .values()
+            .map(|c| {
+                let mut r = c.clone();
+                r.tpm = share(r.tpm);
+                r.quota = share(r.quota);
+                (r.id.clone(), r)
+            })
+            .collect();
+        for (id, l) in learned {
+            let base = self.configured.get(&id).cloned().unwrap_or_default();
+            records.insert(
+                id.clone(),
+                ConsumerRecord {
+                    id,
+                    team: l.team,
+                    tpm: share(l.tpm),
+                    quota: share(l.quota_left),
+                    quota_period: l.quota_period,
+                    models: base.models,
+                    disabled: base.disabled,
+                },
+            );
+        }
+        let local = self.local.clone();
+        local.reset_counters();
+        for r in records.values() {
+            // The memory store answers at once; this never waits.
+            let _ = futures::FutureExt::now_or_never(local.put_consumer(r));
+        }
+    }
+
+    fn learn(&self, consumer: &str, a: &Admission) {
+        if self.on_error != OnError::Local {
+            return;
+        }
+        let l = Learned {
+            team: a.team.clone(),
+            tpm: a.tpm,
+            quota_left: a.remaining_quota.map(|q| q.max(0) as u64),
+            quota_period: a.quota_period,
+        };
+        let mut g = self.learned.lock();
+        match g.get_mut(consumer) {
+            Some(old) if *old == l => {}
+            Some(old) => *old = l,
+            None => {
+                g.insert(consumer.to_string(), l);
+            }
+        }
+    }
+
     pub async fn lookup_key(&self, hex: &str) -> Result<Option<String>, Error> {
-        match self.store.lookup_key(hex).await {
-            Ok(v) => {
-                self.mark(false, "key lookup", None);
-                Ok(v)
-            }
-            Err(e) => {
-                self.mark(true, "key lookup", Some(&e));
-                match self.on_error {
-                    OnError::FailClosed => Err(Error::StoreUnavailable),
-                    _ => self
-                        .local
-                        .lookup_key(hex)
-                        .await
-                        .map_err(|_| Error::StoreUnavailable),
+        if self.try_shared() {
+            match self.store.lookup_key(hex).await {
+                Ok(v) => {
+                    self.mark(false, "key lookup", None);
+                    return Ok(v);
                 }
+                Err(e) => self.mark(true, "key lookup", Some(&e)),
             }
+        }
+        match self.on_error {
+            OnError::FailClosed => Err(Error::StoreUnavailable),
+            _ => self
+                .local
+                .lookup_key(hex)
+                .await
+                .map_err(|_| Error::StoreUnavailable),
         }
     }
 
@@ -188,41 +309,58 @@ impl Limits {
             defaults: &self.defaults,
             require_record,
         };
-        let (decision, place) = match self.store.reserve(&req).await {
-            Ok(d) => {
-                self.mark(false, "reserve", None);
-                (d, Placement::Shared)
-            }
-            Err(e) => {
-                self.mark(true, "reserve", Some(&e));
-                match self.on_error {
-                    OnError::FailClosed => return Err(Error::StoreUnavailable),
-                    OnError::FailOpen => {
-                        let admission = Admission {
-                            team: String::new(),
-                            remaining_tpm: None,
-                            remaining_quota: None,
-                            window: 0,
-                            tpm: None,
-                            quota: None,
-                            quota_period: Default::default(),
-                        };
-                        return Ok(Reserved {
-                            admission,
-                            tokens,
-                            place: Placement::Nowhere,
-                        });
+        let mut shared = None;
+        if self.try_shared() {
+            match self.store.reserve(&req).await {
+                Ok(d) => {
+                    self.mark(false, "reserve", None);
+                    if let Decision::Admitted(a) = &d {
+                        self.learn(consumer, a);
                     }
-                    OnError::Local => {
-                        let d = self
-                            .local
-                            .reserve(&req)
-                            .await
-                            .map_err(|_| Error::StoreUnavailable)?;
-                        (d, Placement::Local)
-                    }
+                    shared = Some(d);
                 }
+                Err(e) => self.mark(true, "reserve", Some(&e)),
             }
+        }
+        let (decision, place) = match shared {
+            Some(d) => (d, Placement::Shared),
+            None => match self.on_error {
+                OnError::FailClosed => return Err(Error::StoreUnavailable),
+                OnError::FailOpen => {
+                    let admission = Admission {
+                        team: String::new(),
+                        remaining_tpm: None,
+                        remaining_quota: None,
+                        window: 0,
+                        tpm: None,
+                        quota: None,
+                        quota_period: Default::default(),
+                    };
+                    return Ok(Reserved {
+                        admission,
+                        tokens,
+                        place: Placement::Nowhere,
+                    });
+                }
+                OnError::Local => {
+                    let n = self.replicas().max(1) as u64;
+                    let defaults = LimitDefaults {
+                        tpm: self.defaults.tpm.map(|v| v.div_ceil(n)),
+                        quota: self.defaults.quota.map(|v| v.div_ceil(n)),
+                        quota_period: self.defaults.quota_period,
+                    };
+                    let local_req = ReserveRequest {
+                        defaults: &defaults,
+                        ..req
+                    };
+                    let d = self
+                        .local
+                        .reserve(&local_req)
+                        .await
+                        .map_err(|_| Error::StoreUnavailable)?;
+                    (d, Placement::Local)
+                }
+            },
         };
         match decision {
             Decision::Admitted(admission) => Ok(Reserved {

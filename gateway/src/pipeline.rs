@@ -68,19 +68,38 @@ async fn serve(
         return Err(Error::ModelNotFound(req.model));
     }
 
+    // 4b. A model whose `model_claims` the caller's token lacks: 403, nothing reserved.
+    if !caller.may_use(&req.model) {
+        return Err(Error::ModelNotAllowed(req.model));
+    }
+
     // 5. Estimate: prompt tokens (tiktoken, off the runtime when large) + requested output.
     let pieces = std::mem::take(&mut req.prompt.pieces);
     let prompt_tokens = gw.tokenizer.count_pieces(pieces, req.prompt.framing).await;
     let output = match op {
         Operation::Embeddings => 0,
-        _ => req.max_output.unwrap_or(gw.config.limits.default_max_tokens) * req.choices,
+        _ => {
+            req.max_output
+                .unwrap_or(gw.config.limits.default_max_tokens)
+                * req.choices
+        }
     };
     let estimate = prompt_tokens + output;
 
     // 6. Reserve: the one store call on the path (limits, model allow-list, bucket, quota).
-    let reserved =
-        gw.limits.reserve(&caller.consumer, &req.model, estimate, caller.require_record).await?;
-    let team = caller.team.clone().unwrap_or_else(|| reserved.admission.team.clone());
+    let reserved = gw
+        .limits
+        .reserve(
+            &caller.consumer,
+            &req.model,
+            estimate,
+            caller.require_record,
+        )
+        .await?;
+    let team = caller
+        .team
+        .clone()
+        .unwrap_or_else(|| reserved.admission.team.clone());
     let remaining_tpm = reserved.admission.remaining_tpm;
     let remaining_quota = reserved.admission.remaining_quota;
 
@@ -151,7 +170,9 @@ async fn serve(
 }
 
 fn resp_backend(resp: &Response) -> Option<HeaderValue> {
-    resp.extensions().get::<crate::proxy::ServedBy>().and_then(|s| HeaderValue::from_str(&s.0).ok())
+    resp.extensions()
+        .get::<crate::proxy::ServedBy>()
+        .and_then(|s| HeaderValue::from_str(&s.0).ok())
 }
 
 /// Reads the body up to `limit` bytes; larger is a 413 whatever the client declared.
@@ -188,7 +209,7 @@ pub async fn models(gw: Arc<Gateway>, headers: HeaderMap) -> Response {
     let mut ids: Vec<&String> = gw
         .routes
         .models()
-        .filter(|m| allowed.as_ref().is_none_or(|a| a.contains(m)))
+        .filter(|m| allowed.as_ref().is_none_or(|a| a.contains(m)) && caller.may_use(m))
         .collect();
     ids.sort();
     let data: Vec<serde_json::Value> = ids

@@ -68,7 +68,10 @@ pub struct ServedBy(pub Arc<str>);
 /// Why one attempt failed, and whether another backend may help.
 enum AttemptError {
     /// Failover: the backend is saturated or broken.
-    Retryable { err: Error, retry_after_ms: Option<u64> },
+    Retryable {
+        err: Error,
+        retry_after_ms: Option<u64>,
+    },
 }
 
 /// The forwarding context of one request.
@@ -91,7 +94,10 @@ impl Forward<'_> {
             }
             match self.attempt(backend, meter).await {
                 Ok(resp) => return Ok(resp),
-                Err(AttemptError::Retryable { err, retry_after_ms }) => {
+                Err(AttemptError::Retryable {
+                    err,
+                    retry_after_ms,
+                }) => {
                     tracing::debug!(backend = %backend.name, error = %err, "backend attempt failed");
                     if let Some(ms) = retry_after_ms {
                         retry_after = Some(retry_after.map_or(ms, |r: u64| r.min(ms)));
@@ -101,7 +107,9 @@ impl Forward<'_> {
             }
         }
         Err(match last {
-            Some(Error::NoBackend { .. }) | None => Error::NoBackend { retry_after_ms: retry_after },
+            Some(Error::NoBackend { .. }) | None => Error::NoBackend {
+                retry_after_ms: retry_after,
+            },
             Some(e) => e,
         })
     }
@@ -117,10 +125,17 @@ impl Forward<'_> {
             (BackendApi::Openai, _, _) => (deployment != req.model).then_some(deployment),
         };
         let include_usage = req.stream && req.op.needs_include_usage() && !req.client_include_usage;
-        let body = rewrite_body(&req.body, set_model, include_usage)
-            .map_err(|err| AttemptError::Retryable { err, retry_after_ms: None })?;
+        let body = rewrite_body(&req.body, set_model, include_usage).map_err(|err| {
+            AttemptError::Retryable {
+                err,
+                retry_after_ms: None,
+            }
+        })?;
         let api_version = match &req.style {
-            RouteStyle::AzureDeployment { api_version: Some(v), .. } => v.as_str(),
+            RouteStyle::AzureDeployment {
+                api_version: Some(v),
+                ..
+            } => v.as_str(),
             _ => b.config.api_version.as_str(),
         };
         let url = b.url(req.op, deployment, api_version);
@@ -131,21 +146,39 @@ impl Forward<'_> {
                 headers.append(k.clone(), v.clone());
             }
         }
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if let Ok(v) = HeaderValue::from_str(self.request_id) {
             headers.insert("x-request-id", v);
         }
-        if let Credential::Header(name, value) = &b.credential {
-            headers.insert(*name, value.clone());
+        match &b.credential {
+            Credential::None => {}
+            Credential::Header(name, value) => {
+                headers.insert(*name, value.clone());
+            }
+            Credential::Token(p) => {
+                // Never waits while a valid token exists; no token is not the backend's fault.
+                let v = p.header().await.map_err(|err| AttemptError::Retryable {
+                    err,
+                    retry_after_ms: None,
+                })?;
+                headers.insert(header::AUTHORIZATION, v);
+            }
         }
 
         let timeouts = b.config.timeouts;
         let send = self.client.post(url).headers(headers).body(body).send();
-        let result = tokio::time::timeout(Duration::from_millis(timeouts.first_byte_ms), send).await;
+        let result =
+            tokio::time::timeout(Duration::from_millis(timeouts.first_byte_ms), send).await;
         let resp = match result {
             Err(_) => {
                 self.breakers.failure(b, None);
-                return Err(AttemptError::Retryable { err: Error::UpstreamTimeout, retry_after_ms: None });
+                return Err(AttemptError::Retryable {
+                    err: Error::UpstreamTimeout,
+                    retry_after_ms: None,
+                });
             }
             Ok(Err(e)) => {
                 self.breakers.failure(b, None);
@@ -154,7 +187,10 @@ impl Forward<'_> {
                 } else {
                     Error::Upstream(format!("{}: {}", b.name, describe(&e)))
                 };
-                return Err(AttemptError::Retryable { err, retry_after_ms: None });
+                return Err(AttemptError::Retryable {
+                    err,
+                    retry_after_ms: None,
+                });
             }
             Ok(Ok(r)) => r,
         };
@@ -164,13 +200,17 @@ impl Forward<'_> {
             || status == StatusCode::REQUEST_TIMEOUT
         {
             let retry_after_ms = retry_after_ms(resp.headers());
-            self.breakers.failure_status(b, status.as_u16(), retry_after_ms);
+            self.breakers
+                .failure_status(b, status.as_u16(), retry_after_ms);
             let err = if status == StatusCode::TOO_MANY_REQUESTS {
                 Error::NoBackend { retry_after_ms }
             } else {
                 Error::Upstream(format!("{} answered {}", b.name, status.as_u16()))
             };
-            return Err(AttemptError::Retryable { err, retry_after_ms });
+            return Err(AttemptError::Retryable {
+                err,
+                retry_after_ms,
+            });
         }
         self.breakers.success(b);
         if let Some(u) = utilization(resp.headers()) {
@@ -182,7 +222,9 @@ impl Forward<'_> {
         o.status = status.as_u16();
         o.first_byte = Some(o.started.elapsed());
 
-        let mut out = Response::builder().status(status).extension(ServedBy(b.name.clone()));
+        let mut out = Response::builder()
+            .status(status)
+            .extension(ServedBy(b.name.clone()));
         let is_sse = resp
             .headers()
             .get(header::CONTENT_TYPE)
@@ -214,10 +256,11 @@ impl Forward<'_> {
             meter: Some(std::mem::replace(meter, Meter::detached())),
             done: false,
         };
-        out.body(Body::from_stream(tap)).map_err(|e| AttemptError::Retryable {
-            err: Error::Internal(e.to_string()),
-            retry_after_ms: None,
-        })
+        out.body(Body::from_stream(tap))
+            .map_err(|e| AttemptError::Retryable {
+                err: Error::Internal(e.to_string()),
+                retry_after_ms: None,
+            })
     }
 }
 
@@ -243,7 +286,10 @@ pub fn retry_after_ms(h: &HeaderMap) -> Option<u64> {
 
 /// `azure-openai-deployment-utilization` as a fraction (the header carries a percentage).
 pub fn utilization(h: &HeaderMap) -> Option<f64> {
-    let v = h.get("azure-openai-deployment-utilization")?.to_str().ok()?;
+    let v = h
+        .get("azure-openai-deployment-utilization")?
+        .to_str()
+        .ok()?;
     let n: f64 = v.trim().trim_end_matches('%').trim().parse().ok()?;
     Some(n / 100.0)
 }
@@ -287,7 +333,11 @@ impl UsageFields {
             .or(self.input_tokens_details.as_ref())
             .and_then(|d| d.cached_tokens)
             .unwrap_or(0);
-        TokenUsage { input, output, cached_input: cached }
+        TokenUsage {
+            input,
+            output,
+            cached_input: cached,
+        }
     }
 }
 
@@ -474,7 +524,9 @@ impl SseScan {
             #[serde(default)]
             usage: Option<UsageFields>,
         }
-        let Ok(chunk) = serde_json::from_slice::<Chunk<'_>>(&data) else { return true };
+        let Ok(chunk) = serde_json::from_slice::<Chunk<'_>>(&data) else {
+            return true;
+        };
         if self.op == Operation::Responses {
             match chunk.kind.as_deref() {
                 Some("response.output_text.delta") => {
@@ -493,7 +545,12 @@ impl SseScan {
         }
         let choices = chunk.choices.unwrap_or_default();
         for c in &choices {
-            if let Some(t) = c.delta.as_ref().and_then(|d| d.content.as_deref()).or(c.text.as_deref()) {
+            if let Some(t) = c
+                .delta
+                .as_ref()
+                .and_then(|d| d.content.as_deref())
+                .or(c.text.as_deref())
+            {
                 meter.push_text(t);
             }
         }
@@ -546,7 +603,9 @@ impl Stream for Tap {
                 Poll::Ready(Some(Ok(chunk))) => {
                     let deadline = tokio::time::Instant::now() + this.idle;
                     this.sleep.as_mut().reset(deadline);
-                    let Some(meter) = this.meter.as_mut() else { return Poll::Ready(None) };
+                    let Some(meter) = this.meter.as_mut() else {
+                        return Poll::Ready(None);
+                    };
                     let out = match &mut this.mode {
                         Mode::Passthrough => Some(chunk),
                         Mode::Json(j) => {
@@ -585,7 +644,9 @@ impl Stream for Tap {
                         this.done = true;
                         tracing::warn!("backend response idle timeout");
                         this.meter.take();
-                        return Poll::Ready(Some(Err(std::io::Error::other("backend idle timeout"))));
+                        return Poll::Ready(Some(Err(std::io::Error::other(
+                            "backend idle timeout",
+                        ))));
                     }
                     return Poll::Pending;
                 }
@@ -593,4 +654,3 @@ impl Stream for Tap {
         }
     }
 }
-

@@ -53,7 +53,10 @@ pub enum RouteStyle {
     /// `/openai/v1/...`, model in the body.
     AzureV1,
     /// `/openai/deployments/{deployment}/...`: the deployment names the model.
-    AzureDeployment { deployment: String, api_version: Option<String> },
+    AzureDeployment {
+        deployment: String,
+        api_version: Option<String>,
+    },
 }
 
 /// The parsed request.
@@ -106,20 +109,27 @@ struct StreamOptions {
 }
 
 fn missing(field: &'static str) -> Error {
-    Error::BadRequest { message: format!("you must provide a '{field}' parameter"), param: Some(field) }
+    Error::BadRequest {
+        message: format!("you must provide a '{field}' parameter"),
+        param: Some(field),
+    }
 }
 
 /// Parses the body of a POST to one of the model routes.
 pub fn parse(op: Operation, style: RouteStyle, body: Bytes) -> Result<ClientRequest, Error> {
     if body.is_empty() {
-        return Err(Error::bad_request("the request body is empty; send a JSON object"));
+        return Err(Error::bad_request(
+            "the request body is empty; send a JSON object",
+        ));
     }
     let first = body.iter().find(|c| !c.is_ascii_whitespace());
     if first.is_some_and(|c| *c != b'{') {
         if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok() {
             return Err(Error::bad_request("the request body must be a JSON object"));
         }
-        return Err(Error::bad_request("could not parse the JSON body: expected a JSON object"));
+        return Err(Error::bad_request(
+            "could not parse the JSON body: expected a JSON object",
+        ));
     }
     let f: Fields<'_> = serde_json::from_slice(&body).map_err(|e| {
         if e.is_syntax() || e.is_eof() {
@@ -141,7 +151,9 @@ pub fn parse(op: Operation, style: RouteStyle, body: Bytes) -> Result<ClientRequ
                 param: Some("messages"),
             })?
         }
-        Operation::Completions => PromptText::from_input(f.prompt.ok_or_else(|| missing("prompt"))?),
+        Operation::Completions => {
+            PromptText::from_input(f.prompt.ok_or_else(|| missing("prompt"))?)
+        }
         Operation::Embeddings => PromptText::from_input(f.input.ok_or_else(|| missing("input"))?),
         Operation::Responses => {
             let mut p = PromptText::from_input(f.input.ok_or_else(|| missing("input"))?);
@@ -158,15 +170,24 @@ pub fn parse(op: Operation, style: RouteStyle, body: Bytes) -> Result<ClientRequ
     }
     let choices = f.n.unwrap_or(1);
     if choices == 0 || choices > 128 {
-        return Err(Error::BadRequest { message: "'n' must be between 1 and 128".into(), param: Some("n") });
+        return Err(Error::BadRequest {
+            message: "'n' must be between 1 and 128".into(),
+            param: Some("n"),
+        });
     }
     Ok(ClientRequest {
         op,
         style,
         model,
         stream,
-        client_include_usage: f.stream_options.and_then(|s| s.include_usage).unwrap_or(false),
-        max_output: f.max_completion_tokens.or(f.max_tokens).or(f.max_output_tokens),
+        client_include_usage: f
+            .stream_options
+            .and_then(|s| s.include_usage)
+            .unwrap_or(false),
+        max_output: f
+            .max_completion_tokens
+            .or(f.max_tokens)
+            .or(f.max_output_tokens),
         choices,
         prompt,
         body,
@@ -197,9 +218,14 @@ pub fn rewrite_body(
             None => serde_json::Map::new(),
         };
         opts.insert("include_usage".into(), serde_json::Value::Bool(true));
-        map.insert("stream_options".into(), to_raw(serde_json::Value::Object(opts))?);
+        map.insert(
+            "stream_options".into(),
+            to_raw(serde_json::Value::Object(opts))?,
+        );
     }
-    serde_json::to_vec(&map).map(Bytes::from).map_err(|e| Error::Internal(e.to_string()))
+    serde_json::to_vec(&map)
+        .map(Bytes::from)
+        .map_err(|e| Error::Internal(e.to_string()))
 }
 
 #[cfg(test)]
@@ -207,7 +233,11 @@ mod tests {
     use super::*;
 
     fn chat(body: &str) -> Result<ClientRequest, Error> {
-        parse(Operation::Chat, RouteStyle::OpenAi, Bytes::from(body.to_string()))
+        parse(
+            Operation::Chat,
+            RouteStyle::OpenAi,
+            Bytes::from(body.to_string()),
+        )
     }
 
     /// The fields the gateway needs are read; everything else is left alone.
@@ -216,7 +246,10 @@ mod tests {
         let r = chat(r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],
             "stream":true,"stream_options":{"include_usage":true},"max_tokens":7,"n":2,"temperature":0.1}"#)
         .unwrap();
-        assert_eq!((r.model.as_str(), r.stream, r.client_include_usage), ("gpt-4o", true, true));
+        assert_eq!(
+            (r.model.as_str(), r.stream, r.client_include_usage),
+            ("gpt-4o", true, true)
+        );
         assert_eq!((r.max_output, r.choices), (Some(7), 2));
     }
 
@@ -242,20 +275,32 @@ mod tests {
     /// The Azure deployment route names the model even when the body has none.
     #[test]
     fn deployment_is_the_model() {
-        let style = RouteStyle::AzureDeployment { deployment: "gpt-4o".into(), api_version: None };
-        let r = parse(Operation::Chat, style, Bytes::from_static(br#"{"messages":[]}"#)).unwrap();
+        let style = RouteStyle::AzureDeployment {
+            deployment: "gpt-4o".into(),
+            api_version: None,
+        };
+        let r = parse(
+            Operation::Chat,
+            style,
+            Bytes::from_static(br#"{"messages":[]}"#),
+        )
+        .unwrap();
         assert_eq!(r.model, "gpt-4o");
     }
 
     /// Rewriting keeps every other field and merges into existing stream_options.
     #[test]
     fn rewrite_keeps_fields() {
-        let b = Bytes::from_static(br#"{"model":"a","messages":[{"x":1}],"stream_options":{"foo":2}}"#);
+        let b =
+            Bytes::from_static(br#"{"model":"a","messages":[{"x":1}],"stream_options":{"foo":2}}"#);
         assert_eq!(rewrite_body(&b, None, false).unwrap(), b);
         let out = rewrite_body(&b, Some("dep-a"), true).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["model"], "dep-a");
         assert_eq!(v["messages"][0]["x"], 1);
-        assert_eq!(v["stream_options"], serde_json::json!({"foo":2,"include_usage":true}));
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"foo":2,"include_usage":true})
+        );
     }
 }

@@ -3,6 +3,7 @@
 //! the group; lower groups only when every backend above is tripped or has failed this request.
 //! Routing reads circuit state from a local cache, so it costs no store call.
 
+use crate::credentials::{Timing, TokenProvider, TokenSource};
 use crate::error::Error;
 use http::HeaderValue;
 use rand::Rng;
@@ -18,13 +19,16 @@ pub enum Credential {
     None,
     /// Header name and value, marked sensitive so hyper never logs it.
     Header(&'static str, HeaderValue),
+    /// `Authorization: Bearer` with the current token of an OAuth2 / managed-identity source.
+    Token(Arc<TokenProvider>),
 }
 
 impl Credential {
     fn from_config(b: &BackendConfig) -> anyhow::Result<Credential> {
         let header = |name: &'static str, value: String| -> anyhow::Result<Credential> {
-            let mut v = HeaderValue::from_str(&value)
-                .map_err(|_| anyhow::anyhow!("backend {}: credential is not a valid header", b.name))?;
+            let mut v = HeaderValue::from_str(&value).map_err(|_| {
+                anyhow::anyhow!("backend {}: credential is not a valid header", b.name)
+            })?;
             v.set_sensitive(true);
             Ok(Credential::Header(name, v))
         };
@@ -37,17 +41,48 @@ impl Credential {
                 let key = env(key_env)?;
                 match b.api {
                     BackendApi::Azure => header("api-key", key.expose().to_string()),
-                    BackendApi::Openai => header("authorization", format!("Bearer {}", key.expose())),
+                    BackendApi::Openai => {
+                        header("authorization", format!("Bearer {}", key.expose()))
+                    }
                 }
             }
-            BackendAuth::Bearer { token_env } => {
-                header("authorization", format!("Bearer {}", env(token_env)?.expose()))
+            BackendAuth::Bearer { token_env } => header(
+                "authorization",
+                format!("Bearer {}", env(token_env)?.expose()),
+            ),
+            BackendAuth::Oauth2ClientCredentials {
+                token_url,
+                client_id,
+                client_secret_env,
+                scope,
+            } => {
+                let source = TokenSource::Oauth2 {
+                    token_url: token_url.clone(),
+                    client_id: client_id.clone(),
+                    client_secret: env(client_secret_env)?,
+                    scope: scope.clone(),
+                };
+                Ok(Credential::Token(Arc::new(TokenProvider::new(
+                    &b.name,
+                    source,
+                    Timing::default(),
+                ))))
             }
-            BackendAuth::Oauth2ClientCredentials { .. } | BackendAuth::AzureManagedIdentity { .. } => {
-                anyhow::bail!(
-                    "backends.{}.auth: token-based backend credentials are not supported yet",
-                    b.name
-                )
+            BackendAuth::AzureManagedIdentity {
+                endpoint,
+                resource,
+                client_id,
+            } => {
+                let source = TokenSource::ManagedIdentity {
+                    endpoint: endpoint.clone(),
+                    resource: resource.clone(),
+                    client_id: client_id.clone(),
+                };
+                Ok(Credential::Token(Arc::new(TokenProvider::new(
+                    &b.name,
+                    source,
+                    Timing::default(),
+                ))))
             }
         }
     }
@@ -77,11 +112,18 @@ pub struct Backend {
 
 impl Backend {
     /// The URL for an operation on this backend.
-    pub fn url(&self, op: crate::request::Operation, deployment: &str, api_version: &str) -> String {
+    pub fn url(
+        &self,
+        op: crate::request::Operation,
+        deployment: &str,
+        api_version: &str,
+    ) -> String {
         use crate::request::Operation;
         match (self.config.api, op) {
             (BackendApi::Openai, _) => format!("{}/v1/{}", self.base, op.path()),
-            (BackendApi::Azure, Operation::Responses) => format!("{}/openai/v1/responses", self.base),
+            (BackendApi::Azure, Operation::Responses) => {
+                format!("{}/openai/v1/responses", self.base)
+            }
             (BackendApi::Azure, _) => format!(
                 "{}/openai/deployments/{}/{}?api-version={}",
                 self.base,
@@ -94,7 +136,11 @@ impl Backend {
 
     /// This backend's own name for a model.
     pub fn deployment<'a>(&'a self, model: &'a str) -> &'a str {
-        self.config.deployments.get(model).map(String::as_str).unwrap_or(model)
+        self.config
+            .deployments
+            .get(model)
+            .map(String::as_str)
+            .unwrap_or(model)
     }
 
     pub fn is_open(&self, now_ms: u64) -> bool {
@@ -131,7 +177,9 @@ impl Routes {
             let price = PriceMicros {
                 input: price_micros(b.price.input_per_1m),
                 output: price_micros(b.price.output_per_1m),
-                cached_input: price_micros(b.price.cached_input_per_1m.unwrap_or(b.price.input_per_1m)),
+                cached_input: price_micros(
+                    b.price.cached_input_per_1m.unwrap_or(b.price.input_per_1m),
+                ),
             };
             backends.push(Arc::new(Backend {
                 name: Arc::from(b.name.as_str()),
@@ -156,7 +204,13 @@ impl Routes {
                 }
             }
             by_priority.sort_by_key(|(p, _)| *p);
-            pools.insert(model, by_priority.into_iter().map(|(_, members)| Group { members }).collect());
+            pools.insert(
+                model,
+                by_priority
+                    .into_iter()
+                    .map(|(_, members)| Group { members })
+                    .collect(),
+            );
         }
         Ok(Routes { backends, pools })
     }
@@ -173,7 +227,10 @@ impl Routes {
     /// weighted-random order, best group first. Tripped backends are left out; when every
     /// backend is tripped the error says when the first one reopens.
     pub fn plan(&self, model: &str, now_ms: u64) -> Result<Vec<Arc<Backend>>, Error> {
-        let groups = self.pools.get(model).ok_or_else(|| Error::ModelNotFound(model.to_string()))?;
+        let groups = self
+            .pools
+            .get(model)
+            .ok_or_else(|| Error::ModelNotFound(model.to_string()))?;
         let mut plan = Vec::with_capacity(4);
         let mut rng = rand::rng();
         let mut first_reopen = u64::MAX;
@@ -283,6 +340,9 @@ weight = 1
             r.backends[0].url(Operation::Chat, "dep", "2024-10-21"),
             "http://127.0.0.1:1/openai/deployments/dep/chat/completions?api-version=2024-10-21"
         );
-        assert_eq!(r.backends[2].url(Operation::Embeddings, "x", "v"), "http://127.0.0.1:3/v1/embeddings");
+        assert_eq!(
+            r.backends[2].url(Operation::Embeddings, "x", "v"),
+            "http://127.0.0.1:3/v1/embeddings"
+        );
     }
 }

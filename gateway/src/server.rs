@@ -2,8 +2,9 @@
 //! drain. [`run`] is what the binary and the real-socket tests call; [`app`] gives the router
 //! alone for in-process tests (`app(config).await?.0.oneshot(request)`).
 
-use crate::auth::KeyAuth;
+use crate::auth::{Auth, KeyAuth};
 use crate::breaker::Breakers;
+use crate::jwt::JwtAuth;
 use crate::limits::{AnyStore, Limits};
 use crate::pipeline;
 use crate::request::{Operation, RouteStyle};
@@ -25,7 +26,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tollgate_common::config::{Config, StoreKind};
+use tollgate_common::config::{AuthMode, Config, StoreKind};
 use tollgate_common::key_hash;
 use tollgate_quota::{ConsumerRecord, LimitDefaults, MemoryStore, RedisStore, Store};
 
@@ -33,7 +34,7 @@ use tollgate_quota::{ConsumerRecord, LimitDefaults, MemoryStore, RedisStore, Sto
 pub struct Gateway {
     pub config: Config,
     pub limits: Arc<Limits>,
-    pub auth: KeyAuth,
+    pub auth: Auth,
     pub routes: Routes,
     pub breakers: Breakers,
     pub client: reqwest::Client,
@@ -45,11 +46,15 @@ pub struct Gateway {
 /// The background work that outlives requests: the usage worker.
 pub struct Background {
     usage: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Background {
     /// Waits for the usage worker to write what is pending (after every request has ended).
     pub async fn finish(self, within: Duration) {
+        for t in &self.tasks {
+            t.abort();
+        }
         if tokio::time::timeout(within, self.usage).await.is_err() {
             tracing::error!("usage worker did not finish in time; some usage may not be written");
         }
@@ -61,7 +66,8 @@ pub async fn connect_store(config: &Config) -> anyhow::Result<AnyStore> {
     Ok(match config.store.kind {
         StoreKind::Memory => AnyStore::Memory(MemoryStore::new()),
         StoreKind::Redis => {
-            let url = std::env::var("TOLLGATE_REDIS_URL").unwrap_or_else(|_| config.store.url.clone());
+            let url =
+                std::env::var("TOLLGATE_REDIS_URL").unwrap_or_else(|_| config.store.url.clone());
             let opts = tollgate_quota::RedisOpts {
                 timeout: Duration::from_millis(config.store.timeout_ms),
                 pool_size: config.store.pool_size,
@@ -78,7 +84,11 @@ pub async fn connect_store(config: &Config) -> anyhow::Result<AnyStore> {
 pub fn config_consumers(config: &Config) -> anyhow::Result<Vec<(ConsumerRecord, Vec<String>)>> {
     let mut out = Vec::new();
     for c in &config.consumers {
-        let mut keys = c.key_sha256.iter().map(|k| k.to_ascii_lowercase()).collect::<Vec<_>>();
+        let mut keys = c
+            .key_sha256
+            .iter()
+            .map(|k| k.to_ascii_lowercase())
+            .collect::<Vec<_>>();
         if let Some(var) = &c.key_env {
             let key = tollgate_common::config::secret_from_env(var)
                 .map_err(|e| anyhow::anyhow!("consumers.{}.key_env: {e}", c.id))?;
@@ -106,8 +116,14 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
         quota: config.limits.default_quota,
         quota_period: config.limits.default_quota_period,
     };
-    let limits = Limits::new(store, config.store.on_error, defaults);
-    for (rec, keys) in config_consumers(&config)? {
+    let consumers = config_consumers(&config)?;
+    let limits = Limits::new(
+        store,
+        config.store.on_error,
+        defaults,
+        consumers.iter().map(|(r, _)| r.clone()).collect(),
+    );
+    for (rec, keys) in consumers {
         // Written only when absent: the store wins once an operator has changed a consumer.
         if let Err(e) = limits.store.seed_consumer(&rec, &keys).await {
             tracing::warn!(consumer = %rec.id, error = %e, "could not seed consumer into the store");
@@ -116,7 +132,23 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
         let _ = limits.local.seed_consumer(&rec, &keys).await;
     }
     let routes = Routes::from_config(&config)?;
-    let connect_ms = config.backends.iter().map(|b| b.timeouts.connect_ms).min().unwrap_or(2_000);
+    // Token credentials: one refresh task per backend fetches the first token now.
+    for b in &routes.backends {
+        if let crate::routing::Credential::Token(p) = &b.credential {
+            p.start()
+                .with_context(|| format!("backends.{}.auth", b.name))?;
+        }
+    }
+    let jwt = match &config.auth.jwt {
+        Some(j) if config.auth.mode != AuthMode::Key => Some(JwtAuth::start(j).await?),
+        _ => None,
+    };
+    let connect_ms = config
+        .backends
+        .iter()
+        .map(|b| b.timeouts.connect_ms)
+        .min()
+        .unwrap_or(2_000);
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_millis(connect_ms))
         .pool_idle_timeout(Duration::from_secs(90))
@@ -131,11 +163,26 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
         StoreKind::Memory => Duration::ZERO,
         StoreKind::Redis => Duration::from_millis(config.limits.key_cache_ms),
     };
-    let worker = UsageWorker { limits: limits.clone(), metrics: metrics.clone(), tokenizer };
+    let worker = UsageWorker {
+        limits: limits.clone(),
+        metrics: metrics.clone(),
+        tokenizer,
+    };
     let flush_for = Duration::from_millis(config.server.shutdown_grace_ms.min(10_000));
     let usage = tokio::spawn(worker.run(usage_rx, flush_for));
+    let heartbeat = (config.store.kind == StoreKind::Redis).then(|| {
+        let limits = limits.clone();
+        let replica = uuid::Uuid::new_v4().to_string();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                limits.heartbeat(&replica).await;
+            }
+        })
+    });
     let gw = Arc::new(Gateway {
-        auth: KeyAuth::new(key_ttl),
+        auth: Auth::new(config.auth.mode, KeyAuth::new(key_ttl), jwt),
         config,
         limits,
         routes,
@@ -145,14 +192,27 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
         tokenizer,
         usage_tx,
     });
-    Ok((router(gw.clone()), gw, Background { usage }))
+    Ok((
+        router(gw.clone()),
+        gw,
+        Background {
+            usage,
+            tasks: heartbeat.into_iter().collect(),
+        },
+    ))
 }
 
 fn model_route(op: Operation, azure_v1: bool) -> axum::routing::MethodRouter<Arc<Gateway>> {
-    post(move |State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body| {
-        let style = if azure_v1 { RouteStyle::AzureV1 } else { RouteStyle::OpenAi };
-        pipeline::handle(gw, op, style, headers, body)
-    })
+    post(
+        move |State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body| {
+            let style = if azure_v1 {
+                RouteStyle::AzureV1
+            } else {
+                RouteStyle::OpenAi
+            };
+            pipeline::handle(gw, op, style, headers, body)
+        },
+    )
 }
 
 fn deployment_route(op: Operation) -> axum::routing::MethodRouter<Arc<Gateway>> {
@@ -175,22 +235,39 @@ fn deployment_route(op: Operation) -> axum::routing::MethodRouter<Arc<Gateway>> 
 pub fn router(gw: Arc<Gateway>) -> Router {
     use Operation::*;
     let mut r = Router::new();
-    for (op, path) in [(Chat, "chat/completions"), (Completions, "completions"), (Embeddings, "embeddings"), (Responses, "responses")] {
+    for (op, path) in [
+        (Chat, "chat/completions"),
+        (Completions, "completions"),
+        (Embeddings, "embeddings"),
+        (Responses, "responses"),
+    ] {
         r = r
             .route(&format!("/v1/{path}"), model_route(op, false))
             .route(&format!("/openai/v1/{path}"), model_route(op, true));
         if op != Responses {
-            r = r.route(&format!("/openai/deployments/{{deployment}}/{path}"), deployment_route(op));
+            r = r.route(
+                &format!("/openai/deployments/{{deployment}}/{path}"),
+                deployment_route(op),
+            );
         }
     }
-    r.route("/v1/models", get(|State(gw): State<Arc<Gateway>>, h: HeaderMap| pipeline::models(gw, h)))
-        .route("/openai/v1/models", get(|State(gw): State<Arc<Gateway>>, h: HeaderMap| pipeline::models(gw, h)))
-        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .fallback(|| async { crate::error::Error::RouteNotFound.into_response() })
-        .method_not_allowed_fallback(|| async { crate::error::Error::MethodNotAllowed.into_response() })
-        .with_state(gw)
+    r.route(
+        "/v1/models",
+        get(|State(gw): State<Arc<Gateway>>, h: HeaderMap| pipeline::models(gw, h)),
+    )
+    .route(
+        "/openai/v1/models",
+        get(|State(gw): State<Arc<Gateway>>, h: HeaderMap| pipeline::models(gw, h)),
+    )
+    .route(
+        "/healthz",
+        get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+    )
+    .route("/readyz", get(readyz))
+    .route("/metrics", get(metrics))
+    .fallback(|| async { crate::error::Error::RouteNotFound.into_response() })
+    .method_not_allowed_fallback(|| async { crate::error::Error::MethodNotAllowed.into_response() })
+    .with_state(gw)
 }
 
 async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
@@ -208,7 +285,11 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
     };
     let body = serde_json::json!({"status": if status == 200 {"ready"} else {"not_ready"},
         "store": kind, "store_reachable": reachable, "mode": mode});
-    (http::StatusCode::from_u16(status).unwrap_or_default(), axum::Json(body)).into_response()
+    (
+        http::StatusCode::from_u16(status).unwrap_or_default(),
+        axum::Json(body),
+    )
+        .into_response()
 }
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {

@@ -23,13 +23,34 @@ pub struct Metrics {
 }
 
 const HELP: [(&str, &str); 7] = [
-    ("tollgate_requests_total", "Requests that reached a reservation, by outcome"),
-    ("tollgate_tokens_total", "Tokens used, by consumer, team, model, backend and kind"),
-    ("tollgate_cost_pico_total", "Cost in pico-units (1e-12 of the price currency)"),
-    ("tollgate_errors_total", "Error responses by OpenAI error code"),
-    ("tollgate_failovers_total", "Attempts moved to another backend"),
-    ("tollgate_backend_requests_total", "Responses used from each backend"),
-    ("tollgate_usage_dropped_total", "Usage settlements dropped because the buffer was full"),
+    (
+        "tollgate_requests_total",
+        "Requests that reached a reservation, by outcome",
+    ),
+    (
+        "tollgate_tokens_total",
+        "Tokens used, by consumer, team, model, backend and kind",
+    ),
+    (
+        "tollgate_cost_pico_total",
+        "Cost in pico-units (1e-12 of the price currency)",
+    ),
+    (
+        "tollgate_errors_total",
+        "Error responses by OpenAI error code",
+    ),
+    (
+        "tollgate_failovers_total",
+        "Attempts moved to another backend",
+    ),
+    (
+        "tollgate_backend_requests_total",
+        "Responses used from each backend",
+    ),
+    (
+        "tollgate_usage_dropped_total",
+        "Usage settlements dropped because the buffer was full",
+    ),
 ];
 
 impl Metrics {
@@ -50,7 +71,11 @@ impl Metrics {
     }
 
     pub fn record_outcome(&self, o: &Outcome, u: &TokenUsage, cost_pico: u64) {
-        let backend = o.backend.as_ref().map(|b| b.name.to_string()).unwrap_or_else(|| "-".into());
+        let backend = o
+            .backend
+            .as_ref()
+            .map(|b| b.name.to_string())
+            .unwrap_or_else(|| "-".into());
         let base = || -> Labels {
             vec![
                 ("consumer", o.consumer.to_string()),
@@ -62,13 +87,21 @@ impl Metrics {
         let mut req = base();
         req.push(("status", o.status.to_string()));
         self.add("tollgate_requests_total", req, 1);
-        for (kind, v) in [("input", u.input), ("output", u.output), ("cached_input", u.cached_input)] {
+        for (kind, v) in [
+            ("input", u.input),
+            ("output", u.output),
+            ("cached_input", u.cached_input),
+        ] {
             let mut l = base();
             l.push(("type", kind.to_string()));
             self.add("tollgate_tokens_total", l, v);
         }
         self.add("tollgate_cost_pico_total", base(), cost_pico);
-        self.add("tollgate_failovers_total", vec![("model", o.model.clone())], o.failovers as u64);
+        self.add(
+            "tollgate_failovers_total",
+            vec![("model", o.model.clone())],
+            o.failovers as u64,
+        );
         if o.backend.is_some() {
             self.add(
                 "tollgate_backend_requests_total",
@@ -76,7 +109,8 @@ impl Metrics {
                 1,
             );
         }
-        self.duration_sum_us.fetch_add(o.duration.as_micros() as u64, Ordering::Relaxed);
+        self.duration_sum_us
+            .fetch_add(o.duration.as_micros() as u64, Ordering::Relaxed);
         self.duration_count.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -91,8 +125,10 @@ impl Metrics {
                 continue;
             }
             for ((n, labels), v) in counters.iter().filter(|((n, _), _)| *n == name) {
-                let l: Vec<String> =
-                    labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
+                let l: Vec<String> = labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+                    .collect();
                 let _ = writeln!(out, "{n}{{{}}} {v}", l.join(","));
             }
         }
@@ -111,5 +147,7 @@ impl Metrics {
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

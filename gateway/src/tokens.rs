@@ -23,7 +23,9 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Loads the encoder (once per process; later calls are free).
     pub fn load() -> Tokenizer {
-        Tokenizer { bpe: tiktoken_rs::o200k_base_singleton() }
+        Tokenizer {
+            bpe: tiktoken_rs::o200k_base_singleton(),
+        }
     }
 
     /// Tokens in `text`, inline (for short text).
@@ -37,7 +39,9 @@ impl Tokenizer {
         let me = *self;
         let work = move || pieces.iter().map(|p| me.count(p)).sum::<u64>() + framing;
         if size > BLOCKING_THRESHOLD {
-            tokio::task::spawn_blocking(work).await.unwrap_or(size as u64 / 3)
+            tokio::task::spawn_blocking(work)
+                .await
+                .unwrap_or(size as u64 / 3)
         } else {
             work()
         }
@@ -89,7 +93,10 @@ impl PromptText {
     pub fn from_messages(raw: &RawValue) -> Result<PromptText, String> {
         let msgs: Vec<Message<'_>> = serde_json::from_str(raw.get())
             .map_err(|_| "'messages' must be an array of message objects".to_string())?;
-        let mut out = PromptText { pieces: Vec::with_capacity(msgs.len()), framing: PER_REPLY };
+        let mut out = PromptText {
+            pieces: Vec::with_capacity(msgs.len()),
+            framing: PER_REPLY,
+        };
         for m in &msgs {
             out.framing += PER_MESSAGE;
             content_text(m.content, &mut out.pieces);

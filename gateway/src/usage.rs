@@ -61,12 +61,18 @@ pub struct Meter {
 
 impl Meter {
     pub fn new(tx: mpsc::UnboundedSender<Outcome>, outcome: Outcome) -> Meter {
-        Meter { outcome: Some(outcome), tx: Some(tx) }
+        Meter {
+            outcome: Some(outcome),
+            tx: Some(tx),
+        }
     }
 
     /// A meter that reports nothing: what is left behind when a meter moves into a response body.
     pub fn detached() -> Meter {
-        Meter { outcome: None, tx: None }
+        Meter {
+            outcome: None,
+            tx: None,
+        }
     }
 
     pub fn get(&mut self) -> &mut Outcome {
@@ -124,8 +130,16 @@ pub async fn resolve_usage(o: &mut Outcome, tokenizer: &Tokenizer) -> TokenUsage
         return TokenUsage::default();
     }
     let text = std::mem::take(&mut o.text);
-    let output = if text.is_empty() { 0 } else { tokenizer.count_pieces(vec![text], 0).await };
-    TokenUsage { input: o.prompt_tokens, output, cached_input: 0 }
+    let output = if text.is_empty() {
+        0
+    } else {
+        tokenizer.count_pieces(vec![text], 0).await
+    };
+    TokenUsage {
+        input: o.prompt_tokens,
+        output,
+        cached_input: 0,
+    }
 }
 
 /// Cost in pico-units: tokens × price per 1M tokens in micro-units.
@@ -144,7 +158,7 @@ pub struct UsageWorker {
 impl UsageWorker {
     /// Runs until every sender is gone, then flushes what is pending (bounded by `flush_for`).
     pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Outcome>, flush_for: Duration) {
-        let mut pending: VecDeque<Settlement> = VecDeque::new();
+        let mut pending = Pending::default();
         let mut retry = tokio::time::interval(Duration::from_millis(500));
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch = Vec::with_capacity(256);
@@ -177,9 +191,13 @@ impl UsageWorker {
         }
     }
 
-    async fn account(&self, mut o: Outcome, pending: &mut VecDeque<Settlement>) {
+    async fn account(&self, mut o: Outcome, pending: &mut Pending) {
         let usage = resolve_usage(&mut o, &self.tokenizer).await;
-        let cost = o.backend.as_ref().map(|b| cost_pico(&usage, b)).unwrap_or(0);
+        let cost = o
+            .backend
+            .as_ref()
+            .map(|b| cost_pico(&usage, b))
+            .unwrap_or(0);
         self.metrics.record_outcome(&o, &usage, cost);
         let backend_name = o.backend.as_ref().map(|b| b.name.to_string());
         tracing::debug!(
@@ -199,7 +217,9 @@ impl UsageWorker {
             ttft_ms = o.first_byte.map(|d| d.as_millis() as u64),
             "usage"
         );
-        let Some(reserved) = o.reserved.take() else { return };
+        let Some(reserved) = o.reserved.take() else {
+            return;
+        };
         let actual = usage.total();
         let served = o.backend.is_some() && actual > 0;
         let delta = served.then(|| UsageDelta {
@@ -233,7 +253,11 @@ impl UsageWorker {
                     tpm: reserved.admission.tpm,
                     usage: None,
                 };
-                let _ = self.limits.local.settle(&[local]).await;
+                let _ = self
+                    .limits
+                    .local
+                    .settle(tollgate_quota::new_batch_id(), &[local])
+                    .await;
                 if delta.is_some() {
                     pending.push_back(Settlement {
                         consumer,
@@ -257,27 +281,74 @@ impl UsageWorker {
                 });
             }
         }
-        if pending.len() > MAX_PENDING {
-            let over = pending.len() - MAX_PENDING;
-            pending.drain(..over);
-            self.metrics.usage_dropped(over as u64);
-            tracing::error!(dropped = over, "usage buffer full while the store is unreachable");
+        let over = pending.len().saturating_sub(MAX_PENDING);
+        if over > 0 {
+            let dropped = pending.drop_oldest(over);
+            self.metrics.usage_dropped(dropped as u64);
+            tracing::error!(dropped, "usage buffer full while the store is unreachable");
         }
     }
 
-    async fn flush(&self, pending: &mut VecDeque<Settlement>) {
-        while !pending.is_empty() {
-            let n = pending.len().min(512);
-            let chunk: Vec<Settlement> = pending.iter().take(n).cloned().collect();
-            match self.limits.store.settle(&chunk).await {
+    async fn flush(&self, pending: &mut Pending) {
+        pending.seal();
+        while let Some((id, batch)) = pending.batches.front() {
+            match self.limits.store.settle(*id, batch).await {
                 Ok(()) => {
-                    pending.drain(..n);
+                    pending.batches.pop_front();
                 }
                 Err(e) => {
+                    // Retried with the same id: the store applies a batch at most once.
                     tracing::debug!(error = %e, queued = pending.len(), "settle failed; will retry");
                     return;
                 }
             }
         }
+    }
+}
+
+/// Settlements waiting for the store: sealed batches (each keeps its id across retries) and
+/// the open one still filling.
+#[derive(Default)]
+struct Pending {
+    batches: VecDeque<(u64, Vec<Settlement>)>,
+    open: Vec<Settlement>,
+}
+
+impl Pending {
+    fn push_back(&mut self, s: Settlement) {
+        self.open.push(s);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.batches.is_empty() && self.open.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.batches.iter().map(|(_, b)| b.len()).sum::<usize>() + self.open.len()
+    }
+
+    /// Closes the open batch into sealed ones of at most 512 settlements.
+    fn seal(&mut self) {
+        for chunk in std::mem::take(&mut self.open).chunks(512) {
+            self.batches
+                .push_back((tollgate_quota::new_batch_id(), chunk.to_vec()));
+        }
+    }
+
+    /// Drops the oldest `n` settlements (whole batches first); returns how many went.
+    fn drop_oldest(&mut self, n: usize) -> usize {
+        let mut dropped = 0;
+        while dropped < n {
+            match self.batches.pop_front() {
+                Some((_, b)) => dropped += b.len(),
+                None => {
+                    let k = (n - dropped).min(self.open.len());
+                    self.open.drain(..k);
+                    dropped += k;
+                    break;
+                }
+            }
+        }
+        dropped
     }
 }

@@ -4,22 +4,28 @@
 --
 -- KEYS[1]    tg:bucket:{ID}           hash: tokens (float), ts (unix us); absent = full
 -- KEYS[2]    tg:quota:{ID}            hash: w (window start, unix s), used
--- KEYS[3..]  tg:usage:{ID}:YYYYMMDD   hash: "<team>|<model>|<backend>|<metric>" -> integer
+-- KEYS[3]    tg:settled:{ID}:BATCH    string marker: this batch was applied (1 h TTL)
+-- KEYS[4..]  tg:usage:{ID}:YYYYMMDD   hash: "<team>|<model>|<backend>|<metric>" -> integer
 -- ARGV[1]    milliseconds added to Redis TIME (a test hook; 0 in production)
 -- ARGV[2]    usage retention in seconds (EXPIRE of every usage key written)
 -- ARGV[3]    n, the number of corrections that follow
 -- then n x   delta (actual - reserved, may be negative), tpm ("" = no bucket), window start
 -- then m x   KEYS index of the usage key, "<team>|<model>|<backend>", in, out, cached, req, cost
 --
--- Returns n.
+-- Returns n, or -1 when this batch was applied before (a retry after a lost reply).
 --
 -- Invariant: a correction is applied in order, each as the memory store does: the bucket is
 -- refilled to now, then debited by delta (a refund never lifts it above capacity); the quota
 -- counter moves by delta, never below 0, and only if it still counts the reservation's
--- window. Usage counters only grow (HINCRBY), and every key written carries a TTL.
+-- window. Usage counters only grow (HINCRBY), and every key written carries a TTL. A batch is
+-- applied at most once: a caller that lost the reply retries with the same batch id.
 
 local function int(x)
   return string.format('%d', x)
+end
+
+if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', 3600000) then
+  return -1
 end
 
 local t = redis.call('TIME')

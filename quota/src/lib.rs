@@ -36,6 +36,15 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// A fresh id for a settle batch (random, so replicas never collide).
+pub fn new_batch_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.finish()
+}
+
 /// The shared store. All methods are safe to call concurrently from many replicas.
 pub trait Store: Send + Sync + 'static {
     /// The consumer a key hash (lowercase SHA-256 hex) belongs to.
@@ -46,8 +55,13 @@ pub trait Store: Send + Sync + 'static {
     fn reserve(&self, req: &ReserveRequest<'_>) -> impl Future<Output = Result<Decision>> + Send;
 
     /// Corrects earlier reservations by (actual − reserved) and adds usage totals. Batched:
-    /// one call may carry many settlements.
-    fn settle(&self, batch: &[Settlement]) -> impl Future<Output = Result<()>> + Send;
+    /// one call may carry many settlements. A batch is applied at most once per `batch_id`
+    /// (see [`new_batch_id`]): a caller that lost the reply retries the same batch safely.
+    fn settle(
+        &self,
+        batch_id: u64,
+        batch: &[Settlement],
+    ) -> impl Future<Output = Result<()>> + Send;
 
     /// Writes a consumer from configuration only if the store has none by that id, and each
     /// key hash only if it is not already mapped. Returns whether the consumer was written.

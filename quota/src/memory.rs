@@ -48,6 +48,9 @@ struct Circuit {
 #[derive(Default)]
 struct Inner {
     circuits: HashMap<String, Circuit>,
+    /// Settle batches already applied (bounded), so a retried batch applies once.
+    settled: std::collections::HashSet<u64>,
+    settled_order: std::collections::VecDeque<u64>,
     consumers: HashMap<String, ConsumerRecord>,
     keys: HashMap<String, String>,
     buckets: HashMap<String, Bucket>,
@@ -274,9 +277,18 @@ impl Store for MemoryStore {
         }))
     }
 
-    async fn settle(&self, batch: &[Settlement]) -> Result<()> {
+    async fn settle(&self, batch_id: u64, batch: &[Settlement]) -> Result<()> {
         let now_us = self.clock.now_us();
         let mut g = self.inner.lock();
+        if !g.settled.insert(batch_id) {
+            return Ok(());
+        }
+        g.settled_order.push_back(batch_id);
+        if g.settled_order.len() > 100_000
+            && let Some(old) = g.settled_order.pop_front()
+        {
+            g.settled.remove(&old);
+        }
         for s in batch {
             let delta = s.actual as i64 - s.reserved as i64;
             if delta != 0 {

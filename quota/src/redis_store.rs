@@ -542,7 +542,7 @@ impl Store for RedisStore {
         decode_decision(&v)
     }
 
-    async fn settle(&self, batch: &[Settlement]) -> Result<()> {
+    async fn settle(&self, batch_id: u64, batch: &[Settlement]) -> Result<()> {
         // Group by consumer, keeping each consumer's corrections in order.
         let mut index: HashMap<&str, usize> = HashMap::new();
         let mut groups: Vec<(&str, Vec<&Settlement>, UsageSum)> = Vec::new();
@@ -565,7 +565,11 @@ impl Store for RedisStore {
             if corrections.is_empty() && usage.rows.is_empty() {
                 continue;
             }
-            let mut keys = vec![bucket_key(id), quota_key(id)];
+            let mut keys = vec![
+                bucket_key(id),
+                quota_key(id),
+                format!("tg:settled:{{{id}}}:{batch_id:x}"),
+            ];
             let mut days: Vec<u32> = Vec::new();
             for ((day, _), _) in &usage.rows {
                 if !days.contains(day) {
@@ -584,7 +588,7 @@ impl Store for RedisStore {
                 cmd.arg(s.window);
             }
             for ((day, field), v) in &usage.rows {
-                let k = 3 + days.iter().position(|d| d == day).unwrap_or(0);
+                let k = 4 + days.iter().position(|d| d == day).unwrap_or(0);
                 cmd.arg(k).arg(field).arg(&v[..]);
             }
             cmds.push(cmd);

@@ -52,7 +52,11 @@ impl Mock {
             })
             .await;
         });
-        Ok(Mock { name, addr, stop: Some(tx) })
+        Ok(Mock {
+            name,
+            addr,
+            stop: Some(tx),
+        })
     }
 
     pub fn url(&self) -> String {
@@ -60,7 +64,10 @@ impl Mock {
     }
 
     pub async fn stats(&self) -> anyhow::Result<Stats> {
-        Ok(reqwest::get(format!("{}/stats", self.url())).await?.json().await?)
+        Ok(reqwest::get(format!("{}/stats", self.url()))
+            .await?
+            .json()
+            .await?)
     }
 }
 
@@ -85,7 +92,11 @@ pub struct Gateway {
 impl Gateway {
     /// Starts `tollgate-e2e serve --config FILE --listen 127.0.0.1:0` and waits for its
     /// `listening on` line.
-    pub fn spawn(config: &std::path::Path, log: PathBuf, envs: &[(String, String)]) -> anyhow::Result<Gateway> {
+    pub fn spawn(
+        config: &std::path::Path,
+        log: PathBuf,
+        envs: &[(String, String)],
+    ) -> anyhow::Result<Gateway> {
         let stderr = std::fs::File::create(&log)?;
         let mut child = Command::new(gateway_bin())
             .args(["serve", "--config"])
@@ -119,7 +130,13 @@ impl Gateway {
             .strip_prefix("listening on ")
             .with_context(|| format!("unexpected first line {line:?}"))?
             .parse()?;
-        Ok(Gateway { addr, child: Some(child), stop: None, task: None, log })
+        Ok(Gateway {
+            addr,
+            child: Some(child),
+            stop: None,
+            task: None,
+            log,
+        })
     }
 
     /// Runs `tollgate::run` in this process.
@@ -130,7 +147,13 @@ impl Gateway {
         let task = tokio::spawn(tollgate::run(listener, config, async move {
             let _ = rx.await;
         }));
-        Ok(Gateway { addr, child: None, stop: Some(tx), task: Some(task), log: PathBuf::new() })
+        Ok(Gateway {
+            addr,
+            child: None,
+            stop: Some(tx),
+            task: Some(task),
+            log: PathBuf::new(),
+        })
     }
 
     pub fn url(&self) -> String {
@@ -144,7 +167,9 @@ impl Gateway {
     /// SIGTERM (process) or the shutdown signal (task), then wait for exit.
     pub async fn terminate(&mut self) -> anyhow::Result<()> {
         if let Some(child) = self.child.as_mut() {
-            Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+            Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()?;
             for _ in 0..600 {
                 if child.try_wait()?.is_some() {
                     return Ok(());
@@ -191,11 +216,13 @@ struct BackendSpec {
 #[derive(Default)]
 pub struct Harness {
     redis: bool,
+    persistent: bool,
     backends: Vec<BackendSpec>,
     consumers: Vec<(String, String)>,
     gateways: usize,
     in_process: bool,
     extra: String,
+    store: String,
     envs: Vec<(String, String)>,
 }
 
@@ -216,11 +243,21 @@ pub fn key_for(id: &str) -> String {
 
 impl Harness {
     pub fn new() -> Harness {
-        Harness { gateways: 1, ..Default::default() }
+        Harness {
+            gateways: 1,
+            ..Default::default()
+        }
     }
 
     pub fn redis(mut self) -> Self {
         self.redis = true;
+        self
+    }
+
+    /// A Redis that keeps every write on disk, for tests that kill and restart it.
+    pub fn persistent_redis(mut self) -> Self {
+        self.redis = true;
+        self.persistent = true;
         self
     }
 
@@ -229,7 +266,11 @@ impl Harness {
     /// (`priority = 2`, `api = "openai"`, ...).
     pub fn backend(mut self, name: &str, mut opts: MockOpts, toml: &str) -> Self {
         opts.name = name.to_string();
-        self.backends.push(BackendSpec { name: name.into(), opts, toml: toml.into() });
+        self.backends.push(BackendSpec {
+            name: name.into(),
+            opts,
+            toml: toml.into(),
+        });
         self
     }
 
@@ -256,6 +297,13 @@ impl Harness {
         self
     }
 
+    /// Extra keys of the `[store]` section (`on_error = "fail_closed"`).
+    pub fn store(mut self, toml: &str) -> Self {
+        self.store.push_str(toml);
+        self.store.push('\n');
+        self
+    }
+
     /// An environment variable for gateway processes (secrets the config names by `*_env`).
     /// In-process gateways see only this process's environment.
     pub fn env(mut self, k: &str, v: &str) -> Self {
@@ -265,12 +313,21 @@ impl Harness {
 
     pub async fn start(self) -> anyhow::Result<Running> {
         let dir = tempfile::tempdir()?;
-        let redis = if self.redis { Some(RedisServer::start()?) } else { None };
+        let redis = match (self.redis, self.persistent) {
+            (false, _) => None,
+            (true, false) => Some(RedisServer::start()?),
+            (true, true) => Some(RedisServer::start_persistent()?),
+        };
         let mut mocks = Vec::new();
         let mut toml = String::new();
-        toml.push_str("[server]\nlisten = \"127.0.0.1:0\"\ndebug_headers = true\nshutdown_grace_ms = 5000\n");
+        toml.push_str(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndebug_headers = true\nshutdown_grace_ms = 5000\n",
+        );
         if let Some(r) = &redis {
-            toml.push_str(&format!("[store]\nkind = \"redis\"\nurl = \"{}\"\n", r.url()));
+            toml.push_str(&format!(
+                "[store]\nkind = \"redis\"\nurl = \"{}\"\n",
+                r.url()
+            ));
         }
         toml.push_str(&self.extra);
         for (id, extra) in &self.consumers {
@@ -306,13 +363,23 @@ impl Harness {
                 gateways.push(Gateway::spawn(&config_path, log, &self.envs)?);
             }
         }
-        Ok(Running { redis, mocks, gateways, config_path, config_text: toml, dir })
+        Ok(Running {
+            redis,
+            mocks,
+            gateways,
+            config_path,
+            config_text: toml,
+            dir,
+        })
     }
 }
 
 impl Running {
     pub fn mock(&self, name: &str) -> &Mock {
-        self.mocks.iter().find(|m| m.name == name).expect("no such mock")
+        self.mocks
+            .iter()
+            .find(|m| m.name == name)
+            .expect("no such mock")
     }
 
     pub fn url(&self, gateway: usize) -> String {
@@ -322,5 +389,8 @@ impl Running {
 
 /// A client that never pools across tests and never follows proxies.
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().expect("client")
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
 }

@@ -16,11 +16,24 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     port: u16,
     child: Option<Child>,
+    /// Append-only file with fsync on every write: a kill loses nothing (outage tests).
+    persistent: bool,
 }
 
 impl RedisServer {
     /// Starts a server and waits (up to 5 s) until it answers PING.
     pub fn start() -> anyhow::Result<RedisServer> {
+        Self::start_with(false)
+    }
+
+    /// Starts a server that keeps every write on disk (`appendfsync always`), so a
+    /// [`stop`](Self::stop) and [`restart`](Self::restart) lose no data, like a production
+    /// Redis with persistence.
+    pub fn start_persistent() -> anyhow::Result<RedisServer> {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> anyhow::Result<RedisServer> {
         which("redis-server")?;
         let dir = tempfile::Builder::new()
             .prefix("tg-redis")
@@ -30,12 +43,13 @@ impl RedisServer {
         // A free port may be taken between probing and binding: try a few.
         for _ in 0..3 {
             let port = free_port()?;
-            match launch(dir.path(), port) {
+            match launch(dir.path(), port, persistent) {
                 Ok(child) => {
                     return Ok(RedisServer {
                         dir,
                         port,
                         child: Some(child),
+                        persistent,
                     });
                 }
                 Err(e) => last = Some(e),
@@ -54,6 +68,11 @@ impl RedisServer {
         format!("redis+unix://{}", self.socket().display())
     }
 
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        read_log(self.dir.path())
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -66,12 +85,13 @@ impl RedisServer {
         }
     }
 
-    /// Starts the server again on the same port and socket (with empty data).
+    /// Starts the server again on the same port and socket, with the data of the last `SAVE`
+    /// (`cli(&["SAVE"])`), if any: a Redis with persistence coming back.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            match launch(self.dir.path(), self.port) {
+            match launch(self.dir.path(), self.port, self.persistent) {
                 Ok(child) => {
                     self.child = Some(child);
                     return Ok(());
@@ -116,7 +136,7 @@ fn socket(dir: &Path) -> PathBuf {
 }
 
 /// Spawns `redis-server` in `dir` and waits until it answers PING; kills it on failure.
-fn launch(dir: &Path, port: u16) -> anyhow::Result<Child> {
+fn launch(dir: &Path, port: u16, persistent: bool) -> anyhow::Result<Child> {
     let log = std::fs::File::create(dir.join("redis.log")).context("redis log")?;
     let mut child = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
@@ -128,7 +148,9 @@ fn launch(dir: &Path, port: u16) -> anyhow::Result<Child> {
             "--save",
             "",
             "--appendonly",
-            "no",
+            if persistent { "yes" } else { "no" },
+            "--appendfsync",
+            "always",
         ])
         .arg("--dir")
         .arg(dir)

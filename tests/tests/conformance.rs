@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tollgate_quota::{
     Admission, BreakerFailure, ConsumerRecord, Decision, LimitDefaults, MemoryStore, Period,
     RedisOpts, RedisStore, ReserveRequest, Settlement, Store, SystemClock, UsageDelta, UsageRow,
-    window_bounds,
+    new_batch_id, window_bounds,
 };
 use tollgate_tests::redis::RedisServer;
 
@@ -368,7 +368,7 @@ async fn check_settle<S: Store>(s: &S) {
     };
     s.put_consumer(&rec).await.unwrap();
     let a = admitted(reserve(s, "down", 3000).await);
-    s.settle(&[correction("down", &a, 3000, 1000)])
+    s.settle(new_batch_id(), &[correction("down", &a, 3000, 1000)])
         .await
         .unwrap();
     let b = admitted(reserve(s, "down", 1).await);
@@ -383,7 +383,7 @@ async fn check_settle<S: Store>(s: &S) {
         "refund returned to the quota"
     );
     // A refund never lifts the bucket above capacity.
-    s.settle(&[correction("down", &b, 100_000, 0)])
+    s.settle(new_batch_id(), &[correction("down", &b, 100_000, 0)])
         .await
         .unwrap();
     let c = admitted(reserve(s, "down", 6000).await);
@@ -401,7 +401,9 @@ async fn check_settle<S: Store>(s: &S) {
     };
     s.put_consumer(&rec).await.unwrap();
     let a = admitted(reserve(s, "up", 1000).await);
-    s.settle(&[correction("up", &a, 1000, 9000)]).await.unwrap();
+    s.settle(new_batch_id(), &[correction("up", &a, 1000, 9000)])
+        .await
+        .unwrap();
     let (retry, left) = rate_limited(reserve(s, "up", 1).await);
     assert!(
         (-3000..-2950).contains(&left),
@@ -418,7 +420,7 @@ async fn check_settle<S: Store>(s: &S) {
         correction("up2", &a, 1000, 3000),
         correction("up2", &a, 0, 1000),
     ];
-    s.settle(&batch).await.unwrap();
+    s.settle(new_batch_id(), &batch).await.unwrap();
     assert_eq!(
         admitted(reserve(s, "up2", 1).await).remaining_quota,
         Some(5999)
@@ -434,7 +436,9 @@ async fn check_settle_old_window<S: Store>(s: &S, offset_ms: i64) {
     sleep_past_hour(offset_ms, 300).await;
     let b = admitted(reserve(s, "old", 100).await);
     assert_eq!(b.window, a.window + 3600);
-    s.settle(&[correction("old", &a, 600, 0)]).await.unwrap();
+    s.settle(new_batch_id(), &[correction("old", &a, 600, 0)])
+        .await
+        .unwrap();
     let c = admitted(reserve(s, "old", 900).await);
     assert_eq!(
         c.remaining_quota,
@@ -562,16 +566,19 @@ async fn check_usage<S: Store>(s: &S) {
         tpm: None,
         usage: Some(usage),
     };
-    s.settle(&[
-        settle("u1", u(20260101, "gpt-4o", 100, 10)),
-        settle("u2", u(20260101, "gpt-4o", 1, 1)),
-        settle("u1", u(20260101, "gpt-4o", 200, 20)),
-        settle("u1", u(20260102, "gpt-4o", 5, 5)),
-        settle("u1", u(20260101, "mini", 7, 0)),
-    ])
+    s.settle(
+        new_batch_id(),
+        &[
+            settle("u1", u(20260101, "gpt-4o", 100, 10)),
+            settle("u2", u(20260101, "gpt-4o", 1, 1)),
+            settle("u1", u(20260101, "gpt-4o", 200, 20)),
+            settle("u1", u(20260102, "gpt-4o", 5, 5)),
+            settle("u1", u(20260101, "mini", 7, 0)),
+        ],
+    )
     .await
     .unwrap();
-    s.settle(&[settle("u1", u(20260103, "gpt-4o", 1, 1))])
+    s.settle(new_batch_id(), &[settle("u1", u(20260103, "gpt-4o", 1, 1))])
         .await
         .unwrap();
 
@@ -691,6 +698,39 @@ async fn check_concurrency<S: Store + Clone>(s: &S) {
 
 // ---------------------------------------------------------------------------------------------
 // Instantiation: each check once per store.
+
+async fn check_settle_once<S: Store>(s: &S) {
+    let usage = UsageDelta {
+        day: 20261126,
+        team: "t".into(),
+        model: "m".into(),
+        backend: "b".into(),
+        input: 10,
+        output: 5,
+        cached_input: 0,
+        requests: 1,
+        cost_pico: 7,
+    };
+    let batch = vec![Settlement {
+        consumer: "once".into(),
+        reserved: 0,
+        actual: 0,
+        window: 0,
+        tpm: None,
+        usage: Some(usage),
+    }];
+    let id = new_batch_id();
+    s.settle(id, &batch).await.unwrap();
+    s.settle(id, &batch).await.unwrap();
+    s.settle(new_batch_id(), &batch).await.unwrap();
+    let rows = s.usage(20261126, 20261126).await.unwrap();
+    let row = rows.iter().find(|r| r.consumer == "once").unwrap();
+    assert_eq!(
+        (row.requests, row.input, row.cost_pico),
+        (2, 20, 14),
+        "{rows:?}"
+    );
+}
 
 fn failure(trip_for_ms: Option<u64>, probe: bool) -> BreakerFailure {
     BreakerFailure {
@@ -866,6 +906,8 @@ suite! {
     check_usage(mid_hour()) => memory_usage, redis_usage;
     /// Concurrent reservations never over-admit.
     check_concurrency(mid_hour()) => memory_concurrency, redis_concurrency;
+    /// A settle batch retried with the same id applies once.
+    check_settle_once(mid_hour()) => memory_settle_once, redis_settle_once;
     /// Circuits: rolling-window trips, retry-after trips, one probe per trip, close, events.
     check_breaker(0) => memory_breaker, redis_breaker;
 }
@@ -912,10 +954,13 @@ async fn redis_only_noscript_recovery() {
         .await
         .unwrap();
     let c = admitted(reserve(&s, "ns2", 1000).await);
-    s.settle(&[
-        correction("ns", &a, 1000, 0),
-        correction("ns2", &c, 1000, 0),
-    ])
+    s.settle(
+        new_batch_id(),
+        &[
+            correction("ns", &a, 1000, 0),
+            correction("ns2", &c, 1000, 0),
+        ],
+    )
     .await
     .unwrap();
     assert_eq!(
@@ -946,10 +991,13 @@ async fn redis_only_keys_expire() {
         requests: 1,
         ..UsageDelta::default()
     };
-    s.settle(&[Settlement {
-        usage: Some(usage),
-        ..correction("ttl", &a, 3000, 2000)
-    }])
+    s.settle(
+        new_batch_id(),
+        &[Settlement {
+            usage: Some(usage),
+            ..correction("ttl", &a, 3000, 2000)
+        }],
+    )
     .await
     .unwrap();
     let pttl = |key: &str| -> i64 { env.server.cli(&["PTTL", key]).unwrap().parse().unwrap() };

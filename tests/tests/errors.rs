@@ -16,7 +16,12 @@ const QUOTA_KEY: &str = "tg-secret-key-quota";
 const OFF_KEY: &str = "tg-secret-key-off";
 
 async fn config(extra_backends: &str) -> (Config, Mock) {
-    let mock = Mock::start(MockOpts { name: "m".into(), ..Default::default() }).await.unwrap();
+    let mock = Mock::start(MockOpts {
+        name: "m".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let toml = format!(
         r#"
 [server]
@@ -54,7 +59,10 @@ models = ["gpt-4o", "gpt-4o-mini"]
     (Config::from_toml(&toml).unwrap(), mock)
 }
 
-async fn call(router: &axum::Router, req: Request<Body>) -> (StatusCode, http::HeaderMap, Value, String) {
+async fn call(
+    router: &axum::Router,
+    req: Request<Body>,
+) -> (StatusCode, http::HeaderMap, Value, String) {
     let resp = router.clone().oneshot(req).await.unwrap();
     let status = resp.status();
     let headers = resp.headers().clone();
@@ -80,8 +88,16 @@ fn chat(model: &str, max_tokens: u64) -> String {
 fn assert_error(v: &Value, text: &str, code: &str, kind: &str) {
     assert_eq!(v["error"]["code"], code, "{text}");
     assert_eq!(v["error"]["type"], kind, "{text}");
-    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{text}");
-    assert!(v["error"].as_object().unwrap().contains_key("param"), "{text}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{text}"
+    );
+    assert!(
+        v["error"].as_object().unwrap().contains_key("param"),
+        "{text}"
+    );
     for secret in [KEY, LIMITED_KEY, QUOTA_KEY, OFF_KEY] {
         assert!(!text.contains(secret), "error body leaks a key: {text}");
     }
@@ -97,16 +113,34 @@ async fn bad_requests_are_400() {
         ("[]".to_string(), Value::Null),
         (json!({"messages": []}).to_string(), json!("model")),
         (json!({"model": "gpt-4o"}).to_string(), json!("messages")),
-        (json!({"model": "gpt-4o", "messages": "hi"}).to_string(), json!("messages")),
-        (json!({"model": "gpt-4o", "messages": [], "stream": "yes"}).to_string(), Value::Null),
+        (
+            json!({"model": "gpt-4o", "messages": "hi"}).to_string(),
+            json!("messages"),
+        ),
+        (
+            json!({"model": "gpt-4o", "messages": [], "stream": "yes"}).to_string(),
+            Value::Null,
+        ),
         (String::new(), Value::Null),
     ] {
-        let (s, _, v, text) = call(&router, post("/v1/chat/completions", Some(KEY), body.clone())).await;
+        let (s, _, v, text) = call(
+            &router,
+            post("/v1/chat/completions", Some(KEY), body.clone()),
+        )
+        .await;
         assert_eq!(s, 400, "{body}: {text}");
         assert_error(&v, &text, "invalid_request_error", "invalid_request_error");
         assert_eq!(v["error"]["param"], param, "{body}");
     }
-    let (s, _, v, text) = call(&router, post("/v1/embeddings", Some(KEY), json!({"model": "gpt-4o"}).to_string())).await;
+    let (s, _, v, text) = call(
+        &router,
+        post(
+            "/v1/embeddings",
+            Some(KEY),
+            json!({"model": "gpt-4o"}).to_string(),
+        ),
+    )
+    .await;
     assert_eq!(s, 400);
     assert_eq!(v["error"]["param"], "input", "{text}");
 }
@@ -117,11 +151,19 @@ async fn bad_requests_are_400() {
 async fn unauthenticated_is_401() {
     let (c, _m) = config("").await;
     let (router, _gw, _bg) = tollgate::app(c).await.unwrap();
-    let (s, _, v, text) = call(&router, post("/v1/chat/completions", None, chat("gpt-4o", 5))).await;
+    let (s, _, v, text) = call(
+        &router,
+        post("/v1/chat/completions", None, chat("gpt-4o", 5)),
+    )
+    .await;
     assert_eq!(s, 401);
     assert_error(&v, &text, "invalid_api_key", "authentication_error");
     let wrong = "tg-secret-wrong-key-zzz";
-    let (s, _, _, text) = call(&router, post("/v1/chat/completions", Some(wrong), chat("gpt-4o", 5))).await;
+    let (s, _, _, text) = call(
+        &router,
+        post("/v1/chat/completions", Some(wrong), chat("gpt-4o", 5)),
+    )
+    .await;
     assert_eq!(s, 401);
     assert!(!text.contains(wrong));
     let req = Request::post("/v1/chat/completions")
@@ -131,7 +173,10 @@ async fn unauthenticated_is_401() {
     assert_eq!(call(&router, req).await.0, 401);
     // Each header style works with the right key.
     for h in ["api-key", "ocp-apim-subscription-key"] {
-        let req = Request::post("/v1/chat/completions").header(h, KEY).body(Body::from(chat("gpt-4o", 5))).unwrap();
+        let req = Request::post("/v1/chat/completions")
+            .header(h, KEY)
+            .body(Body::from(chat("gpt-4o", 5)))
+            .unwrap();
         assert_eq!(call(&router, req).await.0, 200, "{h}");
     }
 }
@@ -142,19 +187,33 @@ async fn unauthenticated_is_401() {
 async fn forbidden_and_not_found() {
     let (c, _m) = config("").await;
     let (router, _gw, _bg) = tollgate::app(c).await.unwrap();
-    let (s, _, v, text) = call(&router, post("/v1/chat/completions", Some(KEY), chat("gpt-4o-mini", 5))).await;
+    let (s, _, v, text) = call(
+        &router,
+        post("/v1/chat/completions", Some(KEY), chat("gpt-4o-mini", 5)),
+    )
+    .await;
     assert_eq!(s, 403);
     assert_error(&v, &text, "model_not_allowed", "permission_error");
-    let (s, _, v, text) = call(&router, post("/v1/chat/completions", Some(OFF_KEY), chat("gpt-4o", 5))).await;
+    let (s, _, v, text) = call(
+        &router,
+        post("/v1/chat/completions", Some(OFF_KEY), chat("gpt-4o", 5)),
+    )
+    .await;
     assert_eq!(s, 403);
     assert_error(&v, &text, "consumer_disabled", "permission_error");
-    let (s, _, v, text) = call(&router, post("/v1/chat/completions", Some(KEY), chat("gpt-9", 5))).await;
+    let (s, _, v, text) = call(
+        &router,
+        post("/v1/chat/completions", Some(KEY), chat("gpt-9", 5)),
+    )
+    .await;
     assert_eq!(s, 404);
     assert_error(&v, &text, "model_not_found", "invalid_request_error");
     let (s, _, v, text) = call(&router, post("/v1/nope", Some(KEY), chat("gpt-4o", 5))).await;
     assert_eq!(s, 404);
     assert_error(&v, &text, "not_found", "invalid_request_error");
-    let req = Request::get("/v1/chat/completions").body(Body::empty()).unwrap();
+    let req = Request::get("/v1/chat/completions")
+        .body(Body::empty())
+        .unwrap();
     assert_eq!(call(&router, req).await.0, 405);
 }
 
@@ -163,13 +222,28 @@ async fn forbidden_and_not_found() {
 async fn body_too_large_is_413() {
     let (c, _m) = config("").await;
     let (router, _gw, _bg) = tollgate::app(c).await.unwrap();
-    let big = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x".repeat(5000)}]}).to_string();
-    let (s, _, v, text) = call(&router, post("/v1/chat/completions", Some(KEY), big.clone())).await;
+    let big =
+        json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x".repeat(5000)}]})
+            .to_string();
+    let (s, _, v, text) = call(
+        &router,
+        post("/v1/chat/completions", Some(KEY), big.clone()),
+    )
+    .await;
     assert_eq!(s, 413);
     assert_error(&v, &text, "request_too_large", "invalid_request_error");
     // Streamed without a content-length.
-    let stream = futures::stream::iter(big.into_bytes().chunks(100).map(|c| Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(c))).collect::<Vec<_>>());
-    let (s, _, _, _) = call(&router, post("/v1/chat/completions", Some(KEY), Body::from_stream(stream))).await;
+    let stream = futures::stream::iter(
+        big.into_bytes()
+            .chunks(100)
+            .map(|c| Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(c)))
+            .collect::<Vec<_>>(),
+    );
+    let (s, _, _, _) = call(
+        &router,
+        post("/v1/chat/completions", Some(KEY), Body::from_stream(stream)),
+    )
+    .await;
     assert_eq!(s, 413);
 }
 
@@ -179,21 +253,49 @@ async fn body_too_large_is_413() {
 async fn limits_answer_429_and_403() {
     let (c, _m) = config("").await;
     let (router, _gw, _bg) = tollgate::app(c).await.unwrap();
-    let (s, h, _, text) = call(&router, post("/v1/chat/completions", Some(LIMITED_KEY), chat("gpt-4o", 60))).await;
+    let (s, h, _, text) = call(
+        &router,
+        post(
+            "/v1/chat/completions",
+            Some(LIMITED_KEY),
+            chat("gpt-4o", 60),
+        ),
+    )
+    .await;
     assert_eq!(s, 200, "{text}");
-    let remaining: i64 = h["x-ratelimit-remaining-tokens"].to_str().unwrap().parse().unwrap();
+    let remaining: i64 = h["x-ratelimit-remaining-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(remaining < 40, "{remaining}");
-    let (s, h, v, text) = call(&router, post("/v1/chat/completions", Some(LIMITED_KEY), chat("gpt-4o", 60))).await;
+    let (s, h, v, text) = call(
+        &router,
+        post(
+            "/v1/chat/completions",
+            Some(LIMITED_KEY),
+            chat("gpt-4o", 60),
+        ),
+    )
+    .await;
     assert_eq!(s, 429, "{text}");
     assert_error(&v, &text, "rate_limit_exceeded", "rate_limit_error");
     let ms: u64 = h["retry-after-ms"].to_str().unwrap().parse().unwrap();
     let secs: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
     assert!(ms > 0 && secs == ms.div_ceil(1000), "{ms} {secs}");
 
-    let (s, h, _, text) = call(&router, post("/v1/chat/completions", Some(QUOTA_KEY), chat("gpt-4o", 30))).await;
+    let (s, h, _, text) = call(
+        &router,
+        post("/v1/chat/completions", Some(QUOTA_KEY), chat("gpt-4o", 30)),
+    )
+    .await;
     assert_eq!(s, 200, "{text}");
     assert!(h.contains_key("x-quota-remaining-tokens"));
-    let (s, _, v, text) = call(&router, post("/v1/chat/completions", Some(QUOTA_KEY), chat("gpt-4o", 30))).await;
+    let (s, _, v, text) = call(
+        &router,
+        post("/v1/chat/completions", Some(QUOTA_KEY), chat("gpt-4o", 30)),
+    )
+    .await;
     assert_eq!(s, 403, "{text}");
     assert_error(&v, &text, "quota_exceeded", "insufficient_quota");
 }
@@ -202,8 +304,17 @@ async fn limits_answer_429_and_403() {
 /// timeout; the reservation is refunded either way.
 #[tokio::test]
 async fn backend_failures_are_502_and_504() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let hang = Mock::start(MockOpts { name: "hang".into(), hang: true, ..Default::default() }).await.unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let hang = Mock::start(MockOpts {
+        name: "hang".into(),
+        hang: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let extra = format!(
         r#"
 [[backends]]
@@ -221,12 +332,23 @@ timeouts = {{ connect_ms = 500, first_byte_ms = 300, idle_ms = 300 }}
     );
     let (c, _m) = config(&extra).await;
     let (router, gw, _bg) = tollgate::app(c).await.unwrap();
-    let (s, _, v, text) = call(&router, post("/v1/chat/completions", Some(KEY), chat("dead-model", 5))).await;
+    let (s, _, v, text) = call(
+        &router,
+        post("/v1/chat/completions", Some(KEY), chat("dead-model", 5)),
+    )
+    .await;
     assert_eq!(s, 502, "{text}");
     assert_error(&v, &text, "bad_gateway", "api_error");
-    assert!(!text.contains(&dead.to_string()), "error names the backend address: {text}");
+    assert!(
+        !text.contains(&dead.to_string()),
+        "error names the backend address: {text}"
+    );
     let started = std::time::Instant::now();
-    let (s, _, v, text) = call(&router, post("/v1/chat/completions", Some(KEY), chat("hang-model", 5))).await;
+    let (s, _, v, text) = call(
+        &router,
+        post("/v1/chat/completions", Some(KEY), chat("hang-model", 5)),
+    )
+    .await;
     assert_eq!(s, 504, "{text}");
     assert_error(&v, &text, "gateway_timeout", "api_error");
     assert!(started.elapsed() < std::time::Duration::from_secs(3));
@@ -246,11 +368,27 @@ async fn probes_need_no_key() {
         let (s, _, _, text) = call(&router, Request::get(path).body(Body::empty()).unwrap()).await;
         assert_eq!(s, 200, "{path}: {text}");
     }
-    let (_, _, v, _) = call(&router, Request::get("/readyz").body(Body::empty()).unwrap()).await;
+    let (_, _, v, _) = call(
+        &router,
+        Request::get("/readyz").body(Body::empty()).unwrap(),
+    )
+    .await;
     assert_eq!(v["store"], "memory");
-    let req = Request::get("/v1/models").header("api-key", KEY).body(Body::empty()).unwrap();
+    let req = Request::get("/v1/models")
+        .header("api-key", KEY)
+        .body(Body::empty())
+        .unwrap();
     let (s, _, v, _) = call(&router, req).await;
     assert_eq!(s, 200);
-    let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, vec!["gpt-4o"], "alpha may use only gpt-4o of the served models");
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        vec!["gpt-4o"],
+        "alpha may use only gpt-4o of the served models"
+    );
 }

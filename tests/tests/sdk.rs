@@ -20,7 +20,11 @@ async fn openai_python_sdk() {
     }
     let h = Harness::new()
         .backend("ptu", MockOpts::default(), "api = \"azure\"\npriority = 1")
-        .backend("payg", MockOpts::default(), "api = \"openai\"\npriority = 2")
+        .backend(
+            "payg",
+            MockOpts::default(),
+            "api = \"openai\"\npriority = 2",
+        )
         .consumer("sdk", "")
         .start()
         .await
@@ -36,8 +40,15 @@ async fn openai_python_sdk() {
     .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "SDK checks failed:\n{stdout}\n{stderr}\ngateway log:\n{}", h.gateways[0].log_text());
+    assert!(
+        out.status.success(),
+        "SDK checks failed:\n{stdout}\n{stderr}\ngateway log:\n{}",
+        h.gateways[0].log_text()
+    );
     assert!(stdout.contains("9 checks passed"), "{stdout}");
     let stats = h.mock("ptu").stats().await.unwrap();
-    assert!(stats.ok >= 7, "PTU (priority 1) served the SDK's calls: {stats:?}");
+    assert!(
+        stats.ok >= 7,
+        "PTU (priority 1) served the SDK's calls: {stats:?}"
+    );
 }

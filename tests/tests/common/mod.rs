@@ -8,13 +8,21 @@ use std::time::Duration;
 pub fn metric_sum(text: &str, name: &str, want: &[(&str, &str)]) -> u64 {
     text.lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
-        .filter(|l| want.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter(|l| {
+            want.iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
 }
 
 pub async fn metrics(base: &str) -> String {
-    reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap()
+    reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 /// Polls `f` until it returns true or `within` passes; returns the last value seen.

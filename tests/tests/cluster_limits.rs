@@ -1,0 +1,370 @@
+//! Cluster-wide limits with real processes: one `redis-server`, three gateway processes, a
+//! mock backend, many concurrent clients spread over the three nodes against one consumer.
+//! The tokens the backend actually served (its `/stats`) must respect the consumer's quota and
+//! per-minute limit as if one process enforced them; an operator's `HSET` applies on every
+//! node; a Redis outage under `on_error = "local"` causes no 5xx and the cluster recovers.
+
+mod common;
+
+use parking_lot_shim::Mutex;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tollgate_loadtest::mock::{MockOpts, count_prompt_tokens};
+use tollgate_tests::{Harness, Running, client, key_for};
+
+mod parking_lot_shim {
+    pub type Mutex<T> = std::sync::Mutex<T>;
+}
+
+type Counts = Arc<Mutex<BTreeMap<(usize, u16), u64>>>;
+
+fn body(max_tokens: u64) -> serde_json::Value {
+    json!({"model": "gpt-4o", "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "Tell me about token buckets in one line."}]})
+}
+
+/// `clients` tasks per node send requests back to back until `until` (or until `stop_on` is
+/// answered), counting statuses per node. On 429 a client waits `retry-after-ms` (capped).
+async fn hammer(
+    h: &Running,
+    key: &str,
+    max_tokens: u64,
+    clients: usize,
+    until: Instant,
+    stop_on: Option<u16>,
+) -> Counts {
+    let counts: Counts = Arc::default();
+    let mut tasks = Vec::new();
+    for node in 0..h.gateways.len() {
+        for _ in 0..clients {
+            let (url, key, counts) = (
+                format!("{}/v1/chat/completions", h.url(node)),
+                key.to_string(),
+                counts.clone(),
+            );
+            let c = client();
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < until {
+                    let status = match c
+                        .post(&url)
+                        .bearer_auth(&key)
+                        .json(&body(max_tokens))
+                        .send()
+                        .await
+                    {
+                        Ok(r) => {
+                            let s = r.status().as_u16();
+                            let wait = r
+                                .headers()
+                                .get("retry-after-ms")
+                                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+                            let _ = r.bytes().await;
+                            if let Some(ms) = wait {
+                                tokio::time::sleep(Duration::from_millis(ms.min(100))).await;
+                            }
+                            s
+                        }
+                        Err(_) => 599,
+                    };
+                    *counts.lock().unwrap().entry((node, status)).or_default() += 1;
+                    if Some(status) == stop_on {
+                        break;
+                    }
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    counts
+}
+
+fn total(c: &Counts, status: u16) -> u64 {
+    c.lock()
+        .unwrap()
+        .iter()
+        .filter(|((_, s), _)| *s == status)
+        .map(|(_, n)| n)
+        .sum()
+}
+
+fn per_node(c: &Counts, node: usize, status: u16) -> u64 {
+    c.lock().unwrap().get(&(node, status)).copied().unwrap_or(0)
+}
+
+/// Quota Q over three nodes: the tokens served are ≤ Q + one request and ≥ 0.9 Q.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quota_is_exact_across_three_nodes() {
+    const Q: u64 = 30_000;
+    let h = Harness::new()
+        .redis()
+        .backend("m", MockOpts::default(), "")
+        .consumer("q", &format!("quota = {Q}\nquota_period = \"day\""))
+        .gateways(3)
+        .start()
+        .await
+        .unwrap();
+    let counts = hammer(
+        &h,
+        &key_for("q"),
+        100,
+        8,
+        Instant::now() + Duration::from_secs(30),
+        Some(403),
+    )
+    .await;
+    let per_request = count_prompt_tokens(&body(100)) + 100;
+    let served = h.mock("m").stats().await.unwrap();
+    assert_eq!(served.ok, total(&counts, 200), "{counts:?}");
+    assert!(
+        served.total_tokens <= Q + per_request,
+        "over-admitted: {} > {Q}",
+        served.total_tokens
+    );
+    assert!(
+        served.total_tokens * 10 >= Q * 9,
+        "under-admitted: {} of {Q}",
+        served.total_tokens
+    );
+    for node in 0..3 {
+        assert!(
+            per_node(&counts, node, 200) > 0,
+            "node {node} served nothing: {counts:?}"
+        );
+        assert!(
+            per_node(&counts, node, 403) > 0,
+            "node {node} never refused: {counts:?}"
+        );
+    }
+    assert_eq!(
+        total(&counts, 500) + total(&counts, 502) + total(&counts, 599),
+        0,
+        "{counts:?}"
+    );
+}
+
+/// A TPM limit T over S seconds on three nodes admits ≤ T + T·S/60 (+ one request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tpm_holds_across_three_nodes() {
+    const T: u64 = 6_000;
+    const S: f64 = 6.0;
+    let h = Harness::new()
+        .redis()
+        .backend("m", MockOpts::default(), "")
+        .consumer("t", &format!("tpm = {T}"))
+        .gateways(3)
+        .start()
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let counts = hammer(
+        &h,
+        &key_for("t"),
+        50,
+        6,
+        started + Duration::from_secs_f64(S),
+        None,
+    )
+    .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let per_request = count_prompt_tokens(&body(50)) + 50;
+    let served = h.mock("m").stats().await.unwrap().total_tokens;
+    let bound = T as f64 + T as f64 * elapsed / 60.0 + per_request as f64;
+    assert!(
+        served as f64 <= bound,
+        "over-admitted {served} > {bound:.0}"
+    );
+    assert!(
+        served as f64 >= 0.8 * (T as f64 + T as f64 * S / 60.0),
+        "under-admitted {served}"
+    );
+    // Every node took part and was held to the shared bucket (which node wins the few
+    // refilled tokens after the burst is chance).
+    for node in 0..3 {
+        assert!(per_node(&counts, node, 200) + per_node(&counts, node, 429) > 0, "{counts:?}");
+        assert!(per_node(&counts, node, 429) > 0, "node {node} never limited: {counts:?}");
+    }
+    assert!(total(&counts, 200) > 0);
+}
+
+/// `HSET tg:consumer:{id} tpm N` during load changes the admitted rate on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn live_hset_applies_on_every_node() {
+    let h = Harness::new()
+        .redis()
+        .backend("m", MockOpts::default(), "")
+        .consumer("live", "tpm = 10000000")
+        .gateways(3)
+        .start()
+        .await
+        .unwrap();
+    let before = hammer(
+        &h,
+        &key_for("live"),
+        20,
+        2,
+        Instant::now() + Duration::from_secs(2),
+        None,
+    )
+    .await;
+    let redis = h.redis.as_ref().unwrap();
+    assert_eq!(
+        redis
+            .cli(&["HSET", "tg:consumer:{live}", "tpm", "600"])
+            .unwrap(),
+        "0"
+    );
+    let tokens_before = h.mock("m").stats().await.unwrap().total_tokens;
+    let after = hammer(
+        &h,
+        &key_for("live"),
+        20,
+        2,
+        Instant::now() + Duration::from_secs(2),
+        None,
+    )
+    .await;
+    let tokens_after = h.mock("m").stats().await.unwrap().total_tokens - tokens_before;
+    for node in 0..3 {
+        let (b, a) = (per_node(&before, node, 200), per_node(&after, node, 200));
+        assert!(b > 50, "node {node}: {before:?}");
+        assert!(
+            a * 5 < b,
+            "node {node} kept its rate after HSET: {b} -> {a}"
+        );
+        assert!(
+            per_node(&after, node, 429) > 0,
+            "node {node} never limited: {after:?}"
+        );
+    }
+    let per_request = count_prompt_tokens(&body(20)) + 20;
+    assert!(
+        tokens_after <= 600 + 600 * 3 / 60 + per_request,
+        "{tokens_after}"
+    );
+}
+
+/// Redis killed during load under `on_error = "local"`: no 5xx, `/readyz` says which mode is
+/// active, and the nodes return to the shared store when Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_outage_local_fallback_and_recovery() {
+    let mut h = Harness::new()
+        .persistent_redis()
+        .backend("m", MockOpts::default(), "")
+        .consumer("o", "tpm = 10000000")
+        .store("on_error = \"local\"")
+        .gateways(3)
+        .start()
+        .await
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(6);
+    let key = key_for("o");
+    let load = {
+        let urls: Vec<String> = (0..3).map(|i| h.url(i)).collect();
+        tokio::spawn(async move {
+            let c = client();
+            let mut statuses: BTreeMap<u16, u64> = BTreeMap::new();
+            let mut i = 0;
+            while Instant::now() < until {
+                let url = format!("{}/v1/chat/completions", urls[i % 3]);
+                i += 1;
+                let s = match c.post(&url).bearer_auth(&key).json(&body(5)).send().await {
+                    Ok(r) => r.status().as_u16(),
+                    Err(_) => 599,
+                };
+                *statuses.entry(s).or_default() += 1;
+            }
+            statuses
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    h.redis.as_mut().unwrap().stop();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let c = client();
+    for i in 0..3 {
+        let v: serde_json::Value = c
+            .get(format!("{}/readyz", h.url(i)))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["mode"], "fallback_local", "node {i}: {v}");
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    h.redis.as_mut().unwrap().restart().unwrap();
+    let statuses = load.await.unwrap();
+    let bad: u64 = statuses
+        .iter()
+        .filter(|(s, _)| **s >= 500)
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(bad, 0, "5xx during the outage: {statuses:?}");
+    assert!(
+        statuses.get(&200).copied().unwrap_or(0) > 100,
+        "{statuses:?}"
+    );
+    for i in 0..3 {
+        let url = h.url(i);
+        let ok = common::eventually(Duration::from_secs(5), || {
+            let (c, url) = (c.clone(), url.clone());
+            async move {
+                let v: serde_json::Value = c
+                    .get(format!("{url}/readyz"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                v["mode"] == "shared"
+            }
+        })
+        .await;
+        assert!(ok, "node {i} did not return to the shared store");
+        let r = c
+            .post(format!("{url}/v1/chat/completions"))
+            .bearer_auth(key_for("o"))
+            .json(&body(5))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            200,
+            "{:?}\n{}",
+            h.redis.as_ref().unwrap().cli(&["KEYS", "*"]),
+            h.redis.as_ref().unwrap().log()
+        );
+    }
+    // The usage buffered during the outage reached the store once it was back.
+    let served = h.mock("m").stats().await.unwrap();
+    let redis = h.redis.as_ref().unwrap();
+    let seen = std::sync::atomic::AtomicU64::new(0);
+    let ok = common::eventually(Duration::from_secs(5), || async {
+        let keys = redis.cli(&["--scan", "--pattern", "tg:usage:*"]).unwrap();
+        let mut reqs = 0u64;
+        for k in keys.lines() {
+            let fields = redis.cli(&["HGETALL", k]).unwrap();
+            let v: Vec<&str> = fields.lines().collect();
+            for pair in v.chunks(2) {
+                if pair.len() == 2 && pair[0].ends_with("|req") {
+                    reqs += pair[1].parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+        seen.store(reqs, std::sync::atomic::Ordering::Relaxed);
+        reqs == served.ok
+    })
+    .await;
+    assert!(
+        ok,
+        "usage totals lost requests served during the outage (mock served {}, totals say {})",
+        served.ok,
+        seen.into_inner()
+    );
+}
