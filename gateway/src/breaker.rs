@@ -1,62 +1,228 @@
-//! Circuit breaking per backend: failures (listed statuses, connect errors, timeouts) counted in
-//! a rolling window trip the backend for `trip_ms`; a 429 carrying `retry-after(-ms)` trips it
-//! for exactly that long when `accept_retry_after` is set. Routing reads the result from each
-//! backend's `open_until_ms`, so it never waits on this module.
+//! Circuit breaking per backend, shared by every replica.
 //!
-//! This replica keeps its own counts; state shared across the cluster through the store comes
-//! with the PTU-first routing work (issue 5).
+//! Failures (the breaker's listed statuses, connect errors, timeouts) are counted in a rolling
+//! window in the store by one script; when the window is full — or at once for a 429 carrying
+//! `retry-after(-ms)` when `accept_retry_after` is set — the circuit opens for `trip_ms` (or
+//! exactly the retry-after) and the change is published to every replica, which keeps it in
+//! each backend's local state: routing reads only that, never the store. When a trip's time is
+//! up the circuit is half-open: exactly one replica in the cluster wins the probe lease and
+//! sends one real request as the probe (a success closes the circuit everywhere, a failure
+//! re-opens it); the others keep away until they hear the result.
+//!
+//! Store calls happen off the request's way (spawned) except the probe lease, which only a
+//! request that would otherwise skip a half-open backend asks for. While the store is
+//! unreachable each replica counts failures on its own.
 
-use crate::routing::{Backend, now_ms};
+use crate::limits::AnyStore;
+use crate::routing::{Backend, Routes, now_ms};
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tollgate_quota::{BreakerFailure, BreakerState, Store};
 
-#[derive(Default)]
+/// How often a replica asks for the probe lease of a half-open backend.
+const PROBE_ASK_INTERVAL_MS: u64 = 200;
+/// How often the full circuit state is re-read, healing any lost pub/sub message.
+const SYNC_INTERVAL: Duration = Duration::from_secs(2);
+
 pub struct Breakers {
-    windows: Mutex<HashMap<Arc<str>, VecDeque<u64>>>,
+    store: AnyStore,
+    /// Failure windows counted here while the store is unreachable.
+    local: Mutex<HashMap<Arc<str>, VecDeque<u64>>>,
 }
 
 impl Breakers {
-    /// A transport failure or timeout.
-    pub fn failure(&self, b: &Backend, retry_after_ms: Option<u64>) {
-        self.count(b, retry_after_ms);
+    pub fn new(store: AnyStore) -> Arc<Breakers> {
+        Arc::new(Breakers {
+            store,
+            local: Mutex::new(HashMap::new()),
+        })
     }
 
-    /// A failure status; only the breaker's listed statuses count.
-    pub fn failure_status(&self, b: &Backend, status: u16, retry_after_ms: Option<u64>) {
-        if b.config.breaker.statuses.contains(&status) {
-            let ra = if status == 429 && b.config.breaker.accept_retry_after {
-                retry_after_ms
-            } else {
-                None
-            };
-            self.count(b, ra);
-        }
+    /// Starts following the shared circuit state: pub/sub events and a periodic full read.
+    pub fn start(self: &Arc<Self>, routes: &Routes) -> Vec<JoinHandle<()>> {
+        let by_name: Arc<HashMap<String, Arc<Backend>>> = Arc::new(
+            routes
+                .backends
+                .iter()
+                .map(|b| (b.name.to_string(), b.clone()))
+                .collect(),
+        );
+        let mut events = self.store.breaker_events();
+        let listener = {
+            let by_name = by_name.clone();
+            tokio::spawn(async move {
+                loop {
+                    match events.recv().await {
+                        Ok(st) => {
+                            if let Some(b) = by_name.get(&st.backend) {
+                                apply(b, &st);
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(_) => return,
+                    }
+                }
+            })
+        };
+        let store = self.store.clone();
+        let sync = tokio::spawn(async move {
+            let names: Vec<String> = by_name.keys().cloned().collect();
+            let mut tick = tokio::time::interval(SYNC_INTERVAL);
+            loop {
+                tick.tick().await;
+                if let Ok(states) = store.breaker_states(&names).await {
+                    for st in states {
+                        if let Some(b) = by_name.get(&st.backend) {
+                            apply(b, &st);
+                        }
+                    }
+                }
+            }
+        });
+        vec![listener, sync]
     }
 
-    fn count(&self, b: &Backend, retry_after_ms: Option<u64>) {
-        let now = now_ms();
+    /// A failed attempt: a transport error or timeout (`status` None) or a failure status.
+    /// `probe` says the attempt was the trip's probe.
+    pub fn failure(
+        self: &Arc<Self>,
+        b: &Arc<Backend>,
+        status: Option<u16>,
+        retry_after_ms: Option<u64>,
+        probe: bool,
+    ) {
         let cfg = &b.config.breaker;
-        if let Some(ms) = retry_after_ms.filter(|ms| *ms > 0) {
-            b.trip_until(now + ms);
-            tracing::info!(backend = %b.name, trip_ms = ms, "circuit open (retry-after)");
+        let counts = status.is_none_or(|s| cfg.statuses.contains(&s));
+        if !counts && !probe {
             return;
         }
-        let mut w = self.windows.lock();
-        let q = w.entry(b.name.clone()).or_default();
-        q.push_back(now);
-        while q.front().is_some_and(|t| *t + cfg.window_ms <= now) {
-            q.pop_front();
+        let trip_for_ms = match (status, cfg.accept_retry_after) {
+            (Some(429), true) => retry_after_ms.filter(|ms| *ms > 0),
+            _ => None,
+        };
+        // This replica stops at once; the store tells the others.
+        if let Some(ms) = trip_for_ms {
+            b.trip_until(now_ms() + ms);
         }
-        if q.len() >= cfg.failures as usize {
-            q.clear();
-            b.trip_until(now + cfg.trip_ms);
-            tracing::info!(backend = %b.name, trip_ms = cfg.trip_ms, "circuit open (failures)");
+        let failure = BreakerFailure {
+            failures: cfg.failures,
+            window_ms: cfg.window_ms,
+            trip_ms: cfg.trip_ms,
+            trip_for_ms,
+            probe,
+        };
+        let (me, b) = (self.clone(), b.clone());
+        tokio::spawn(async move {
+            match me.store.breaker_failure(&b.name, &failure).await {
+                Ok(st) => {
+                    if st.open_until_ms != 0 {
+                        tracing::info!(
+                            backend = %b.name,
+                            open_ms = st.open_for_ms(),
+                            trip = st.trip,
+                            "circuit open"
+                        );
+                    }
+                    apply(&b, &st);
+                }
+                Err(e) => {
+                    tracing::debug!(backend = %b.name, error = %e, "breaker store call failed");
+                    me.count_locally(&b, &failure);
+                }
+            }
+        });
+    }
+
+    /// A successful attempt. Only a probe (or a success on a backend this replica still
+    /// believes tripped) costs a store call: it closes the circuit for everyone.
+    pub fn success(self: &Arc<Self>, b: &Arc<Backend>, probe: bool) {
+        if !probe && !b.tripped.load(Ordering::Relaxed) {
+            return;
+        }
+        b.open_until_ms.store(0, Ordering::Relaxed);
+        b.tripped.store(false, Ordering::Relaxed);
+        let (store, b) = (self.store.clone(), b.clone());
+        tokio::spawn(async move {
+            match store.breaker_close(&b.name).await {
+                Ok(true) => tracing::info!(backend = %b.name, "circuit closed"),
+                Ok(false) => {}
+                Err(e) => tracing::debug!(backend = %b.name, error = %e, "breaker close failed"),
+            }
+        });
+    }
+
+    /// Whether this request may be the probe of a half-open backend (true for one request in
+    /// the cluster per trip).
+    pub async fn try_probe(&self, b: &Backend) -> bool {
+        let now = now_ms();
+        let asked = b.probe_asked_ms.load(Ordering::Relaxed);
+        if now < asked + PROBE_ASK_INTERVAL_MS
+            || b.probe_asked_ms
+                .compare_exchange(asked, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return false;
+        }
+        let lease_ms = b.config.timeouts.first_byte_ms + 1_000;
+        match self.store.breaker_probe(&b.name, lease_ms).await {
+            Ok(granted) => granted,
+            // No store to agree with: this replica probes for itself.
+            Err(_) => true,
         }
     }
 
-    pub fn success(&self, _b: &Backend) {}
+    /// The breaker's verdict while the store is unreachable: a window per replica.
+    fn count_locally(&self, b: &Backend, f: &BreakerFailure) {
+        let now = now_ms();
+        if let Some(ms) = f.trip_for_ms.or(f.probe.then_some(f.trip_ms)) {
+            b.trip_until(now + ms);
+            b.tripped.store(true, Ordering::Relaxed);
+            return;
+        }
+        let mut w = self.local.lock();
+        let q = w.entry(b.name.clone()).or_default();
+        q.push_back(now);
+        while q.front().is_some_and(|t| *t + f.window_ms <= now) {
+            q.pop_front();
+        }
+        if q.len() >= f.failures as usize {
+            q.clear();
+            b.trip_until(now + f.trip_ms);
+            b.tripped.store(true, Ordering::Relaxed);
+            tracing::info!(backend = %b.name, trip_ms = f.trip_ms, "circuit open (local count)");
+        }
+    }
 
-    /// The backend's reported utilization (0..1).
-    pub fn utilization(&self, _b: &Backend, _u: f64) {}
+    /// The backend's reported utilization (0..1): above its `spill_utilization`, new requests
+    /// go to the next priority group for a moment, before it starts answering 429.
+    pub fn utilization(&self, b: &Backend, u: f64) {
+        if let Some(limit) = b.config.spill_utilization
+            && u > limit
+        {
+            b.spill_until_ms.store(now_ms() + 1_000, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Mirrors a stored circuit into the backend's local state (the store's clock is translated
+/// into this replica's: only the time left is used).
+fn apply(b: &Backend, st: &BreakerState) {
+    if st.open_until_ms == 0 {
+        b.open_until_ms.store(0, Ordering::Relaxed);
+        b.tripped.store(false, Ordering::Relaxed);
+        return;
+    }
+    b.tripped.store(true, Ordering::Relaxed);
+    let until = now_ms() + st.open_for_ms();
+    // A newer trip replaces the old one; the same trip never moves back.
+    let seen = b.trip_seen.swap(st.trip, Ordering::Relaxed);
+    if st.trip > seen {
+        b.open_until_ms.store(until, Ordering::Relaxed);
+    } else {
+        b.open_until_ms.fetch_max(until, Ordering::Relaxed);
+    }
 }

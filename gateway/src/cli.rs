@@ -305,6 +305,7 @@ pub fn render_usage(rows: &[UsageRow], by: By, format: Format) -> String {
         }
     }
     let cost = |p: u128| p as f64 / 1e12;
+    let exact = |p: u128| fmt_cost(p);
     let mut out = String::new();
     match format {
         Format::Json => {
@@ -313,13 +314,14 @@ pub fn render_usage(rows: &[UsageRow], by: By, format: Format) -> String {
                 .map(|(k, t)| {
                     serde_json::json!({label: k, "requests": t.requests, "input_tokens": t.input,
                         "output_tokens": t.output, "cached_input_tokens": t.cached,
-                        "cost": cost(t.cost_pico), "cost_pico": t.cost_pico.to_string()})
+                        "cost": cost(t.cost_pico), "cost_exact": exact(t.cost_pico),
+                        "cost_pico": t.cost_pico.to_string()})
                 })
                 .collect();
             let doc = serde_json::json!({"by": label, "rows": items, "total": {
                 "requests": total.requests, "input_tokens": total.input, "output_tokens": total.output,
                 "cached_input_tokens": total.cached, "cost": cost(total.cost_pico),
-                "cost_pico": total.cost_pico.to_string()}});
+                "cost_exact": exact(total.cost_pico), "cost_pico": total.cost_pico.to_string()}});
             out = serde_json::to_string_pretty(&doc).unwrap_or_default();
             out.push('\n');
         }
@@ -329,12 +331,13 @@ pub fn render_usage(rows: &[UsageRow], by: By, format: Format) -> String {
             ));
             for (k, t) in &groups {
                 out.push_str(&format!(
-                    "{k},{},{},{},{},{:.6}\n",
+                    "{},{},{},{},{},{}\n",
+                    csv_field(k),
                     t.requests,
                     t.input,
                     t.output,
                     t.cached,
-                    cost(t.cost_pico)
+                    exact(t.cost_pico)
                 ));
             }
         }
@@ -346,17 +349,17 @@ pub fn render_usage(rows: &[UsageRow], by: By, format: Format) -> String {
                 .max()
                 .unwrap_or(8);
             out.push_str(&format!(
-                "{label:<w$}  {:>10}  {:>14}  {:>14}  {:>14}  {:>14}\n",
+                "{label:<w$}  {:>10}  {:>14}  {:>14}  {:>14}  {:>18}\n",
                 "requests", "input_tokens", "output_tokens", "cached_tokens", "cost"
             ));
             let line = |name: &str, t: &T| {
                 format!(
-                    "{name:<w$}  {:>10}  {:>14}  {:>14}  {:>14}  {:>14.6}\n",
+                    "{name:<w$}  {:>10}  {:>14}  {:>14}  {:>14}  {:>18}\n",
                     t.requests,
                     t.input,
                     t.output,
                     t.cached,
-                    cost(t.cost_pico)
+                    exact(t.cost_pico)
                 )
             };
             for (k, t) in &groups {
@@ -366,6 +369,24 @@ pub fn render_usage(rows: &[UsageRow], by: By, format: Format) -> String {
         }
     }
     out
+}
+
+/// A cost in pico-units as an exact decimal in currency units: every significant digit kept
+/// (a token at 0.15 per 1M is 0.00000015), at least two decimals.
+pub fn fmt_cost(pico: u128) -> String {
+    const ONE: u128 = 1_000_000_000_000;
+    let frac = format!("{:012}", pico % ONE);
+    let frac = frac.trim_end_matches('0');
+    format!("{}.{frac:0<2}", pico / ONE)
+}
+
+/// A CSV field, quoted when it holds a separator, a quote or a line break.
+fn csv_field(v: &str) -> String {
+    if v.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", v.replace('"', "\"\""))
+    } else {
+        v.to_string()
+    }
 }
 
 /// `tollgate demo`: bundled mock PTU and PAYG backends, a memory store and a demo key.
@@ -461,13 +482,29 @@ mod tests {
         assert_eq!(lines.len(), 4, "{t}");
         assert!(lines[3].starts_with("TOTAL"));
         assert!(
-            lines[1].contains("11") && lines[1].contains("0.000002"),
+            lines[1].contains("11") && lines[1].contains("0.0000015"),
             "{t}"
         );
+        let csv = render_usage(&rows, By::Consumer, Format::Csv);
+        assert_eq!(csv.lines().nth(1), Some("a,2,11,6,0,0.0000015"), "{csv}");
         let j: serde_json::Value =
             serde_json::from_str(&render_usage(&rows, By::Model, Format::Json)).unwrap();
         assert_eq!(j["total"]["input_tokens"], 13);
         assert_eq!(j["rows"][0]["model"], "m1");
         assert_eq!(j["rows"][0]["requests"], 2);
+        assert_eq!(j["total"]["cost_pico"], "1500000");
+        assert_eq!(j["total"]["cost_exact"], "0.0000015");
+    }
+
+    /// Costs print exactly: no rounding of small amounts away, no float drift in large ones.
+    #[test]
+    fn cost_precision() {
+        assert_eq!(fmt_cost(0), "0.00");
+        assert_eq!(fmt_cost(150_000), "0.00000015");
+        assert_eq!(fmt_cost(2_500_000_000_000), "2.50");
+        assert_eq!(
+            fmt_cost(123_456_789_012_345_678_901),
+            "123456789.012345678901"
+        );
     }
 }

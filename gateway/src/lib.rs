@@ -15,7 +15,8 @@
 //! - [`credentials`] — backend tokens (OAuth2 client credentials, managed identity), kept fresh.
 //! - [`proxy`] — forwarding with failover, streaming the response through a usage tap.
 //! - [`usage`] — settle, cost and usage totals, off the request path.
-//! - [`telemetry`] — metrics.
+//! - [`telemetry`] — Prometheus metrics at `/metrics`.
+//! - [`otel`] — OTLP export: a GenAI span per request, token metrics, one log record per usage record.
 //! - [`server`] — building the app, serving, graceful shutdown.
 //! - [`cli`] — the `tollgate` commands.
 
@@ -28,6 +29,7 @@ pub mod credentials;
 pub mod error;
 pub mod jwt;
 pub mod limits;
+pub mod otel;
 pub mod pipeline;
 pub mod proxy;
 pub mod request;

@@ -2,6 +2,7 @@
 
 use crate::Gateway;
 use crate::error::Error;
+use crate::otel::RequestSpan;
 use crate::proxy::Forward;
 use crate::request::{self, Operation, RouteStyle};
 use crate::routing::now_ms;
@@ -22,15 +23,37 @@ pub async fn handle(
 ) -> Response {
     let started = Instant::now();
     let request_id = request_id(&headers);
-    let mut resp = match serve(&gw, op, style, &headers, body, started, &request_id).await {
+    // The span starts first so that it covers the whole request; it continues the client's
+    // `traceparent`, and the backend and the client get the gateway span's instead.
+    let mut span = gw.otel.as_ref().map(|o| o.start_span(&headers));
+    let traceparent = span.as_ref().and_then(|s| s.traceparent());
+    let mut resp = match serve(
+        &gw,
+        op,
+        style,
+        &headers,
+        body,
+        started,
+        &request_id,
+        &mut span,
+    )
+    .await
+    {
         Ok(r) => r,
         Err(e) => {
-            gw.metrics.error(e.to_api().kind.code());
+            let api = e.to_api();
+            gw.metrics.error(api.kind.code());
+            if let Some(s) = span.take() {
+                s.fail(api.kind.status().as_u16(), api.kind.code());
+            }
             e.into_response()
         }
     };
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert("x-request-id", v);
+    }
+    if let Some(tp) = traceparent {
+        resp.headers_mut().insert("traceparent", tp);
     }
     resp
 }
@@ -45,6 +68,7 @@ fn request_id(headers: &HeaderMap) -> String {
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     gw: &Gateway,
     op: Operation,
@@ -53,6 +77,7 @@ async fn serve(
     body: Body,
     started: Instant,
     request_id: &str,
+    span: &mut Option<RequestSpan>,
 ) -> Result<Response, Error> {
     // 1. Authenticate before reading the body: an unknown caller costs nothing more.
     let caller = gw.auth.authenticate(headers, &gw.limits).await?;
@@ -103,7 +128,14 @@ async fn serve(
     let remaining_tpm = reserved.admission.remaining_tpm;
     let remaining_quota = reserved.admission.remaining_quota;
 
-    // 7. From here on the meter settles the reservation however the request ends.
+    // 7. From here on the meter settles the reservation however the request ends (and the
+    //    usage worker ends the span, with the tokens on it).
+    let trace_id = match span.as_ref() {
+        Some(s) => s.trace_id(),
+        None => crate::otel::incoming_trace_id(headers),
+    };
+    // The backend continues the gateway's span, not the client's.
+    let traceparent = span.as_ref().and_then(|s| s.traceparent());
     let mut meter = Meter::new(
         gw.usage_tx.clone(),
         Outcome {
@@ -124,6 +156,8 @@ async fn serve(
             first_byte: None,
             duration: Default::default(),
             failovers: 0,
+            trace_id,
+            span: span.take(),
         },
     );
 
@@ -131,6 +165,16 @@ async fn serve(
     //    before the first byte.
     let result = match gw.routes.plan(&req.model, now_ms()) {
         Ok(plan) => {
+            let traced;
+            let headers = match traceparent {
+                Some(tp) => {
+                    let mut h = headers.clone();
+                    h.insert("traceparent", tp);
+                    traced = h;
+                    &traced
+                }
+                None => headers,
+            };
             let fwd = Forward {
                 client: &gw.client,
                 breakers: &gw.breakers,

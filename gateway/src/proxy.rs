@@ -12,7 +12,7 @@ use crate::auth::CREDENTIAL_HEADERS;
 use crate::breaker::Breakers;
 use crate::error::Error;
 use crate::request::{ClientRequest, Operation, RouteStyle, rewrite_body};
-use crate::routing::{Backend, Credential};
+use crate::routing::{Backend, Candidate, Credential};
 use crate::usage::Meter;
 use axum::body::Body;
 use axum::response::Response;
@@ -61,6 +61,9 @@ fn is_dropped_response_header(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(&n) || n == "set-cookie" || n.starts_with("x-ratelimit-")
 }
 
+/// Most backends one request is sent to (the first try and its failovers).
+pub const MAX_ATTEMPTS: usize = 4;
+
 /// Which backend served a response (a response extension, for debug headers).
 #[derive(Clone, Debug)]
 pub struct ServedBy(pub Arc<str>);
@@ -77,22 +80,34 @@ enum AttemptError {
 /// The forwarding context of one request.
 pub struct Forward<'a> {
     pub client: &'a reqwest::Client,
-    pub breakers: &'a Breakers,
+    pub breakers: &'a Arc<Breakers>,
     pub req: &'a ClientRequest,
     pub headers: &'a HeaderMap,
     pub request_id: &'a str,
 }
 
 impl Forward<'_> {
-    /// Tries the backends of `plan` in order; returns the first usable response.
-    pub async fn run(&self, plan: &[Arc<Backend>], meter: &mut Meter) -> Result<Response, Error> {
+    /// Tries the candidates of `plan` in order (a half-open one only if this request wins its
+    /// probe), at most [`MAX_ATTEMPTS`] sends; returns the first usable response.
+    pub async fn run(&self, plan: &[Candidate], meter: &mut Meter) -> Result<Response, Error> {
         let mut last: Option<Error> = None;
         let mut retry_after: Option<u64> = None;
-        for (attempt, backend) in plan.iter().enumerate() {
-            if attempt > 0 {
+        let mut attempts = 0;
+        for c in plan {
+            if attempts == MAX_ATTEMPTS {
+                break;
+            }
+            let backend = &c.backend;
+            if c.half_open && !self.breakers.try_probe(backend).await {
+                // Another replica (or request) is probing it; keep away until it reports.
+                retry_after = Some(retry_after.map_or(1_000, |r: u64| r.min(1_000)));
+                continue;
+            }
+            if attempts > 0 {
                 meter.get().failovers += 1;
             }
-            match self.attempt(backend, meter).await {
+            attempts += 1;
+            match self.attempt(backend, c.half_open, meter).await {
                 Ok(resp) => return Ok(resp),
                 Err(AttemptError::Retryable {
                     err,
@@ -114,7 +129,12 @@ impl Forward<'_> {
         })
     }
 
-    async fn attempt(&self, b: &Arc<Backend>, meter: &mut Meter) -> Result<Response, AttemptError> {
+    async fn attempt(
+        &self,
+        b: &Arc<Backend>,
+        probe: bool,
+        meter: &mut Meter,
+    ) -> Result<Response, AttemptError> {
         let req = self.req;
         let deployment = b.deployment(&req.model);
         let set_model = match (b.config.api, req.op, &req.style) {
@@ -153,6 +173,10 @@ impl Forward<'_> {
         if let Ok(v) = HeaderValue::from_str(self.request_id) {
             headers.insert("x-request-id", v);
         }
+        if probe {
+            // Marks the one request the cluster sends to a half-open backend.
+            headers.insert("x-tollgate-probe", HeaderValue::from_static("1"));
+        }
         match &b.credential {
             Credential::None => {}
             Credential::Header(name, value) => {
@@ -174,14 +198,14 @@ impl Forward<'_> {
             tokio::time::timeout(Duration::from_millis(timeouts.first_byte_ms), send).await;
         let resp = match result {
             Err(_) => {
-                self.breakers.failure(b, None);
+                self.breakers.failure(b, None, None, probe);
                 return Err(AttemptError::Retryable {
                     err: Error::UpstreamTimeout,
                     retry_after_ms: None,
                 });
             }
             Ok(Err(e)) => {
-                self.breakers.failure(b, None);
+                self.breakers.failure(b, None, None, probe);
                 let err = if e.is_timeout() {
                     Error::UpstreamTimeout
                 } else {
@@ -201,7 +225,7 @@ impl Forward<'_> {
         {
             let retry_after_ms = retry_after_ms(resp.headers());
             self.breakers
-                .failure_status(b, status.as_u16(), retry_after_ms);
+                .failure(b, Some(status.as_u16()), retry_after_ms, probe);
             let err = if status == StatusCode::TOO_MANY_REQUESTS {
                 Error::NoBackend { retry_after_ms }
             } else {
@@ -212,7 +236,7 @@ impl Forward<'_> {
                 retry_after_ms,
             });
         }
-        self.breakers.success(b);
+        self.breakers.success(b, probe);
         if let Some(u) = utilization(resp.headers()) {
             self.breakers.utilization(b, u);
         }

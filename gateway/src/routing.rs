@@ -9,7 +9,7 @@ use http::HeaderValue;
 use rand::Rng;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tollgate_common::Secret;
 use tollgate_common::config::{BackendApi, BackendAuth, BackendConfig, Config, secret_from_env};
 
@@ -106,8 +106,17 @@ pub struct Backend {
     pub base: String,
     pub credential: Credential,
     pub price: PriceMicros,
-    /// Circuit open until this unix time (ms); 0 = closed.
+    /// Circuit open until this unix time (ms, this replica's clock); 0 = closed.
     pub open_until_ms: AtomicU64,
+    /// The store says the circuit tripped and has not closed since: once `open_until_ms`
+    /// passes it is half-open, and only a probe may go.
+    pub tripped: AtomicBool,
+    /// The last trip number seen from the store.
+    pub trip_seen: AtomicU64,
+    /// When this replica last asked for the probe lease (unix ms).
+    pub probe_asked_ms: AtomicU64,
+    /// Deprioritised until then (unix ms): it reported utilization above `spill_utilization`.
+    pub spill_until_ms: AtomicU64,
 }
 
 impl Backend {
@@ -188,6 +197,10 @@ impl Routes {
                 base,
                 price,
                 open_until_ms: AtomicU64::new(0),
+                tripped: AtomicBool::new(false),
+                trip_seen: AtomicU64::new(0),
+                probe_asked_ms: AtomicU64::new(0),
+                spill_until_ms: AtomicU64::new(0),
             }));
         }
         let mut pools: HashMap<String, Vec<Group>> = HashMap::new();
@@ -226,12 +239,13 @@ impl Routes {
     /// The backends to try for `model`, in order: the available ones of each priority group in a
     /// weighted-random order, best group first. Tripped backends are left out; when every
     /// backend is tripped the error says when the first one reopens.
-    pub fn plan(&self, model: &str, now_ms: u64) -> Result<Vec<Arc<Backend>>, Error> {
+    pub fn plan(&self, model: &str, now_ms: u64) -> Result<Vec<Candidate>, Error> {
         let groups = self
             .pools
             .get(model)
             .ok_or_else(|| Error::ModelNotFound(model.to_string()))?;
         let mut plan = Vec::with_capacity(4);
+        let mut spilling = Vec::new();
         let mut rng = rand::rng();
         let mut first_reopen = u64::MAX;
         for g in groups {
@@ -258,15 +272,46 @@ impl Routes {
                     pick -= *w as u64;
                 }
                 let (i, _) = open.swap_remove(idx);
-                plan.push(self.backends[i].clone());
+                let b = &self.backends[i];
+                let c = Candidate {
+                    backend: b.clone(),
+                    half_open: b.tripped.load(Ordering::Relaxed),
+                };
+                if b.spill_until_ms.load(Ordering::Relaxed) > now_ms {
+                    spilling.push(c);
+                } else {
+                    plan.push(c);
+                }
             }
         }
+        // A backend near saturation serves only when the groups below cannot.
+        plan.extend(spilling);
         if plan.is_empty() {
             let retry_after_ms = (first_reopen != u64::MAX).then(|| first_reopen - now_ms);
             return Err(Error::NoBackend { retry_after_ms });
         }
         Ok(plan)
     }
+
+    /// When the first tripped backend of `model` reopens, from now (ms).
+    pub fn reopen_in_ms(&self, model: &str, now_ms: u64) -> Option<u64> {
+        let groups = self.pools.get(model)?;
+        groups
+            .iter()
+            .flat_map(|g| g.members.iter())
+            .map(|(i, _)| self.backends[*i].open_until_ms.load(Ordering::Relaxed))
+            .filter(|u| *u > now_ms)
+            .min()
+            .map(|u| u - now_ms)
+    }
+}
+
+/// A backend to try, in plan order.
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    pub backend: Arc<Backend>,
+    /// Its circuit is half-open: it may serve only as the trip's probe.
+    pub half_open: bool,
 }
 
 pub fn now_ms() -> u64 {
@@ -312,16 +357,18 @@ weight = 1
         let mut first_payg = HashMap::new();
         for _ in 0..4000 {
             let plan = r.plan("m", 1).unwrap();
-            assert_eq!(&*plan[0].name, "ptu");
+            assert_eq!(&*plan[0].backend.name, "ptu");
             assert_eq!(plan.len(), 3);
-            *first_payg.entry(plan[1].name.to_string()).or_insert(0) += 1;
+            *first_payg
+                .entry(plan[1].backend.name.to_string())
+                .or_insert(0) += 1;
         }
         let a = first_payg["payg-a"] as f64 / 4000.0;
         assert!((0.70..0.80).contains(&a), "weight 3:1 gave {a}");
         r.backends[0].trip_until(10_000);
         let plan = r.plan("m", 5_000).unwrap();
         assert_eq!(plan.len(), 2);
-        assert!(plan.iter().all(|b| b.name.starts_with("payg")));
+        assert!(plan.iter().all(|c| c.backend.name.starts_with("payg")));
         r.backends[1].trip_until(20_000);
         r.backends[2].trip_until(15_000);
         match r.plan("m", 5_000) {

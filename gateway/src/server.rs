@@ -6,6 +6,7 @@ use crate::auth::{Auth, KeyAuth};
 use crate::breaker::Breakers;
 use crate::jwt::JwtAuth;
 use crate::limits::{AnyStore, Limits};
+use crate::otel::Otel;
 use crate::pipeline;
 use crate::request::{Operation, RouteStyle};
 use crate::routing::Routes;
@@ -36,17 +37,21 @@ pub struct Gateway {
     pub limits: Arc<Limits>,
     pub auth: Auth,
     pub routes: Routes,
-    pub breakers: Breakers,
+    pub breakers: Arc<Breakers>,
     pub client: reqwest::Client,
     pub metrics: Arc<Metrics>,
     pub tokenizer: Tokenizer,
     pub usage_tx: mpsc::UnboundedSender<Outcome>,
+    /// OTLP export, when `telemetry.otlp_endpoint` is set: the pipeline starts request spans.
+    pub otel: Option<Arc<Otel>>,
 }
 
 /// The background work that outlives requests: the usage worker.
 pub struct Background {
     usage: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,
+    /// Flushed after the usage worker: it ends the last spans and emits the last usage logs.
+    otel: Option<Arc<Otel>>,
 }
 
 impl Background {
@@ -57,6 +62,9 @@ impl Background {
         }
         if tokio::time::timeout(within, self.usage).await.is_err() {
             tracing::error!("usage worker did not finish in time; some usage may not be written");
+        }
+        if let Some(otel) = self.otel {
+            otel.shutdown(within).await;
         }
     }
 }
@@ -132,6 +140,8 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
         let _ = limits.local.seed_consumer(&rec, &keys).await;
     }
     let routes = Routes::from_config(&config)?;
+    let breakers = Breakers::new(limits.store.clone());
+    let breaker_tasks = breakers.start(&routes);
     // Token credentials: one refresh task per backend fetches the first token now.
     for b in &routes.backends {
         if let crate::routing::Credential::Token(p) = &b.credential {
@@ -163,10 +173,12 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
         StoreKind::Memory => Duration::ZERO,
         StoreKind::Redis => Duration::from_millis(config.limits.key_cache_ms),
     };
+    let otel = Otel::start(&config.telemetry).context("telemetry")?;
     let worker = UsageWorker {
         limits: limits.clone(),
         metrics: metrics.clone(),
         tokenizer,
+        otel: otel.clone(),
     };
     let flush_for = Duration::from_millis(config.server.shutdown_grace_ms.min(10_000));
     let usage = tokio::spawn(worker.run(usage_rx, flush_for));
@@ -186,18 +198,20 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
         config,
         limits,
         routes,
-        breakers: Breakers::default(),
+        breakers,
         client,
         metrics,
         tokenizer,
         usage_tx,
+        otel: otel.clone(),
     });
     Ok((
         router(gw.clone()),
         gw,
         Background {
             usage,
-            tasks: heartbeat.into_iter().collect(),
+            otel,
+            tasks: heartbeat.into_iter().chain(breaker_tasks).collect(),
         },
     ))
 }
@@ -293,11 +307,32 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
 }
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
-    let extra = format!(
+    use std::fmt::Write as _;
+    let mut extra = format!(
         "# HELP tollgate_store_degraded Whether the fallback policy is in force\n\
-         # TYPE tollgate_store_degraded gauge\ntollgate_store_degraded {}\n",
-        gw.limits.degraded() as u8
+         # TYPE tollgate_store_degraded gauge\ntollgate_store_degraded {}\n\
+         # HELP tollgate_replicas Live replicas sharing the store\n\
+         # TYPE tollgate_replicas gauge\ntollgate_replicas {}\n\
+         # HELP tollgate_breaker_state Circuit per backend: 0 closed, 1 open, 2 half-open\n\
+         # TYPE tollgate_breaker_state gauge\n",
+        gw.limits.degraded() as u8,
+        gw.limits.replicas(),
     );
+    let now = crate::routing::now_ms();
+    for b in &gw.routes.backends {
+        let open = b.open_until_ms.load(std::sync::atomic::Ordering::Relaxed) > now;
+        let tripped = b.tripped.load(std::sync::atomic::Ordering::Relaxed);
+        let state = match (open, tripped) {
+            (true, _) => 1,
+            (false, true) => 2,
+            (false, false) => 0,
+        };
+        let _ = writeln!(
+            extra,
+            "tollgate_breaker_state{{backend=\"{}\"}} {state}",
+            b.name
+        );
+    }
     (
         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         gw.metrics.render(&extra),

@@ -10,6 +10,7 @@
 //! and retried; what overflows is counted and logged, never dropped silently.
 
 use crate::limits::{Limits, Placement, Reserved};
+use crate::otel::{Otel, RequestSpan};
 use crate::request::Operation;
 use crate::routing::Backend;
 use crate::telemetry::Metrics;
@@ -51,6 +52,10 @@ pub struct Outcome {
     pub first_byte: Option<Duration>,
     pub duration: Duration,
     pub failovers: u32,
+    /// W3C trace id (hex) of the request: the gateway span's, else the client's; empty if none.
+    pub trace_id: String,
+    /// The request's OTLP span, ended by the usage worker once the tokens are known.
+    pub span: Option<RequestSpan>,
 }
 
 /// Follows one request and reports its [`Outcome`] exactly once, on drop.
@@ -107,6 +112,8 @@ fn unreachable_outcome() -> Outcome {
         first_byte: None,
         duration: Duration::ZERO,
         failovers: 0,
+        trace_id: String::new(),
+        span: None,
     }
 }
 
@@ -153,6 +160,8 @@ pub struct UsageWorker {
     pub limits: Arc<Limits>,
     pub metrics: Arc<Metrics>,
     pub tokenizer: Tokenizer,
+    /// OTLP export (span end, metrics, the usage log record), when configured.
+    pub otel: Option<Arc<Otel>>,
 }
 
 impl UsageWorker {
@@ -199,14 +208,19 @@ impl UsageWorker {
             .map(|b| cost_pico(&usage, b))
             .unwrap_or(0);
         self.metrics.record_outcome(&o, &usage, cost);
+        if let Some(otel) = &self.otel {
+            otel.record(&mut o, &usage, cost);
+        }
         let backend_name = o.backend.as_ref().map(|b| b.name.to_string());
         tracing::debug!(
             target: "tollgate::usage",
             request_id = %o.request_id,
+            trace_id = %o.trace_id,
             consumer = %o.consumer,
             team = %o.team,
             model = %o.model,
             backend = backend_name.as_deref().unwrap_or("-"),
+            priority = o.backend.as_ref().map(|b| b.config.priority),
             input_tokens = usage.input,
             output_tokens = usage.output,
             cached_tokens = usage.cached_input,
@@ -350,5 +364,51 @@ impl Pending {
             }
         }
         dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Cost is exact integer pico-units: uncached input, cached input (at its own price, or the
+    /// input price when none is set) and output each at their price per 1M tokens.
+    #[test]
+    fn cost_uses_the_cached_price_for_cached_tokens() {
+        let config = tollgate_common::Config::from_toml(
+            r#"
+[[backends]]
+name = "payg"
+url = "http://127.0.0.1:1"
+models = ["gpt-4o"]
+price = { input_per_1m = 2.5, output_per_1m = 10.0, cached_input_per_1m = 1.25 }
+[[backends]]
+name = "plain"
+url = "http://127.0.0.1:2"
+models = ["gpt-4o"]
+price = { input_per_1m = 0.15, output_per_1m = 0.6 }
+"#,
+        )
+        .unwrap();
+        let routes = crate::routing::Routes::from_config(&config).unwrap();
+        let (payg, plain) = (&routes.backends[0], &routes.backends[1]);
+        let u = TokenUsage {
+            input: 1000,
+            output: 200,
+            cached_input: 400,
+        };
+        assert_eq!(
+            cost_pico(&u, payg),
+            600 * 2_500_000 + 400 * 1_250_000 + 200 * 10_000_000
+        );
+        // No cached price: cached tokens cost the input price.
+        assert_eq!(cost_pico(&u, plain), 1000 * 150_000 + 200 * 600_000);
+        // Cached beyond input (a bad report) never underflows.
+        let odd = TokenUsage {
+            input: 10,
+            output: 0,
+            cached_input: 50,
+        };
+        assert_eq!(cost_pico(&odd, payg), 10 * 1_250_000);
     }
 }

@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod otlp;
 pub mod redis;
 
 use anyhow::{Context as _, bail};

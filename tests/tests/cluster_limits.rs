@@ -184,8 +184,14 @@ async fn tpm_holds_across_three_nodes() {
     // Every node took part and was held to the shared bucket (which node wins the few
     // refilled tokens after the burst is chance).
     for node in 0..3 {
-        assert!(per_node(&counts, node, 200) + per_node(&counts, node, 429) > 0, "{counts:?}");
-        assert!(per_node(&counts, node, 429) > 0, "node {node} never limited: {counts:?}");
+        assert!(
+            per_node(&counts, node, 200) + per_node(&counts, node, 429) > 0,
+            "{counts:?}"
+        );
+        assert!(
+            per_node(&counts, node, 429) > 0,
+            "node {node} never limited: {counts:?}"
+        );
     }
     assert!(total(&counts, 200) > 0);
 }

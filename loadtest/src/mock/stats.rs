@@ -35,6 +35,9 @@ pub struct Stats {
     pub failed: u64,
     /// Requests answered 400 (bad JSON, missing model, missing api-version).
     pub bad_request: u64,
+    /// Requests marked `x-tollgate-probe: 1` (a gateway probing a tripped circuit).
+    #[serde(default)]
+    pub probes: u64,
     /// 2xx answers that were streams.
     pub streams: u64,
     /// Usage actually served in 2xx answers; a stream cut short counts the tokens it sent.
@@ -86,6 +89,7 @@ struct Counters {
     rate_limited: u64,
     failed: u64,
     bad_request: u64,
+    probes: u64,
     streams: u64,
     prompt_tokens: u64,
     completion_tokens: u64,
@@ -108,6 +112,9 @@ impl Recorder {
     pub(crate) fn received(&self, uri: &Uri, headers: &HeaderMap, body: &Bytes) {
         let mut c = self.counters.lock();
         c.requests += 1;
+        if headers.get("x-tollgate-probe").is_some_and(|v| v == "1") {
+            c.probes += 1;
+        }
         match c.paths.get_mut(uri.path()) {
             Some(count) => *count += 1,
             None => {
@@ -195,6 +202,7 @@ impl Recorder {
             rate_limited: c.rate_limited,
             failed: c.failed,
             bad_request: c.bad_request,
+            probes: c.probes,
             streams: c.streams,
             prompt_tokens: c.prompt_tokens,
             completion_tokens: c.completion_tokens,

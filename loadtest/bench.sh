@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# tollgate benchmark: the same workload against the mock directly, nginx proxy_pass, tollgate
+# (memory store; Redis limits + routing + telemetry; 3 replicas behind nginx), LiteLLM proxy and
+# Portkey gateway, on this machine, in one run; prints one markdown table. See docs/BENCHMARKS.md.
+#
+#   loadtest/bench.sh                 full run (~5 min): builds release binaries first
+#   loadtest/bench.sh --smoke         ~10 s check for CI: mock + tollgate (memory, redis), no
+#                                     nginx/LiteLLM/Portkey, no timing assertions; exits non-zero
+#                                     only when requests fail
+#   loadtest/bench.sh --install       also install what is missing: nginx (apt), LiteLLM (pip, into
+#                                     a venv) and Portkey (npm), under target/bench-cache
+#   loadtest/bench.sh --no-build      use the binaries already in --bin-dir
+#   loadtest/bench.sh --debug         use (and build) target/debug (the smoke default)
+#   loadtest/bench.sh --release       use (and build) target/release (the full-run default)
+# Every other option goes to loadtest/bench/bench.py (--help lists them: --rate, --duration,
+# --concurrency, --only, --pin, --out, ...).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+build=1 install=0 smoke=0 profile=""
+args=()
+for a in "$@"; do
+  case "$a" in
+    --no-build) build=0 ;;
+    --install) install=1 ;;
+    --debug) profile=debug ;;
+    --release) profile=release ;;
+    --smoke) smoke=1; args+=("$a") ;;
+    *) args+=("$a") ;;
+  esac
+done
+[ -n "$profile" ] || { [ "$smoke" = 1 ] && profile=debug || profile=release; }
+cache="${TOLLGATE_BENCH_CACHE:-$PWD/target/bench-cache}"
+
+if [ "$install" = 1 ]; then
+  mkdir -p "$cache"
+  if ! command -v nginx >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq nginx || echo "bench: nginx install failed" >&2
+  fi
+  if [ ! -x "$cache/litellm-venv/bin/litellm" ]; then
+    python3 -m venv "$cache/litellm-venv" &&
+      "$cache/litellm-venv/bin/pip" install -q 'litellm[proxy]' || echo "bench: LiteLLM install failed" >&2
+  fi
+  if [ ! -f "$cache/portkey/node_modules/@portkey-ai/gateway/build/start-server.js" ]; then
+    mkdir -p "$cache/portkey" &&
+      (cd "$cache/portkey" && { [ -f package.json ] || npm init -y >/dev/null; } &&
+        npm install --no-audit --no-fund @portkey-ai/gateway) || echo "bench: Portkey install failed" >&2
+  fi
+fi
+
+if [ "$build" = 1 ]; then
+  flag=""; [ "$profile" = release ] && flag="--release"
+  cargo build $flag -p tollgate -p tollgate-loadtest
+fi
+
+# The Python helper owns every process it starts and kills them on exit; this trap covers the
+# helper itself when this script is interrupted.
+python3 loadtest/bench/bench.py --bin-dir "target/$profile" --cache "$cache" "${args[@]}" &
+helper=$!
+trap 'kill -TERM "$helper" 2>/dev/null || true; wait "$helper" 2>/dev/null || true' EXIT INT TERM HUP
+wait "$helper"
+rc=$?
+trap - EXIT INT TERM HUP
+exit "$rc"
