@@ -422,8 +422,9 @@ impl Otel {
                 ("metrics", self.meter_provider.shutdown()),
                 ("logs", self.logger_provider.shutdown()),
             ] {
+                // A dead collector was already reported by the export client.
                 if let Err(e) = r {
-                    tracing::warn!(signal, error = %e, "OTLP flush at shutdown failed");
+                    tracing::debug!(signal, error = %e, "OTLP flush at shutdown failed");
                 }
             }
         });
