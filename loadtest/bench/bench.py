@@ -203,6 +203,13 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
+def busy_seconds() -> float:
+    """CPU time all CPUs spent busy (not idle / iowait) since boot, from /proc/stat."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    # user nice system idle iowait irq softirq steal: busy = all but idle and iowait.
+    return (sum(f[:8]) - f[3] - f[4]) / CLK_TCK
+
+
 def status_kb(pids: list[int], key: str) -> int:
     total = 0
     for pid in descendants(pids):
@@ -230,6 +237,9 @@ class Run:
     bad: int = 0
     status: dict = field(default_factory=dict)
     cpu_s: float = 0.0
+    # Share of the machine's CPU used by processes outside this benchmark during the run
+    # (other builds, ...): a disturbance indicator, 0 on a quiet machine.
+    other_pct: float = 0.0
     raw: dict = field(default_factory=dict)
 
 
@@ -388,12 +398,18 @@ http {{
         if background:
             return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         pids = [p.pid for p in tier]
-        cpu0 = cpu_seconds(pids)
+        ours = pids + [p.pid for p in self.procs.live]
+        cpu0, own0, busy0, kids0, t0 = cpu_seconds(pids), cpu_seconds(ours), busy_seconds(), os.times(), time.time()
         res = subprocess.run(argv, capture_output=True, text=True)
-        cpu1 = cpu_seconds(pids)
+        cpu1, own1, busy1, kids1, t1 = cpu_seconds(pids), cpu_seconds(ours), busy_seconds(), os.times(), time.time()
         if res.returncode != 0:
             raise RuntimeError(f"tollgate-load failed: {res.stderr.strip()[-500:]}")
-        return self.parse(json.loads(res.stdout), cpu1 - cpu0)
+        run = self.parse(json.loads(res.stdout), cpu1 - cpu0)
+        load_gen = (kids1.children_user + kids1.children_system) - (kids0.children_user + kids0.children_system)
+        load_gen += (kids1.user + kids1.system) - (kids0.user + kids0.system)  # this harness itself
+        other = (busy1 - busy0) - (own1 - own0) - load_gen
+        run.other_pct = max(0.0, 100 * other / ((t1 - t0) * (os.cpu_count() or 1)))
+        return run
 
     @staticmethod
     def parse(r: dict, cpu_s=0.0) -> Run:
@@ -688,7 +704,7 @@ def render(rows, direct, extras, notes, args, machine) -> str:
     lines = []
     hdr = ["target", "rate", "p50 µs", "p99 µs", "added p50 µs", "added p99 µs", "rps (closed loop)",
            "× nginx", "core % at max", "CPU ms / 1k req", "peak RSS MB", "added TTFT p50 µs",
-           "added TTFT p99 µs", "notes"]
+           "added TTFT p99 µs", "other load %", "notes"]
     lines.append("| " + " | ".join(hdr) + " |")
     lines.append("|" + "|".join("---" for _ in hdr) + "|")
     for r in rows:
@@ -707,9 +723,10 @@ def render(rows, direct, extras, notes, args, machine) -> str:
             t50, t99 = f"({st.ttft_p50:.0f})", f"({st.ttft_p99:.0f})"
         else:
             t50 = t99 = "—"
+        other = max([lat.other_pct] + ([thr.other_pct] if thr else []))
         lines.append("| " + " | ".join([r["target"], f"{r['rate']:g}", fmt_us(lat.p50), fmt_us(lat.p99),
                                          added50, added99, rps, ratio, core, cpu, rss, t50, t99,
-                                         r.get("note", "")]) + " |")
+                                         f"{other:.0f}", r.get("note", "")]) + " |")
     out = ["## Results", "", *lines, ""]
     if "streams" in extras:
         s = extras["streams"]
@@ -728,7 +745,9 @@ def render(rows, direct, extras, notes, args, machine) -> str:
     out += ["Workload: chat completions, 100 prompt tokens, max_tokens 16; latency and CPU from an open loop "
             f"at the `rate` column for {args.duration:g} s; throughput from a closed loop of {args.concurrency} "
             f"workers; streaming at {args.stream_rate:g} rps (direct TTFT in parentheses). "
-            f"Pinning: {machine['pinning']}.", ""]
+            "\"other load %\": the largest share of the machine's CPU used by processes outside the "
+            "benchmark during the row's throughput or latency run (0 on a quiet machine; rows with more "
+            f"than a few % were disturbed). Pinning: {machine['pinning']}.", ""]
     for n in notes:
         out.append(f"- {n}")
     return "\n".join(out) + "\n"

@@ -123,10 +123,11 @@ async fn ptu_first_overflow_to_payg_across_three_nodes() {
         "probes {} for {trips} trips",
         ptu.probes
     );
-    // Each 429 trips the circuit at once on every node: per trip at most one 429 per node
-    // (plus requests already in flight when it tripped).
+    // Each 429 trips the circuit at once on every node, so per trip the PTU answers 429 only
+    // to requests already in flight when it tripped: at most one per client (3 nodes × 4).
+    // (Measured: about 3 per trip — one per node.)
     assert!(
-        ptu.rate_limited <= trips * 4,
+        ptu.rate_limited <= trips * 12,
         "429s {} over {trips} trips",
         ptu.rate_limited
     );
