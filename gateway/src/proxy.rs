@@ -158,7 +158,12 @@ impl Forward<'_> {
             } => v.as_str(),
             _ => b.config.api_version.as_str(),
         };
-        let url = b.url(req.op, deployment, api_version);
+        let url =
+            b.target(req.op, &req.model, api_version)
+                .map_err(|err| AttemptError::Retryable {
+                    err,
+                    retry_after_ms: None,
+                })?;
 
         let mut headers = HeaderMap::with_capacity(self.headers.len() + 2);
         for (k, v) in self.headers {

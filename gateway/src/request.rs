@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// The OpenAI operation a route maps to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Operation {
     Chat,
     Completions,
@@ -20,6 +20,13 @@ pub enum Operation {
 }
 
 impl Operation {
+    pub const ALL: [Operation; 4] = [
+        Operation::Chat,
+        Operation::Completions,
+        Operation::Embeddings,
+        Operation::Responses,
+    ];
+
     /// Path suffix shared by the OpenAI and Azure APIs.
     pub fn path(self) -> &'static str {
         match self {
@@ -138,6 +145,21 @@ pub fn parse(op: Operation, style: RouteStyle, body: Bytes) -> Result<ClientRequ
             Error::bad_request(format!("invalid request body: {e}"))
         }
     })?;
+    if let RouteStyle::AzureDeployment {
+        api_version: Some(v),
+        ..
+    } = &style
+        && (v.is_empty()
+            || v.len() > 64
+            || !v
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'))
+    {
+        return Err(Error::BadRequest {
+            message: "'api-version' must look like 2024-10-21".into(),
+            param: Some("api-version"),
+        });
+    }
     let model = match (&style, f.model) {
         (RouteStyle::AzureDeployment { deployment, .. }, _) => deployment.clone(),
         (_, Some(m)) if !m.is_empty() => m,

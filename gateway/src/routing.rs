@@ -106,6 +106,8 @@ pub struct Backend {
     pub base: String,
     pub credential: Credential,
     pub price: PriceMicros,
+    /// Parsed URLs per (operation, model) for the backend's own `api_version`.
+    pub urls: HashMap<(crate::request::Operation, String), reqwest::Url>,
     /// Circuit open until this unix time (ms, this replica's clock); 0 = closed.
     pub open_until_ms: AtomicU64,
     /// The store says the circuit tripped and has not closed since: once `open_until_ms`
@@ -121,6 +123,23 @@ pub struct Backend {
 
 impl Backend {
     /// The URL for an operation on this backend.
+    /// The URL for an operation on a model, parsed once at start-up for the backend's own
+    /// `api_version`; another version (the client's) is built on the spot.
+    pub fn target(
+        &self,
+        op: crate::request::Operation,
+        model: &str,
+        api_version: &str,
+    ) -> Result<reqwest::Url, Error> {
+        if api_version == self.config.api_version
+            && let Some(u) = self.urls.get(&(op, model.to_string()))
+        {
+            return Ok(u.clone());
+        }
+        reqwest::Url::parse(&self.url(op, self.deployment(model), api_version))
+            .map_err(|_| Error::bad_request("api-version is not valid in a URL"))
+    }
+
     pub fn url(
         &self,
         op: crate::request::Operation,
@@ -190,18 +209,29 @@ impl Routes {
                     b.price.cached_input_per_1m.unwrap_or(b.price.input_per_1m),
                 ),
             };
-            backends.push(Arc::new(Backend {
+            let mut backend = Backend {
                 name: Arc::from(b.name.as_str()),
                 credential: Credential::from_config(b)?,
                 config: b.clone(),
                 base,
                 price,
+                urls: HashMap::new(),
                 open_until_ms: AtomicU64::new(0),
                 tripped: AtomicBool::new(false),
                 trip_seen: AtomicU64::new(0),
                 probe_asked_ms: AtomicU64::new(0),
                 spill_until_ms: AtomicU64::new(0),
-            }));
+            };
+            for model in &b.models {
+                for op in crate::request::Operation::ALL {
+                    let url = backend.url(op, backend.deployment(model), &b.api_version);
+                    let parsed = reqwest::Url::parse(&url).map_err(|e| {
+                        anyhow::anyhow!("backends.{}: {url} is not a valid URL: {e}", b.name)
+                    })?;
+                    backend.urls.insert((op, model.clone()), parsed);
+                }
+            }
+            backends.push(Arc::new(backend));
         }
         let mut pools: HashMap<String, Vec<Group>> = HashMap::new();
         for model in config.models() {

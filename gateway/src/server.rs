@@ -351,6 +351,12 @@ pub async fn run(
     let (router, gw, background) = app(config).await?;
     drop(gw);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Without TCP_NODELAY, Nagle holds a stream's first event behind the response head until
+    // the client's delayed ACK (~40 ms).
+    use axum::serve::ListenerExt as _;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(listener, router).with_graceful_shutdown(async move {
         shutdown.await;
         let _ = stop_tx.send(true);

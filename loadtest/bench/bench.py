@@ -635,6 +635,9 @@ http {{
         slow_p, slow_url = self.mock("mock-slow", ["--tokens-per-sec", "20"])
         p, url = self.tollgate("tg-streams", self.tollgate_config("tg-streams", slow_url))
         try:
+            # The tokenizer loads after the `listening on` line: settle with a few requests first.
+            self.load(url, concurrency=1, duration=0.3)
+            time.sleep(0.3)
             idle_kb = status_kb([p.pid], "VmRSS")
             # 200 tokens at 20/s: every stream stays open ~10 s, so all n are open together.
             lp = self.load(url, concurrency=n, duration=3, stream=True, max_tokens=200, background=True)
@@ -703,7 +706,7 @@ def render(rows, direct, extras, notes, args, machine) -> str:
     nginx = next((r for r in rows if r["target"].startswith("nginx")), None)
     lines = []
     hdr = ["target", "rate", "p50 µs", "p99 µs", "added p50 µs", "added p99 µs", "rps (closed loop)",
-           "× nginx", "core % at max", "CPU ms / 1k req", "peak RSS MB", "added TTFT p50 µs",
+           "× nginx", "core % at max", "CPU µs / req at max", "× nginx by CPU", "CPU ms / 1k req", "peak RSS MB", "added TTFT p50 µs",
            "added TTFT p99 µs", "other load %", "notes"]
     lines.append("| " + " | ".join(hdr) + " |")
     lines.append("|" + "|".join("---" for _ in hdr) + "|")
@@ -716,6 +719,14 @@ def render(rows, direct, extras, notes, args, machine) -> str:
         ratio = f"{thr.rps / nginx['thr'].rps:.2f}" if thr and nginx and "thr" in nginx else "—"
         core = f"{100 * thr.cpu_s / thr.raw['duration_s']:.0f}" if thr and not is_direct else "—"
         cpu = "—" if is_direct else f"{1000 * 1000 * lat.cpu_s / max(1, lat.requests):.1f}"
+        # CPU per request when saturated, and the throughput ratio it implies if the gateway's
+        # own core were the bottleneck (the closed-loop ratio is capped by the client core).
+        def per_req(x):
+            return 1e6 * x["thr"].cpu_s / max(1, x["thr"].requests)
+
+        us_max = f"{per_req(r):.0f}" if thr and not is_direct else "—"
+        by_cpu = (f"{per_req(nginx) / per_req(r):.2f}" if thr and not is_direct and nginx and "thr" in nginx
+                  and per_req(r) > 0 else "—")
         rss = "—" if is_direct else f"{r['hwm_kb'] / 1024:.1f}"
         if st.ttft_p50 is not None and d_st.ttft_p50 is not None and not is_direct:
             t50, t99 = f"{st.ttft_p50 - d_st.ttft_p50:+.0f}", f"{st.ttft_p99 - d_st.ttft_p99:+.0f}"
@@ -725,12 +736,12 @@ def render(rows, direct, extras, notes, args, machine) -> str:
             t50 = t99 = "—"
         other = max([lat.other_pct] + ([thr.other_pct] if thr else []))
         lines.append("| " + " | ".join([r["target"], f"{r['rate']:g}", fmt_us(lat.p50), fmt_us(lat.p99),
-                                         added50, added99, rps, ratio, core, cpu, rss, t50, t99,
+                                         added50, added99, rps, ratio, core, us_max, by_cpu, cpu, rss, t50, t99,
                                          f"{other:.0f}", r.get("note", "")]) + " |")
     out = ["## Results", "", *lines, ""]
     if "streams" in extras:
         s = extras["streams"]
-        out += [f"tollgate (memory store) with {s['n']} concurrent streams: RSS idle {s['idle_kb'] / 1024:.1f} MB, "
+        out += [f"tollgate (memory store) with {s['n']} concurrent streams: RSS idle (after one request) {s['idle_kb'] / 1024:.1f} MB, "
                 f"peak while streaming {s['peak_kb'] / 1024:.1f} MB (VmHWM {s['hwm_kb'] / 1024:.1f} MB); "
                 f"statuses {s['status']}.", ""]
     if "big" in extras:
