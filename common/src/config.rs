@@ -124,6 +124,9 @@ pub struct LimitsConfig {
     pub default_quota_period: Period,
     /// How long a key → consumer lookup is cached on a replica (revocation delay).
     pub key_cache_ms: u64,
+    /// Busy consumers' tokens are leased to a replica in slices (debited in Redis first, at most
+    /// 250 ms old), so most of their requests skip the store round trip.
+    pub lease: bool,
 }
 
 impl Default for LimitsConfig {
@@ -134,6 +137,7 @@ impl Default for LimitsConfig {
             default_quota: None,
             default_quota_period: Period::Month,
             key_cache_ms: 1000,
+            lease: true,
         }
     }
 }

@@ -138,6 +138,56 @@ pub struct Limits {
     learned: Mutex<HashMap<String, Learned>>,
     /// Consumers from the configuration (their model allow-lists hold during an outage too).
     configured: HashMap<String, ConsumerRecord>,
+    /// Leases of busy consumers' tokens (`None`: leasing is off, e.g. the memory store).
+    leases: Option<Mutex<Leases>>,
+}
+
+/// How long a lease lives: an operator's lowered limit or `disabled 1` applies within this.
+pub const LEASE_MS: u64 = 250;
+/// Requests per second on this replica that make a consumer busy enough to lease.
+const BUSY_RPS: u64 = 20;
+
+/// A slice of a busy consumer's bucket and quota, debited in the store ahead of use so the
+/// cluster can never over-admit; this replica admits from it without a store call until it is
+/// spent or [`LEASE_MS`] old, then returns what is left.
+struct Lease {
+    left: u64,
+    expires_ms: u64,
+    admission: Admission,
+}
+
+#[derive(Default)]
+struct Rate {
+    second: u64,
+    reqs: u64,
+    tokens: u64,
+    last_reqs: u64,
+    last_tokens: u64,
+}
+
+impl Rate {
+    fn record(&mut self, now_ms: u64, tokens: u64) {
+        let sec = now_ms / 1000;
+        if sec != self.second {
+            (self.last_reqs, self.last_tokens) = if sec == self.second + 1 {
+                (self.reqs, self.tokens)
+            } else {
+                (0, 0)
+            };
+            (self.second, self.reqs, self.tokens) = (sec, 0, 0);
+        }
+        self.reqs += 1;
+        self.tokens += tokens;
+    }
+}
+
+#[derive(Default)]
+struct Leases {
+    /// By consumer and model (a lease passed the model allow-list for that model only).
+    active: HashMap<(String, String), Lease>,
+    rates: HashMap<String, Rate>,
+    /// Lease requests in flight, so a busy consumer asks once at a time.
+    asking: std::collections::HashSet<(String, String)>,
 }
 
 impl Limits {
@@ -157,6 +207,7 @@ impl Limits {
             replicas: AtomicU32::new(1),
             learned: Mutex::new(HashMap::new()),
             configured: configured.into_iter().map(|c| (c.id.clone(), c)).collect(),
+            leases: None,
         })
     }
 
@@ -294,8 +345,176 @@ impl Limits {
         }
     }
 
-    /// Debits `tokens` for the consumer, or says why not.
+    /// Turns leasing on (the Redis store: it saves busy consumers a round trip per request).
+    pub fn with_leases(mut self: Arc<Self>) -> Arc<Self> {
+        if let Some(me) = Arc::get_mut(&mut self) {
+            me.leases = Some(Mutex::new(Leases::default()));
+        }
+        self
+    }
+
+    /// Debits `tokens` for the consumer, or says why not: from this replica's lease when the
+    /// consumer is busy and has one, else with one store call.
     pub async fn reserve(
+        self: &Arc<Self>,
+        consumer: &str,
+        model: &str,
+        tokens: u64,
+        require_record: bool,
+    ) -> Result<Reserved, Error> {
+        let Some(leases) = &self.leases else {
+            return self
+                .reserve_direct(consumer, model, tokens, require_record)
+                .await;
+        };
+        let now = crate::routing::now_ms();
+        let key = (consumer.to_string(), model.to_string());
+        let mut want_lease = false;
+        {
+            let mut g = leases.lock();
+            g.rates
+                .entry(consumer.to_string())
+                .or_default()
+                .record(now, tokens);
+            if let Some(l) = g.active.get_mut(&key)
+                && l.expires_ms > now
+                && l.left >= tokens
+                && !self.degraded()
+            {
+                l.left -= tokens;
+                let mut admission = l.admission.clone();
+                admission.remaining_tpm = admission.remaining_tpm.map(|r| r + l.left as i64);
+                admission.remaining_quota = admission.remaining_quota.map(|r| r + l.left as i64);
+                return Ok(Reserved {
+                    admission,
+                    tokens,
+                    place: Placement::Shared,
+                });
+            }
+            let rate = &g.rates[consumer];
+            if rate.reqs.max(rate.last_reqs) >= BUSY_RPS && !g.asking.contains(&key) {
+                g.asking.insert(key.clone());
+                want_lease = true;
+            }
+        }
+        let r = self
+            .reserve_direct(consumer, model, tokens, require_record)
+            .await;
+        match (&r, want_lease) {
+            (Ok(res), true) if res.place == Placement::Shared => {
+                self.clone()
+                    .acquire_lease(key, res.admission.clone(), require_record);
+            }
+            (_, true) => {
+                leases.lock().asking.remove(&key);
+            }
+            _ => {}
+        }
+        r
+    }
+
+    /// Asks the store for a lease in the background: a quarter second of the consumer's recent
+    /// use, at most 1/20 of its per-minute limit and 1/50 of the quota it has left.
+    fn acquire_lease(
+        self: Arc<Self>,
+        key: (String, String),
+        last: Admission,
+        require_record: bool,
+    ) {
+        tokio::spawn(async move {
+            let Some(leases) = &self.leases else { return };
+            let size = {
+                let g = leases.lock();
+                let rate = g.rates.get(&key.0);
+                let per_sec = rate.map(|r| r.tokens.max(r.last_tokens)).unwrap_or(0);
+                let mut size = per_sec / 4;
+                if let Some(t) = last.tpm {
+                    size = size.min(t / 20);
+                }
+                if let Some(q) = last.remaining_quota {
+                    size = size.min(q.max(0) as u64 / 50);
+                }
+                size
+            };
+            let mut granted = None;
+            if size > 0 {
+                let req = ReserveRequest {
+                    consumer: &key.0,
+                    model: &key.1,
+                    tokens: size,
+                    defaults: &self.defaults,
+                    require_record,
+                };
+                if let Ok(Decision::Admitted(a)) = self.store.reserve(&req).await {
+                    granted = Some(Lease {
+                        left: size,
+                        expires_ms: crate::routing::now_ms() + LEASE_MS,
+                        admission: a,
+                    });
+                }
+            }
+            let old = {
+                let mut g = leases.lock();
+                g.asking.remove(&key);
+                match granted {
+                    Some(l) => g.active.insert(key.clone(), l),
+                    None => None,
+                }
+            };
+            if let Some(old) = old {
+                self.return_leases(vec![(key.0, old)]).await;
+            }
+        });
+    }
+
+    /// Returns what expired leases (all of them with `all`) did not use.
+    pub async fn sweep_leases(&self, all: bool) {
+        let Some(leases) = &self.leases else { return };
+        let now = crate::routing::now_ms();
+        let expired: Vec<(String, Lease)> = {
+            let mut g = leases.lock();
+            let keys: Vec<(String, String)> = g
+                .active
+                .iter()
+                .filter(|(_, l)| all || l.expires_ms <= now)
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.into_iter()
+                .filter_map(|k| g.active.remove(&k).map(|l| (k.0, l)))
+                .collect()
+        };
+        self.return_leases(expired).await;
+    }
+
+    async fn return_leases(&self, leases: Vec<(String, Lease)>) {
+        let batch: Vec<Settlement> = leases
+            .into_iter()
+            .filter(|(_, l)| l.left > 0)
+            .map(|(consumer, l)| Settlement {
+                consumer,
+                reserved: l.left,
+                actual: 0,
+                window: l.admission.window,
+                tpm: l.admission.tpm,
+                usage: None,
+            })
+            .collect();
+        if batch.is_empty() {
+            return;
+        }
+        let id = tollgate_quota::new_batch_id();
+        for _ in 0..3 {
+            if self.store.settle(id, &batch).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        // Unreturned lease tokens only make the consumer wait longer; nothing is over-admitted.
+        tracing::debug!(leases = batch.len(), "could not return unused lease tokens");
+    }
+
+    /// Debits `tokens` for the consumer with one store call, or says why not.
+    async fn reserve_direct(
         &self,
         consumer: &str,
         model: &str,

@@ -50,6 +50,8 @@ pub struct Gateway {
 pub struct Background {
     usage: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,
+    /// Its unused leases are returned at shutdown.
+    limits: Arc<Limits>,
     /// Flushed after the usage worker: it ends the last spans and emits the last usage logs.
     otel: Option<Arc<Otel>>,
 }
@@ -60,6 +62,7 @@ impl Background {
         for t in &self.tasks {
             t.abort();
         }
+        self.limits.sweep_leases(true).await;
         if tokio::time::timeout(within, self.usage).await.is_err() {
             tracing::error!("usage worker did not finish in time; some usage may not be written");
         }
@@ -125,12 +128,15 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
         quota_period: config.limits.default_quota_period,
     };
     let consumers = config_consumers(&config)?;
-    let limits = Limits::new(
+    let mut limits = Limits::new(
         store,
         config.store.on_error,
         defaults,
         consumers.iter().map(|(r, _)| r.clone()).collect(),
     );
+    if config.store.kind == StoreKind::Redis && config.limits.lease {
+        limits = limits.with_leases();
+    }
     for (rec, keys) in consumers {
         // Written only when absent: the store wins once an operator has changed a consumer.
         if let Err(e) = limits.store.seed_consumer(&rec, &keys).await {
@@ -182,6 +188,16 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
     };
     let flush_for = Duration::from_millis(config.server.shutdown_grace_ms.min(10_000));
     let usage = tokio::spawn(worker.run(usage_rx, flush_for));
+    let sweeper = (config.store.kind == StoreKind::Redis && config.limits.lease).then(|| {
+        let limits = limits.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                limits.sweep_leases(false).await;
+            }
+        })
+    });
     let heartbeat = (config.store.kind == StoreKind::Redis).then(|| {
         let limits = limits.clone();
         let replica = uuid::Uuid::new_v4().to_string();
@@ -193,6 +209,7 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
             }
         })
     });
+    let background_limits = limits.clone();
     let gw = Arc::new(Gateway {
         auth: Auth::new(config.auth.mode, KeyAuth::new(key_ttl), jwt),
         config,
@@ -211,7 +228,12 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
         Background {
             usage,
             otel,
-            tasks: heartbeat.into_iter().chain(breaker_tasks).collect(),
+            tasks: heartbeat
+                .into_iter()
+                .chain(sweeper)
+                .chain(breaker_tasks)
+                .collect(),
+            limits: background_limits,
         },
     ))
 }

@@ -193,7 +193,8 @@ async fn tpm_holds_across_three_nodes() {
     assert!(total(&counts, 200) > 0);
 }
 
-/// `HSET tg:consumer:{id} tpm N` during load changes the admitted rate on every node.
+/// `HSET tg:consumer:{id} tpm N` during load changes the admitted rate on every node (within
+/// the 250 ms a lease lives).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn live_hset_applies_on_every_node() {
     let h = Harness::new()
@@ -220,6 +221,8 @@ async fn live_hset_applies_on_every_node() {
             .unwrap(),
         "0"
     );
+    // Leases taken before the change run out within their lifetime (250 ms).
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let tokens_before = h.mock("m").stats().await.unwrap().total_tokens;
     let after = hammer(
         &h,
@@ -370,4 +373,57 @@ async fn redis_outage_local_fallback_and_recovery() {
         served.ok,
         seen.into_inner()
     );
+}
+
+/// A busy consumer is served from leases: far fewer store round trips than requests, and an
+/// operator's `disabled 1` still applies within the lease lifetime (250 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leases_save_round_trips_and_honour_admin_changes() {
+    let h = Harness::new()
+        .redis()
+        .backend("m", MockOpts::default(), "")
+        .consumer("busy", "tpm = 100000000")
+        .gateways(1)
+        .start()
+        .await
+        .unwrap();
+    let redis = h.redis.as_ref().unwrap();
+    redis.cli(&["CONFIG", "RESETSTAT"]).unwrap();
+    let counts = hammer(
+        &h,
+        &key_for("busy"),
+        5,
+        8,
+        Instant::now() + Duration::from_secs(2),
+        None,
+    )
+    .await;
+    let served = total(&counts, 200);
+    let stats = redis.cli(&["INFO", "commandstats"]).unwrap();
+    let evalsha: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(served > 200, "{counts:?}");
+    assert!(
+        evalsha * 2 < served,
+        "{evalsha} store calls for {served} requests"
+    );
+
+    redis
+        .cli(&["HSET", "tg:consumer:{busy}", "disabled", "1"])
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = hammer(
+        &h,
+        &key_for("busy"),
+        5,
+        4,
+        Instant::now() + Duration::from_millis(500),
+        None,
+    )
+    .await;
+    assert_eq!(total(&after, 200), 0, "served after disabled: {after:?}");
+    assert!(total(&after, 403) > 0);
 }
