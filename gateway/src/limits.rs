@@ -138,6 +138,9 @@ pub struct Limits {
     learned: Mutex<HashMap<String, Learned>>,
     /// Consumers from the configuration (their model allow-lists hold during an outage too).
     configured: HashMap<String, ConsumerRecord>,
+    /// The same with their key hashes, seeded again (only where absent) whenever the store
+    /// comes back, in case it came back empty.
+    seeds: Arc<Vec<(ConsumerRecord, Vec<String>)>>,
     /// Leases of busy consumers' tokens (`None`: leasing is off, e.g. the memory store).
     leases: Option<Mutex<Leases>>,
 }
@@ -195,7 +198,7 @@ impl Limits {
         store: AnyStore,
         on_error: OnError,
         defaults: LimitDefaults,
-        configured: Vec<ConsumerRecord>,
+        seeds: Vec<(ConsumerRecord, Vec<String>)>,
     ) -> Arc<Self> {
         Arc::new(Limits {
             store,
@@ -206,7 +209,11 @@ impl Limits {
             retry_at_ms: AtomicU64::new(0),
             replicas: AtomicU32::new(1),
             learned: Mutex::new(HashMap::new()),
-            configured: configured.into_iter().map(|c| (c.id.clone(), c)).collect(),
+            configured: seeds
+                .iter()
+                .map(|(c, _)| (c.id.clone(), c.clone()))
+                .collect(),
+            seeds: Arc::new(seeds),
             leases: None,
         })
     }
@@ -253,7 +260,16 @@ impl Limits {
                     self.rebuild_local();
                 }
             }
-            (true, false) => tracing::info!("store reachable again; shared limits in force"),
+            (true, false) => {
+                tracing::info!("store reachable again; shared limits in force");
+                // A store that lost its data (no persistence) gets the configured consumers back.
+                let (store, seeds) = (self.store.clone(), self.seeds.clone());
+                tokio::spawn(async move {
+                    for (rec, keys) in seeds.iter() {
+                        let _ = store.seed_consumer(rec, keys).await;
+                    }
+                });
+            }
             _ => {}
         }
     }

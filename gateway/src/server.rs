@@ -128,12 +128,7 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
         quota_period: config.limits.default_quota_period,
     };
     let consumers = config_consumers(&config)?;
-    let mut limits = Limits::new(
-        store,
-        config.store.on_error,
-        defaults,
-        consumers.iter().map(|(r, _)| r.clone()).collect(),
-    );
+    let mut limits = Limits::new(store, config.store.on_error, defaults, consumers.clone());
     if config.store.kind == StoreKind::Redis && config.limits.lease {
         limits = limits.with_leases();
     }

@@ -427,3 +427,57 @@ async fn leases_save_round_trips_and_honour_admin_changes() {
     assert_eq!(total(&after, 200), 0, "served after disabled: {after:?}");
     assert!(total(&after, 403) > 0);
 }
+
+/// A Redis that comes back empty (no persistence) gets the configured consumers and keys again:
+/// requests succeed once more without restarting the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn empty_redis_after_restart_is_reseeded() {
+    let mut h = Harness::new()
+        .redis()
+        .backend("m", MockOpts::default(), "")
+        .consumer("seeded", "tpm = 100000")
+        .gateways(1)
+        .start()
+        .await
+        .unwrap();
+    let c = client();
+    let url = format!("{}/v1/chat/completions", h.url(0));
+    let ok = |c: reqwest::Client, url: String| async move {
+        c.post(&url)
+            .bearer_auth(key_for("seeded"))
+            .json(&body(3))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+            == 200
+    };
+    assert!(ok(c.clone(), url.clone()).await);
+    h.redis.as_mut().unwrap().stop();
+    // The outage is noticed (a request falls back to the local store) ...
+    assert!(
+        ok(c.clone(), url.clone()).await,
+        "no fallback during the outage"
+    );
+    h.redis.as_mut().unwrap().restart().unwrap();
+    // ... and once Redis is back, empty, the configured consumer is written again.
+    let redis = h.redis.as_ref().unwrap();
+    let reseeded = common::eventually(Duration::from_secs(5), || {
+        let (c, url) = (c.clone(), url.clone());
+        async move {
+            // Requests keep coming; the first one that reaches Redis ends the fallback.
+            let _ = ok(c, url).await;
+            redis
+                .cli(&["HGET", "tg:consumer:{seeded}", "tpm"])
+                .unwrap_or_default()
+                == "100000"
+        }
+    })
+    .await;
+    assert!(
+        reseeded,
+        "the configured consumer was not written to the empty Redis"
+    );
+    let back = common::eventually(Duration::from_secs(5), || ok(c.clone(), url.clone())).await;
+    assert!(back, "requests never succeeded against the restarted Redis");
+}
