@@ -140,7 +140,10 @@ impl Breakers {
     /// A successful attempt. Only a probe (or a success on a backend this replica still
     /// believes tripped) costs a store call: it closes the circuit for everyone.
     pub fn success(self: &Arc<Self>, b: &Arc<Backend>, probe: bool) {
-        if !probe && !b.tripped.load(Ordering::Relaxed) {
+        // A request sent before the trip may still succeed: that never cuts a trip short.
+        let half_open = b.tripped.load(Ordering::Relaxed)
+            && b.open_until_ms.load(Ordering::Relaxed) <= now_ms();
+        if !probe && !half_open {
             return;
         }
         b.open_until_ms.store(0, Ordering::Relaxed);
@@ -211,6 +214,12 @@ impl Breakers {
 /// Mirrors a stored circuit into the backend's local state (the store's clock is translated
 /// into this replica's: only the time left is used).
 fn apply(b: &Backend, st: &BreakerState) {
+    // A state older than one already seen (a periodic read racing a pub/sub message) is
+    // ignored, a close included.
+    let seen = b.trip_seen.fetch_max(st.trip, Ordering::Relaxed);
+    if st.trip < seen {
+        return;
+    }
     if st.open_until_ms == 0 {
         b.open_until_ms.store(0, Ordering::Relaxed);
         b.tripped.store(false, Ordering::Relaxed);
@@ -219,7 +228,6 @@ fn apply(b: &Backend, st: &BreakerState) {
     b.tripped.store(true, Ordering::Relaxed);
     let until = now_ms() + st.open_for_ms();
     // A newer trip replaces the old one; the same trip never moves back.
-    let seen = b.trip_seen.swap(st.trip, Ordering::Relaxed);
     if st.trip > seen {
         b.open_until_ms.store(until, Ordering::Relaxed);
     } else {

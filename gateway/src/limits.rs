@@ -141,6 +141,8 @@ pub struct Limits {
     /// The same with their key hashes, seeded again (only where absent) whenever the store
     /// comes back, in case it came back empty.
     seeds: Arc<Vec<(ConsumerRecord, Vec<String>)>>,
+    /// When the local fallback's counters were last started afresh (unix ms).
+    local_reset_ms: AtomicU64,
     /// Leases of busy consumers' tokens (`None`: leasing is off, e.g. the memory store).
     leases: Option<Mutex<Leases>>,
 }
@@ -214,6 +216,7 @@ impl Limits {
                 .map(|(c, _)| (c.id.clone(), c.clone()))
                 .collect(),
             seeds: Arc::new(seeds),
+            local_reset_ms: AtomicU64::new(0),
             leases: None,
         })
     }
@@ -306,7 +309,18 @@ impl Limits {
             );
         }
         let local = self.local.clone();
-        local.reset_counters();
+        // A flapping store must not hand out a fresh allowance on every failure: the local
+        // counters start afresh at most once a minute.
+        let now = crate::routing::now_ms();
+        let last = self.local_reset_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 60_000
+            && self
+                .local_reset_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            local.reset_counters();
+        }
         for r in records.values() {
             // The memory store answers at once; this never waits.
             let _ = futures::FutureExt::now_or_never(local.put_consumer(r));

@@ -103,13 +103,12 @@ async fn serve(
     let prompt_tokens = gw.tokenizer.count_pieces(pieces, req.prompt.framing).await;
     let output = match op {
         Operation::Embeddings => 0,
-        _ => {
-            req.max_output
-                .unwrap_or(gw.config.limits.default_max_tokens)
-                * req.choices
-        }
+        _ => req
+            .max_output
+            .unwrap_or(gw.config.limits.default_max_tokens)
+            .saturating_mul(req.choices),
     };
-    let estimate = prompt_tokens + output;
+    let estimate = prompt_tokens.saturating_add(output);
 
     // 6. Reserve: the one store call on the path (limits, model allow-list, bucket, quota).
     let reserved = gw

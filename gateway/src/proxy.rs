@@ -592,9 +592,14 @@ impl SseScan {
         true
     }
 
-    fn finish(&mut self) -> Option<Bytes> {
-        // A trailing event without its blank line goes on as the backend sent it.
-        (!self.pending.is_empty()).then(|| self.pending.split().freeze())
+    fn finish(&mut self, meter: &mut Meter) -> Option<Bytes> {
+        // A trailing event without its blank line goes on as the backend sent it — unless it
+        // is the usage chunk the client did not ask for.
+        if self.pending.is_empty() {
+            return None;
+        }
+        let ev = self.pending.split().freeze();
+        self.inspect(&ev, meter).then_some(ev)
     }
 }
 
@@ -662,7 +667,7 @@ impl Stream for Tap {
                         match &mut this.mode {
                             Mode::Passthrough => {}
                             Mode::Json(j) => j.finish(&mut meter),
-                            Mode::Sse(s) => tail = s.finish(),
+                            Mode::Sse(s) => tail = s.finish(&mut meter),
                         }
                         meter.get().complete = true;
                     }

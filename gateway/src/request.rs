@@ -115,6 +115,10 @@ struct StreamOptions {
     include_usage: Option<bool>,
 }
 
+/// The largest `max_tokens` accepted (no model generates more; larger values are mistakes or
+/// attempts to overflow the estimate).
+pub const MAX_OUTPUT_TOKENS: u64 = 1 << 24;
+
 fn missing(field: &'static str) -> Error {
     Error::BadRequest {
         message: format!("you must provide a '{field}' parameter"),
@@ -188,6 +192,16 @@ pub fn parse(op: Operation, style: RouteStyle, body: Bytes) -> Result<ClientRequ
         return Err(Error::BadRequest {
             message: "embeddings cannot be streamed".into(),
             param: Some("stream"),
+        });
+    }
+    let max_output = f
+        .max_completion_tokens
+        .or(f.max_tokens)
+        .or(f.max_output_tokens);
+    if max_output.is_some_and(|m| m > MAX_OUTPUT_TOKENS) {
+        return Err(Error::BadRequest {
+            message: format!("the output token limit must be at most {MAX_OUTPUT_TOKENS}"),
+            param: Some("max_tokens"),
         });
     }
     let choices = f.n.unwrap_or(1);
@@ -287,6 +301,10 @@ mod tests {
             (r#"{"model":"m","messages":"hi"}"#, "array"),
             (r#"{"model":"m","messages":[],"stream":"yes"}"#, "invalid"),
             (r#"{"model":5,"messages":[]}"#, "invalid"),
+            (
+                r#"{"model":"m","messages":[],"max_tokens":9223372036854775808}"#,
+                "at most",
+            ),
         ] {
             let e = chat(body).unwrap_err();
             assert!(matches!(e, Error::BadRequest { .. }), "{body}: {e:?}");

@@ -272,25 +272,25 @@ impl UsageWorker {
                     .local
                     .settle(tollgate_quota::new_batch_id(), &[local])
                     .await;
-                if delta.is_some() {
-                    pending.push_back(Settlement {
-                        consumer,
-                        reserved: 0,
-                        actual: 0,
-                        window: 0,
-                        tpm: None,
-                        usage: delta,
-                    });
-                }
-            }
-            Placement::Nowhere => {
-                // Admitted without the store (fail_open): charge it when the store is back.
+                // The shared quota is charged too, once the store is back, so the outage's
+                // usage is not spent a second time afterwards.
                 pending.push_back(Settlement {
                     consumer,
                     reserved: 0,
                     actual,
-                    window: 0,
-                    tpm: reserved.admission.tpm,
+                    window: tollgate_quota::ANY_WINDOW,
+                    tpm: None,
+                    usage: delta,
+                });
+            }
+            Placement::Nowhere => {
+                // Admitted without the store (fail_open): charge the quota when it is back.
+                pending.push_back(Settlement {
+                    consumer,
+                    reserved: 0,
+                    actual,
+                    window: tollgate_quota::ANY_WINDOW,
+                    tpm: None,
                     usage: delta,
                 });
             }

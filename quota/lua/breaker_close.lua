@@ -3,21 +3,22 @@
 -- KEYS[1] tg:breaker:{BACKEND}   KEYS[2] tg:bfail:{BACKEND}
 -- ARGV[1] channel to publish on (tg:breaker)
 --
--- Returns 1 if the circuit was open or half-open (and is now closed), else 0. Publishes
--- "BACKEND 0 trip now" on a change.
+-- Returns 1 if the circuit was half-open (its trip time up) and is now closed, else 0: a success
+-- of a request sent before the trip never cuts a trip short. Publishes "BACKEND 0 trip now"
+-- on a change.
 --
 -- Invariant: the trip counter survives (it only grows); the failure window starts empty.
 
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local h = redis.call('HMGET', KEYS[1], 'open_until', 'trip')
 local open_until = tonumber(h[1] or '0') or 0
-if open_until == 0 then
+if open_until == 0 or open_until > now then
   return 0
 end
 local trip = h[2] or '0'
 redis.call('HSET', KEYS[1], 'open_until', 0, 'trip', trip, 'probe_trip', '', 'probe_at', 0)
 redis.call('PEXPIRE', KEYS[1], 86400000)
 redis.call('DEL', KEYS[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('PUBLISH', ARGV[1], string.format('%s 0 %s %d', string.match(KEYS[1], '{(.*)}'), trip, now))
 return 1

@@ -10,6 +10,7 @@
 -- ARGV[2]    usage retention in seconds (EXPIRE of every usage key written)
 -- ARGV[3]    n, the number of corrections that follow
 -- then n x   delta (actual - reserved, may be negative), tpm ("" = no bucket), window start
+--            ("any" = whatever window the quota counter holds: usage from an outage)
 -- then m x   KEYS index of the usage key, "<team>|<model>|<backend>", in, out, cached, req, cost
 --
 -- Returns n, or -1 when this batch was applied before (a retry after a lost reply).
@@ -37,7 +38,7 @@ local i = 4
 for _ = 1, n do
   local delta = tonumber(ARGV[i])
   local tpm = ARGV[i + 1]
-  local window = tonumber(ARGV[i + 2])
+  local window = ARGV[i + 2]
   i = i + 3
   if delta ~= 0 then
     if tpm ~= '' then
@@ -55,7 +56,7 @@ for _ = 1, n do
       redis.call('PEXPIRE', KEYS[1], int(ttl))
     end
     local q = redis.call('HMGET', KEYS[2], 'w', 'used')
-    if q[1] and tonumber(q[1]) == window then
+    if q[1] and (window == 'any' or tonumber(q[1]) == tonumber(window)) then
       redis.call('HSET', KEYS[2], 'used', int(math.max((tonumber(q[2]) or 0) + delta, 0)))
     end
   end

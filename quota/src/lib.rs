@@ -98,8 +98,9 @@ pub trait Store: Send + Sync + 'static {
         failure: &BreakerFailure,
     ) -> impl Future<Output = Result<BreakerState>> + Send;
 
-    /// Closes a backend's circuit (a probe, or any request, succeeded). Returns whether it was
-    /// open or half-open, i.e. whether anything changed.
+    /// Closes a backend's half-open circuit (a probe, or a request after the trip, succeeded).
+    /// A circuit still open stays open: a success of a request sent before the trip does not
+    /// cut it short. Returns whether anything changed.
     fn breaker_close(&self, backend: &str) -> impl Future<Output = Result<bool>> + Send;
 
     /// Asks to probe a backend whose trip has ended. True for exactly one caller per trip

@@ -304,7 +304,7 @@ impl Store for MemoryStore {
                     );
                 }
                 if let Some(q) = g.quotas.get_mut(&s.consumer)
-                    && q.window == s.window
+                    && (q.window == s.window || s.window == ANY_WINDOW)
                 {
                     q.used = (q.used + delta).max(0);
                 }

@@ -72,6 +72,10 @@ pub struct Admission {
     pub quota_period: Period,
 }
 
+/// [`Settlement::window`] meaning "the window the quota counter holds now": usage admitted while
+/// the store was unreachable, charged to the shared quota once it is back.
+pub const ANY_WINDOW: u64 = u64::MAX;
+
 /// A correction of one earlier reservation, plus the usage totals it adds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settlement {

@@ -585,7 +585,11 @@ impl Store for RedisStore {
             for s in corrections {
                 cmd.arg(s.actual as i64 - s.reserved as i64);
                 opt_arg(&mut cmd, s.tpm);
-                cmd.arg(s.window);
+                if s.window == ANY_WINDOW {
+                    cmd.arg("any");
+                } else {
+                    cmd.arg(s.window);
+                }
             }
             for ((day, field), v) in &usage.rows {
                 let k = 4 + days.iter().position(|d| d == day).unwrap_or(0);

@@ -311,6 +311,26 @@ async fn check_quota<S: Store>(s: &S) {
         (a.remaining_quota, a.remaining_tpm, a.tpm),
         (Some(400), None, None)
     );
+    // Usage admitted during an outage is charged to whatever window the counter holds.
+    let outage = Settlement {
+        consumer: "q".into(),
+        reserved: 0,
+        actual: 100,
+        window: tollgate_quota::ANY_WINDOW,
+        tpm: None,
+        usage: None,
+    };
+    s.settle(new_batch_id(), std::slice::from_ref(&outage))
+        .await
+        .unwrap();
+    let a = admitted(reserve(s, "q", 0).await);
+    assert_eq!(a.remaining_quota, Some(300));
+    let refund = Settlement {
+        reserved: 100,
+        actual: 0,
+        ..outage
+    };
+    s.settle(new_batch_id(), &[refund]).await.unwrap();
     let retry = quota_exceeded(reserve(s, "q", 500).await);
     assert!(
         (1_795_000..=1_800_000).contains(&retry),
