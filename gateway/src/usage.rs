@@ -257,34 +257,26 @@ impl UsageWorker {
                 tpm: reserved.admission.tpm,
                 usage: delta,
             }),
-            Placement::Local => {
-                // Correct the local bucket now; the usage totals still belong in the shared store.
-                let local = Settlement {
-                    consumer: consumer.clone(),
-                    reserved: reserved.tokens,
-                    actual,
-                    window: reserved.admission.window,
-                    tpm: reserved.admission.tpm,
-                    usage: None,
-                };
-                let _ = self
-                    .limits
-                    .local
-                    .settle(tollgate_quota::new_batch_id(), &[local])
-                    .await;
-                // The shared quota is charged too, once the store is back, so the outage's
-                // usage is not spent a second time afterwards.
-                pending.push_back(Settlement {
-                    consumer,
-                    reserved: 0,
-                    actual,
-                    window: tollgate_quota::ANY_WINDOW,
-                    tpm: None,
-                    usage: delta,
-                });
-            }
-            Placement::Nowhere => {
-                // Admitted without the store (fail_open): charge the quota when it is back.
+            Placement::Local | Placement::Nowhere => {
+                if reserved.place == Placement::Local {
+                    // Correct the local bucket now.
+                    let local = Settlement {
+                        consumer: consumer.clone(),
+                        reserved: reserved.tokens,
+                        actual,
+                        window: reserved.admission.window,
+                        tpm: reserved.admission.tpm,
+                        usage: None,
+                    };
+                    let _ = self
+                        .limits
+                        .local
+                        .settle(tollgate_quota::new_batch_id(), &[local])
+                        .await;
+                }
+                // Admitted without the shared store (`local` or `fail_open`): its quota is
+                // charged and the usage totals written once it is back, so the outage's usage
+                // is neither lost nor spent a second time.
                 pending.push_back(Settlement {
                     consumer,
                     reserved: 0,
