@@ -4,6 +4,8 @@
 -- KEYS[1] tg:consumer:{ID}  hash: team, tpm, quota, quota_period, models, disabled (read only)
 -- KEYS[2] tg:bucket:{ID}    hash: tokens (float), ts (unix us); absent = full
 -- KEYS[3] tg:quota:{ID}     hash: w (window start, unix s), used
+-- KEYS[4] tg:resv:{ID}:RID  string: "tokens window tpm" of this reservation until it is
+--                           settled, or "x" (a tombstone: abandoned, or settled after a retry)
 -- ARGV[1] model
 -- ARGV[2] tokens to debit (whole number)
 -- ARGV[3] "1" = the consumer must have a stored record (key auth), "0" = defaults may apply
@@ -11,17 +13,21 @@
 -- ARGV[5] default quota, "" = no period quota
 -- ARGV[6] default quota period: hour | day | week | month
 -- ARGV[7] milliseconds added to Redis TIME (a test hook; 0 in production)
+-- ARGV[8] milliseconds the reservation record lives when never settled
 --
 -- Returns an array of strings, the verdict first (numbers as strings: no float truncation):
 --   {"A", team, remaining_tpm | "", remaining_quota | "", window_start, tpm | "", quota | "", period}
 --                                                                                 admitted
 --   {"R", retry_after_ms, remaining_tpm}                                           rate limited
---   {"Q", retry_after_ms}                                                          quota spent
+--   {"Q", retry_after_ms, remaining_quota}                                         quota spent
 --   {"M"} model not allowed, {"D"} disabled, {"U"} unknown consumer
+--   {"C"} this reservation id was abandoned: nothing debited, now or ever
 -- Raises "TGBADFIELD ..." when an operator stored a field that is not a valid value.
 --
 -- Invariant: the bucket and the quota are debited together or not at all; a refusal writes
--- nothing. Decision order: unknown, disabled, model, quota, bucket.
+-- nothing. A reservation id debits at most once: a second call with the same id (a retry
+-- after a lost answer) answers "A" without debiting while the record lives, "C" once it is a
+-- tombstone. Decision order: unknown, disabled, model, replay, quota, bucket.
 
 local function int(x)
   return string.format('%d', x)
@@ -130,6 +136,16 @@ end
 
 local window, window_end = window_bounds(period, now_s)
 
+-- A replay of a reservation already made (or abandoned): never debit twice.
+local prior = redis.call('GET', KEYS[4])
+if prior == 'x' then
+  return {'C'}
+elseif prior then
+  local window_p = string.match(prior, '^%S+ (%S+)')
+  return {'A', team, '', '', window_p or int(window), tpm and int(tpm) or '',
+    quota and int(quota) or '', period}
+end
+
 -- Quota first: a spent quota outlasts any per-minute wait.
 local used = 0
 if quota then
@@ -138,7 +154,7 @@ if quota then
     used = tonumber(q[2]) or 0
   end
   if used + tokens > quota then
-    return {'Q', int(math.max(window_end - now_s, 1) * 1000)}
+    return {'Q', int(math.max(window_end - now_s, 1) * 1000), int(quota - used)}
   end
 end
 
@@ -183,4 +199,6 @@ if quota then
   redis.call('EXPIRE', KEYS[3], int(window_end - now_s + 86400))
   rem_quota = int(quota - used - tokens)
 end
+redis.call('SET', KEYS[4], int(tokens) .. ' ' .. int(window) .. ' ' .. (tpm and int(tpm) or '-'),
+  'PX', ARGV[8])
 return {'A', team, rem_tpm, rem_quota, int(window), tpm and int(tpm) or '', quota and int(quota) or '', period}

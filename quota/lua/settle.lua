@@ -6,11 +6,18 @@
 -- KEYS[2]    tg:quota:{ID}            hash: w (window start, unix s), used
 -- KEYS[3]    tg:settled:{ID}:BATCH    string marker: this batch was applied (1 h TTL)
 -- KEYS[4..]  tg:usage:{ID}:YYYYMMDD   hash: "<team>|<model>|<backend>|<metric>" -> integer
+--            tg:resv:{ID}:RID         reservation records (see reserve.lua)
 -- ARGV[1]    milliseconds added to Redis TIME (a test hook; 0 in production)
 -- ARGV[2]    usage retention in seconds (EXPIRE of every usage key written)
 -- ARGV[3]    n, the number of corrections that follow
--- then n x   delta (actual - reserved, may be negative), tpm ("" = no bucket), window start
---            ("any" = whatever window the quota counter holds: usage from an outage)
+-- ARGV[4]    milliseconds a tombstone lives
+-- then n x   KEYS index of the reservation record ("0" = none), mode, delta (actual -
+--            reserved, may be negative), tpm ("" = no bucket), window start ("any" = whatever
+--            window the quota counter holds: usage from an outage). Modes:
+--              "c" settled: correct by delta if the record lives, drop the record
+--              "r" settled after a retried reserve: the same, and leave a tombstone
+--              "a" abandoned: refund what the record says was debited (if it exists) and leave
+--                  a tombstone; delta, tpm and window are ignored
 -- then m x   KEYS index of the usage key, "<team>|<model>|<backend>", in, out, cached, req, cost
 --
 -- Returns n, or -1 when this batch was applied before (a retry after a lost reply).
@@ -19,7 +26,9 @@
 -- refilled to now, then debited by delta (a refund never lifts it above capacity); the quota
 -- counter moves by delta, never below 0, and only if it still counts the reservation's
 -- window. Usage counters only grow (HINCRBY), and every key written carries a TTL. A batch is
--- applied at most once: a caller that lost the reply retries with the same batch id.
+-- applied at most once: a caller that lost the reply retries with the same batch id. A
+-- reservation with a record is corrected at most once (while the record lives), and never
+-- after a tombstone.
 
 local function int(x)
   return string.format('%d', x)
@@ -33,31 +42,60 @@ local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2]) + tonumber(ARGV[1]) * 1000
 local retention = ARGV[2]
 local n = tonumber(ARGV[3])
+local tombstone_ms = ARGV[4]
 
-local i = 4
-for _ = 1, n do
-  local delta = tonumber(ARGV[i])
-  local tpm = ARGV[i + 1]
-  local window = ARGV[i + 2]
-  i = i + 3
-  if delta ~= 0 then
-    if tpm ~= '' then
-      local cap = tonumber(tpm)
-      local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-      local level = cap
-      if b[1] and b[2] then
-        local elapsed = math.max(now_us - tonumber(b[2]), 0)
-        level = math.min(tonumber(b[1]) + elapsed * cap / 60000000, cap)
-      end
-      level = math.min(level - delta, cap)
-      redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', level), 'ts', int(now_us))
-      local ttl = 86400000
-      if cap > 0 then ttl = math.ceil((cap - level) * 60000 / cap) + 1000 end
-      redis.call('PEXPIRE', KEYS[1], int(ttl))
+local function correct(delta, tpm, window)
+  if delta == 0 then
+    return
+  end
+  if tpm ~= '' then
+    local cap = tonumber(tpm)
+    local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+    local level = cap
+    if b[1] and b[2] then
+      local elapsed = math.max(now_us - tonumber(b[2]), 0)
+      level = math.min(tonumber(b[1]) + elapsed * cap / 60000000, cap)
     end
-    local q = redis.call('HMGET', KEYS[2], 'w', 'used')
-    if q[1] and (window == 'any' or tonumber(q[1]) == tonumber(window)) then
-      redis.call('HSET', KEYS[2], 'used', int(math.max((tonumber(q[2]) or 0) + delta, 0)))
+    level = math.min(level - delta, cap)
+    redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', level), 'ts', int(now_us))
+    local ttl = 86400000
+    if cap > 0 then ttl = math.ceil((cap - level) * 60000 / cap) + 1000 end
+    redis.call('PEXPIRE', KEYS[1], int(ttl))
+  end
+  local q = redis.call('HMGET', KEYS[2], 'w', 'used')
+  if q[1] and (window == 'any' or tonumber(q[1]) == tonumber(window)) then
+    redis.call('HSET', KEYS[2], 'used', int(math.max((tonumber(q[2]) or 0) + delta, 0)))
+  end
+end
+
+local i = 5
+for _ = 1, n do
+  local rkey = tonumber(ARGV[i])
+  local mode = ARGV[i + 1]
+  local delta = tonumber(ARGV[i + 2])
+  local tpm = ARGV[i + 3]
+  local window = ARGV[i + 4]
+  i = i + 5
+  if mode == 'a' then
+    local rec = redis.call('GET', KEYS[rkey])
+    if rec and rec ~= 'x' then
+      local tokens, w, cap = string.match(rec, '^(%S+) (%S+) (%S+)$')
+      if cap == '-' then cap = '' end
+      correct(-tonumber(tokens), cap, w)
+    end
+    redis.call('SET', KEYS[rkey], 'x', 'PX', tombstone_ms)
+  elseif rkey == 0 then
+    correct(delta, tpm, window)
+  else
+    -- Only a live record is corrected: settling one reservation twice corrects it once.
+    local rec = redis.call('GET', KEYS[rkey])
+    if rec and rec ~= 'x' then
+      correct(delta, tpm, window)
+    end
+    if mode == 'r' then
+      redis.call('SET', KEYS[rkey], 'x', 'PX', tombstone_ms)
+    else
+      redis.call('DEL', KEYS[rkey])
     end
   end
 end

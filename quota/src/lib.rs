@@ -45,6 +45,15 @@ pub fn new_batch_id() -> u64 {
     h.finish()
 }
 
+/// A fresh reservation id (random and never 0, so replicas never collide).
+pub fn new_reservation_id() -> u64 {
+    new_batch_id().max(1)
+}
+
+/// How long the store remembers a reservation that was never settled (its replica died), and a
+/// tombstone of an abandoned or retried one.
+pub const RESERVATION_TTL_MS: u64 = 3_600_000;
+
 /// The shared store. All methods are safe to call concurrently from many replicas.
 pub trait Store: Send + Sync + 'static {
     /// The consumer a key hash (lowercase SHA-256 hex) belongs to.
@@ -52,6 +61,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Reads the consumer's current limits, refills its bucket, checks the model and the
     /// period quota, and debits `tokens` from both bucket and quota — all or nothing, atomically.
+    /// Idempotent per [`ReserveRequest::id`]: a second reserve with the same id debits nothing
+    /// (it answers `Admitted` while the first is unsettled, `Cancelled` once it was abandoned).
     fn reserve(&self, req: &ReserveRequest<'_>) -> impl Future<Output = Result<Decision>> + Send;
 
     /// Corrects earlier reservations by (actual − reserved) and adds usage totals. Batched:
@@ -64,12 +75,30 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<()>> + Send;
 
     /// Writes a consumer from configuration only if the store has none by that id, and each
-    /// key hash only if it is not already mapped. Returns whether the consumer was written.
+    /// key hash only if it is not already mapped; then records the key hashes as seeded (see
+    /// [`key_was_seeded`](Store::key_was_seeded)). Returns whether the consumer was written.
     fn seed_consumer(
         &self,
         consumer: &ConsumerRecord,
         key_hashes: &[String],
     ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Whether `key_sha256` was seeded for `consumer` from configuration (the seed marker,
+    /// `tg:seedkeys:{ID}`). A configured key that the store no longer maps was then revoked by
+    /// an operator (`DEL tg:key:<hash>`); without the marker the store lost it (a restart
+    /// without persistence) and it is seeded again.
+    fn key_was_seeded(
+        &self,
+        consumer: &str,
+        key_sha256: &str,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Marks that every configured consumer was seeded (`tg:seeded`).
+    fn mark_seeded(&self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Whether the mark of [`mark_seeded`](Store::mark_seeded) is still there: false once the
+    /// store lost its data, so that replicas seed it again without waiting for a failure.
+    fn is_seeded(&self) -> impl Future<Output = Result<bool>> + Send;
 
     /// Writes a consumer record, replacing any stored one (the admin path; operators may also
     /// use `HSET` directly).

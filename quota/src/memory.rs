@@ -56,7 +56,88 @@ struct Inner {
     buckets: HashMap<String, Bucket>,
     quotas: HashMap<String, QuotaUse>,
     usage: HashMap<UsageKey, UsageTotals>,
+    /// Key hashes seeded from configuration, per consumer (`tg:seedkeys:{ID}`).
+    seeded_keys: HashMap<String, std::collections::HashSet<String>>,
+    seeded: bool,
+    /// Reservation records by (consumer, id), as `tg:resv:{ID}:RID` in Redis.
+    reservations: HashMap<(String, u64), Record>,
+    /// When each record was last written, oldest first, so expired ones are dropped.
+    record_expiry: std::collections::VecDeque<(u64, (String, u64))>,
 }
+
+/// A reservation the store remembers: what it debited, or a tombstone.
+#[derive(Clone, Copy)]
+enum Record {
+    Live {
+        tokens: u64,
+        window: u64,
+        tpm: Option<u64>,
+        expires_us: u64,
+    },
+    Tombstone {
+        expires_us: u64,
+    },
+}
+
+impl Record {
+    fn expires_us(&self) -> u64 {
+        match self {
+            Record::Live { expires_us, .. } | Record::Tombstone { expires_us } => *expires_us,
+        }
+    }
+}
+
+impl Inner {
+    /// Drops records past their expiry (Redis's PX).
+    fn expire_records(&mut self, now_us: u64) {
+        while let Some((at, _)) = self.record_expiry.front()
+            && *at <= now_us
+        {
+            let Some((_, key)) = self.record_expiry.pop_front() else {
+                break;
+            };
+            if self
+                .reservations
+                .get(&key)
+                .is_some_and(|r| r.expires_us() <= now_us)
+            {
+                self.reservations.remove(&key);
+            }
+        }
+    }
+
+    fn put_record(&mut self, key: (String, u64), record: Record) {
+        self.record_expiry
+            .push_back((record.expires_us(), key.clone()));
+        self.reservations.insert(key, record);
+    }
+
+    /// The bucket and quota moved by `delta` (actual − reserved), as `settle.lua` does.
+    fn correct(&mut self, consumer: &str, delta: i64, tpm: Option<u64>, window: u64, now_us: u64) {
+        if delta == 0 {
+            return;
+        }
+        if let Some(t) = tpm {
+            let level = refill(self.buckets.get(consumer).copied(), t, now_us);
+            let level = (level - delta as f64).min(t as f64);
+            self.buckets.insert(
+                consumer.to_string(),
+                Bucket {
+                    tokens: level,
+                    ts_us: now_us,
+                },
+            );
+        }
+        if let Some(q) = self.quotas.get_mut(consumer)
+            && (q.window == window || window == ANY_WINDOW)
+        {
+            q.used = (q.used + delta).max(0);
+        }
+    }
+}
+
+/// How long a reservation record or tombstone lives, in microseconds.
+const RECORD_TTL_US: u64 = crate::RESERVATION_TTL_MS * 1000;
 
 #[derive(Clone, Copy)]
 struct Bucket {
@@ -200,6 +281,24 @@ impl Store for MemoryStore {
         let tokens = req.tokens as i64;
         let (window, window_end) = window_bounds(period, now_s);
 
+        // A replay of a reservation already made (or abandoned): never debit twice.
+        g.expire_records(now_us);
+        match g.reservations.get(&(req.consumer.to_string(), req.id)) {
+            Some(Record::Tombstone { .. }) => return Ok(Decision::Cancelled),
+            Some(Record::Live { window: w, .. }) => {
+                return Ok(Decision::Admitted(Admission {
+                    team,
+                    remaining_tpm: None,
+                    remaining_quota: None,
+                    window: *w,
+                    tpm,
+                    quota,
+                    quota_period: period,
+                }));
+            }
+            None => {}
+        }
+
         // Quota first: a spent quota outlasts any per-minute wait.
         let mut used = 0;
         if quota.is_some() {
@@ -213,6 +312,7 @@ impl Store for MemoryStore {
         {
             return Ok(Decision::QuotaExceeded {
                 retry_after_ms: (window_end - now_s).max(1) * 1000,
+                remaining_quota: q as i64 - used,
             });
         }
 
@@ -266,6 +366,15 @@ impl Store for MemoryStore {
             );
             remaining_quota = Some(q as i64 - used - tokens);
         }
+        g.put_record(
+            (req.consumer.to_string(), req.id),
+            Record::Live {
+                tokens: req.tokens,
+                window,
+                tpm,
+                expires_us: now_us + RECORD_TTL_US,
+            },
+        );
         Ok(Decision::Admitted(Admission {
             team,
             remaining_tpm,
@@ -289,24 +398,41 @@ impl Store for MemoryStore {
         {
             g.settled.remove(&old);
         }
+        g.expire_records(now_us);
+        let tombstone = Record::Tombstone {
+            expires_us: now_us + RECORD_TTL_US,
+        };
         for s in batch {
-            let delta = s.actual as i64 - s.reserved as i64;
-            if delta != 0 {
-                if let Some(t) = s.tpm {
-                    let level = refill(g.buckets.get(&s.consumer).copied(), t, now_us);
-                    let level = (level - delta as f64).min(t as f64);
-                    g.buckets.insert(
-                        s.consumer.clone(),
-                        Bucket {
-                            tokens: level,
-                            ts_us: now_us,
-                        },
-                    );
+            match s.end {
+                ReservationEnd::Abandoned { id } => {
+                    let key = (s.consumer.clone(), id);
+                    if let Some(Record::Live {
+                        tokens,
+                        window,
+                        tpm,
+                        ..
+                    }) = g.reservations.get(&key).copied()
+                    {
+                        g.correct(&s.consumer, -(tokens as i64), tpm, window, now_us);
+                    }
+                    g.put_record(key, tombstone);
                 }
-                if let Some(q) = g.quotas.get_mut(&s.consumer)
-                    && (q.window == s.window || s.window == ANY_WINDOW)
-                {
-                    q.used = (q.used + delta).max(0);
+                ReservationEnd::None => {
+                    let delta = s.actual as i64 - s.reserved as i64;
+                    g.correct(&s.consumer, delta, s.tpm, s.window, now_us);
+                }
+                ReservationEnd::Settled { id, retried } => {
+                    // Only a live record is corrected: settling it twice corrects it once.
+                    let key = (s.consumer.clone(), id);
+                    if let Some(Record::Live { .. }) = g.reservations.get(&key) {
+                        let delta = s.actual as i64 - s.reserved as i64;
+                        g.correct(&s.consumer, delta, s.tpm, s.window, now_us);
+                    }
+                    if retried {
+                        g.put_record(key, tombstone);
+                    } else {
+                        g.reservations.remove(&key);
+                    }
                 }
             }
             if let Some(u) = &s.usage {
@@ -339,11 +465,33 @@ impl Store for MemoryStore {
                 .entry(k.clone())
                 .or_insert_with(|| consumer.id.clone());
         }
+        g.seeded_keys
+            .entry(consumer.id.clone())
+            .or_default()
+            .extend(key_hashes.iter().cloned());
         if g.consumers.contains_key(&consumer.id) {
             return Ok(false);
         }
         g.consumers.insert(consumer.id.clone(), consumer.clone());
         Ok(true)
+    }
+
+    async fn key_was_seeded(&self, consumer: &str, key_sha256: &str) -> Result<bool> {
+        Ok(self
+            .inner
+            .lock()
+            .seeded_keys
+            .get(consumer)
+            .is_some_and(|k| k.contains(key_sha256)))
+    }
+
+    async fn mark_seeded(&self) -> Result<()> {
+        self.inner.lock().seeded = true;
+        Ok(())
+    }
+
+    async fn is_seeded(&self) -> Result<bool> {
+        Ok(self.inner.lock().seeded)
     }
 
     async fn put_consumer(&self, consumer: &ConsumerRecord) -> Result<()> {

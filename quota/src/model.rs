@@ -35,6 +35,13 @@ pub struct ReserveRequest<'a> {
     pub defaults: &'a LimitDefaults,
     /// Key-authenticated callers must have a stored consumer; JWT callers may not.
     pub require_record: bool,
+    /// The reservation's id ([`new_reservation_id`](crate::new_reservation_id)). The store
+    /// keeps a record of it until it is settled, so a reserve sent twice (a retry after a lost
+    /// answer) debits once, and one abandoned by the caller can be refunded
+    /// ([`ReservationEnd::Abandoned`]).
+    pub id: u64,
+    /// Off the request path (a lease): the store waits its longer background deadline.
+    pub background: bool,
 }
 
 /// The outcome of a reservation.
@@ -49,10 +56,15 @@ pub enum Decision {
     /// The period quota lacks `tokens`; nothing was debited. Retry when the window ends.
     QuotaExceeded {
         retry_after_ms: u64,
+        /// What is left of the quota (a smaller request would still pass).
+        remaining_quota: i64,
     },
     ModelNotAllowed,
     Disabled,
     UnknownConsumer,
+    /// This reservation id was abandoned by its caller before the store saw it: nothing was
+    /// debited, and nothing ever will be under this id.
+    Cancelled,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,10 +88,29 @@ pub struct Admission {
 /// the store was unreachable, charged to the shared quota once it is back.
 pub const ANY_WINDOW: u64 = u64::MAX;
 
+/// What a settlement does with the store's record of the reservation it corrects.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReservationEnd {
+    /// No record: usage admitted without the store, or requests served from a lease.
+    #[default]
+    None,
+    /// The request ran and is settled: the correction applies only while the record lives (so
+    /// settling one reservation twice corrects it once), then the record is dropped, or kept
+    /// as a tombstone when the reserve was sent more than once, so that a late copy debits
+    /// nothing.
+    Settled { id: u64, retried: bool },
+    /// The caller gave up on the reserve (no answer in time) and did not admit the request:
+    /// whatever the reserve debited, if it ran at all, is refunded, and a copy arriving later
+    /// debits nothing. `reserved`, `actual`, `window` and `tpm` are ignored: the store's record
+    /// holds what was debited.
+    Abandoned { id: u64 },
+}
+
 /// A correction of one earlier reservation, plus the usage totals it adds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settlement {
     pub consumer: String,
+    pub end: ReservationEnd,
     pub reserved: u64,
     pub actual: u64,
     /// [`Admission::window`] of the reservation; a quota window that has rolled over since is

@@ -35,9 +35,12 @@ const METRICS: [&str; 5] = ["in", "out", "cached", "req", "cost"];
 /// How to reach Redis and how long to wait for it.
 #[derive(Clone, Debug)]
 pub struct RedisOpts {
-    /// Deadline of one operation (round trip included); past it the caller gets
-    /// [`Error::Timeout`] and applies its `on_error` policy.
+    /// Deadline of one operation on the request path (round trip included); past it the
+    /// caller gets [`Error::Timeout`] and applies its `on_error` policy.
     pub timeout: Duration,
+    /// Deadline of work off the request path (settle batches, heartbeats, lease reserves):
+    /// a slow link delays it but does not fail it, since slow is not down.
+    pub background_timeout: Duration,
     /// Multiplexed connections used round-robin (at least 1).
     pub pool_size: usize,
     /// Added to Redis `TIME` in the scripts: a test hook to place "now" near a window boundary.
@@ -51,6 +54,7 @@ impl Default for RedisOpts {
     fn default() -> Self {
         RedisOpts {
             timeout: Duration::from_millis(50),
+            background_timeout: Duration::from_secs(2),
             pool_size: 16,
             time_offset_ms: 0,
             usage_retention_days: 400,
@@ -185,6 +189,12 @@ impl RedisStore {
         self.timed(self.inner.opts.timeout, op).await
     }
 
+    /// The background deadline (settle, heartbeats, leases), never shorter than the hot one.
+    async fn background<T>(&self, op: impl Future<Output = redis::RedisResult<T>>) -> Result<T> {
+        let o = &self.inner.opts;
+        self.timed(o.background_timeout.max(o.timeout), op).await
+    }
+
     /// The admin-path deadline (scans, seeding): these may touch many keys.
     async fn admin<T>(&self, op: impl Future<Output = redis::RedisResult<T>>) -> Result<T> {
         self.timed(self.inner.opts.timeout.max(Duration::from_secs(5)), op)
@@ -260,6 +270,10 @@ fn quota_key(id: &str) -> String {
     format!("tg:quota:{{{id}}}")
 }
 
+fn reservation_key(id: &str, reservation: u64) -> String {
+    format!("tg:resv:{{{id}}}:{reservation:x}")
+}
+
 fn usage_key(id: &str, day: u32) -> String {
     format!("tg:usage:{{{id}}}:{day}")
 }
@@ -315,6 +329,13 @@ async fn breaker_listener(client: Client, tx: tokio::sync::broadcast::Sender<Bre
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
+
+fn seed_keys_key(id: &str) -> String {
+    format!("tg:seedkeys:{{{id}}}")
+}
+
+/// Set once every configured consumer was seeded; gone when Redis lost its data.
+const SEEDED_KEY: &str = "tg:seeded";
 
 fn api_key(sha: &str) -> String {
     format!("tg:key:{sha}")
@@ -412,12 +433,14 @@ fn decode_decision(v: &[String]) -> Result<Decision> {
             retry_after_ms: num(&v[1])?,
             remaining_tpm: num(&v[2])?,
         },
-        Some("Q") if v.len() == 2 => Decision::QuotaExceeded {
+        Some("Q") if v.len() == 3 => Decision::QuotaExceeded {
             retry_after_ms: num(&v[1])?,
+            remaining_quota: num(&v[2])?,
         },
         Some("M") => Decision::ModelNotAllowed,
         Some("D") => Decision::Disabled,
         Some("U") => Decision::UnknownConsumer,
+        Some("C") => Decision::Cancelled,
         _ => return Err(bad()),
     })
 }
@@ -524,21 +547,28 @@ impl Store for RedisStore {
     }
 
     async fn reserve(&self, req: &ReserveRequest<'_>) -> Result<Decision> {
-        let (c, b, q) = (
+        let (c, b, q, r) = (
             consumer_key(req.consumer),
             bucket_key(req.consumer),
             quota_key(req.consumer),
+            reservation_key(req.consumer, req.id),
         );
-        let mut cmd = evalsha(&self.inner.reserve, &[&c, &b, &q]);
+        let mut cmd = evalsha(&self.inner.reserve, &[&c, &b, &q, &r]);
         cmd.arg(req.model)
             .arg(req.tokens)
             .arg(if req.require_record { "1" } else { "0" });
         opt_arg(&mut cmd, req.defaults.tpm);
         opt_arg(&mut cmd, req.defaults.quota);
         cmd.arg(req.defaults.quota_period.as_str())
-            .arg(self.inner.opts.time_offset_ms);
+            .arg(self.inner.opts.time_offset_ms)
+            .arg(crate::RESERVATION_TTL_MS);
         let mut conn = self.conn();
-        let v: Vec<String> = self.hot(eval(&mut conn, &self.inner.reserve, &cmd)).await?;
+        let run = eval(&mut conn, &self.inner.reserve, &cmd);
+        let v: Vec<String> = if req.background {
+            self.background(run).await?
+        } else {
+            self.hot(run).await?
+        };
         decode_decision(&v)
     }
 
@@ -552,7 +582,7 @@ impl Store for RedisStore {
                 groups.len() - 1
             });
             let g = &mut groups[i];
-            if s.actual != s.reserved {
+            if s.actual != s.reserved || s.end != ReservationEnd::None {
                 g.1.push(s);
             }
             if let Some(u) = &s.usage {
@@ -577,13 +607,34 @@ impl Store for RedisStore {
                     keys.push(usage_key(id, *day));
                 }
             }
+            let first_record = keys.len() + 1;
+            for s in corrections {
+                if let ReservationEnd::Settled { id: r, .. } | ReservationEnd::Abandoned { id: r } =
+                    s.end
+                {
+                    keys.push(reservation_key(id, r));
+                }
+            }
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
             let mut cmd = evalsha(&self.inner.settle, &keys);
             cmd.arg(self.inner.opts.time_offset_ms)
                 .arg(retention)
-                .arg(corrections.len());
+                .arg(corrections.len())
+                .arg(crate::RESERVATION_TTL_MS);
+            let mut record = first_record;
             for s in corrections {
-                cmd.arg(s.actual as i64 - s.reserved as i64);
+                let (key, mode) = match s.end {
+                    ReservationEnd::None => (0, "c"),
+                    ReservationEnd::Settled { retried: false, .. } => (record, "c"),
+                    ReservationEnd::Settled { retried: true, .. } => (record, "r"),
+                    ReservationEnd::Abandoned { .. } => (record, "a"),
+                };
+                if key > 0 {
+                    record += 1;
+                }
+                cmd.arg(key)
+                    .arg(mode)
+                    .arg(s.actual as i64 - s.reserved as i64);
                 opt_arg(&mut cmd, s.tpm);
                 if s.window == ANY_WINDOW {
                     cmd.arg("any");
@@ -602,7 +653,7 @@ impl Store for RedisStore {
         }
         let mut conn = self.conn();
         let script = &self.inner.settle;
-        self.hot(async move {
+        self.background(async move {
             let mut pending: Vec<&Cmd> = cmds.iter().collect();
             for attempt in 0..2 {
                 let mut pipe = redis::pipe();
@@ -654,8 +705,36 @@ impl Store for RedisStore {
                     .ignore();
             }
             self.admin(pipe.exec_async(&mut conn)).await?;
+            // The marker only after the keys are written: a key the marker names but the store
+            // lacks is a revoked key, never one that failed to be written.
+            let cmd = redis::cmd("SADD")
+                .arg(seed_keys_key(&consumer.id))
+                .arg(key_hashes)
+                .to_owned();
+            self.admin(cmd.exec_async(&mut conn)).await?;
         }
         Ok(written == 1)
+    }
+
+    async fn key_was_seeded(&self, consumer: &str, key_sha256: &str) -> Result<bool> {
+        let cmd = redis::cmd("SISMEMBER")
+            .arg(seed_keys_key(consumer))
+            .arg(key_sha256)
+            .to_owned();
+        let mut conn = self.conn();
+        self.hot(cmd.query_async(&mut conn)).await
+    }
+
+    async fn mark_seeded(&self) -> Result<()> {
+        let cmd = redis::cmd("SET").arg(SEEDED_KEY).arg("1").to_owned();
+        let mut conn = self.conn();
+        self.admin(cmd.exec_async(&mut conn)).await
+    }
+
+    async fn is_seeded(&self) -> Result<bool> {
+        let cmd = redis::cmd("EXISTS").arg(SEEDED_KEY).to_owned();
+        let mut conn = self.conn();
+        self.admin(cmd.query_async(&mut conn)).await
     }
 
     async fn put_consumer(&self, consumer: &ConsumerRecord) -> Result<()> {
@@ -772,7 +851,7 @@ impl Store for RedisStore {
         let mut cmd = evalsha(&self.inner.heartbeat, &["tg:replicas"]);
         cmd.arg(replica).arg(ttl_ms);
         let n: u32 = self
-            .hot(eval(&mut conn, &self.inner.heartbeat, &cmd))
+            .background(eval(&mut conn, &self.inner.heartbeat, &cmd))
             .await?;
         Ok(n.max(1))
     }

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tollgate_quota::{
     Admission, BreakerFailure, ConsumerRecord, Decision, LimitDefaults, MemoryStore, Period,
-    RedisOpts, RedisStore, ReserveRequest, Settlement, Store, SystemClock, UsageDelta, UsageRow,
-    new_batch_id, window_bounds,
+    RedisOpts, RedisStore, ReservationEnd, ReserveRequest, Settlement, Store, SystemClock,
+    UsageDelta, UsageRow, new_batch_id, new_reservation_id, window_bounds,
 };
 use tollgate_tests::redis::RedisServer;
 
@@ -139,6 +139,8 @@ async fn reserve_with<S: Store>(
         tokens,
         defaults,
         require_record,
+        id: new_reservation_id(),
+        background: false,
     };
     s.reserve(&req).await.expect("reserve")
 }
@@ -169,7 +171,7 @@ fn rate_limited(d: Decision) -> (u64, i64) {
 #[track_caller]
 fn quota_exceeded(d: Decision) -> u64 {
     match d {
-        Decision::QuotaExceeded { retry_after_ms } => retry_after_ms,
+        Decision::QuotaExceeded { retry_after_ms, .. } => retry_after_ms,
         other => panic!("expected QuotaExceeded, got {other:?}"),
     }
 }
@@ -177,6 +179,7 @@ fn quota_exceeded(d: Decision) -> u64 {
 fn correction(id: &str, a: &Admission, reserved: u64, actual: u64) -> Settlement {
     Settlement {
         consumer: id.into(),
+        end: ReservationEnd::None,
         reserved,
         actual,
         window: a.window,
@@ -314,6 +317,7 @@ async fn check_quota<S: Store>(s: &S) {
     // Usage admitted during an outage is charged to whatever window the counter holds.
     let outage = Settlement {
         consumer: "q".into(),
+        end: ReservationEnd::None,
         reserved: 0,
         actual: 100,
         window: tollgate_quota::ANY_WINDOW,
@@ -580,6 +584,7 @@ async fn check_usage<S: Store>(s: &S) {
     };
     let settle = |id: &str, usage| Settlement {
         consumer: id.into(),
+        end: ReservationEnd::None,
         reserved: 0,
         actual: 0,
         window: 0,
@@ -733,6 +738,7 @@ async fn check_settle_once<S: Store>(s: &S) {
     };
     let batch = vec![Settlement {
         consumer: "once".into(),
+        end: ReservationEnd::None,
         reserved: 0,
         actual: 0,
         window: 0,
@@ -750,6 +756,153 @@ async fn check_settle_once<S: Store>(s: &S) {
         (2, 20, 14),
         "{rows:?}"
     );
+}
+
+async fn reserve_id<S: Store>(s: &S, consumer: &str, tokens: u64, id: u64) -> Decision {
+    let req = ReserveRequest {
+        consumer,
+        model: "gpt-4o",
+        tokens,
+        defaults: &NO_DEFAULTS,
+        require_record: true,
+        id,
+        background: false,
+    };
+    s.reserve(&req).await.expect("reserve")
+}
+
+fn ended(
+    consumer: &str,
+    a: &Admission,
+    end: ReservationEnd,
+    reserved: u64,
+    actual: u64,
+) -> Settlement {
+    Settlement {
+        end,
+        ..correction(consumer, a, reserved, actual)
+    }
+}
+
+fn abandon(consumer: &str, id: u64) -> Settlement {
+    Settlement {
+        consumer: consumer.into(),
+        end: ReservationEnd::Abandoned { id },
+        reserved: 0,
+        actual: 0,
+        window: 0,
+        tpm: None,
+        usage: None,
+    }
+}
+
+/// The quota left, read with a reservation of 0 tokens.
+async fn quota_left<S: Store>(s: &S) -> i64 {
+    admitted(reserve(s, "rid", 0).await)
+        .remaining_quota
+        .unwrap()
+}
+
+/// Reservation ids: a reserve sent twice debits once; an abandoned one is refunded if it ran,
+/// never debits if it runs later, and is refunded once however often it is abandoned; a
+/// retried one leaves a tombstone at settle.
+async fn check_reservation_ids<S: Store>(s: &S) {
+    let rec = ConsumerRecord {
+        tpm: Some(100_000),
+        ..with_quota("rid", 10_000, Period::Day)
+    };
+    s.put_consumer(&rec).await.unwrap();
+
+    // Twice with one id: one debit.
+    let x = new_reservation_id();
+    let a = admitted(reserve_id(s, "rid", 100, x).await);
+    assert_eq!(a.remaining_quota, Some(9_900));
+    let again = admitted(reserve_id(s, "rid", 100, x).await);
+    assert_eq!(again.window, a.window, "a replay answers the same window");
+    assert_eq!(quota_left(s).await, 9_900, "the replay debited nothing");
+
+    // Settled after a retry: a late copy finds a tombstone and debits nothing.
+    let end = ReservationEnd::Settled {
+        id: x,
+        retried: true,
+    };
+    s.settle(new_batch_id(), &[ended("rid", &a, end, 100, 60)])
+        .await
+        .unwrap();
+    assert_eq!(quota_left(s).await, 9_940);
+    assert_eq!(reserve_id(s, "rid", 100, x).await, Decision::Cancelled);
+    assert_eq!(quota_left(s).await, 9_940);
+
+    // Abandoned after it ran: refunded (quota and bucket), then cancelled for good.
+    let y = new_reservation_id();
+    let b = admitted(reserve_id(s, "rid", 500, y).await);
+    assert_eq!(b.remaining_quota, Some(9_440));
+    let tpm_before = b.remaining_tpm.unwrap();
+    s.settle(new_batch_id(), &[abandon("rid", y)])
+        .await
+        .unwrap();
+    let c = admitted(reserve(s, "rid", 0).await);
+    assert_eq!(c.remaining_quota, Some(9_940), "refunded");
+    assert!(
+        c.remaining_tpm.unwrap() >= tpm_before + 500,
+        "bucket refunded too"
+    );
+    // Abandoned again (a retried batch with another id): no second refund.
+    s.settle(new_batch_id(), &[abandon("rid", y)])
+        .await
+        .unwrap();
+    assert_eq!(quota_left(s).await, 9_940);
+    assert_eq!(reserve_id(s, "rid", 500, y).await, Decision::Cancelled);
+    assert_eq!(quota_left(s).await, 9_940);
+
+    // Abandoned before it ran (the reserve reaches the store late): it never debits.
+    let z = new_reservation_id();
+    s.settle(new_batch_id(), &[abandon("rid", z)])
+        .await
+        .unwrap();
+    assert_eq!(reserve_id(s, "rid", 700, z).await, Decision::Cancelled);
+    assert_eq!(quota_left(s).await, 9_940);
+
+    // Settled without a retry: the record goes, and the next id is a fresh reservation.
+    let w = new_reservation_id();
+    let d = admitted(reserve_id(s, "rid", 40, w).await);
+    let end = ReservationEnd::Settled {
+        id: w,
+        retried: false,
+    };
+    s.settle(new_batch_id(), &[ended("rid", &d, end, 40, 40)])
+        .await
+        .unwrap();
+    assert_eq!(quota_left(s).await, 9_900);
+    // Settled again (a lease return retried under a new batch id): corrected once.
+    s.settle(new_batch_id(), &[ended("rid", &d, end, 40, 0)])
+        .await
+        .unwrap();
+    assert_eq!(
+        quota_left(s).await,
+        9_900,
+        "a second settlement corrected again"
+    );
+    // A quota refusal says what is left.
+    match reserve(s, "rid", 9_901).await {
+        Decision::QuotaExceeded {
+            remaining_quota, ..
+        } => assert_eq!(remaining_quota, 9_900),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The seed marker names the keys seeded from configuration; the seeded mark is set once.
+async fn check_seed_marker<S: Store>(s: &S) {
+    assert!(!s.is_seeded().await.unwrap());
+    let keys = vec!["a".repeat(64), "b".repeat(64)];
+    s.seed_consumer(&consumer("marked"), &keys).await.unwrap();
+    assert!(s.key_was_seeded("marked", &keys[0]).await.unwrap());
+    assert!(s.key_was_seeded("marked", &keys[1]).await.unwrap());
+    assert!(!s.key_was_seeded("marked", &"c".repeat(64)).await.unwrap());
+    assert!(!s.key_was_seeded("other", &keys[0]).await.unwrap());
+    s.mark_seeded().await.unwrap();
+    assert!(s.is_seeded().await.unwrap());
 }
 
 fn failure(trip_for_ms: Option<u64>, probe: bool) -> BreakerFailure {
@@ -928,6 +1081,10 @@ suite! {
     check_concurrency(mid_hour()) => memory_concurrency, redis_concurrency;
     /// A settle batch retried with the same id applies once.
     check_settle_once(mid_hour()) => memory_settle_once, redis_settle_once;
+    /// A reservation id debits once; abandoned ones are refunded once or never debit.
+    check_reservation_ids(mid_hour()) => memory_reservation_ids, redis_reservation_ids;
+    /// Seed markers and the seeded mark.
+    check_seed_marker(mid_hour()) => memory_seed_marker, redis_seed_marker;
     /// Circuits: rolling-window trips, retry-after trips, one probe per trip, close, events.
     check_breaker(0) => memory_breaker, redis_breaker;
 }
@@ -1112,6 +1269,8 @@ async fn redis_only_operator_commands() {
         tokens: 1,
         defaults: &defaults,
         require_record: true,
+        id: new_reservation_id(),
+        background: false,
     };
     let err = s.reserve(&req).await.unwrap_err();
     assert!(err.to_string().contains("tpm"), "{err}");
