@@ -74,11 +74,16 @@ pub enum StoreKind {
     Redis,
 }
 
+/// What a replica does while the shared store is unreachable or too slow.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnError {
-    /// Keep enforcing with a per-replica bucket (limit divided by live replicas).
+    /// Spend only allowances obtained from the store before the fault (leases, already
+    /// debited), else answer 503: never more than the limits plus one request per replica.
     #[default]
+    Escrow,
+    /// Keep enforcing with a per-replica bucket (limit divided by live replicas): available,
+    /// but it may over-admit when only some replicas lose the store.
     Local,
     FailOpen,
     FailClosed,
@@ -96,6 +101,11 @@ pub struct StoreConfig {
     pub pool_size: usize,
     /// Days that daily usage totals are kept.
     pub usage_retention_days: u64,
+    /// A replica degraded for longer than this logs at error level once a minute.
+    pub max_degraded_ms: u64,
+    /// `/readyz` answers 503 once a replica has been degraded for `max_degraded_ms`, so a load
+    /// balancer sends its traffic elsewhere.
+    pub unready_when_degraded: bool,
 }
 
 impl Default for StoreConfig {
@@ -103,10 +113,12 @@ impl Default for StoreConfig {
         StoreConfig {
             kind: StoreKind::Memory,
             url: "redis://127.0.0.1:6379".into(),
-            on_error: OnError::Local,
+            on_error: OnError::Escrow,
             timeout_ms: 50,
             pool_size: 4,
             usage_retention_days: 400,
+            max_degraded_ms: 30_000,
+            unready_when_degraded: false,
         }
     }
 }

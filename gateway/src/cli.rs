@@ -186,14 +186,16 @@ pub async fn serve(config: Config, banner: Option<String>) -> anyhow::Result<()>
     let listener = tokio::net::TcpListener::bind(&config.server.listen)
         .await
         .with_context(|| format!("binding server.listen {}", config.server.listen))?;
-    let addr = listener.local_addr()?;
-    let mut out = std::io::stdout();
-    writeln!(out, "listening on {addr}")?;
-    if let Some(b) = banner {
-        writeln!(out, "{}", b.replace("{addr}", &addr.to_string()))?;
-    }
-    out.flush()?;
-    server::run(listener, config, shutdown_signal()).await
+    // Printed once the gateway is ready: scripts and process managers wait for this line.
+    let announce = move |addr: std::net::SocketAddr| {
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "listening on {addr}");
+        if let Some(b) = banner {
+            let _ = writeln!(out, "{}", b.replace("{addr}", &addr.to_string()));
+        }
+        let _ = out.flush();
+    };
+    server::run_ready(listener, config, shutdown_signal(), announce).await
 }
 
 async fn shutdown_signal() {

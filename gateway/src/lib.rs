@@ -27,6 +27,7 @@ pub mod breaker;
 pub mod cli;
 pub mod credentials;
 pub mod error;
+pub mod estimate;
 pub mod jwt;
 pub mod limits;
 pub mod otel;

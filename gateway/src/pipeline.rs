@@ -79,8 +79,12 @@ async fn serve(
     request_id: &str,
     span: &mut Option<RequestSpan>,
 ) -> Result<Response, Error> {
-    // 1. Authenticate before reading the body: an unknown caller costs nothing more.
+    // 1. Authenticate before reading the body: an unknown caller costs nothing more, and
+    //    neither does a consumer this replica just saw disabled.
     let caller = gw.auth.authenticate(headers, &gw.limits).await?;
+    if let Some(e) = gw.limits.refused(&caller.consumer, None) {
+        return Err(e);
+    }
 
     // 2. Read the body, bounded: nothing larger than `server.max_body_bytes` is held.
     let body = read_body(headers, body, gw.config.server.max_body_bytes).await?;
@@ -98,16 +102,30 @@ async fn serve(
         return Err(Error::ModelNotAllowed(req.model));
     }
 
-    // 5. Estimate: prompt tokens (tiktoken, off the runtime when large) + requested output.
-    let pieces = std::mem::take(&mut req.prompt.pieces);
-    let prompt_tokens = gw.tokenizer.count_pieces(pieces, req.prompt.framing).await;
+    // 5. Estimate every billed input (text by tiktoken, off the runtime when large; tools,
+    //    schemas, images, audio, files) + the output reserved, which is what the backend may
+    //    write: an uncapped request is capped at the reservation.
+    let per_choice = req
+        .max_output
+        .unwrap_or(gw.config.limits.default_max_tokens);
+    if req.max_output.is_none() {
+        req.output_cap = req.output_cap_field().map(|f| (f, per_choice));
+    }
     let output = match op {
         Operation::Embeddings => 0,
-        _ => req
-            .max_output
-            .unwrap_or(gw.config.limits.default_max_tokens)
-            .saturating_mul(req.choices),
+        _ => per_choice.saturating_mul(req.choices),
     };
+    //    A consumer whose quota this replica just saw spent is refused before the prompt's CPU
+    //    is spent (at least one token per `MAX_RUN` bytes of text, the tokenizer's own bound).
+    let at_least = output
+        .saturating_add(req.prompt.fixed)
+        .saturating_add((req.prompt.text_bytes() / crate::tokens::MAX_RUN) as u64);
+    if let Some(e) = gw.limits.refused(&caller.consumer, Some(at_least)) {
+        return Err(e);
+    }
+    gw.metrics.estimate_text(req.prompt.text_bytes());
+    let prompt = std::mem::take(&mut req.prompt);
+    let prompt_tokens = gw.tokenizer.count_prompt(prompt).await;
     let estimate = prompt_tokens.saturating_add(output);
 
     // 6. Reserve: the one store call on the path (limits, model allow-list, bucket, quota).

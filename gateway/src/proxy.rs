@@ -145,12 +145,13 @@ impl Forward<'_> {
             (BackendApi::Openai, _, _) => (deployment != req.model).then_some(deployment),
         };
         let include_usage = req.stream && req.op.needs_include_usage() && !req.client_include_usage;
-        let body = rewrite_body(&req.body, set_model, include_usage).map_err(|err| {
-            AttemptError::Retryable {
-                err,
-                retry_after_ms: None,
-            }
-        })?;
+        let body =
+            rewrite_body(&req.body, set_model, include_usage, req.output_cap).map_err(|err| {
+                AttemptError::Retryable {
+                    err,
+                    retry_after_ms: None,
+                }
+            })?;
         let api_version = match &req.style {
             RouteStyle::AzureDeployment {
                 api_version: Some(v),

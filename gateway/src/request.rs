@@ -4,7 +4,7 @@
 //! are forwarded otherwise.
 
 use crate::error::Error;
-use crate::tokens::PromptText;
+use crate::estimate::{self, Extras, Prompt};
 use bytes::Bytes;
 use indexmap::IndexMap;
 use serde::Deserialize;
@@ -79,8 +79,32 @@ pub struct ClientRequest {
     pub max_output: Option<u64>,
     /// Number of choices (`n`), which multiplies the completion estimate.
     pub choices: u64,
-    pub prompt: PromptText,
+    /// Every billed input, still to be counted.
+    pub prompt: Prompt,
+    /// The output cap the gateway adds for the backend when the client set none: the field
+    /// and the tokens reserved for each choice (set by the pipeline).
+    pub output_cap: Option<(&'static str, u64)>,
     pub body: Bytes,
+}
+
+impl ClientRequest {
+    /// The body field that caps output for this request: `max_completion_tokens` on chat
+    /// (`max_tokens` for Azure api-versions before 2024-09-01, which lack the other),
+    /// `max_tokens` on completions, `max_output_tokens` on responses; none for embeddings.
+    pub fn output_cap_field(&self) -> Option<&'static str> {
+        match self.op {
+            Operation::Chat => match &self.style {
+                RouteStyle::AzureDeployment {
+                    api_version: Some(v),
+                    ..
+                } if v.as_str() < "2024-09-01" => Some("max_tokens"),
+                _ => Some("max_completion_tokens"),
+            },
+            Operation::Completions => Some("max_tokens"),
+            Operation::Responses => Some("max_output_tokens"),
+            Operation::Embeddings => None,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -105,8 +129,22 @@ struct Fields<'a> {
     prompt: Option<&'a RawValue>,
     #[serde(borrow, default)]
     input: Option<&'a RawValue>,
-    #[serde(default)]
-    instructions: Option<String>,
+    #[serde(borrow, default)]
+    instructions: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    tools: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    functions: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    response_format: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    text: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    prediction: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    tool_choice: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    suffix: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -169,22 +207,31 @@ pub fn parse(op: Operation, style: RouteStyle, body: Bytes) -> Result<ClientRequ
         (_, Some(m)) if !m.is_empty() => m,
         _ => return Err(missing("model")),
     };
+    let extras = Extras {
+        tools: f.tools,
+        functions: f.functions,
+        response_format: f.response_format,
+        text: f.text,
+        prediction: f.prediction,
+        tool_choice: f.tool_choice,
+        suffix: f.suffix,
+    };
+    let bad = |e: estimate::Invalid| Error::BadRequest {
+        message: e.message,
+        param: Some(e.param),
+    };
     let prompt = match op {
         Operation::Chat => {
             let raw = f.messages.ok_or_else(|| missing("messages"))?;
-            PromptText::from_messages(raw).map_err(|m| Error::BadRequest {
-                message: m,
-                param: Some("messages"),
-            })?
+            estimate::chat(raw, &extras, &model).map_err(bad)?
         }
         Operation::Completions => {
-            PromptText::from_input(f.prompt.ok_or_else(|| missing("prompt"))?)
+            estimate::input(f.prompt.ok_or_else(|| missing("prompt"))?, &extras)
         }
-        Operation::Embeddings => PromptText::from_input(f.input.ok_or_else(|| missing("input"))?),
+        Operation::Embeddings => estimate::input(f.input.ok_or_else(|| missing("input"))?, &extras),
         Operation::Responses => {
-            let mut p = PromptText::from_input(f.input.ok_or_else(|| missing("input"))?);
-            p.pieces.extend(f.instructions);
-            p
+            let input = f.input.ok_or_else(|| missing("input"))?;
+            estimate::responses(input, f.instructions, &extras, &model).map_err(bad)?
         }
     };
     let stream = f.stream.unwrap_or(false);
@@ -220,24 +267,24 @@ pub fn parse(op: Operation, style: RouteStyle, body: Bytes) -> Result<ClientRequ
             .stream_options
             .and_then(|s| s.include_usage)
             .unwrap_or(false),
-        max_output: f
-            .max_completion_tokens
-            .or(f.max_tokens)
-            .or(f.max_output_tokens),
+        max_output,
         choices,
         prompt,
+        output_cap: None,
         body,
     })
 }
 
-/// The body for a backend: the original bytes, unless the backend needs another `model` or the
-/// gateway must ask for `stream_options.include_usage`. Top-level values are copied verbatim.
+/// The body for a backend: the original bytes, unless the backend needs another `model`, the
+/// gateway must ask for `stream_options.include_usage`, or it caps the output the client left
+/// uncapped (`output_cap`: the field and the tokens). Top-level values are copied verbatim.
 pub fn rewrite_body(
     body: &Bytes,
     set_model: Option<&str>,
     include_usage: bool,
+    output_cap: Option<(&str, u64)>,
 ) -> Result<Bytes, Error> {
-    if set_model.is_none() && !include_usage {
+    if set_model.is_none() && !include_usage && output_cap.is_none() {
         return Ok(body.clone());
     }
     let mut map: IndexMap<String, Box<RawValue>> = serde_json::from_slice(body)
@@ -247,6 +294,9 @@ pub fn rewrite_body(
     };
     if let Some(m) = set_model {
         map.insert("model".into(), to_raw(serde_json::Value::String(m.into()))?);
+    }
+    if let Some((field, tokens)) = output_cap {
+        map.insert(field.into(), to_raw(serde_json::Value::from(tokens))?);
     }
     if include_usage {
         let mut opts: serde_json::Map<String, serde_json::Value> = match map.get("stream_options") {
@@ -333,11 +383,13 @@ mod tests {
     fn rewrite_keeps_fields() {
         let b =
             Bytes::from_static(br#"{"model":"a","messages":[{"x":1}],"stream_options":{"foo":2}}"#);
-        assert_eq!(rewrite_body(&b, None, false).unwrap(), b);
-        let out = rewrite_body(&b, Some("dep-a"), true).unwrap();
+        assert_eq!(rewrite_body(&b, None, false, None).unwrap(), b);
+        let out =
+            rewrite_body(&b, Some("dep-a"), true, Some(("max_completion_tokens", 9))).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["model"], "dep-a");
         assert_eq!(v["messages"][0]["x"], 1);
+        assert_eq!(v["max_completion_tokens"], 9);
         assert_eq!(
             v["stream_options"],
             serde_json::json!({"foo":2,"include_usage":true})

@@ -5,7 +5,7 @@
 use crate::auth::{Auth, KeyAuth};
 use crate::breaker::Breakers;
 use crate::jwt::JwtAuth;
-use crate::limits::{AnyStore, Limits};
+use crate::limits::{AnyStore, Limits, Policy};
 use crate::otel::Otel;
 use crate::pipeline;
 use crate::request::{Operation, RouteStyle};
@@ -128,18 +128,30 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
         quota_period: config.limits.default_quota_period,
     };
     let consumers = config_consumers(&config)?;
-    let mut limits = Limits::new(store, config.store.on_error, defaults, consumers.clone());
+    let policy = Policy {
+        on_error: config.store.on_error,
+        defaults,
+        timeout: Duration::from_millis(config.store.timeout_ms),
+        max_degraded_ms: config.store.max_degraded_ms,
+    };
+    let mut limits = Limits::new(store, policy, consumers.clone());
     if config.store.kind == StoreKind::Redis && config.limits.lease {
         limits = limits.with_leases();
     }
-    for (rec, keys) in consumers {
-        // Written only when absent: the store wins once an operator has changed a consumer.
-        if let Err(e) = limits.store.seed_consumer(&rec, &keys).await {
-            tracing::warn!(consumer = %rec.id, error = %e, "could not seed consumer into the store");
-        }
+    for (rec, keys) in &consumers {
         // The local fallback knows every configured consumer from the start.
-        let _ = limits.local.seed_consumer(&rec, &keys).await;
+        let _ = limits.local.seed_consumer(rec, keys).await;
     }
+    // Seeded now when the store answers (written only where absent: the store wins once an
+    // operator has changed a consumer), and kept seeded in the background: retried until it
+    // succeeds, and again whenever the store lost its data.
+    if let Err(e) = limits.seeds.seed_all(&limits.store).await {
+        tracing::warn!(error = %e, "could not seed the configured consumers yet; retrying in the background");
+    }
+    let seeder = {
+        let limits = limits.clone();
+        tokio::spawn(async move { limits.seeds.keep_seeded(limits.store.clone()).await })
+    };
     let routes = Routes::from_config(&config)?;
     let breakers = Breakers::new(limits.store.clone());
     let breaker_tasks = breakers.start(&routes);
@@ -193,9 +205,13 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
             }
         })
     });
+    let replica = uuid::Uuid::new_v4().to_string();
+    if config.store.kind == StoreKind::Redis {
+        // Know how many replicas share the limits before serving (the `local` policy's 1/N).
+        limits.heartbeat(&replica).await;
+    }
     let heartbeat = (config.store.kind == StoreKind::Redis).then(|| {
         let limits = limits.clone();
-        let replica = uuid::Uuid::new_v4().to_string();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
@@ -225,6 +241,7 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
             otel,
             tasks: heartbeat
                 .into_iter()
+                .chain(Some(seeder))
                 .chain(sweeper)
                 .chain(breaker_tasks)
                 .collect(),
@@ -307,15 +324,26 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
         StoreKind::Memory => "memory",
         StoreKind::Redis => "redis",
     };
+    let store = &gw.config.store;
     let reachable = gw.limits.store.ping().await.is_ok();
-    let (status, mode) = match (reachable, gw.config.store.on_error) {
+    let seeded = gw.limits.seeds.done();
+    let degraded_ms = gw.limits.degraded_for().as_millis() as u64;
+    let (status, mode) = match (reachable, store.on_error) {
+        // The store answers but refuses the configured consumers (full, read-only): their keys
+        // would fail, so this replica should not get traffic.
+        (true, _) if !seeded => (503, "seeding"),
         (true, _) => (200, "shared"),
+        (false, _) if store.unready_when_degraded && degraded_ms >= store.max_degraded_ms => {
+            (503, "degraded")
+        }
+        (false, OnError::Escrow) => (200, "escrow"),
         (false, OnError::Local) => (200, "fallback_local"),
         (false, OnError::FailOpen) => (200, "fallback_open"),
         (false, OnError::FailClosed) => (503, "unavailable"),
     };
     let body = serde_json::json!({"status": if status == 200 {"ready"} else {"not_ready"},
-        "store": kind, "store_reachable": reachable, "mode": mode});
+        "store": kind, "store_reachable": reachable, "mode": mode, "seeded": seeded,
+        "degraded_s": degraded_ms / 1000});
     (
         http::StatusCode::from_u16(status).unwrap_or_default(),
         axum::Json(body),
@@ -328,11 +356,14 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
     let mut extra = format!(
         "# HELP tollgate_store_degraded Whether the fallback policy is in force\n\
          # TYPE tollgate_store_degraded gauge\ntollgate_store_degraded {}\n\
+         # HELP tollgate_store_degraded_seconds How long the store has been unreachable (0 when it answers)\n\
+         # TYPE tollgate_store_degraded_seconds gauge\ntollgate_store_degraded_seconds {:.3}\n\
          # HELP tollgate_replicas Live replicas sharing the store\n\
          # TYPE tollgate_replicas gauge\ntollgate_replicas {}\n\
          # HELP tollgate_breaker_state Circuit per backend: 0 closed, 1 open, 2 half-open\n\
          # TYPE tollgate_breaker_state gauge\n",
         gw.limits.degraded() as u8,
+        gw.limits.degraded_for().as_secs_f64(),
         gw.limits.replicas(),
     );
     let now = crate::routing::now_ms();
@@ -364,9 +395,21 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    run_ready(listener, config, shutdown, |_| {}).await
+}
+
+/// [`run`], calling `ready` once the gateway is built (store connected, consumers seeded) and
+/// about to accept requests: the binary prints its `listening on` line there.
+pub async fn run_ready(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(std::net::SocketAddr),
+) -> anyhow::Result<()> {
     let grace = Duration::from_millis(config.server.shutdown_grace_ms);
     let (router, gw, background) = app(config).await?;
     drop(gw);
+    ready(listener.local_addr()?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // Without TCP_NODELAY, Nagle holds a stream's first event behind the response head until
     // the client's delayed ACK (~40 ms).

@@ -20,9 +20,10 @@ pub struct Metrics {
     duration_sum_us: AtomicU64,
     duration_count: AtomicU64,
     usage_dropped: AtomicU64,
+    estimated_bytes: AtomicU64,
 }
 
-const HELP: [(&str, &str); 7] = [
+const HELP: [(&str, &str); 8] = [
     (
         "tollgate_requests_total",
         "Requests that reached a reservation, by outcome",
@@ -51,6 +52,10 @@ const HELP: [(&str, &str); 7] = [
         "tollgate_usage_dropped_total",
         "Usage settlements dropped because the buffer was full",
     ),
+    (
+        "tollgate_estimate_text_bytes_total",
+        "Prompt text tokenized for reservation estimates (the CPU spent on estimates)",
+    ),
 ];
 
 impl Metrics {
@@ -68,6 +73,12 @@ impl Metrics {
 
     pub fn usage_dropped(&self, n: u64) {
         self.usage_dropped.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Prompt text about to be tokenized for an estimate.
+    pub fn estimate_text(&self, bytes: usize) {
+        self.estimated_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     pub fn record_outcome(&self, o: &Outcome, u: &TokenUsage, cost_pico: u64) {
@@ -120,8 +131,13 @@ impl Metrics {
         let counters = self.counters.lock().clone();
         for (name, help) in HELP {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            if name == "tollgate_usage_dropped_total" {
-                let _ = writeln!(out, "{name} {}", self.usage_dropped.load(Ordering::Relaxed));
+            let single = match name {
+                "tollgate_usage_dropped_total" => Some(&self.usage_dropped),
+                "tollgate_estimate_text_bytes_total" => Some(&self.estimated_bytes),
+                _ => None,
+            };
+            if let Some(v) = single {
+                let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
                 continue;
             }
             for ((n, labels), v) in counters.iter().filter(|((n, _), _)| *n == name) {

@@ -140,7 +140,7 @@ pub async fn resolve_usage(o: &mut Outcome, tokenizer: &Tokenizer) -> TokenUsage
     let output = if text.is_empty() {
         0
     } else {
-        tokenizer.count_pieces(vec![text], 0).await
+        tokenizer.count_text(text).await
     };
     TokenUsage {
         input: o.prompt_tokens,
@@ -182,7 +182,7 @@ impl UsageWorker {
                     }
                     self.flush(&mut pending).await;
                 }
-                _ = retry.tick(), if !pending.is_empty() => self.flush(&mut pending).await,
+                _ = retry.tick() => self.flush(&mut pending).await,
             }
         }
         let deadline = Instant::now() + flush_for;
@@ -251,6 +251,7 @@ impl UsageWorker {
         match reserved.place {
             Placement::Shared => pending.push_back(Settlement {
                 consumer,
+                end: reserved.end,
                 reserved: reserved.tokens,
                 actual,
                 window: reserved.admission.window,
@@ -262,6 +263,7 @@ impl UsageWorker {
                     // Correct the local bucket now.
                     let local = Settlement {
                         consumer: consumer.clone(),
+                        end: Default::default(),
                         reserved: reserved.tokens,
                         actual,
                         window: reserved.admission.window,
@@ -279,6 +281,7 @@ impl UsageWorker {
                 // is neither lost nor spent a second time.
                 pending.push_back(Settlement {
                     consumer,
+                    end: Default::default(),
                     reserved: 0,
                     actual,
                     window: tollgate_quota::ANY_WINDOW,
@@ -296,6 +299,10 @@ impl UsageWorker {
     }
 
     async fn flush(&self, pending: &mut Pending) {
+        // Reservations the store did not answer in time: refunded if they ever ran.
+        for s in self.limits.take_abandoned() {
+            pending.push_back(s);
+        }
         pending.seal();
         while let Some((id, batch)) = pending.batches.front() {
             match self.limits.store.settle(*id, batch).await {

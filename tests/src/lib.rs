@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod latency;
 pub mod otlp;
 pub mod redis;
 
@@ -103,8 +104,8 @@ impl Gateway {
             .args(["serve", "--config"])
             .arg(config)
             .args(["--listen", "127.0.0.1:0"])
-            .envs(envs.iter().map(|(k, v)| (k, v)))
             .env("TOLLGATE_LOG", "info")
+            .envs(envs.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -225,6 +226,9 @@ pub struct Harness {
     extra: String,
     store: String,
     envs: Vec<(String, String)>,
+    given_redis: Option<RedisServer>,
+    /// Environment of one gateway process only, by index.
+    gateway_envs: Vec<(usize, String, String)>,
 }
 
 /// A started scenario.
@@ -252,6 +256,13 @@ impl Harness {
 
     pub fn redis(mut self) -> Self {
         self.redis = true;
+        self
+    }
+
+    /// This already started Redis (set up by the test before the gateways start).
+    pub fn with_redis(mut self, server: RedisServer) -> Self {
+        self.redis = true;
+        self.given_redis = Some(server);
         self
     }
 
@@ -312,9 +323,17 @@ impl Harness {
         self
     }
 
+    /// An environment variable for gateway process `i` only (`TOLLGATE_REDIS_URL` through a
+    /// proxy for one replica).
+    pub fn gateway_env(mut self, i: usize, k: &str, v: &str) -> Self {
+        self.gateway_envs.push((i, k.into(), v.into()));
+        self
+    }
+
     pub async fn start(self) -> anyhow::Result<Running> {
         let dir = tempfile::tempdir()?;
         let redis = match (self.redis, self.persistent) {
+            _ if self.given_redis.is_some() => self.given_redis,
             (false, _) => None,
             (true, false) => Some(RedisServer::start()?),
             (true, true) => Some(RedisServer::start_persistent()?),
@@ -329,7 +348,10 @@ impl Harness {
                 "[store]\nkind = \"redis\"\nurl = \"{}\"\n",
                 r.url()
             ));
+        } else if !self.store.is_empty() {
+            toml.push_str("[store]\n");
         }
+        toml.push_str(&self.store);
         toml.push_str(&self.extra);
         for (id, extra) in &self.consumers {
             toml.push_str(&format!(
@@ -361,7 +383,14 @@ impl Harness {
                 gateways.push(Gateway::in_process(config).await?);
             } else {
                 let log = dir.path().join(format!("gateway-{i}.log"));
-                gateways.push(Gateway::spawn(&config_path, log, &self.envs)?);
+                let mut envs = self.envs.clone();
+                envs.extend(
+                    self.gateway_envs
+                        .iter()
+                        .filter(|(g, _, _)| *g == i)
+                        .map(|(_, k, v)| (k.clone(), v.clone())),
+                );
+                gateways.push(Gateway::spawn(&config_path, log, &envs)?);
             }
         }
         Ok(Running {
@@ -385,6 +414,25 @@ impl Running {
 
     pub fn url(&self, gateway: usize) -> String {
         self.gateways[gateway].url()
+    }
+
+    /// `tollgate usage --config FILE --by BY --format json`, parsed.
+    pub fn usage(&self, by: &str) -> anyhow::Result<serde_json::Value> {
+        let out = Command::new(gateway_bin())
+            .args(["usage", "--config"])
+            .arg(&self.config_path)
+            .args(["--since", "2000-01-01", "--until", "2999-12-31"])
+            .args(["--by", by, "--format", "json"])
+            .env("TOLLGATE_LOG", "warn")
+            .output()
+            .context("running tollgate usage")?;
+        if !out.status.success() {
+            bail!(
+                "tollgate usage failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
     }
 }
 

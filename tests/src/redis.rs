@@ -85,6 +85,33 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open and commands queue unanswered, as
+    /// when a host stalls. [`resume`](Self::resume) lets it run again.
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// Lets a [`pause`](Self::pause)d server run again (SIGCONT).
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, sig: &str) -> anyhow::Result<()> {
+        let pid = self
+            .child
+            .as_ref()
+            .context("redis-server is not running")?
+            .id();
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()?
+            .success();
+        if !ok {
+            bail!("kill {sig} {pid} failed");
+        }
+        Ok(())
+    }
+
     /// Starts the server again on the same port and socket, with the data of the last `SAVE`
     /// (`cli(&["SAVE"])`), if any: a Redis with persistence coming back.
     pub fn restart(&mut self) -> anyhow::Result<()> {

@@ -153,28 +153,7 @@ async fn send(h: &Running, range: std::ops::Range<usize>, tasks: usize, ledger: 
 
 /// Runs `tollgate usage --config FILE --by BY --format json` and parses its output.
 fn usage_report(h: &Running, by: &str) -> Value {
-    let out = std::process::Command::new(gateway_bin())
-        .args(["usage", "--config"])
-        .arg(&h.config_path)
-        .args([
-            "--since",
-            "2000-01-01",
-            "--until",
-            "2999-12-31",
-            "--by",
-            by,
-            "--format",
-            "json",
-        ])
-        .env("TOLLGATE_LOG", "warn")
-        .output()
-        .expect("running tollgate usage");
-    assert!(
-        out.status.success(),
-        "tollgate usage failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("usage JSON")
+    h.usage(by).expect("tollgate usage")
 }
 
 /// The report's row for `key` under `by`.

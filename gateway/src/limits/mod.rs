@@ -1,20 +1,44 @@
 //! Token limits and quotas: the reservation on the request path and the store behind it.
 //!
-//! One store call per request ([`Limits::reserve`]): the store reads the consumer's current
-//! limits, refills the per-minute bucket, checks the period quota and debits the estimate, all
-//! atomically. The correction to actual usage happens later, off the latency path, in the usage
-//! worker (`usage.rs`). When the store fails, `store.on_error` decides: `local` keeps enforcing
-//! with this replica's own in-memory store, `fail_open` admits, `fail_closed` answers 503.
+//! One store call per request ([`Limits::reserve`]), or none for a busy consumer served from a
+//! [lease](lease): the store reads the consumer's current limits, refills the per-minute
+//! bucket, checks the period quota and debits the estimate, all atomically. The correction to
+//! actual usage happens later, off the latency path, in the usage worker (`usage.rs`).
+//!
+//! Every reservation carries an id, so the store applies it at most once: a reserve that gets
+//! no answer within half of `store.timeout_ms` is sent once more with the same id (slow is not
+//! down), and one that gets no answer at all is *abandoned*: the usage worker later tells the
+//! store to refund whatever it debited, if it ever ran. No debit outlives its request.
+//!
+//! When the store cannot be reached, `store.on_error` decides:
+//! - `escrow` (default): spend only what was obtained from the store before the fault (leases,
+//!   already debited), else 503 with `retry-after`. The cluster never admits more than its
+//!   limits plus one request per replica, whichever links fail.
+//! - `local`: this replica's own in-memory store with a 1/N share of each limit (N from
+//!   heartbeats): available, but replicas that lose the store while others keep it may admit
+//!   their shares on top of what the store admits.
+//! - `fail_open` admits; `fail_closed` answers 503.
+
+mod lease;
+mod refusals;
+mod seed;
+
+pub use lease::LEASE_MS;
 
 use crate::error::Error;
+use crate::routing::now_ms;
+use lease::{Key, Lease, Leases, Take};
 use parking_lot::Mutex;
+use refusals::Refusals;
+use seed::Seeds;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
 use tollgate_common::config::OnError;
 use tollgate_quota::{
     Admission, BreakerFailure, BreakerState, ConsumerRecord, Decision, LimitDefaults, MemoryStore,
-    Period, RedisStore, ReserveRequest, Settlement, Store, UsageRow,
+    Period, RedisStore, ReservationEnd, ReserveRequest, Settlement, Store, UsageRow,
 };
 
 /// The configured store: memory (one replica) or Redis (a cluster).
@@ -49,6 +73,19 @@ impl Store for AnyStore {
         key_hashes: &[String],
     ) -> tollgate_quota::Result<bool> {
         delegate!(self, s => s.seed_consumer(consumer, key_hashes).await)
+    }
+    async fn key_was_seeded(
+        &self,
+        consumer: &str,
+        key_sha256: &str,
+    ) -> tollgate_quota::Result<bool> {
+        delegate!(self, s => s.key_was_seeded(consumer, key_sha256).await)
+    }
+    async fn mark_seeded(&self) -> tollgate_quota::Result<()> {
+        delegate!(self, s => s.mark_seeded().await)
+    }
+    async fn is_seeded(&self) -> tollgate_quota::Result<bool> {
+        delegate!(self, s => s.is_seeded().await)
     }
     async fn put_consumer(&self, consumer: &ConsumerRecord) -> tollgate_quota::Result<()> {
         delegate!(self, s => s.put_consumer(consumer).await)
@@ -100,6 +137,8 @@ pub struct Reserved {
     /// Made in this replica's fallback store (settle there too), or not made at all
     /// (`fail_open`: nothing to settle).
     pub place: Placement,
+    /// What settling does with the store's record of it (none for lease slices).
+    pub end: ReservationEnd,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,7 +149,7 @@ pub enum Placement {
 }
 
 /// What this replica last learned of a consumer's limits from the shared store, so it can
-/// keep enforcing a share of them while the store is unreachable.
+/// keep enforcing a share of them while the store is unreachable (`on_error = "local"`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Learned {
     team: String,
@@ -123,155 +162,150 @@ struct Learned {
 /// How long the shared store is left alone after it failed, before the next request tries it.
 const STORE_RETRY_MS: u64 = 250;
 
+/// Whether the shared store answers, and since when it does not.
+#[derive(Default)]
+struct Health {
+    degraded: AtomicBool,
+    /// When the current degradation began (unix ms; 0 = healthy).
+    since_ms: AtomicU64,
+    /// Until this time (unix ms) requests skip the shared store, so an outage costs one store
+    /// timeout per interval, not one per request.
+    retry_at_ms: AtomicU64,
+    /// When a long degradation was last logged at error level.
+    logged_ms: AtomicU64,
+}
+
+/// The store settings the limits need.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub on_error: OnError,
+    pub defaults: LimitDefaults,
+    /// `store.timeout_ms`: a reserve unanswered for half of it is sent once more.
+    pub timeout: Duration,
+    /// `store.max_degraded_ms`: past it a degraded replica logs at error level once a minute.
+    pub max_degraded_ms: u64,
+}
+
 pub struct Limits {
     pub store: AnyStore,
     /// This replica's own store, used while the shared store is unreachable (`on_error = local`).
     pub local: MemoryStore,
-    pub on_error: OnError,
-    pub defaults: LimitDefaults,
-    degraded: AtomicBool,
-    /// Until this time (unix ms) requests skip the shared store and use the fallback, so an
-    /// outage costs one store timeout per interval, not one per request.
-    retry_at_ms: AtomicU64,
+    pub policy: Policy,
+    health: Health,
     /// Live replicas as last counted; the local fallback enforces 1/N of each limit.
     replicas: AtomicU32,
     learned: Mutex<HashMap<String, Learned>>,
-    /// Consumers from the configuration (their model allow-lists hold during an outage too).
-    configured: HashMap<String, ConsumerRecord>,
-    /// The same with their key hashes, seeded again (only where absent) whenever the store
-    /// comes back, in case it came back empty.
-    seeds: Arc<Vec<(ConsumerRecord, Vec<String>)>>,
+    /// Consumers and keys from the configuration, and whether the store holds them.
+    pub seeds: Seeds,
     /// When the local fallback's counters were last started afresh (unix ms).
     local_reset_ms: AtomicU64,
     /// Leases of busy consumers' tokens (`None`: leasing is off, e.g. the memory store).
     leases: Option<Mutex<Leases>>,
-}
-
-/// How long a lease lives: an operator's lowered limit or `disabled 1` applies within this.
-pub const LEASE_MS: u64 = 250;
-/// Requests per second on this replica that make a consumer busy enough to lease.
-const BUSY_RPS: u64 = 20;
-
-/// A slice of a busy consumer's bucket and quota, debited in the store ahead of use so the
-/// cluster can never over-admit; this replica admits from it without a store call until it is
-/// spent or [`LEASE_MS`] old, then returns what is left.
-struct Lease {
-    left: u64,
-    expires_ms: u64,
-    admission: Admission,
-}
-
-#[derive(Default)]
-struct Rate {
-    second: u64,
-    reqs: u64,
-    tokens: u64,
-    last_reqs: u64,
-    last_tokens: u64,
-}
-
-impl Rate {
-    fn record(&mut self, now_ms: u64, tokens: u64) {
-        let sec = now_ms / 1000;
-        if sec != self.second {
-            (self.last_reqs, self.last_tokens) = if sec == self.second + 1 {
-                (self.reqs, self.tokens)
-            } else {
-                (0, 0)
-            };
-            (self.second, self.reqs, self.tokens) = (sec, 0, 0);
-        }
-        self.reqs += 1;
-        self.tokens += tokens;
-    }
-}
-
-#[derive(Default)]
-struct Leases {
-    /// By consumer and model (a lease passed the model allow-list for that model only).
-    active: HashMap<(String, String), Lease>,
-    rates: HashMap<String, Rate>,
-    /// Lease requests in flight, so a busy consumer asks once at a time.
-    asking: std::collections::HashSet<(String, String)>,
+    refusals: Refusals,
+    /// Reservations given up on (no answer from the store), for the usage worker to refund.
+    abandoned: Mutex<Vec<Settlement>>,
 }
 
 impl Limits {
     pub fn new(
         store: AnyStore,
-        on_error: OnError,
-        defaults: LimitDefaults,
+        policy: Policy,
         seeds: Vec<(ConsumerRecord, Vec<String>)>,
     ) -> Arc<Self> {
         Arc::new(Limits {
             store,
             local: MemoryStore::new(),
-            on_error,
-            defaults,
-            degraded: AtomicBool::new(false),
-            retry_at_ms: AtomicU64::new(0),
+            policy,
+            health: Health::default(),
             replicas: AtomicU32::new(1),
             learned: Mutex::new(HashMap::new()),
-            configured: seeds
-                .iter()
-                .map(|(c, _)| (c.id.clone(), c.clone()))
-                .collect(),
-            seeds: Arc::new(seeds),
+            seeds: Seeds::new(seeds),
             local_reset_ms: AtomicU64::new(0),
             leases: None,
+            refusals: Refusals::default(),
+            abandoned: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Turns leasing on (the Redis store: it saves busy consumers a round trip per request).
+    pub fn with_leases(mut self: Arc<Self>) -> Arc<Self> {
+        if let Some(me) = Arc::get_mut(&mut self) {
+            me.leases = Some(Mutex::new(Leases::default()));
+        }
+        self
     }
 
     /// Whether the last store call failed and the fallback policy is in force.
     pub fn degraded(&self) -> bool {
-        self.degraded.load(Ordering::Relaxed)
+        self.health.degraded.load(Ordering::Relaxed)
+    }
+
+    /// How long the store has been unreachable (zero when it answers).
+    pub fn degraded_for(&self) -> Duration {
+        let since = self.health.since_ms.load(Ordering::Relaxed);
+        if !self.degraded() || since == 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_millis(now_ms().saturating_sub(since))
     }
 
     pub fn replicas(&self) -> u32 {
         self.replicas.load(Ordering::Relaxed)
     }
 
-    /// Counts this replica in and learns how many are alive (every second, from `server`).
+    /// Counts this replica in and learns how many are alive (every second, from `server`);
+    /// reports a degradation that lasts longer than `store.max_degraded_ms`.
     pub async fn heartbeat(&self, replica: &str) {
         if let Ok(n) = self.store.heartbeat(replica, 5_000).await {
             let was = self.replicas.swap(n.max(1), Ordering::Relaxed);
-            if was != n && self.degraded() {
+            if was != n && self.degraded() && self.policy.on_error == OnError::Local {
                 self.rebuild_local();
+            }
+        }
+        let long = self.degraded_for();
+        if long.as_millis() as u64 > self.policy.max_degraded_ms {
+            let now = now_ms();
+            let last = self.health.logged_ms.load(Ordering::Relaxed);
+            if now.saturating_sub(last) >= 60_000 {
+                self.health.logged_ms.store(now, Ordering::Relaxed);
+                tracing::error!(
+                    degraded_s = long.as_secs(),
+                    policy = ?self.policy.on_error,
+                    "the store has been unreachable for longer than store.max_degraded_ms"
+                );
             }
         }
     }
 
     /// Whether to try the shared store now (always, unless it failed moments ago).
     fn try_shared(&self) -> bool {
-        !self.degraded() || crate::routing::now_ms() >= self.retry_at_ms.load(Ordering::Relaxed)
+        !self.degraded() || now_ms() >= self.health.retry_at_ms.load(Ordering::Relaxed)
     }
 
     fn mark(&self, failed: bool, what: &str, err: Option<&tollgate_quota::Error>) {
+        let now = now_ms();
         if failed {
-            self.retry_at_ms
-                .store(crate::routing::now_ms() + STORE_RETRY_MS, Ordering::Relaxed);
+            self.health
+                .retry_at_ms
+                .store(now + STORE_RETRY_MS, Ordering::Relaxed);
         }
-        let was = self.degraded.swap(failed, Ordering::Relaxed);
+        let was = self.health.degraded.swap(failed, Ordering::Relaxed);
         match (was, failed) {
             (false, true) => {
+                self.health.since_ms.store(now, Ordering::Relaxed);
                 tracing::warn!(
                     error = %err.map(|e| e.to_string()).unwrap_or_default(),
-                    policy = ?self.on_error,
+                    policy = ?self.policy.on_error,
                     replicas = self.replicas(),
                     "store unreachable during {what}; fallback policy in force"
                 );
-                if self.on_error == OnError::Local {
+                if self.policy.on_error == OnError::Local {
                     self.rebuild_local();
                 }
             }
             (true, false) => {
+                self.health.since_ms.store(0, Ordering::Relaxed);
                 tracing::info!("store reachable again; shared limits in force");
-                // A store that lost its data (no persistence) gets the configured consumers back.
-                let (store, seeds) = (self.store.clone(), self.seeds.clone());
-                tokio::spawn(async move {
-                    for (rec, keys) in seeds.iter() {
-                        let _ = store.seed_consumer(rec, keys).await;
-                    }
-                });
             }
             _ => {}
         }
@@ -284,8 +318,8 @@ impl Limits {
         let share = |v: Option<u64>| v.map(|v| v.div_ceil(n));
         let learned = self.learned.lock().clone();
         let mut records: HashMap<String, ConsumerRecord> = self
-            .configured
-            .values()
+            .seeds
+            .records()
             .map(|c| {
                 let mut r = c.clone();
                 r.tpm = share(r.tpm);
@@ -294,7 +328,7 @@ impl Limits {
             })
             .collect();
         for (id, l) in learned {
-            let base = self.configured.get(&id).cloned().unwrap_or_default();
+            let base = self.seeds.record(&id).cloned().unwrap_or_default();
             records.insert(
                 id.clone(),
                 ConsumerRecord {
@@ -311,7 +345,7 @@ impl Limits {
         let local = self.local.clone();
         // A flapping store must not hand out a fresh allowance on every failure: the local
         // counters start afresh at most once a minute.
-        let now = crate::routing::now_ms();
+        let now = now_ms();
         let last = self.local_reset_ms.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= 60_000
             && self
@@ -328,7 +362,7 @@ impl Limits {
     }
 
     fn learn(&self, consumer: &str, a: &Admission) {
-        if self.on_error != OnError::Local {
+        if self.policy.on_error != OnError::Local {
             return;
         }
         let l = Learned {
@@ -347,23 +381,39 @@ impl Limits {
         }
     }
 
+    /// The consumer a key hash belongs to. A configured key the store no longer maps is told
+    /// apart by the seed marker: revoked by an operator (`None`), or lost with the store's data
+    /// (seeded again, and valid). While the store is unreachable, configured keys are known
+    /// from the configuration and any other key cannot be checked: 503, never a 401 that
+    /// clients would take as final.
     pub async fn lookup_key(&self, hex: &str) -> Result<Option<String>, Error> {
+        let owner = self.seeds.owner(hex);
         if self.try_shared() {
             match self.store.lookup_key(hex).await {
-                Ok(v) => {
+                Ok(Some(found)) => {
                     self.mark(false, "key lookup", None);
-                    return Ok(v);
+                    return Ok(Some(found));
+                }
+                Ok(None) => {
+                    self.mark(false, "key lookup", None);
+                    let Some(owner) = owner else {
+                        return Ok(None);
+                    };
+                    return match self.seeds.restore_key(&self.store, owner, hex).await {
+                        Ok(true) => Ok(Some(owner.to_string())),
+                        Ok(false) => Ok(None),
+                        Err(e) => {
+                            self.mark(true, "key lookup", Some(&e));
+                            Err(Error::StoreUnavailable)
+                        }
+                    };
                 }
                 Err(e) => self.mark(true, "key lookup", Some(&e)),
             }
         }
-        match self.on_error {
-            OnError::FailClosed => Err(Error::StoreUnavailable),
-            _ => self
-                .local
-                .lookup_key(hex)
-                .await
-                .map_err(|_| Error::StoreUnavailable),
+        match owner {
+            Some(owner) => Ok(Some(owner.to_string())),
+            None => Err(Error::StoreUnavailable),
         }
     }
 
@@ -375,12 +425,28 @@ impl Limits {
         }
     }
 
-    /// Turns leasing on (the Redis store: it saves busy consumers a round trip per request).
-    pub fn with_leases(mut self: Arc<Self>) -> Arc<Self> {
-        if let Some(me) = Arc::get_mut(&mut self) {
-            me.leases = Some(Mutex::new(Leases::default()));
-        }
-        self
+    /// A refusal this replica saw moments ago and would see again: checked before the prompt is
+    /// read (`at_least = None`: only a disabled consumer) and before it is tokenized (with the
+    /// fewest tokens the request can need).
+    pub fn refused(&self, consumer: &str, at_least: Option<u64>) -> Option<Error> {
+        self.refusals.check(consumer, at_least, now_ms())
+    }
+
+    /// Reservations given up on since the last call, for the usage worker to send.
+    pub fn take_abandoned(&self) -> Vec<Settlement> {
+        std::mem::take(&mut *self.abandoned.lock())
+    }
+
+    fn abandon(&self, consumer: &str, id: u64) {
+        self.abandoned.lock().push(Settlement {
+            consumer: consumer.to_string(),
+            end: ReservationEnd::Abandoned { id },
+            reserved: 0,
+            actual: 0,
+            window: 0,
+            tpm: None,
+            usage: None,
+        });
     }
 
     /// Debits `tokens` for the consumer, or says why not: from this replica's lease when the
@@ -397,131 +463,125 @@ impl Limits {
                 .reserve_direct(consumer, model, tokens, require_record)
                 .await;
         };
-        let now = crate::routing::now_ms();
-        let key = (consumer.to_string(), model.to_string());
-        let mut want_lease = false;
-        {
-            let mut g = leases.lock();
-            g.rates
-                .entry(consumer.to_string())
-                .or_default()
-                .record(now, tokens);
-            if let Some(l) = g.active.get_mut(&key)
-                && l.expires_ms > now
-                && l.left >= tokens
-                && !self.degraded()
-            {
-                l.left -= tokens;
-                let mut admission = l.admission.clone();
-                admission.remaining_tpm = admission.remaining_tpm.map(|r| r + l.left as i64);
-                admission.remaining_quota = admission.remaining_quota.map(|r| r + l.left as i64);
+        let key: Key = (consumer.to_string(), model.to_string());
+        // While the store is unreachable under escrow, what a lease still holds is spent even
+        // past its age: it is debited in the store, and admin changes cannot be read anyway.
+        let escrow_degraded = self.degraded() && self.policy.on_error == OnError::Escrow;
+        let ask = match leases.lock().take(&key, tokens, now_ms(), escrow_degraded) {
+            Take::Admitted(admission) => {
                 return Ok(Reserved {
                     admission,
                     tokens,
                     place: Placement::Shared,
+                    end: ReservationEnd::None,
                 });
             }
-            let rate = &g.rates[consumer];
-            if rate.reqs.max(rate.last_reqs) >= BUSY_RPS && !g.asking.contains(&key) {
-                g.asking.insert(key.clone());
-                want_lease = true;
-            }
-        }
+            Take::Miss { ask } => ask,
+        };
         let r = self
             .reserve_direct(consumer, model, tokens, require_record)
             .await;
-        match (&r, want_lease) {
-            (Ok(res), true) if res.place == Placement::Shared => {
-                self.clone()
-                    .acquire_lease(key, res.admission.clone(), require_record);
+        if let Ok(res) = &r
+            && res.place == Placement::Shared
+        {
+            leases.lock().admitted(consumer, &res.admission);
+        }
+        // A busy consumer asks for a lease: after an admission, or when the store was too slow
+        // for this request (a lease is reserved with the background deadline: slow is not down).
+        let may_lease = match &r {
+            Ok(res) => res.place == Placement::Shared,
+            Err(Error::StoreUnavailable) => self.policy.on_error == OnError::Escrow,
+            Err(_) => false,
+        };
+        if ask {
+            if may_lease {
+                self.clone().acquire_lease(key, require_record);
+            } else {
+                leases.lock().asked(&key, None);
             }
-            (_, true) => {
-                leases.lock().asking.remove(&key);
-            }
-            _ => {}
         }
         r
     }
 
-    /// Asks the store for a lease in the background: a quarter second of the consumer's recent
-    /// use, at most 1/20 of its per-minute limit and 1/50 of the quota it has left.
-    fn acquire_lease(
-        self: Arc<Self>,
-        key: (String, String),
-        last: Admission,
-        require_record: bool,
-    ) {
+    /// Reserves a lease in the background.
+    fn acquire_lease(self: Arc<Self>, key: Key, require_record: bool) {
         tokio::spawn(async move {
             let Some(leases) = &self.leases else { return };
-            let size = {
-                let g = leases.lock();
-                let rate = g.rates.get(&key.0);
-                let per_sec = rate.map(|r| r.tokens.max(r.last_tokens)).unwrap_or(0);
-                let mut size = per_sec / 4;
-                if let Some(t) = last.tpm {
-                    size = size.min(t / 20);
-                }
-                if let Some(q) = last.remaining_quota {
-                    size = size.min(q.max(0) as u64 / 50);
-                }
-                size
-            };
+            let size = leases.lock().size(&key);
+            tracing::debug!(consumer = %key.0, size, "asking for a lease");
             let mut granted = None;
             if size > 0 {
+                let id = tollgate_quota::new_reservation_id();
                 let req = ReserveRequest {
                     consumer: &key.0,
                     model: &key.1,
                     tokens: size,
-                    defaults: &self.defaults,
+                    defaults: &self.policy.defaults,
                     require_record,
+                    id,
+                    background: true,
                 };
-                if let Ok(Decision::Admitted(a)) = self.store.reserve(&req).await {
-                    granted = Some(Lease {
-                        left: size,
-                        expires_ms: crate::routing::now_ms() + LEASE_MS,
-                        admission: a,
-                    });
+                match self.store.reserve(&req).await {
+                    Ok(Decision::Admitted(a)) => {
+                        leases.lock().admitted(&key.0, &a);
+                        granted = Some(Lease {
+                            id,
+                            model: key.1.clone(),
+                            left: size,
+                            expires_ms: now_ms() + LEASE_MS,
+                            admission: a,
+                        });
+                    }
+                    Ok(d) => {
+                        tracing::debug!(consumer = %key.0, size, decision = ?d, "lease refused");
+                        // What the store said stands for this replica's next requests too.
+                        self.remember(&key.0, &d);
+                    }
+                    Err(e) => {
+                        tracing::debug!(consumer = %key.0, size, error = %e, "lease not granted");
+                        self.abandon(&key.0, id);
+                    }
                 }
             }
-            let old = {
-                let mut g = leases.lock();
-                g.asking.remove(&key);
-                match granted {
-                    Some(l) => g.active.insert(key.clone(), l),
-                    None => None,
-                }
-            };
-            if let Some(old) = old {
-                self.return_leases(vec![(key.0, old)]).await;
+            let old = leases.lock().asked(&key, granted);
+            if let Some(old) = old
+                && let Err(kept) = self.return_leases(vec![(key.0, old)]).await
+            {
+                leases.lock().put_back(kept);
             }
         });
     }
 
-    /// Returns what expired leases (all of them with `all`) did not use.
+    /// Returns what expired leases (all of them with `all`) did not use. Leases the store does
+    /// not take back are kept: under escrow they are what this replica may still spend.
     pub async fn sweep_leases(&self, all: bool) {
         let Some(leases) = &self.leases else { return };
-        let now = crate::routing::now_ms();
-        let expired: Vec<(String, Lease)> = {
-            let mut g = leases.lock();
-            let keys: Vec<(String, String)> = g
-                .active
-                .iter()
-                .filter(|(_, l)| all || l.expires_ms <= now)
-                .map(|(k, _)| k.clone())
-                .collect();
-            keys.into_iter()
-                .filter_map(|k| g.active.remove(&k).map(|l| (k.0, l)))
-                .collect()
-        };
-        self.return_leases(expired).await;
+        let expired = leases.lock().expired(now_ms(), all);
+        if let Err(kept) = self.return_leases(expired).await
+            && !all
+        {
+            leases.lock().put_back(kept);
+        }
     }
 
-    async fn return_leases(&self, leases: Vec<(String, Lease)>) {
+    /// Gives the unused part of leases back to the store (one settle batch, retried with its
+    /// id); on failure hands the leases back.
+    async fn return_leases(
+        &self,
+        leases: Vec<(String, Lease)>,
+    ) -> Result<(), Vec<(String, Lease)>> {
+        if leases.is_empty() {
+            return Ok(());
+        }
+        // Spent leases settle too: the store forgets their records.
         let batch: Vec<Settlement> = leases
-            .into_iter()
-            .filter(|(_, l)| l.left > 0)
+            .iter()
             .map(|(consumer, l)| Settlement {
-                consumer,
+                consumer: consumer.clone(),
+                end: ReservationEnd::Settled {
+                    id: l.id,
+                    retried: false,
+                },
                 reserved: l.left,
                 actual: 0,
                 window: l.admission.window,
@@ -529,18 +589,52 @@ impl Limits {
                 usage: None,
             })
             .collect();
-        if batch.is_empty() {
-            return;
-        }
         let id = tollgate_quota::new_batch_id();
         for _ in 0..3 {
             if self.store.settle(id, &batch).await.is_ok() {
-                return;
+                return Ok(());
             }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         // Unreturned lease tokens only make the consumer wait longer; nothing is over-admitted.
-        tracing::debug!(leases = batch.len(), "could not return unused lease tokens");
+        tracing::debug!(
+            leases = batch.len(),
+            "could not return unused lease tokens yet"
+        );
+        Err(leases)
+    }
+
+    /// One reserve with the hot deadline, sent once more (same id) when it is not answered
+    /// within half of it; the first answer wins. Returns the decision and whether it was sent
+    /// twice.
+    async fn hedged(
+        &self,
+        req: &ReserveRequest<'_>,
+    ) -> Result<(Decision, bool), tollgate_quota::Error> {
+        let first = self.store.reserve(req);
+        tokio::pin!(first);
+        let first_err = tokio::select! {
+            r = &mut first => match r {
+                Ok(d) => return Ok((d, false)),
+                Err(e) => Some(e),
+            },
+            _ = tokio::time::sleep(self.policy.timeout / 2) => None,
+        };
+        let second = self.store.reserve(req);
+        tokio::pin!(second);
+        if first_err.is_some() {
+            return second.await.map(|d| (d, true));
+        }
+        tokio::select! {
+            r = &mut first => match r {
+                Ok(d) => Ok((d, true)),
+                Err(_) => second.await.map(|d| (d, true)),
+            },
+            r = &mut second => match r {
+                Ok(d) => Ok((d, true)),
+                Err(_) => first.await.map(|d| (d, true)),
+            },
+        }
     }
 
     /// Debits `tokens` for the consumer with one store call, or says why not.
@@ -555,77 +649,160 @@ impl Limits {
             consumer,
             model,
             tokens,
-            defaults: &self.defaults,
+            defaults: &self.policy.defaults,
             require_record,
+            id: tollgate_quota::new_reservation_id(),
+            background: false,
         };
         let mut shared = None;
         if self.try_shared() {
-            match self.store.reserve(&req).await {
-                Ok(d) => {
+            match self.hedged(&req).await {
+                Ok((d, retried)) => {
                     self.mark(false, "reserve", None);
-                    if let Decision::Admitted(a) = &d {
-                        self.learn(consumer, a);
-                    }
-                    shared = Some(d);
+                    shared = Some((d, retried));
                 }
-                Err(e) => self.mark(true, "reserve", Some(&e)),
+                Err(e) => {
+                    self.mark(true, "reserve", Some(&e));
+                    // It may still run when the store wakes: have it refunded.
+                    self.abandon(consumer, req.id);
+                }
             }
         }
-        let (decision, place) = match shared {
-            Some(d) => (d, Placement::Shared),
-            None => match self.on_error {
-                OnError::FailClosed => return Err(Error::StoreUnavailable),
-                OnError::FailOpen => {
-                    let admission = Admission {
-                        team: String::new(),
-                        remaining_tpm: None,
-                        remaining_quota: None,
-                        window: 0,
-                        tpm: None,
-                        quota: None,
-                        quota_period: Default::default(),
-                    };
-                    return Ok(Reserved {
-                        admission,
-                        tokens,
-                        place: Placement::Nowhere,
-                    });
+        let Some((decision, retried)) = shared else {
+            return self.degraded_reserve(&req).await;
+        };
+        if decision == Decision::UnknownConsumer && self.seeds.record(consumer).is_some() {
+            // A configured consumer the store lost (it restarted empty): seed it, ask again.
+            let again = ReserveRequest {
+                id: tollgate_quota::new_reservation_id(),
+                ..req.clone()
+            };
+            match self.seeds.restore_consumer(&self.store, consumer).await {
+                Ok(_) => match self.hedged(&again).await {
+                    Ok((d, r)) => return self.decided(d, r, &again, tokens),
+                    Err(e) => {
+                        self.mark(true, "reserve", Some(&e));
+                        self.abandon(consumer, again.id);
+                        return self.degraded_reserve(&again).await;
+                    }
+                },
+                Err(e) => {
+                    self.mark(true, "seeding", Some(&e));
+                    return Err(Error::StoreUnavailable);
                 }
-                OnError::Local => {
-                    let n = self.replicas().max(1) as u64;
-                    let defaults = LimitDefaults {
-                        tpm: self.defaults.tpm.map(|v| v.div_ceil(n)),
-                        quota: self.defaults.quota.map(|v| v.div_ceil(n)),
-                        quota_period: self.defaults.quota_period,
-                    };
-                    let local_req = ReserveRequest {
-                        defaults: &defaults,
-                        ..req
-                    };
-                    let d = self
-                        .local
-                        .reserve(&local_req)
-                        .await
-                        .map_err(|_| Error::StoreUnavailable)?;
-                    (d, Placement::Local)
-                }
-            },
+            }
+        }
+        self.decided(decision, retried, &req, tokens)
+    }
+
+    /// The outcome of a reservation the store decided.
+    fn decided(
+        &self,
+        decision: Decision,
+        retried: bool,
+        req: &ReserveRequest<'_>,
+        tokens: u64,
+    ) -> Result<Reserved, Error> {
+        let (consumer, model) = (req.consumer, req.model);
+        match decision {
+            Decision::Admitted(admission) => {
+                self.learn(consumer, &admission);
+                self.refusals.admitted(consumer);
+                Ok(Reserved {
+                    admission,
+                    tokens,
+                    place: Placement::Shared,
+                    end: ReservationEnd::Settled {
+                        id: req.id,
+                        retried,
+                    },
+                })
+            }
+            other => {
+                self.remember(consumer, &other);
+                refusal(other, model)
+            }
+        }
+    }
+
+    /// Remembers a refusal that will stand for a moment (a spent quota, a disabled consumer).
+    fn remember(&self, consumer: &str, d: &Decision) {
+        let now = now_ms();
+        match d {
+            Decision::QuotaExceeded {
+                retry_after_ms,
+                remaining_quota,
+            } => self
+                .refusals
+                .quota(consumer, *remaining_quota, *retry_after_ms, now),
+            Decision::Disabled => self.refusals.disabled(consumer, now),
+            _ => {}
+        }
+    }
+
+    /// A reservation while the store is unreachable, as `store.on_error` says.
+    async fn degraded_reserve(&self, req: &ReserveRequest<'_>) -> Result<Reserved, Error> {
+        let (decision, place) = match self.policy.on_error {
+            OnError::Escrow | OnError::FailClosed => return Err(Error::StoreUnavailable),
+            OnError::FailOpen => {
+                let admission = Admission {
+                    team: String::new(),
+                    remaining_tpm: None,
+                    remaining_quota: None,
+                    window: 0,
+                    tpm: None,
+                    quota: None,
+                    quota_period: Default::default(),
+                };
+                return Ok(Reserved {
+                    admission,
+                    tokens: req.tokens,
+                    place: Placement::Nowhere,
+                    end: ReservationEnd::None,
+                });
+            }
+            OnError::Local => {
+                let n = self.replicas().max(1) as u64;
+                let d = &self.policy.defaults;
+                let defaults = LimitDefaults {
+                    tpm: d.tpm.map(|v| v.div_ceil(n)),
+                    quota: d.quota.map(|v| v.div_ceil(n)),
+                    quota_period: d.quota_period,
+                };
+                let local_req = ReserveRequest {
+                    defaults: &defaults,
+                    ..req.clone()
+                };
+                let d = self
+                    .local
+                    .reserve(&local_req)
+                    .await
+                    .map_err(|_| Error::StoreUnavailable)?;
+                (d, Placement::Local)
+            }
         };
         match decision {
             Decision::Admitted(admission) => Ok(Reserved {
                 admission,
-                tokens,
+                tokens: req.tokens,
                 place,
+                end: ReservationEnd::None,
             }),
-            Decision::RateLimited { retry_after_ms, .. } => {
-                Err(Error::RateLimited { retry_after_ms })
-            }
-            Decision::QuotaExceeded { retry_after_ms } => {
-                Err(Error::QuotaExceeded { retry_after_ms })
-            }
-            Decision::ModelNotAllowed => Err(Error::ModelNotAllowed(model.to_string())),
-            Decision::Disabled => Err(Error::ConsumerDisabled),
-            Decision::UnknownConsumer => Err(Error::Unauthenticated),
+            other => refusal(other, req.model),
         }
     }
+}
+
+/// The error for a store's refusal.
+fn refusal(d: Decision, model: &str) -> Result<Reserved, Error> {
+    Err(match d {
+        Decision::RateLimited { retry_after_ms, .. } => Error::RateLimited { retry_after_ms },
+        Decision::QuotaExceeded { retry_after_ms, .. } => Error::QuotaExceeded { retry_after_ms },
+        Decision::ModelNotAllowed => Error::ModelNotAllowed(model.to_string()),
+        Decision::Disabled => Error::ConsumerDisabled,
+        Decision::UnknownConsumer => Error::Unauthenticated,
+        // Our own id was abandoned before the store saw it: as if the store had not answered.
+        Decision::Cancelled => Error::StoreUnavailable,
+        Decision::Admitted(_) => Error::Internal("an admission treated as a refusal".into()),
+    })
 }

@@ -49,8 +49,14 @@ pub fn completion_text(n: u64) -> String {
 /// `usage.prompt_tokens` (`input_tokens` for the Responses API). The rule, by field:
 ///
 /// - `messages` (chat): for each message, the tokens of its `content` (a string, or the
-///   concatenated `text` of its array parts) plus [`TOKENS_PER_MESSAGE`]; plus
-///   [`TOKENS_PER_REPLY`] once. Roles, names and tool calls are not counted.
+///   concatenated `text` of its array parts, plus each image part at GPT-4o's tile cost: a
+///   `data:` image by its size, a link as 1024×1024, `detail: low` 85) plus
+///   [`TOKENS_PER_MESSAGE`]; plus [`TOKENS_PER_REPLY`] once. Roles, names and tool calls are
+///   not counted.
+/// - `tools` / `functions`: OpenAI's rendering of function definitions, as the OpenAI
+///   cookbook counts it for GPT-4o (7 per function, its `name:description`, 3 + per property
+///   3 and `name:type:description`, enum items 3 each, 12 at the end).
+/// - `response_format` with a `json_schema`: the tokens of the schema's compact JSON.
 /// - `prompt` (completions): tokens of the string, or the sum over an array of strings;
 ///   token-id arrays count their length.
 /// - `input` (embeddings, responses): a string counts its tokens; an array sums its items,
@@ -74,7 +80,100 @@ pub fn count_prompt_tokens(body: &Value) -> u64 {
     } else {
         0
     };
-    main + instructions
+    main + instructions + count_tools(body) + count_schema(body)
+}
+
+/// Function definitions as OpenAI renders them into the prompt (the cookbook's rule).
+fn count_tools(body: &Value) -> u64 {
+    let mut functions: Vec<&Value> = Vec::new();
+    if let Some(tools) = body.get("tools").and_then(Value::as_array) {
+        functions.extend(tools.iter().filter_map(|t| t.get("function")));
+    }
+    if let Some(f) = body.get("functions").and_then(Value::as_array) {
+        functions.extend(f);
+    }
+    if functions.is_empty() {
+        return 0;
+    }
+    let mut total: i64 = 12;
+    for f in functions {
+        total += 7;
+        total += count_tokens(&format!(
+            "{}:{}",
+            text(f.get("name")),
+            text(f.get("description"))
+        )) as i64;
+        let props = f
+            .pointer("/parameters/properties")
+            .and_then(Value::as_object);
+        if let Some(props) = props.filter(|p| !p.is_empty()) {
+            total += 3;
+            for (name, p) in props {
+                total += 3;
+                if let Some(items) = p.get("enum").and_then(Value::as_array) {
+                    total -= 3;
+                    for item in items {
+                        total += 3 + count_tokens(item.as_str().unwrap_or("")) as i64;
+                    }
+                }
+                let line = format!(
+                    "{name}:{}:{}",
+                    text(p.get("type")),
+                    text(p.get("description"))
+                );
+                total += count_tokens(&line) as i64;
+            }
+        }
+    }
+    total.max(0) as u64
+}
+
+/// A definition's text field, without a trailing period (as OpenAI renders it).
+fn text(v: Option<&Value>) -> &str {
+    v.and_then(Value::as_str)
+        .unwrap_or("")
+        .trim_end_matches('.')
+}
+
+/// A `response_format` JSON schema: its compact JSON.
+fn count_schema(body: &Value) -> u64 {
+    body.pointer("/response_format/json_schema/schema")
+        .map_or(0, |s| count_tokens(&s.to_string()))
+}
+
+/// GPT-4o's cost of one image part: 85 + 170 per 512-px tile after fitting in 2048 px and
+/// scaling the short side to 768; a link (not fetched here) counts as 1024×1024.
+fn count_image(part: &Value) -> u64 {
+    let (url, detail) = match part.get("image_url") {
+        Some(Value::Object(o)) => (o.get("url"), o.get("detail")),
+        other => (other, part.get("detail")),
+    };
+    if detail.and_then(Value::as_str) == Some("low") {
+        return 85;
+    }
+    let size = url
+        .and_then(Value::as_str)
+        .and_then(|u| u.strip_prefix("data:"))
+        .and_then(|u| u.split_once(',').map(|(_, d)| d))
+        .and_then(|d| {
+            use base64::Engine as _;
+            let take = (d.len() / 4 * 4).min(8192);
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(&d.as_bytes()[..take])
+                .ok()?;
+            let s = imagesize::blob_size(&bytes).ok()?;
+            Some((s.width as f64, s.height as f64))
+        });
+    let (mut w, mut h) = size.unwrap_or((1024.0, 1024.0));
+    if w > 2048.0 || h > 2048.0 {
+        let s = 2048.0 / w.max(h);
+        (w, h) = (w * s, h * s);
+    }
+    if w.min(h) > 768.0 {
+        let s = 768.0 / w.min(h);
+        (w, h) = (w * s, h * s);
+    }
+    85 + 170 * ((w / 512.0).ceil() * (h / 512.0).ceil()) as u64
 }
 
 fn count_messages(messages: &[Value]) -> u64 {
@@ -90,7 +189,17 @@ fn count_message(message: &Value) -> u64 {
                 .iter()
                 .filter_map(|part| part.get("text").and_then(Value::as_str))
                 .collect();
-            count_tokens(&text)
+            let images: u64 = parts
+                .iter()
+                .filter(|p| {
+                    matches!(
+                        p.get("type").and_then(Value::as_str),
+                        Some("image_url" | "input_image")
+                    )
+                })
+                .map(count_image)
+                .sum();
+            count_tokens(&text) + images
         }
         _ => 0,
     };
@@ -147,6 +256,22 @@ mod tests {
                                          {"type": "text", "text": completion_text(3)}]},
         ]});
         assert_eq!(count_prompt_tokens(&body), 10 + 3 + 7 + 3 + 3);
+    }
+
+    /// Tools bill by the cookbook's rendering; images by tiles.
+    #[test]
+    fn tools_and_images_bill() {
+        let tools = json!([{"type":"function","function":{"name":"f","description":"Do it.",
+            "parameters":{"type":"object","properties":{"x":{"type":"string","description":"An x.",
+            "enum":["a","b"]}}}}}]);
+        let body = json!({"messages": [], "tools": tools});
+        let expected = 12 + 7 + count_tokens("f:Do it") + 3 + 3 - 3
+            + (3 + 1) * 2
+            + count_tokens("x:string:An x");
+        assert_eq!(count_prompt_tokens(&body), expected + TOKENS_PER_REPLY);
+        let image = json!({"messages": [{"role":"user","content":[
+            {"type":"image_url","image_url":{"url":"https://x/y.png"}}]}]});
+        assert_eq!(count_prompt_tokens(&image), 765 + 3 + 3);
     }
 
     /// Embedding inputs count strings by tokens and token-id arrays by length.

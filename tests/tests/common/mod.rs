@@ -16,6 +16,13 @@ pub fn metric_sum(text: &str, name: &str, want: &[(&str, &str)]) -> u64 {
         .sum()
 }
 
+/// The value of an unlabelled metric (0 when absent).
+pub fn metric_value(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
 pub async fn metrics(base: &str) -> String {
     reqwest::get(format!("{base}/metrics"))
         .await
