@@ -216,13 +216,14 @@ async fn one_slow_replica_cannot_double_the_quota() {
 /// when Redis wakes, and are refunded; nothing beyond the quota is served; every token served
 /// is in the totals once, and the quota counter equals it.
 async fn redis_stall(pause: Duration) {
-    const Q: u64 = 30_000;
+    // Large enough that the stall falls in the middle of spending it.
+    const Q: u64 = 200_000;
     let h = three_nodes(Q).await;
     let until = Instant::now() + Duration::from_secs(40);
     let key = key_for("q");
     let runner = load(&h, &key, 6, until);
     let stall = async {
-        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
         let redis = h.redis.as_ref().unwrap();
         redis.pause().unwrap();
         tokio::time::sleep(pause).await;
@@ -408,4 +409,72 @@ async fn unknown_key_during_an_outage_is_503() {
         .await
         .unwrap();
     assert_eq!(r.status(), 503);
+}
+
+/// A replica degraded for longer than `store.max_degraded_ms` logs it at error level and says
+/// for how long in `/metrics`; with `store.unready_when_degraded` its `/readyz` turns 503 so a
+/// load balancer stops sending it traffic, and back to 200 once Redis answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_degradation_is_reported() {
+    let mut h = Harness::new()
+        .persistent_redis()
+        .backend("m", MockOpts::default(), "")
+        .consumer("cfg", "")
+        .store("max_degraded_ms = 300\nunready_when_degraded = true")
+        .start()
+        .await
+        .unwrap();
+    let c = client();
+    let url = h.url(0);
+    let ready = || async {
+        let r = c.get(format!("{url}/readyz")).send().await.unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    assert_eq!(ready().await.0, 200);
+    h.redis.as_mut().unwrap().stop();
+    // A request notices the outage.
+    let r = c
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(key_for("cfg"))
+        .json(&body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let unready = common::eventually(Duration::from_secs(5), || async {
+        let (s, v) = ready().await;
+        s == 503 && v["mode"] == "degraded"
+    })
+    .await;
+    assert!(unready, "{:?}", ready().await);
+    let m = common::metrics(&url).await;
+    let secs: f64 = m
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("tollgate_store_degraded_seconds ")?
+                .parse()
+                .ok()
+        })
+        .unwrap();
+    assert!(secs >= 0.3, "{secs}");
+    let logged = common::eventually(Duration::from_secs(5), || async {
+        h.gateways[0]
+            .log_text()
+            .contains("longer than store.max_degraded_ms")
+    })
+    .await;
+    assert!(logged, "{}", h.gateways[0].log_text());
+    h.redis.as_mut().unwrap().restart().unwrap();
+    let back = common::eventually(Duration::from_secs(10), || async {
+        // The next request that reaches Redis ends the degradation.
+        let _ = c
+            .post(format!("{url}/v1/chat/completions"))
+            .bearer_auth(key_for("cfg"))
+            .json(&body())
+            .send()
+            .await;
+        ready().await.0 == 200
+    })
+    .await;
+    assert!(back, "{:?}", ready().await);
 }
