@@ -53,6 +53,21 @@ pub struct ServerConfig {
     pub debug_headers: bool,
     /// How long SIGTERM waits for in-flight requests (streams included) before exiting.
     pub shutdown_grace_ms: u64,
+    /// A request's head must arrive within this long of the connection opening or of its
+    /// first byte (a client trickling headers is cut off).
+    pub header_timeout_ms: u64,
+    /// A request's body must arrive within this long of its head (else 408).
+    pub body_timeout_ms: u64,
+    /// A connection with no request in flight is closed after this long.
+    pub idle_timeout_ms: u64,
+    /// Most client connections open at once; lowered at start-up when the process's
+    /// file-descriptor limit could not hold them and their backend connections.
+    pub max_connections: usize,
+    /// Longest server-sent event accepted from a backend; a longer one ends the stream with an
+    /// error event.
+    pub max_sse_event_bytes: usize,
+    /// Most bytes of one backend response passed to a client.
+    pub max_response_bytes: u64,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +77,12 @@ impl Default for ServerConfig {
             max_body_bytes: 10 * 1024 * 1024,
             debug_headers: false,
             shutdown_grace_ms: 30_000,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 30_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 10_000,
+            max_sse_event_bytes: 1024 * 1024,
+            max_response_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -284,6 +305,8 @@ pub struct BreakerConfig {
     pub statuses: Vec<u16>,
     /// Trip for exactly the backend's `retry-after(-ms)` on a 429.
     pub accept_retry_after: bool,
+    /// The longest `retry-after(-ms)` believed: a longer one trips for this long.
+    pub max_retry_after_ms: u64,
 }
 
 impl Default for BreakerConfig {
@@ -294,6 +317,7 @@ impl Default for BreakerConfig {
             trip_ms: 30_000,
             statuses: vec![429, 500, 502, 503, 504],
             accept_retry_after: true,
+            max_retry_after_ms: 300_000,
         }
     }
 }
@@ -306,6 +330,8 @@ pub struct Timeouts {
     pub first_byte_ms: u64,
     /// Longest silence between two chunks of a response body.
     pub idle_ms: u64,
+    /// Longest a whole response may take, from sending the request to its last byte.
+    pub max_response_ms: u64,
 }
 
 impl Default for Timeouts {
@@ -314,6 +340,7 @@ impl Default for Timeouts {
             connect_ms: 2_000,
             first_byte_ms: 60_000,
             idle_ms: 60_000,
+            max_response_ms: 600_000,
         }
     }
 }
@@ -410,8 +437,27 @@ impl Config {
         if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(ConfigError::new("server.listen", "expected IP:PORT"));
         }
-        if self.server.max_body_bytes == 0 {
-            return Err(ConfigError::new("server.max_body_bytes", "must be > 0"));
+        for (k, v) in [
+            ("server.max_body_bytes", self.server.max_body_bytes as u64),
+            ("server.header_timeout_ms", self.server.header_timeout_ms),
+            ("server.body_timeout_ms", self.server.body_timeout_ms),
+            ("server.idle_timeout_ms", self.server.idle_timeout_ms),
+            ("server.max_connections", self.server.max_connections as u64),
+            (
+                "server.max_sse_event_bytes",
+                self.server.max_sse_event_bytes as u64,
+            ),
+            ("server.max_response_bytes", self.server.max_response_bytes),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::new(k, "must be > 0"));
+            }
+        }
+        if self.server.max_connections > MAX_CONNECTIONS {
+            return Err(ConfigError::new(
+                "server.max_connections",
+                format!("at most {MAX_CONNECTIONS}"),
+            ));
         }
         if self.store.kind == StoreKind::Redis
             && !(self.store.url.starts_with("redis://")
@@ -449,6 +495,9 @@ impl Config {
                     "expected an http:// or https:// URL",
                 ));
             }
+            if let Some(problem) = url_problem(&b.url) {
+                return Err(ConfigError::new(at("url"), problem));
+            }
             if b.models.is_empty() {
                 return Err(ConfigError::new(at("models"), "list at least one model"));
             }
@@ -465,6 +514,18 @@ impl Config {
             }
             if b.breaker.failures == 0 {
                 return Err(ConfigError::new(at("breaker.failures"), "must be > 0"));
+            }
+            if b.breaker.trip_ms > MAX_TRIP_MS {
+                return Err(ConfigError::new(
+                    at("breaker.trip_ms"),
+                    format!("at most {MAX_TRIP_MS} (a day)"),
+                ));
+            }
+            if b.breaker.max_retry_after_ms == 0 || b.breaker.max_retry_after_ms > MAX_TRIP_MS {
+                return Err(ConfigError::new(
+                    at("breaker.max_retry_after_ms"),
+                    format!("must be within 1..={MAX_TRIP_MS} (a day)"),
+                ));
             }
             if b.breaker.statuses.iter().any(|s| !(100..=599).contains(s)) {
                 return Err(ConfigError::new(
@@ -495,10 +556,12 @@ impl Config {
             if b.timeouts.connect_ms == 0
                 || b.timeouts.first_byte_ms == 0
                 || b.timeouts.idle_ms == 0
+                || b.timeouts.max_response_ms == 0
             {
                 return Err(ConfigError::new(at("timeouts"), "timeouts must be > 0"));
             }
         }
+        let served = self.models();
         let mut ids = HashSet::new();
         for (i, c) in self.consumers.iter().enumerate() {
             let at = |k: &str| format!("consumers[{i}].{k}");
@@ -513,6 +576,14 @@ impl Config {
                     at("id"),
                     format!("duplicate consumer {:?}", c.id),
                 ));
+            }
+            for (k, m) in c.models.iter().enumerate() {
+                if !served.contains(m) {
+                    return Err(ConfigError::new(
+                        format!("consumers[{i}].models[{k}]"),
+                        format!("no backend serves {m:?}"),
+                    ));
+                }
             }
             for (k, h) in c.key_sha256.iter().enumerate() {
                 if h.len() != 64 || !h.chars().all(|ch| ch.is_ascii_hexdigit()) {
@@ -566,6 +637,34 @@ impl Config {
         m.dedup();
         m
     }
+}
+
+/// The longest a circuit may stay open in one trip (`breaker.trip_ms`,
+/// `breaker.max_retry_after_ms`); the store enforces the same bound.
+pub const MAX_TRIP_MS: u64 = 86_400_000;
+
+/// Most client connections `server.max_connections` may allow.
+pub const MAX_CONNECTIONS: usize = 1_000_000;
+
+/// Why a backend URL cannot be a base the gateway appends paths to: credentials in it (they
+/// would be sent, and logged, as part of the URL), or a query or fragment (the appended path
+/// would land inside it).
+fn url_problem(url: &str) -> Option<&'static str> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return Some("credentials in the URL are not allowed; use `auth`");
+    }
+    if authority.is_empty() {
+        return Some("expected a host");
+    }
+    if url.contains('#') {
+        return Some("a URL fragment (#...) is not allowed");
+    }
+    if url.contains('?') {
+        return Some("a query string (?...) is not allowed; the gateway builds the path and query");
+    }
+    None
 }
 
 fn valid_name_char(c: char) -> bool {
@@ -635,5 +734,60 @@ breaker = { failures = 3, window_ms = 10000, trip_ms = 30000, statuses = [429, 5
         assert!(e.is_ok());
         let e = Config::from_toml(&format!("{GOOD}weight = 0\n")).unwrap_err();
         assert_eq!(e.path, "backends[0].weight");
+    }
+
+    /// A backend URL is a base for paths: no credentials, query or fragment in it.
+    #[test]
+    fn backend_url_is_a_plain_base() {
+        for bad in [
+            "http://user:pw@127.0.0.1:9001",
+            "http://key@127.0.0.1:9001/",
+            "http://127.0.0.1:9001/#frag",
+            "http://127.0.0.1:9001/x?a=1",
+            "http:///nohost/path",
+        ] {
+            let e = Config::from_toml(&GOOD.replace("http://127.0.0.1:9001", bad)).unwrap_err();
+            assert_eq!(e.path, "backends[0].url", "{bad}: {e}");
+            assert!(!e.message.contains("pw"), "{e}");
+        }
+        let ok = GOOD.replace("http://127.0.0.1:9001", "https://a.example.com/base/v1/");
+        assert!(Config::from_toml(&ok).is_ok());
+    }
+
+    /// A consumer's models must be served by some backend: a typo denies nothing silently.
+    #[test]
+    fn consumer_models_must_be_served() {
+        let bad = GOOD.replace(
+            "id = \"team-a\"",
+            "id = \"team-a\"\nmodels = [\"gpt-4o\", \"gpt4o\"]",
+        );
+        let e = Config::from_toml(&bad).unwrap_err();
+        assert_eq!(e.path, "consumers[0].models[1]");
+    }
+
+    /// The hardening limits have their documented defaults and refuse 0 or unbounded values.
+    #[test]
+    fn hardening_defaults_and_bounds() {
+        let c = Config::from_toml(GOOD).unwrap();
+        assert_eq!(c.server.header_timeout_ms, 10_000);
+        assert_eq!(c.server.body_timeout_ms, 30_000);
+        assert_eq!(c.server.idle_timeout_ms, 60_000);
+        assert_eq!(c.server.max_connections, 10_000);
+        assert_eq!(c.server.max_sse_event_bytes, 1024 * 1024);
+        assert_eq!(c.server.max_response_bytes, 256 * 1024 * 1024);
+        assert_eq!(c.backends[0].breaker.max_retry_after_ms, 300_000);
+        assert_eq!(c.backends[0].timeouts.max_response_ms, 600_000);
+        let e = Config::from_toml(&GOOD.replace(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:0\"\nheader_timeout_ms = 0",
+        ))
+        .unwrap_err();
+        assert_eq!(e.path, "server.header_timeout_ms");
+        let e = Config::from_toml(&GOOD.replace(
+            "accept_retry_after = true",
+            "accept_retry_after = true, max_retry_after_ms = 999999999999",
+        ))
+        .unwrap_err();
+        assert_eq!(e.path, "backends[0].breaker.max_retry_after_ms");
     }
 }

@@ -2,6 +2,7 @@
 --
 -- KEYS[1] tg:breaker:{BACKEND}   (see breaker_failure.lua)
 -- ARGV[1] lease ms: a probe not resolved within this long may be granted again
+-- ARGV[2] the longest trip (ms): a stored open_until further ahead counts as closed
 --
 -- Returns 1 when the caller may probe now, else 0.
 --
@@ -10,8 +11,12 @@
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local max_ms = tonumber(ARGV[2]) or 86400000
 local h = redis.call('HMGET', KEYS[1], 'open_until', 'trip', 'probe_trip', 'probe_at')
 local open_until = tonumber(h[1] or '0') or 0
+if open_until ~= math.floor(open_until) or open_until < 0 or open_until > now + max_ms then
+  open_until = 0
+end
 if open_until == 0 or open_until > now then
   return 0
 end

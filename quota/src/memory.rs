@@ -538,6 +538,7 @@ impl Store for MemoryStore {
     }
 
     async fn breaker_failure(&self, backend: &str, f: &BreakerFailure) -> Result<BreakerState> {
+        let f = &f.bounded();
         let now = self.clock.now_us() / 1000;
         let mut g = self.inner.lock();
         let c = g.circuits.entry(backend.to_string()).or_default();
@@ -547,11 +548,11 @@ impl Store for MemoryStore {
             while c
                 .failures
                 .front()
-                .is_some_and(|t| *t + f.window_ms.max(1) <= now)
+                .is_some_and(|t| *t + f.window_ms <= now)
             {
                 c.failures.pop_front();
             }
-            if c.failures.len() >= f.failures.max(1) as usize {
+            if c.failures.len() >= f.failures as usize {
                 trip_for = Some(f.trip_ms);
             }
         }

@@ -1,6 +1,7 @@
 //! The records and decisions that cross the [`Store`](crate::Store) boundary.
 
 pub use tollgate_common::Period;
+pub use tollgate_common::config::MAX_TRIP_MS;
 
 /// A consumer as the store holds it (`tg:consumer:{id}` in Redis).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -165,6 +166,20 @@ pub struct BreakerFailure {
     pub trip_for_ms: Option<u64>,
     /// The failure is a probe's: re-open at once.
     pub probe: bool,
+}
+
+impl BreakerFailure {
+    /// The failure with every duration cut to [`MAX_TRIP_MS`]: what a store keeps is an
+    /// integer time with a TTL however absurd the `retry-after` was. Both stores apply it.
+    pub fn bounded(&self) -> BreakerFailure {
+        BreakerFailure {
+            failures: self.failures.max(1),
+            window_ms: self.window_ms.clamp(1, MAX_TRIP_MS),
+            trip_ms: self.trip_ms.min(MAX_TRIP_MS),
+            trip_for_ms: self.trip_for_ms.map(|ms| ms.min(MAX_TRIP_MS)),
+            probe: self.probe,
+        }
+    }
 }
 
 /// A backend's circuit: closed when `open_until_ms` is 0; open until then; half-open (one

@@ -301,6 +301,28 @@ fn parse_breaker_message(msg: &str) -> Option<BreakerState> {
     })
 }
 
+/// A `tg:breaker:{BACKEND}` row as read by `HMGET open_until trip`: absent fields are a closed
+/// circuit; anything but integers, or an open_until further ahead than one trip can reach, is
+/// not a state (None).
+fn parse_breaker_row(
+    backend: &str,
+    open_until: Option<&str>,
+    trip: Option<&str>,
+    now_ms: u64,
+) -> Option<BreakerState> {
+    let open_until_ms: u64 = open_until.map_or(Ok(0), str::parse).ok()?;
+    let trip: u64 = trip.map_or(Ok(0), str::parse).ok()?;
+    if open_until_ms > now_ms.saturating_add(MAX_TRIP_MS) {
+        return None;
+    }
+    Some(BreakerState {
+        backend: backend.to_string(),
+        open_until_ms,
+        trip,
+        now_ms,
+    })
+}
+
 /// Listens on the breaker channel, reconnecting with backoff, forwarding to `tx`.
 async fn breaker_listener(client: Client, tx: tokio::sync::broadcast::Sender<BreakerState>) {
     use futures::StreamExt as _;
@@ -861,13 +883,15 @@ impl Store for RedisStore {
         let (k1, k2) = (breaker_key(backend), bfail_key(backend));
         let mut cmd = evalsha(&self.inner.breaker_failure, &[&k1, &k2]);
         let seq = self.inner.failure_seq.fetch_add(1, Ordering::Relaxed);
-        cmd.arg(f.failures.max(1))
-            .arg(f.window_ms.max(1))
+        let f = f.bounded();
+        cmd.arg(f.failures)
+            .arg(f.window_ms)
             .arg(f.trip_ms)
             .arg(f.trip_for_ms.map(|v| v.to_string()).unwrap_or_default())
             .arg(if f.probe { "1" } else { "0" })
             .arg(BREAKER_CHANNEL)
-            .arg(format!("{}:{seq}", self.inner.instance));
+            .arg(format!("{}:{seq}", self.inner.instance))
+            .arg(MAX_TRIP_MS);
         let v: Vec<String> = self
             .hot(eval(&mut conn, &self.inner.breaker_failure, &cmd))
             .await?;
@@ -884,7 +908,7 @@ impl Store for RedisStore {
         let mut conn = self.conn();
         let (k1, k2) = (breaker_key(backend), bfail_key(backend));
         let mut cmd = evalsha(&self.inner.breaker_close, &[&k1, &k2]);
-        cmd.arg(BREAKER_CHANNEL);
+        cmd.arg(BREAKER_CHANNEL).arg(MAX_TRIP_MS);
         let n: i64 = self
             .hot(eval(&mut conn, &self.inner.breaker_close, &cmd))
             .await?;
@@ -895,7 +919,7 @@ impl Store for RedisStore {
         let mut conn = self.conn();
         let k1 = breaker_key(backend);
         let mut cmd = evalsha(&self.inner.breaker_probe, &[&k1]);
-        cmd.arg(lease_ms.max(1));
+        cmd.arg(lease_ms.max(1)).arg(MAX_TRIP_MS);
         let n: i64 = self
             .hot(eval(&mut conn, &self.inner.breaker_probe, &cmd))
             .await?;
@@ -915,7 +939,8 @@ impl Store for RedisStore {
                 .arg("open_until")
                 .arg("trip");
         }
-        let rows: Vec<(Option<u64>, Option<u64>)> = if backends.is_empty() {
+        // Read as text: one row this version could not have written must not fail the others.
+        let rows: Vec<(Option<String>, Option<String>)> = if backends.is_empty() {
             Vec::new()
         } else {
             self.admin(pipe.query_async(&mut conn)).await?
@@ -923,11 +948,13 @@ impl Store for RedisStore {
         Ok(backends
             .iter()
             .zip(rows)
-            .map(|(b, (o, t))| BreakerState {
-                backend: b.clone(),
-                open_until_ms: o.unwrap_or(0),
-                trip: t.unwrap_or(0),
-                now_ms,
+            .filter_map(|(b, (o, t))| {
+                let state = parse_breaker_row(b, o.as_deref(), t.as_deref(), now_ms);
+                if state.is_none() {
+                    tracing::warn!(backend = %b, open_until = ?o, trip = ?t,
+                        "circuit state in the store is not valid; skipped");
+                }
+                state
             })
             .collect())
     }
@@ -997,5 +1024,24 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v))
             .collect();
         assert_eq!(decode_record("a", h).ok(), Some(rec));
+    }
+
+    /// A circuit row parses when it holds integers within one trip from now; a float, a word or
+    /// an open_until years ahead is no state (and the re-sync skips it).
+    #[test]
+    fn breaker_rows_parse_or_are_skipped() {
+        let now = 1_700_000_000_000;
+        let st = parse_breaker_row("b", Some("1700000005000"), Some("3"), now).unwrap();
+        assert_eq!((st.open_for_ms(), st.trip), (5_000, 3));
+        assert_eq!(
+            parse_breaker_row("b", None, None, now).map(|s| s.open_until_ms),
+            Some(0)
+        );
+        for bad in ["1.8446744073709552e+19", "inf", "nan", "-5", "x"] {
+            assert!(parse_breaker_row("b", Some(bad), Some("1"), now).is_none(), "{bad}");
+        }
+        assert!(parse_breaker_row("b", Some("1"), Some("1e3"), now).is_none());
+        let far = (now + MAX_TRIP_MS + 1).to_string();
+        assert!(parse_breaker_row("b", Some(&far), Some("1"), now).is_none());
     }
 }

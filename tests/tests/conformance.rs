@@ -13,8 +13,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tollgate_quota::{
-    Admission, BreakerFailure, ConsumerRecord, Decision, LimitDefaults, MemoryStore, Period,
-    RedisOpts, RedisStore, ReservationEnd, ReserveRequest, Settlement, Store, SystemClock,
+    Admission, BreakerFailure, ConsumerRecord, Decision, LimitDefaults, MAX_TRIP_MS, MemoryStore,
+    Period, RedisOpts, RedisStore, ReservationEnd, ReserveRequest, Settlement, Store, SystemClock,
     UsageDelta, UsageRow, new_batch_id, new_reservation_id, window_bounds,
 };
 use tollgate_tests::redis::RedisServer;
@@ -1009,6 +1009,37 @@ async fn check_breaker<S: Store>(s: &S) {
     );
 }
 
+/// Absurd durations (a `retry-after` of u64::MAX ms, a trip or window of u64::MAX) are cut to
+/// `MAX_TRIP_MS`: the circuit holds an integer time one day ahead at most, and every read of
+/// the states still works.
+async fn check_breaker_bounds<S: Store>(s: &S) {
+    let st = s
+        .breaker_failure("absurd", &failure(Some(u64::MAX), false))
+        .await
+        .unwrap();
+    assert_eq!((st.open_for_ms(), st.trip), (MAX_TRIP_MS, 1), "{st:?}");
+    let huge = BreakerFailure {
+        failures: 1,
+        window_ms: u64::MAX,
+        trip_ms: u64::MAX,
+        trip_for_ms: None,
+        probe: false,
+    };
+    let st = s.breaker_failure("huge-trip", &huge).await.unwrap();
+    assert_eq!((st.open_for_ms(), st.trip), (MAX_TRIP_MS, 1), "{st:?}");
+    let window_only = BreakerFailure {
+        failures: 3,
+        ..huge.clone()
+    };
+    let st = s.breaker_failure("huge-window", &window_only).await.unwrap();
+    assert_eq!((st.open_until_ms, st.trip), (0, 0), "one failure of three");
+    let names = ["absurd", "huge-trip", "huge-window"].map(String::from);
+    let states = s.breaker_states(&names).await.unwrap();
+    assert_eq!(states.len(), 3, "{states:?}");
+    assert!(states[0].open_for_ms() <= MAX_TRIP_MS && states[0].open_for_ms() > 0);
+    assert_eq!(states[2].open_until_ms, 0);
+}
+
 /// Heartbeats count the live replicas; a silent replica drops out after its ttl.
 #[tokio::test]
 async fn redis_only_heartbeat_counts_replicas() {
@@ -1087,6 +1118,8 @@ suite! {
     check_seed_marker(mid_hour()) => memory_seed_marker, redis_seed_marker;
     /// Circuits: rolling-window trips, retry-after trips, one probe per trip, close, events.
     check_breaker(0) => memory_breaker, redis_breaker;
+    /// Circuit durations are bounded: integer times at most a day ahead, states readable.
+    check_breaker_bounds(0) => memory_breaker_bounds, redis_breaker_bounds;
 }
 
 suite_timed! {
@@ -1196,6 +1229,72 @@ async fn redis_only_keys_expire() {
         -1,
         "consumers are the operator's: no TTL"
     );
+}
+
+/// Circuit rows keep integers and a TTL whatever the `retry-after` was; a row no script could
+/// have written (a float `open_until` without a TTL, as older versions left after
+/// `retry-after: inf`) is skipped by the re-sync without hiding the others, counts as closed,
+/// and is replaced by the next trip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_only_breaker_rows_stay_sane() {
+    let env = RedisEnv::start();
+    let s = env.store(0).await;
+    let cli = |args: &[&str]| env.server.cli(args).unwrap();
+    let st = s
+        .breaker_failure("absurd", &failure(Some(u64::MAX), false))
+        .await
+        .unwrap();
+    assert_eq!(st.open_for_ms(), MAX_TRIP_MS);
+    let stored = cli(&["HGET", "tg:breaker:{absurd}", "open_until"]);
+    assert!(
+        stored.chars().all(|c| c.is_ascii_digit()),
+        "open_until {stored:?}"
+    );
+    let pttl: i64 = cli(&["PTTL", "tg:breaker:{absurd}"]).parse().unwrap();
+    assert!(
+        pttl > 0 && pttl as u64 <= MAX_TRIP_MS + 86_400_000,
+        "PTTL {pttl}"
+    );
+
+    // A poisoned row, as an older version wrote it: a float, no TTL.
+    cli(&[
+        "HSET",
+        "tg:breaker:{poisoned}",
+        "open_until",
+        "1.8446744073709552e+19",
+        "trip",
+        "1",
+    ]);
+    let st = s
+        .breaker_failure("healthy", &failure(Some(5_000), false))
+        .await
+        .unwrap();
+    assert_eq!(st.trip, 1);
+    let names = ["poisoned", "healthy"].map(String::from);
+    let states = s.breaker_states(&names).await.unwrap();
+    assert_eq!(states.len(), 1, "the poisoned row is skipped: {states:?}");
+    assert_eq!(states[0].backend, "healthy");
+    assert!(states[0].open_for_ms() > 4_000, "{states:?}");
+    assert!(
+        !s.breaker_probe("poisoned", 1_000).await.unwrap(),
+        "a poisoned row is no open circuit to probe"
+    );
+    let st = s
+        .breaker_failure("poisoned", &failure(Some(2_000), false))
+        .await
+        .unwrap();
+    assert_eq!(st.trip, 2, "the next trip replaces it");
+    assert!((1_900..=2_000).contains(&st.open_for_ms()), "{st:?}");
+    let pttl: i64 = cli(&["PTTL", "tg:breaker:{poisoned}"]).parse().unwrap();
+    assert!(pttl > 0, "PTTL {pttl}");
+    assert_eq!(s.breaker_states(&names).await.unwrap().len(), 2);
+
+    // Closing a poisoned row rewrites it closed, with a TTL.
+    cli(&["HSET", "tg:breaker:{p2}", "open_until", "inf", "trip", "4"]);
+    assert!(!s.breaker_close("p2").await.unwrap());
+    assert_eq!(cli(&["HGET", "tg:breaker:{p2}", "open_until"]), "0");
+    let pttl: i64 = cli(&["PTTL", "tg:breaker:{p2}"]).parse().unwrap();
+    assert!(pttl > 0, "PTTL {pttl}");
 }
 
 /// Operators' plain `HSET`/`HDEL`/`SET`/`DEL` apply to the next call; absent fields fall back
