@@ -3,7 +3,8 @@
 //! Failures (the breaker's listed statuses, connect errors, timeouts) are counted in a rolling
 //! window in the store by one script; when the window is full — or at once for a 429 carrying
 //! `retry-after(-ms)` when `accept_retry_after` is set — the circuit opens for `trip_ms` (or
-//! exactly the retry-after) and the change is published to every replica, which keeps it in
+//! exactly the retry-after, believed up to `breaker.max_retry_after_ms`) and the change is
+//! published to every replica, which keeps it in
 //! each backend's local state: routing reads only that, never the store. When a trip's time is
 //! up the circuit is half-open: exactly one replica in the cluster wins the probe lease and
 //! sends one real request as the probe (a success closes the circuit everywhere, a failure
@@ -21,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::task::JoinHandle;
-use tollgate_quota::{BreakerFailure, BreakerState, Store};
+use tollgate_quota::{BreakerFailure, BreakerState, MAX_TRIP_MS, Store};
 
 /// How often a replica asks for the probe lease of a half-open backend.
 const PROBE_ASK_INTERVAL_MS: u64 = 200;
@@ -101,12 +102,14 @@ impl Breakers {
             return;
         }
         let trip_for_ms = match (status, cfg.accept_retry_after) {
-            (Some(429), true) => retry_after_ms.filter(|ms| *ms > 0),
+            (Some(429), true) => retry_after_ms
+                .filter(|ms| *ms > 0)
+                .map(|ms| ms.min(cfg.max_retry_after_ms)),
             _ => None,
         };
         // This replica stops at once; the store tells the others.
         if let Some(ms) = trip_for_ms {
-            b.trip_until(now_ms() + ms);
+            b.trip_until(now_ms().saturating_add(ms));
         }
         let failure = BreakerFailure {
             failures: cfg.failures,
@@ -182,7 +185,7 @@ impl Breakers {
     fn count_locally(&self, b: &Backend, f: &BreakerFailure) {
         let now = now_ms();
         if let Some(ms) = f.trip_for_ms.or(f.probe.then_some(f.trip_ms)) {
-            b.trip_until(now + ms);
+            b.trip_until(now.saturating_add(ms));
             b.tripped.store(true, Ordering::Relaxed);
             return;
         }
@@ -194,7 +197,7 @@ impl Breakers {
         }
         if q.len() >= f.failures as usize {
             q.clear();
-            b.trip_until(now + f.trip_ms);
+            b.trip_until(now.saturating_add(f.trip_ms));
             b.tripped.store(true, Ordering::Relaxed);
             tracing::info!(backend = %b.name, trip_ms = f.trip_ms, "circuit open (local count)");
         }
@@ -226,7 +229,8 @@ fn apply(b: &Backend, st: &BreakerState) {
         return;
     }
     b.tripped.store(true, Ordering::Relaxed);
-    let until = now_ms() + st.open_for_ms();
+    // However far ahead a store says, no trip outlasts the bound the stores keep.
+    let until = now_ms().saturating_add(st.open_for_ms().min(MAX_TRIP_MS));
     // A newer trip replaces the old one; the same trip never moves back.
     if st.trip > seen {
         b.open_until_ms.store(until, Ordering::Relaxed);

@@ -7,8 +7,11 @@
 //! at start-up and refreshes it shortly before it expires, for all requests at once. Requests
 //! read the current token without waiting; only before the very first token arrives (or after
 //! the last one expired) do they wait, and for a bounded time. A failed refresh is retried with
-//! backoff while the still-valid token keeps serving. The client secret lives in a [`Secret`];
-//! tokens sit in sensitive header values; neither is ever logged.
+//! backoff while the still-valid token keeps serving. A backend that refuses a token (401) makes
+//! the provider drop it and fetch a new one at once ([`TokenProvider::rejected`]). Token
+//! endpoints' redirects are never followed: the client secret goes only where configured. The
+//! client secret lives in a [`Secret`]; tokens sit in sensitive header values; neither is ever
+//! logged.
 
 use crate::error::Error;
 use http::HeaderValue;
@@ -16,7 +19,7 @@ use serde::Deserialize;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tollgate_common::Secret;
@@ -118,6 +121,8 @@ pub struct TokenProvider {
     source: Arc<TokenSource>,
     timing: Timing,
     current: watch::Sender<Option<Token>>,
+    /// Wakes the refresh task early: a backend refused the current token.
+    forced: Arc<Notify>,
     /// The refresh task; aborted when the provider is dropped (the gateway shut down).
     task: parking_lot::Mutex<Option<JoinHandle<()>>>,
 }
@@ -146,6 +151,7 @@ impl TokenProvider {
             source: Arc::new(source),
             timing,
             current: watch::channel(None).0,
+            forced: Arc::new(Notify::new()),
             task: parking_lot::Mutex::new(None),
         }
     }
@@ -159,12 +165,14 @@ impl TokenProvider {
         let client = reqwest::Client::builder()
             .timeout(self.timing.fetch_timeout)
             .connect_timeout(self.timing.fetch_timeout)
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         let refresher = Refresher {
             backend: self.backend.clone(),
             source: self.source.clone(),
             timing: self.timing,
             tx: self.current.clone(),
+            forced: self.forced.clone(),
             client,
         };
         *task = Some(tokio::spawn(refresher.run()));
@@ -189,6 +197,38 @@ impl TokenProvider {
         }
     }
 
+    /// A backend answered 401 to a request carrying `sent`: unless a newer token has already
+    /// replaced it, stop sending it and fetch a new one now (at most one fetch per refused
+    /// token, and never sooner than `min_interval` after the last fetch).
+    pub fn rejected(&self, sent: &HeaderValue) {
+        let stale = self.current.send_if_modified(|t| match t {
+            Some(t) if t.header == *sent && Instant::now() < t.usable_until => {
+                t.usable_until = Instant::now();
+                true
+            }
+            _ => false,
+        });
+        if stale {
+            tracing::warn!(backend = %self.backend, "backend refused its token; fetching a new one");
+            self.forced.notify_one();
+        }
+    }
+
+    /// The secrets this provider holds (the client secret, the current token), for scrubbing
+    /// from what a backend sends back.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let TokenSource::Oauth2 { client_secret, .. } = &*self.source {
+            out.push(client_secret.expose().to_string());
+        }
+        if let Some(t) = self.current.borrow().as_ref()
+            && let Some(token) = t.header.to_str().ok().and_then(|h| h.strip_prefix("Bearer "))
+        {
+            out.push(token.to_string());
+        }
+        out
+    }
+
     fn unavailable(&self) -> Error {
         Error::Upstream(format!("{}: no valid backend credential", self.backend))
     }
@@ -200,6 +240,7 @@ struct Refresher {
     source: Arc<TokenSource>,
     timing: Timing,
     tx: watch::Sender<Option<Token>>,
+    forced: Arc<Notify>,
     client: reqwest::Client,
 }
 
@@ -253,6 +294,7 @@ impl Refresher {
     async fn run(self) {
         let mut backoff = self.timing.backoff;
         loop {
+            let fetched_at = Instant::now();
             let sleep = match self.fetch().await {
                 Ok((token, lifetime)) => {
                     backoff = self.timing.backoff;
@@ -286,7 +328,12 @@ impl Refresher {
                     next_backoff(&mut backoff, &self.timing)
                 }
             };
-            tokio::time::sleep(sleep).await;
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => {}
+                _ = self.forced.notified() => {
+                    tokio::time::sleep_until(fetched_at + self.timing.min_interval).await;
+                }
+            }
         }
     }
 
@@ -483,5 +530,48 @@ mod tests {
         let h = p.header().await.unwrap();
         assert_ne!(h, "Bearer tok-1");
         assert!(h.is_sensitive());
+    }
+
+    /// A token a backend refused is no longer sent and a new one is fetched at once; the same
+    /// refusal reported again (by requests that carried the old token) fetches nothing more.
+    #[tokio::test]
+    async fn refused_token_is_replaced_once() {
+        let calls = Arc::new(AtomicU64::new(0));
+        let c = calls.clone();
+        let app = axum::Router::new().route(
+            "/token",
+            axum::routing::post(move || {
+                let c = c.clone();
+                async move {
+                    let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+                    format!(r#"{{"access_token":"tok-{n}","expires_in":3600}}"#)
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let timing = Timing {
+            min_interval: Duration::from_millis(50),
+            ..Timing::default()
+        };
+        let source = TokenSource::Oauth2 {
+            token_url: format!("http://{addr}/token"),
+            client_id: "id".into(),
+            client_secret: Secret::new("client-secret-x"),
+            scope: None,
+        };
+        let p = TokenProvider::new("b", source, timing);
+        p.start().unwrap();
+        let first = p.header().await.unwrap();
+        assert_eq!(first, "Bearer tok-1");
+        assert!(p.secrets().contains(&"tok-1".to_string()));
+        assert!(p.secrets().contains(&"client-secret-x".to_string()));
+        p.rejected(&first);
+        let second = p.header().await.unwrap();
+        assert_eq!(second, "Bearer tok-2");
+        p.rejected(&first);
+        assert_eq!(p.header().await.unwrap(), "Bearer tok-2");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 }

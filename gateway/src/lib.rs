@@ -13,7 +13,10 @@
 //! - [`routing`] — backends, priority groups and weights, the local circuit cache.
 //! - [`breaker`] — failure counting and tripping.
 //! - [`credentials`] — backend tokens (OAuth2 client credentials, managed identity), kept fresh.
-//! - [`proxy`] — forwarding with failover, streaming the response through a usage tap.
+//! - [`proxy`] — forwarding with failover; which backend answers reach the client.
+//! - [`headers`] — which request headers go to a backend, which response headers come back.
+//! - [`secrets`] — every secret the gateway holds, scrubbed from what backends send back.
+//! - [`tap`] — the response body on its way back: usage read, size and time bounded.
 //! - [`usage`] — settle, cost and usage totals, off the request path.
 //! - [`telemetry`] — Prometheus metrics at `/metrics`.
 //! - [`otel`] — OTLP export: a GenAI span per request, token metrics, one log record per usage record.
@@ -28,6 +31,7 @@ pub mod cli;
 pub mod credentials;
 pub mod error;
 pub mod estimate;
+pub mod headers;
 pub mod jwt;
 pub mod limits;
 pub mod otel;
@@ -35,7 +39,9 @@ pub mod pipeline;
 pub mod proxy;
 pub mod request;
 pub mod routing;
+pub mod secrets;
 pub mod server;
+pub mod tap;
 pub mod telemetry;
 pub mod tokens;
 pub mod usage;

@@ -5,6 +5,7 @@
 
 use crate::credentials::{Timing, TokenProvider, TokenSource};
 use crate::error::Error;
+use crate::secrets::Secrets;
 use http::HeaderValue;
 use rand::Rng;
 use std::collections::HashMap;
@@ -119,6 +120,19 @@ pub struct Backend {
     pub probe_asked_ms: AtomicU64,
     /// Deprioritised until then (unix ms): it reported utilization above `spill_utilization`.
     pub spill_until_ms: AtomicU64,
+    /// Every secret the gateway holds (shared by all backends): none of them may pass from
+    /// this backend's answers to a client.
+    pub secrets: Arc<Secrets>,
+    pub limits: ResponseLimits,
+}
+
+/// What one response may cost a replica (`server.max_response_bytes`,
+/// `server.max_sse_event_bytes`): set server-wide, kept with each backend so that forwarding
+/// needs nothing else.
+#[derive(Clone, Copy, Debug)]
+pub struct ResponseLimits {
+    pub max_response_bytes: u64,
+    pub max_sse_event_bytes: usize,
 }
 
 impl Backend {
@@ -196,7 +210,7 @@ pub struct Routes {
 
 impl Routes {
     pub fn from_config(config: &Config) -> anyhow::Result<Routes> {
-        let mut backends = Vec::new();
+        let mut built = Vec::new();
         for b in &config.backends {
             let mut base = b.url.trim_end_matches('/').to_string();
             if b.api == BackendApi::Openai && base.ends_with("/v1") {
@@ -221,6 +235,11 @@ impl Routes {
                 trip_seen: AtomicU64::new(0),
                 probe_asked_ms: AtomicU64::new(0),
                 spill_until_ms: AtomicU64::new(0),
+                secrets: Arc::default(),
+                limits: ResponseLimits {
+                    max_response_bytes: config.server.max_response_bytes,
+                    max_sse_event_bytes: config.server.max_sse_event_bytes,
+                },
             };
             for model in &b.models {
                 for op in crate::request::Operation::ALL {
@@ -231,8 +250,23 @@ impl Routes {
                     backend.urls.insert((op, model.clone()), parsed);
                 }
             }
-            backends.push(Arc::new(backend));
+            built.push(backend);
         }
+        let providers = built
+            .iter()
+            .filter_map(|b| match &b.credential {
+                Credential::Token(p) => Some(p.clone()),
+                _ => None,
+            })
+            .collect();
+        let secrets = Arc::new(Secrets::from_config(config, providers));
+        let backends: Vec<Arc<Backend>> = built
+            .into_iter()
+            .map(|mut b| {
+                b.secrets = secrets.clone();
+                Arc::new(b)
+            })
+            .collect();
         let mut pools: HashMap<String, Vec<Group>> = HashMap::new();
         for model in config.models() {
             let mut by_priority: Vec<(u32, Vec<(usize, u32)>)> = Vec::new();

@@ -63,7 +63,9 @@ impl Metrics {
         if v == 0 {
             return;
         }
-        *self.counters.lock().entry((name, labels)).or_default() += v;
+        let mut counters = self.counters.lock();
+        let c = counters.entry((name, labels)).or_default();
+        *c = c.saturating_add(v);
     }
 
     /// An error answered before a request was metered.

@@ -152,7 +152,9 @@ pub async fn resolve_usage(o: &mut Outcome, tokenizer: &Tokenizer) -> TokenUsage
 /// Cost in pico-units: tokens × price per 1M tokens in micro-units.
 pub fn cost_pico(u: &TokenUsage, b: &Backend) -> u64 {
     let cached = u.cached_input.min(u.input);
-    (u.input - cached) * b.price.input + cached * b.price.cached_input + u.output * b.price.output
+    ((u.input - cached).saturating_mul(b.price.input))
+        .saturating_add(cached.saturating_mul(b.price.cached_input))
+        .saturating_add(u.output.saturating_mul(b.price.output))
 }
 
 /// The worker's inputs and outputs.
