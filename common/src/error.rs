@@ -29,6 +29,8 @@ pub enum ErrorKind {
     MethodNotAllowed,
     /// The body is larger than `server.max_body_bytes`.
     BodyTooLarge,
+    /// The body did not arrive within `server.body_timeout_ms`.
+    RequestTimeout,
     /// The per-minute token bucket is empty.
     RateLimited,
     /// A backend answered with something unusable, or the connection failed.
@@ -52,6 +54,7 @@ impl ErrorKind {
             ErrorKind::ModelNotFound | ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::BadGateway => StatusCode::BAD_GATEWAY,
             ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -67,7 +70,8 @@ impl ErrorKind {
             | ErrorKind::ModelNotFound
             | ErrorKind::NotFound
             | ErrorKind::MethodNotAllowed
-            | ErrorKind::BodyTooLarge => "invalid_request_error",
+            | ErrorKind::BodyTooLarge
+            | ErrorKind::RequestTimeout => "invalid_request_error",
             ErrorKind::InvalidApiKey => "authentication_error",
             ErrorKind::ModelNotAllowed | ErrorKind::ConsumerDisabled => "permission_error",
             ErrorKind::QuotaExceeded => "insufficient_quota",
@@ -91,6 +95,7 @@ impl ErrorKind {
             ErrorKind::NotFound => "not_found",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
             ErrorKind::BodyTooLarge => "request_too_large",
+            ErrorKind::RequestTimeout => "request_timeout",
             ErrorKind::RateLimited => "rate_limit_exceeded",
             ErrorKind::BadGateway => "bad_gateway",
             ErrorKind::Unavailable => "service_unavailable",

@@ -44,6 +44,8 @@ pub enum Error {
     MethodNotAllowed,
     #[error("request body is larger than {limit} bytes")]
     BodyTooLarge { limit: usize },
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
     #[error("no backend is available for this model; retry later")]
     NoBackend { retry_after_ms: Option<u64> },
     #[error("the backend failed: {0}")]
@@ -75,7 +77,8 @@ impl Error {
             | Error::ModelNotFound(_)
             | Error::RouteNotFound
             | Error::MethodNotAllowed
-            | Error::BodyTooLarge { .. } => Fault::Downstream,
+            | Error::BodyTooLarge { .. }
+            | Error::BodyTimeout => Fault::Downstream,
             Error::NoBackend { .. } | Error::Upstream(_) | Error::UpstreamTimeout => {
                 Fault::Upstream
             }
@@ -96,6 +99,7 @@ impl Error {
             Error::RouteNotFound => ErrorKind::NotFound,
             Error::MethodNotAllowed => ErrorKind::MethodNotAllowed,
             Error::BodyTooLarge { .. } => ErrorKind::BodyTooLarge,
+            Error::BodyTimeout => ErrorKind::RequestTimeout,
             Error::NoBackend { .. } | Error::StoreUnavailable => ErrorKind::Unavailable,
             Error::Upstream(_) => ErrorKind::BadGateway,
             Error::UpstreamTimeout => ErrorKind::GatewayTimeout,

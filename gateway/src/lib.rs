@@ -20,7 +20,8 @@
 //! - [`usage`] — settle, cost and usage totals, off the request path.
 //! - [`telemetry`] — Prometheus metrics at `/metrics`.
 //! - [`otel`] — OTLP export: a GenAI span per request, token metrics, one log record per usage record.
-//! - [`server`] — building the app, serving, graceful shutdown.
+//! - [`server`] — building the app and running it.
+//! - [`connections`] — accepting and serving connections: timeouts, a connection cap, drain.
 //! - [`cli`] — the `tollgate` commands.
 
 #![forbid(unsafe_code)]
@@ -28,6 +29,7 @@
 pub mod auth;
 pub mod breaker;
 pub mod cli;
+pub mod connections;
 pub mod credentials;
 pub mod error;
 pub mod estimate;

@@ -251,6 +251,8 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<byte
             || e.to_string().contains("length limit");
         if too_large {
             Error::BodyTooLarge { limit }
+        } else if crate::connections::is_body_timeout(&e) {
+            Error::BodyTimeout
         } else {
             Error::bad_request("could not read the request body")
         }

@@ -1,6 +1,6 @@
-//! Building the gateway from a validated config, the HTTP routes, and serving with a graceful
-//! drain. [`run`] is what the binary and the real-socket tests call; [`app`] gives the router
-//! alone for in-process tests (`app(config).await?.0.oneshot(request)`).
+//! Building the gateway from a validated config and the HTTP routes. [`run`] is what the binary
+//! and the real-socket tests call; [`app`] gives the router alone for in-process tests
+//! (`app(config).await?.0.oneshot(request)`).
 
 use crate::auth::{Auth, KeyAuth};
 use crate::breaker::Breakers;
@@ -391,7 +391,8 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
 }
 
 /// Serves until `shutdown` resolves, then drains in-flight requests (streams included) for up
-/// to `server.shutdown_grace_ms` and writes pending usage before returning.
+/// to `server.shutdown_grace_ms` and writes pending usage before returning. Connections are
+/// served by [`crate::connections`] (timeouts, connection cap).
 pub async fn run(
     listener: TcpListener,
     config: Config,
@@ -408,36 +409,11 @@ pub async fn run_ready(
     shutdown: impl Future<Output = ()> + Send + 'static,
     ready: impl FnOnce(std::net::SocketAddr),
 ) -> anyhow::Result<()> {
-    let grace = Duration::from_millis(config.server.shutdown_grace_ms);
+    let server = config.server.clone();
     let (router, gw, background) = app(config).await?;
     drop(gw);
     ready(listener.local_addr()?);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    // Without TCP_NODELAY, Nagle holds a stream's first event behind the response head until
-    // the client's delayed ACK (~40 ms).
-    use axum::serve::ListenerExt as _;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-        tracing::info!("shutting down: draining in-flight requests");
-    });
-    let mut stop_rx2 = stop_rx.clone();
-    let serve = tokio::spawn(async move { server.await });
-    tokio::pin!(serve);
-    tokio::select! {
-        r = &mut serve => { r??; }
-        _ = async {
-            let _ = stop_rx2.wait_for(|s| *s).await;
-            tokio::time::sleep(grace).await;
-        } => {
-            tracing::warn!("grace period over; closing the remaining connections");
-            serve.abort();
-        }
-    }
-    drop(stop_rx);
+    crate::connections::serve(listener, router, &server, shutdown).await?;
     background.finish(Duration::from_secs(10)).await;
     Ok(())
 }

@@ -1,0 +1,565 @@
+//! Accepting and serving client connections (HTTP/1.1 and HTTP/2 cleartext, on hyper), so that
+//! no client can hold a replica's connections or file descriptors for nothing:
+//!
+//! - `server.header_timeout_ms`: a request's head must arrive within this long of the
+//!   connection opening, or of its first byte on a kept-alive connection (a client trickling
+//!   headers is cut off);
+//! - `server.body_timeout_ms`: a request's body must arrive within this long of its head, else
+//!   the pipeline answers 408;
+//! - `server.idle_timeout_ms`: a connection with no request in flight is closed after this long;
+//! - `server.max_connections`: connections served at once; further ones wait in the listen
+//!   backlog. At start-up it is lowered to what the process's file-descriptor limit can hold,
+//!   counting a backend connection for every client one.
+//!
+//! Every connection is watched by its own task: a [`Watched`] socket notes when a request's
+//! first bytes arrive, the service notes when requests start and responses end, and the task
+//! closes the connection once the deadline that applies has passed with no request in flight.
+//! Shutdown stops accepting, lets in-flight requests (streams included) finish for up to
+//! `server.shutdown_grace_ms`, then closes what is left.
+
+use axum::Router;
+use axum::body::Body;
+use bytes::Bytes;
+use http::Request;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::time::Instant;
+use tollgate_common::config::ServerConfig;
+use tower::ServiceExt as _;
+
+/// File descriptors kept for everything but client and backend connections (the store, the
+/// telemetry exporter, token endpoints, the listener, logs).
+const RESERVED_FDS: u64 = 128;
+
+/// After a connection is told to close, how long it may take before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// The connection timeouts, from `[server]`.
+#[derive(Clone, Copy, Debug)]
+struct Timeouts {
+    header: Duration,
+    body: Duration,
+    idle: Duration,
+}
+
+/// Where the server is in its life; every connection task follows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// Shutdown: finish in-flight requests, accept no new ones.
+    Draining,
+    /// The grace period is over: close now.
+    Closing,
+}
+
+/// `max_connections` as the file-descriptor limit `nofile` allows: every client connection
+/// may need a backend connection too, and some descriptors are for everything else.
+pub fn effective_max_connections(configured: usize, nofile: Option<u64>) -> usize {
+    match nofile {
+        Some(n) => {
+            let room = (n.saturating_sub(RESERVED_FDS) / 2).max(1);
+            configured.min(usize::try_from(room).unwrap_or(usize::MAX))
+        }
+        None => configured,
+    }
+}
+
+/// The process's soft limit on open files (Linux `/proc/self/limits`); None where unknown.
+fn nofile_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    let soft = line.trim_start_matches("Max open files").split_whitespace().next()?;
+    soft.parse().ok()
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then drains (see the module docs).
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    config: &ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let nofile = nofile_limit();
+    let max = effective_max_connections(config.max_connections, nofile);
+    if max < config.max_connections {
+        tracing::warn!(
+            configured = config.max_connections,
+            serving = max,
+            nofile = ?nofile,
+            "server.max_connections lowered to what the file-descriptor limit holds (each client \
+             connection may need a backend connection); raise `ulimit -n` to serve more"
+        );
+    }
+    let timeouts = Timeouts {
+        header: Duration::from_millis(config.header_timeout_ms),
+        body: Duration::from_millis(config.body_timeout_ms),
+        idle: Duration::from_millis(config.idle_timeout_ms),
+    };
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    // `max` ≤ MAX_CONNECTIONS (validated), far below what a semaphore or u32 holds.
+    let permits = Arc::new(Semaphore::new(max));
+    let builder = Arc::new(Builder::new(TokioExecutor::new()));
+    let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
+    let mut last_warned: Option<Instant> = None;
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p?,
+            _ = &mut shutdown => break,
+        };
+        let tcp = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    accept_failed(e, &mut last_warned).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        // Without TCP_NODELAY, Nagle holds a stream's first event behind the response head
+        // until the client's delayed ACK (~40 ms).
+        let _ = tcp.set_nodelay(true);
+        let conn = connection(
+            tcp,
+            router.clone(),
+            builder.clone(),
+            timeouts,
+            phase_rx.clone(),
+        );
+        tokio::spawn(async move {
+            conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: draining in-flight requests");
+    let _ = phase_tx.send(Phase::Draining);
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    if tokio::time::timeout(grace, permits.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over; closing the remaining connections");
+        let _ = phase_tx.send(Phase::Closing);
+        let _ = permits.acquire_many(all).await;
+    }
+    Ok(())
+}
+
+/// An accept that failed: a connection reset before it was accepted is nothing; anything
+/// else (out of file descriptors) is logged at most every 5 s and waited out briefly.
+async fn accept_failed(e: std::io::Error, last_warned: &mut Option<Instant>) {
+    use std::io::ErrorKind::*;
+    if matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    ) {
+        return;
+    }
+    if last_warned.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+        *last_warned = Some(Instant::now());
+        tracing::error!(error = %e, "accepting a connection failed");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+/// One connection, from accept to close.
+async fn connection(
+    tcp: TcpStream,
+    router: Router,
+    builder: Arc<Builder<TokioExecutor>>,
+    timeouts: Timeouts,
+    mut phase: watch::Receiver<Phase>,
+) {
+    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(Watched {
+        inner: tcp,
+        activity: activity.clone(),
+    });
+    let service = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |req: Request<Incoming>| {
+            activity.request_started();
+            let guard = RequestGuard(activity.clone());
+            let router = router.clone();
+            let body_deadline = Instant::now() + timeouts.body;
+            async move {
+                let req = req.map(|b| Body::new(TimedBody::new(b, body_deadline)));
+                let resp = router.oneshot(req).await?;
+                Ok::<_, std::convert::Infallible>(resp.map(|inner| Guarded {
+                    inner,
+                    _guard: guard,
+                }))
+            }
+        })
+    };
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let mut draining = false;
+    // Set once the connection was told to close for being idle: dropped if it has not closed
+    // by then and still has no request in flight.
+    let mut close_by: Option<Instant> = None;
+    loop {
+        let wake = close_by.or_else(|| activity.deadline(&timeouts));
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "client connection ended with an error");
+                }
+                return;
+            }
+            changed = phase.changed() => {
+                let now = if changed.is_ok() { *phase.borrow_and_update() } else { Phase::Closing };
+                match now {
+                    Phase::Closing => return,
+                    Phase::Draining if !draining => {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    _ => {}
+                }
+            }
+            _ = sleep_until(wake) => {
+                let now = Instant::now();
+                match close_by {
+                    Some(t) if now >= t => {
+                        if activity.in_flight() == 0 {
+                            return;
+                        }
+                        // A request slipped in: let the graceful close finish it.
+                        close_by = None;
+                    }
+                    Some(_) => {}
+                    None if activity.deadline(&timeouts).is_some_and(|d| now >= d) => {
+                        conn.as_mut().graceful_shutdown();
+                        close_by = Some(now + CLOSE_GRACE);
+                    }
+                    None => {}
+                }
+            }
+            _ = activity.changed.notified() => {}
+        }
+    }
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What one connection is doing, for its deadlines. Times are ms since `opened` (+1 where 0
+/// means "not set").
+struct Activity {
+    opened: Instant,
+    /// Requests started and not yet answered to the end of their body.
+    in_flight: AtomicUsize,
+    /// Whether a request has started on this connection.
+    served: AtomicBool,
+    /// When the last response ended.
+    idle_since: AtomicU64,
+    /// When the first byte of the next request arrived (+1; 0 = none yet).
+    head_since: AtomicU64,
+    /// Set on the first read: the connection speaks HTTP/2, whose idle connections carry
+    /// frames (pings, settings) that are no request head.
+    h2: AtomicBool,
+    sniffed: AtomicBool,
+    /// Wakes the connection task to recompute its deadline.
+    changed: Notify,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            opened: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            served: AtomicBool::new(false),
+            idle_since: AtomicU64::new(0),
+            head_since: AtomicU64::new(0),
+            h2: AtomicBool::new(false),
+            sniffed: AtomicBool::new(false),
+            changed: Notify::new(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// When the connection must close if nothing changes; None while a request is in flight.
+    fn deadline(&self, t: &Timeouts) -> Option<Instant> {
+        if self.in_flight() > 0 {
+            return None;
+        }
+        let ms = Duration::from_millis;
+        if !self.served.load(Ordering::Acquire) {
+            return Some(self.opened + t.header);
+        }
+        let head = self.head_since.load(Ordering::Acquire);
+        if head != 0 && !self.h2.load(Ordering::Relaxed) {
+            return Some(self.opened + ms(head - 1) + t.header);
+        }
+        Some(self.opened + ms(self.idle_since.load(Ordering::Acquire)) + t.idle)
+    }
+
+    /// Bytes arrived (`at` ms after opening): the first ones while no request is in flight
+    /// start a head's clock.
+    fn read(&self, bytes: &[u8], at: u64) {
+        if !self.sniffed.swap(true, Ordering::Relaxed) {
+            self.h2.store(bytes.starts_with(b"PRI "), Ordering::Relaxed);
+        }
+        if self.in_flight() == 0
+            && self
+                .head_since
+                .compare_exchange(0, at + 1, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.changed.notify_one();
+        }
+    }
+
+    fn request_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.served.store(true, Ordering::Release);
+        self.head_since.store(0, Ordering::Release);
+    }
+
+    /// A response ended (`at` ms after opening).
+    fn request_ended(&self, at: u64) {
+        self.idle_since.store(at, Ordering::Release);
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.changed.notify_one();
+        }
+    }
+}
+
+/// Held from a request's start to the end of its response body.
+struct RequestGuard(Arc<Activity>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.request_ended(self.0.now_ms());
+    }
+}
+
+/// A response body that ends its request's [`RequestGuard`] when it is done or dropped.
+struct Guarded {
+    inner: Body,
+    _guard: RequestGuard,
+}
+
+impl HttpBody for Guarded {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The request body did not arrive within `server.body_timeout_ms`.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive in time")]
+pub struct BodyTimeout;
+
+/// Whether a body error (anywhere in its chain of sources) is a [`BodyTimeout`].
+pub fn is_body_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if e.is::<BodyTimeout>() {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+/// A request body that fails with [`BodyTimeout`] once its deadline passes. The timer is set
+/// only if the body does not arrive at once.
+struct TimedBody {
+    inner: Incoming,
+    deadline: Instant,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl TimedBody {
+    fn new(inner: Incoming, deadline: Instant) -> TimedBody {
+        TimedBody {
+            inner,
+            deadline,
+            sleep: None,
+        }
+    }
+}
+
+impl HttpBody for TimedBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(r) => Poll::Ready(r.map(|f| f.map_err(Into::into))),
+            Poll::Pending => {
+                let deadline = this.deadline;
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimeout)))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A client socket that tells its [`Activity`] about the bytes it reads.
+struct Watched {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            let at = self.activity.now_ms();
+            self.activity.read(&buf.filled()[before..], at);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cap leaves room for a backend connection per client connection and a reserve;
+    /// where the limit is unknown the configured cap stands.
+    #[test]
+    fn cap_fits_the_descriptor_limit() {
+        assert_eq!(effective_max_connections(10_000, Some(1_048_576)), 10_000);
+        assert_eq!(effective_max_connections(10_000, Some(4_096)), 1_984);
+        assert_eq!(effective_max_connections(10_000, Some(1_024)), 448);
+        assert_eq!(effective_max_connections(10_000, Some(100)), 1);
+        assert_eq!(effective_max_connections(10_000, None), 10_000);
+        assert!(nofile_limit().is_some_and(|n| n > 0));
+    }
+
+    /// Deadlines: a new connection has the header timeout; after a response, the idle timeout;
+    /// once the next head's first byte arrives, the header timeout from then; none while a
+    /// request is in flight; HTTP/2 frames on an idle connection are no head.
+    #[tokio::test]
+    async fn deadlines_follow_the_connection() {
+        let t = Timeouts {
+            header: Duration::from_secs(10),
+            body: Duration::from_secs(30),
+            idle: Duration::from_secs(60),
+        };
+        let secs = Duration::from_secs;
+        let a = Activity::new();
+        let open = a.opened;
+        assert_eq!(a.deadline(&t), Some(open + t.header));
+        a.read(b"GET / HTTP/1.1\r\n", 0);
+        assert_eq!(a.deadline(&t), Some(open + t.header));
+        a.request_started();
+        assert_eq!(a.deadline(&t), None);
+        a.read(b"more", 1_000);
+        assert_eq!(a.deadline(&t), None, "bytes of a request in flight");
+        a.request_ended(5_000);
+        assert_eq!(a.deadline(&t), Some(open + secs(5) + t.idle));
+        a.read(b"G", 25_000);
+        assert_eq!(a.deadline(&t), Some(open + secs(25) + t.header));
+        a.read(b"ET", 26_000);
+        assert_eq!(
+            a.deadline(&t),
+            Some(open + secs(25) + t.header),
+            "the clock runs from the first byte"
+        );
+
+        let h2 = Activity::new();
+        h2.read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 0);
+        h2.request_started();
+        h2.request_ended(1_000);
+        h2.read(b"\0\0\x08\x06\0\0\0\0\0", 2_000); // a PING
+        assert_eq!(h2.deadline(&t), Some(h2.opened + secs(1) + t.idle));
+    }
+}
