@@ -140,16 +140,10 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Demo { listen } => crate::cli::demo(listen).await?,
         Command::CheckConfig { file } => {
             let config = load_config(&file)?;
-            for c in &config.consumers {
-                if let Some(var) = &c.key_env
-                    && std::env::var(var).is_err()
-                {
-                    println!(
-                        "warning: consumers {:?}: key_env {var} is not set here",
-                        c.id
-                    );
-                }
-            }
+            // What `serve` checks before it binds: the same errors, the same keys named.
+            server::prepare(&config)
+                .await
+                .with_context(|| format!("{}", file.display()))?;
             println!(
                 "{}: ok ({} backends, {} consumers, models: {})",
                 file.display(),

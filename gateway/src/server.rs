@@ -1,6 +1,6 @@
 //! Building the gateway from a validated config and the HTTP routes. [`run`] is what the binary
 //! and the real-socket tests call; [`app`] gives the router alone for in-process tests
-//! (`app(config).await?.0.oneshot(request)`).
+//! (`app(config).await?.0.oneshot(request)`); [`prepare`] is what `check-config` runs.
 
 use crate::auth::{Auth, KeyAuth};
 use crate::breaker::Breakers;
@@ -119,15 +119,37 @@ pub fn config_consumers(config: &Config) -> anyhow::Result<Vec<(ConsumerRecord, 
     Ok(out)
 }
 
+/// What `serve` builds from a config before it touches the network: the consumers with their
+/// key hashes (`key_env` read), the backends with their credentials (secrets read), the JWKS
+/// file when JWTs are in use. `check-config` runs exactly this, so both reject the same
+/// configs, naming the key at fault.
+pub struct Prepared {
+    pub consumers: Vec<(ConsumerRecord, Vec<String>)>,
+    pub routes: Routes,
+}
+
+pub async fn prepare(config: &Config) -> anyhow::Result<Prepared> {
+    let consumers = config_consumers(config)?;
+    let routes = Routes::from_config(config)?;
+    if let Some(j) = &config.auth.jwt
+        && config.auth.mode != AuthMode::Key
+        && j.jwks_url.is_none()
+    {
+        // A file must load now; a URL is fetched (and may fail, with a warning) at start-up.
+        JwtAuth::start(j).await?;
+    }
+    Ok(Prepared { consumers, routes })
+}
+
 /// Builds the gateway and its router. Spawns the usage worker.
 pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Background)> {
+    let Prepared { consumers, routes } = prepare(&config).await?;
     let store = connect_store(&config).await?;
     let defaults = LimitDefaults {
         tpm: config.limits.default_tpm,
         quota: config.limits.default_quota,
         quota_period: config.limits.default_quota_period,
     };
-    let consumers = config_consumers(&config)?;
     let policy = Policy {
         on_error: config.store.on_error,
         defaults,
@@ -152,7 +174,6 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
         let limits = limits.clone();
         tokio::spawn(async move { limits.seeds.keep_seeded(limits.store.clone()).await })
     };
-    let routes = Routes::from_config(&config)?;
     let breakers = Breakers::new(limits.store.clone());
     let breaker_tasks = breakers.start(&routes);
     // Token credentials: one refresh task per backend fetches the first token now.
