@@ -222,7 +222,11 @@ impl TokenProvider {
             out.push(client_secret.expose().to_string());
         }
         if let Some(t) = self.current.borrow().as_ref()
-            && let Some(token) = t.header.to_str().ok().and_then(|h| h.strip_prefix("Bearer "))
+            && let Some(token) = t
+                .header
+                .to_str()
+                .ok()
+                .and_then(|h| h.strip_prefix("Bearer "))
         {
             out.push(token.to_string());
         }

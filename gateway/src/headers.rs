@@ -95,7 +95,10 @@ mod tests {
         let mut h = HeaderMap::new();
         for (k, v) in [
             ("accept", "application/json"),
-            ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            (
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
             ("openai-organization", "org-victim"),
             ("openai-project", "proj-victim"),
             ("x-forwarded-for", "10.0.0.1"),

@@ -194,7 +194,8 @@ impl Forward<'_> {
 
         let timeouts = b.config.timeouts;
         let deadline = Instant::now() + Duration::from_millis(timeouts.max_response_ms);
-        let first_byte = Duration::from_millis(timeouts.first_byte_ms.min(timeouts.max_response_ms));
+        let first_byte =
+            Duration::from_millis(timeouts.first_byte_ms.min(timeouts.max_response_ms));
         let send = self.client.post(url).headers(headers).body(body).send();
         let resp = match tokio::time::timeout(first_byte, send).await {
             Err(_) => {
@@ -351,10 +352,11 @@ impl Forward<'_> {
                 Bytes::from(api.body())
             }
         };
-        out.body(Body::from(body)).map_err(|e| AttemptError::Retryable {
-            err: Error::Internal(e.to_string()),
-            retry_after_ms: None,
-        })
+        out.body(Body::from(body))
+            .map_err(|e| AttemptError::Retryable {
+                err: Error::Internal(e.to_string()),
+                retry_after_ms: None,
+            })
     }
 }
 
@@ -434,16 +436,23 @@ mod tests {
     #[test]
     fn retry_after_is_bounded() {
         let max = 300_000;
-        let cases: [(&[(&str, &str)], Option<u64>); 10] = [
+        type Headers<'a> = &'a [(&'static str, &'static str)];
+        let cases: [(Headers, Option<u64>); 10] = [
             (&[("retry-after", "2")], Some(2_000)),
             (&[("retry-after", "1.5")], Some(1_500)),
-            (&[("retry-after-ms", "250"), ("retry-after", "9")], Some(250)),
+            (
+                &[("retry-after-ms", "250"), ("retry-after", "9")],
+                Some(250),
+            ),
             (&[("retry-after", "999999999")], Some(max)),
             (&[("retry-after", "1e300")], Some(max)),
             (&[("retry-after-ms", "18446744073709551615")], Some(max)),
             (&[("retry-after", "inf")], None),
             (&[("retry-after", "NaN")], None),
-            (&[("retry-after-ms", "-inf"), ("retry-after", "3")], Some(3_000)),
+            (
+                &[("retry-after-ms", "-inf"), ("retry-after", "3")],
+                Some(3_000),
+            ),
             (&[("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT")], None),
         ];
         for (h, want) in cases {

@@ -140,7 +140,8 @@ mod tests {
     #[test]
     fn scrubs_every_occurrence() {
         let s = secrets(&["sk-live-abc", "a/b\"c"]);
-        let body = br#"{"error":{"message":"key sk-live-abc is wrong (sk-live-abc)","x":"a/b\"c"}}"#;
+        let body =
+            br#"{"error":{"message":"key sk-live-abc is wrong (sk-live-abc)","x":"a/b\"c"}}"#;
         let clean = s.scrub(body);
         assert_eq!(
             &clean[..],

@@ -491,7 +491,8 @@ impl Stream for Tap {
                 }
                 Poll::Pending => {
                     if this.deadline.as_mut().poll(cx).is_ready() {
-                        return this.cut("the backend response took longer than the gateway allows");
+                        return this
+                            .cut("the backend response took longer than the gateway allows");
                     }
                     if this.idle.as_mut().poll(cx).is_ready() {
                         this.done = true;
@@ -541,10 +542,9 @@ mod tests {
     /// Usage numbers no model could produce are refused; sane ones pass.
     #[test]
     fn impossible_usage_is_refused() {
-        let u: UsageFields = serde_json::from_str(
-            r#"{"prompt_tokens":18446744073709551615,"completion_tokens":5}"#,
-        )
-        .unwrap();
+        let u: UsageFields =
+            serde_json::from_str(r#"{"prompt_tokens":18446744073709551615,"completion_tokens":5}"#)
+                .unwrap();
         assert_eq!(u.to_usage(), None);
         let u: UsageFields =
             serde_json::from_str(r#"{"prompt_tokens":10,"total_tokens":18446744073709551615}"#)

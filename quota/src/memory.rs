@@ -545,11 +545,7 @@ impl Store for MemoryStore {
         let mut trip_for = f.trip_for_ms.or(f.probe.then_some(f.trip_ms));
         if trip_for.is_none() {
             c.failures.push_back(now);
-            while c
-                .failures
-                .front()
-                .is_some_and(|t| *t + f.window_ms <= now)
-            {
+            while c.failures.front().is_some_and(|t| *t + f.window_ms <= now) {
                 c.failures.pop_front();
             }
             if c.failures.len() >= f.failures as usize {

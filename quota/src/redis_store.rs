@@ -1038,7 +1038,10 @@ mod tests {
             Some(0)
         );
         for bad in ["1.8446744073709552e+19", "inf", "nan", "-5", "x"] {
-            assert!(parse_breaker_row("b", Some(bad), Some("1"), now).is_none(), "{bad}");
+            assert!(
+                parse_breaker_row("b", Some(bad), Some("1"), now).is_none(),
+                "{bad}"
+            );
         }
         assert!(parse_breaker_row("b", Some("1"), Some("1e3"), now).is_none());
         let far = (now + MAX_TRIP_MS + 1).to_string();

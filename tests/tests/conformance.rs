@@ -1031,7 +1031,10 @@ async fn check_breaker_bounds<S: Store>(s: &S) {
         failures: 3,
         ..huge.clone()
     };
-    let st = s.breaker_failure("huge-window", &window_only).await.unwrap();
+    let st = s
+        .breaker_failure("huge-window", &window_only)
+        .await
+        .unwrap();
     assert_eq!((st.open_until_ms, st.trip), (0, 0), "one failure of three");
     let names = ["absurd", "huge-trip", "huge-window"].map(String::from);
     let states = s.breaker_states(&names).await.unwrap();
