@@ -99,8 +99,29 @@ impl Gateway {
         log: PathBuf,
         envs: &[(String, String)],
     ) -> anyhow::Result<Gateway> {
+        Gateway::spawn_limited(config, log, envs, None)
+    }
+
+    /// [`Gateway::spawn`] with the process's open-file limit set to `nofile` (soft and hard).
+    pub fn spawn_limited(
+        config: &std::path::Path,
+        log: PathBuf,
+        envs: &[(String, String)],
+        nofile: Option<u64>,
+    ) -> anyhow::Result<Gateway> {
         let stderr = std::fs::File::create(&log)?;
-        let mut child = Command::new(gateway_bin())
+        let mut cmd = match nofile {
+            // The shell sets the limit, then becomes the gateway (same pid).
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(gateway_bin());
+                c
+            }
+            None => Command::new(gateway_bin()),
+        };
+        let mut child = cmd
             .args(["serve", "--config"])
             .arg(config)
             .args(["--listen", "127.0.0.1:0"])
@@ -225,10 +246,12 @@ pub struct Harness {
     in_process: bool,
     extra: String,
     store: String,
+    server: String,
     envs: Vec<(String, String)>,
     given_redis: Option<RedisServer>,
     /// Environment of one gateway process only, by index.
     gateway_envs: Vec<(usize, String, String)>,
+    nofile: Option<u64>,
 }
 
 /// A started scenario.
@@ -316,6 +339,19 @@ impl Harness {
         self
     }
 
+    /// Extra keys of the `[server]` section (`header_timeout_ms = 1000`).
+    pub fn server(mut self, toml: &str) -> Self {
+        self.server.push_str(toml);
+        self.server.push('\n');
+        self
+    }
+
+    /// The open-file limit of gateway processes.
+    pub fn nofile(mut self, n: u64) -> Self {
+        self.nofile = Some(n);
+        self
+    }
+
     /// An environment variable for gateway processes (secrets the config names by `*_env`).
     /// In-process gateways see only this process's environment.
     pub fn env(mut self, k: &str, v: &str) -> Self {
@@ -343,6 +379,7 @@ impl Harness {
         toml.push_str(
             "[server]\nlisten = \"127.0.0.1:0\"\ndebug_headers = true\nshutdown_grace_ms = 5000\n",
         );
+        toml.push_str(&self.server);
         if let Some(r) = &redis {
             toml.push_str(&format!(
                 "[store]\nkind = \"redis\"\nurl = \"{}\"\n",
@@ -390,7 +427,12 @@ impl Harness {
                         .filter(|(g, _, _)| *g == i)
                         .map(|(_, k, v)| (k.clone(), v.clone())),
                 );
-                gateways.push(Gateway::spawn(&config_path, log, &envs)?);
+                gateways.push(Gateway::spawn_limited(
+                    &config_path,
+                    log,
+                    &envs,
+                    self.nofile,
+                )?);
             }
         }
         Ok(Running {
