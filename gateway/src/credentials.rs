@@ -214,23 +214,16 @@ impl TokenProvider {
         }
     }
 
-    /// The secrets this provider holds (the client secret, the current token), for scrubbing
-    /// from what a backend sends back.
-    pub fn secrets(&self) -> Vec<String> {
-        let mut out = Vec::new();
+    /// Calls `f` with each secret this provider holds (the client secret, the current token),
+    /// for scrubbing from what a backend sends back; nothing is copied.
+    pub fn each_secret(&self, f: &mut dyn FnMut(&[u8])) {
         if let TokenSource::Oauth2 { client_secret, .. } = &*self.source {
-            out.push(client_secret.expose().to_string());
+            f(client_secret.expose().as_bytes());
         }
-        if let Some(t) = self.current.borrow().as_ref()
-            && let Some(token) = t
-                .header
-                .to_str()
-                .ok()
-                .and_then(|h| h.strip_prefix("Bearer "))
-        {
-            out.push(token.to_string());
+        if let Some(t) = self.current.borrow().as_ref() {
+            let h = t.header.as_bytes();
+            f(h.strip_prefix(b"Bearer ").unwrap_or(h));
         }
-        out
     }
 
     fn unavailable(&self) -> Error {
@@ -569,8 +562,9 @@ mod tests {
         p.start().unwrap();
         let first = p.header().await.unwrap();
         assert_eq!(first, "Bearer tok-1");
-        assert!(p.secrets().contains(&"tok-1".to_string()));
-        assert!(p.secrets().contains(&"client-secret-x".to_string()));
+        let mut held = Vec::new();
+        p.each_secret(&mut |s| held.push(String::from_utf8_lossy(s).to_string()));
+        assert_eq!(held, vec!["client-secret-x", "tok-1"]);
         p.rejected(&first);
         let second = p.header().await.unwrap();
         assert_eq!(second, "Bearer tok-2");

@@ -79,20 +79,20 @@ impl Secrets {
         }
     }
 
-    /// `data` with every secret replaced by `***` (borrowed when there was none).
+    /// `data` with every secret replaced by `***` (borrowed, no allocation, when there was
+    /// none).
     pub fn scrub<'a>(&self, data: &'a [u8]) -> Cow<'a, [u8]> {
         let mut out = Cow::Borrowed(data);
-        let tokens: Vec<String> = self.providers.iter().flat_map(|p| p.secrets()).collect();
-        let all = self
-            .fixed
-            .iter()
-            .map(|s| &s[..])
-            .chain(tokens.iter().map(|t| t.as_bytes()));
-        for secret in all {
-            if secret.is_empty() || memchr::memmem::find(&out, secret).is_none() {
-                continue;
+        let mut apply = |secret: &[u8]| {
+            if !secret.is_empty() && memchr::memmem::find(&out, secret).is_some() {
+                out = Cow::Owned(replace_all(&out, secret));
             }
-            out = Cow::Owned(replace_all(&out, secret));
+        };
+        for s in &self.fixed {
+            apply(s);
+        }
+        for p in &self.providers {
+            p.each_secret(&mut apply);
         }
         out
     }
