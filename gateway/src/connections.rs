@@ -7,9 +7,11 @@
 //! - `server.body_timeout_ms`: a request's body must arrive within this long of its head, else
 //!   the pipeline answers 408;
 //! - `server.idle_timeout_ms`: a connection with no request in flight is closed after this long;
-//! - `server.max_connections`: connections served at once; further ones wait in the listen
-//!   backlog. At start-up it is lowered to what the process's file-descriptor limit can hold,
-//!   counting a backend connection for every client one.
+//! - `server.max_connections`: connections served at once. At the cap, a new connection makes
+//!   the oldest one with no request in flight (idle, or still sending its head) close; when
+//!   every connection is busy, new ones wait in the listen backlog. At start-up the cap is
+//!   lowered to what the process's file-descriptor limit can hold, counting a backend
+//!   connection for every client one.
 //!
 //! Every connection is watched by its own task: a [`Watched`] socket notes when a request's
 //! first bytes arrive, the service notes when requests start and responses end, and the task
@@ -25,6 +27,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -44,6 +47,13 @@ const RESERVED_FDS: u64 = 128;
 
 /// After a connection is told to close, how long it may take before it is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// At the connection cap, a connection younger than this (or than the header timeout) is not
+/// closed to make room: it has had no fair chance to send its request.
+const EVICT_MIN_AGE: Duration = Duration::from_secs(1);
+
+/// At the cap with nothing to close, how often closing is tried again.
+const EVICT_RETRY: Duration = Duration::from_millis(100);
 
 /// The connection timeouts, from `[server]`.
 #[derive(Clone, Copy, Debug)]
@@ -114,13 +124,12 @@ pub async fn serve(
     let permits = Arc::new(Semaphore::new(max));
     let builder = Arc::new(Builder::new(TokioExecutor::new()));
     let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
+    let registry = Arc::new(Registry::default());
+    let min_age = EVICT_MIN_AGE.min(timeouts.header);
     let mut last_warned: Option<Instant> = None;
+    let mut last_full: Option<Instant> = None;
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p?,
-            _ = &mut shutdown => break,
-        };
         let tcp = tokio::select! {
             r = listener.accept() => match r {
                 Ok((tcp, _)) => tcp,
@@ -134,15 +143,43 @@ pub async fn serve(
         // Without TCP_NODELAY, Nagle holds a stream's first event behind the response head
         // until the client's delayed ACK (~40 ms).
         let _ = tcp.set_nodelay(true);
+        // At the cap, the connection that has waited longest without a request makes room (a
+        // client trickling its head, an idle keep-alive), once it has had `min_age` to send
+        // one; while every connection is busy or newer, this one waits.
+        let permit = loop {
+            if let Ok(p) = permits.clone().try_acquire_owned() {
+                break Some(p);
+            }
+            let evicted = registry.evict_oldest_idle(min_age);
+            if last_full.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                last_full = Some(Instant::now());
+                tracing::warn!(
+                    max_connections = max,
+                    evicted,
+                    "at server.max_connections: closing the oldest connections without a request"
+                );
+            }
+            tokio::select! {
+                p = permits.clone().acquire_owned() => break Some(p?),
+                _ = tokio::time::sleep(EVICT_RETRY) => {}
+                _ = &mut shutdown => break None,
+            }
+        };
+        let Some(permit) = permit else { break };
+        let activity = Arc::new(Activity::new());
+        let id = registry.add(activity.clone());
         let conn = connection(
             tcp,
+            activity,
             router.clone(),
             builder.clone(),
             timeouts,
             phase_rx.clone(),
         );
+        let registry = registry.clone();
         tokio::spawn(async move {
             conn.await;
+            registry.remove(id);
             drop(permit);
         });
     }
@@ -178,15 +215,52 @@ async fn accept_failed(e: std::io::Error, last_warned: &mut Option<Instant>) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
+/// The open connections in the order they opened, so that at the cap the one that has waited
+/// longest without a request can make room for a new one.
+#[derive(Default)]
+struct Registry {
+    next: AtomicU64,
+    open: parking_lot::Mutex<BTreeMap<u64, Arc<Activity>>>,
+}
+
+impl Registry {
+    fn add(&self, a: Arc<Activity>) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.open.lock().insert(id, a);
+        id
+    }
+
+    fn remove(&self, id: u64) {
+        self.open.lock().remove(&id);
+    }
+
+    /// Tells the oldest connection with no request in flight, open for at least `min_age`, to
+    /// close; false if there is none.
+    fn evict_oldest_idle(&self, min_age: Duration) -> bool {
+        let open = self.open.lock();
+        for a in open.values() {
+            if a.opened.elapsed() < min_age {
+                // The map is in opening order: every later one is younger still.
+                return false;
+            }
+            if a.in_flight() == 0 && !a.evicted.swap(true, Ordering::AcqRel) {
+                a.changed.notify_one();
+                return true;
+            }
+        }
+        false
+    }
+}
+
 /// One connection, from accept to close.
 async fn connection(
     tcp: TcpStream,
+    activity: Arc<Activity>,
     router: Router,
     builder: Arc<Builder<TokioExecutor>>,
     timeouts: Timeouts,
     mut phase: watch::Receiver<Phase>,
 ) {
-    let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Watched {
         inner: tcp,
         activity: activity.clone(),
@@ -215,6 +289,13 @@ async fn connection(
     // by then and still has no request in flight.
     let mut close_by: Option<Instant> = None;
     loop {
+        if activity.evicted.load(Ordering::Acquire) {
+            if activity.in_flight() == 0 {
+                return;
+            }
+            // A request started meanwhile: it is served; the connection may be asked again.
+            activity.evicted.store(false, Ordering::Release);
+        }
         let wake = close_by.or_else(|| activity.deadline(&timeouts));
         tokio::select! {
             r = conn.as_mut() => {
@@ -280,6 +361,8 @@ struct Activity {
     /// frames (pings, settings) that are no request head.
     h2: AtomicBool,
     sniffed: AtomicBool,
+    /// Asked to close to make room for a new connection (at `server.max_connections`).
+    evicted: AtomicBool,
     /// Wakes the connection task to recompute its deadline.
     changed: Notify,
 }
@@ -294,6 +377,7 @@ impl Activity {
             head_since: AtomicU64::new(0),
             h2: AtomicBool::new(false),
             sniffed: AtomicBool::new(false),
+            evicted: AtomicBool::new(false),
             changed: Notify::new(),
         }
     }
@@ -522,6 +606,31 @@ mod tests {
         assert_eq!(effective_max_connections(10_000, Some(100)), 1);
         assert_eq!(effective_max_connections(10_000, None), 10_000);
         assert!(nofile_limit().is_some_and(|n| n > 0));
+    }
+
+    /// At the cap, the oldest connection with no request in flight is asked to close, each once;
+    /// busy ones never are.
+    #[test]
+    fn eviction_takes_the_oldest_idle() {
+        let r = Registry::default();
+        let a: Vec<Arc<Activity>> = (0..3).map(|_| Arc::new(Activity::new())).collect();
+        let ids: Vec<u64> = a.iter().map(|x| r.add(x.clone())).collect();
+        a[0].request_started();
+        assert!(
+            !r.evict_oldest_idle(Duration::from_secs(3600)),
+            "all too young"
+        );
+        assert!(r.evict_oldest_idle(Duration::ZERO));
+        assert!(!a[0].evicted.load(Ordering::Relaxed));
+        assert!(a[1].evicted.load(Ordering::Relaxed));
+        assert!(r.evict_oldest_idle(Duration::ZERO));
+        assert!(a[2].evicted.load(Ordering::Relaxed));
+        assert!(
+            !r.evict_oldest_idle(Duration::ZERO),
+            "only a busy connection is left"
+        );
+        r.remove(ids[0]);
+        assert!(!r.evict_oldest_idle(Duration::ZERO));
     }
 
     /// Deadlines: a new connection has the header timeout; after a response, the idle timeout;

@@ -857,17 +857,16 @@ async fn trickle(addr: std::net::SocketAddr, give_up: Duration) -> Option<Durati
     None
 }
 
-/// 1,500 unauthenticated clients trickling headers against a gateway whose own file limit is
-/// 4096: normal requests are served all along, and every trickler is closed by the header
-/// timeout, well within 30 s.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn trickling_clients_are_cut_off_and_others_served() {
+/// 1,500 clients trickling request heads against a gateway limited to `nofile` open files:
+/// `requests` normal requests (each on a new connection, none waiting longer than
+/// `client_timeout`) are served all along, and every trickler is closed within 30 s.
+async fn trickling_scenario(nofile: u64, header_timeout_ms: u64, client_timeout: Duration) {
     raise_own_nofile(8192);
     let h = Harness::new()
         .backend("m", MockOpts::default(), "")
         .consumer("a", "")
-        .server("header_timeout_ms = 8000\nbody_timeout_ms = 8000\nidle_timeout_ms = 8000")
-        .nofile(4096)
+        .server(&format!("header_timeout_ms = {header_timeout_ms}"))
+        .nofile(nofile)
         .start()
         .await
         .unwrap();
@@ -875,12 +874,11 @@ async fn trickling_clients_are_cut_off_and_others_served() {
     let tricklers: Vec<_> = (0..1_500)
         .map(|_| tokio::spawn(trickle(addr, Duration::from_secs(45))))
         .collect();
-    // Normal traffic while they are open, each request on a new connection.
     for i in 0..20 {
         let c = reqwest::Client::builder()
             .no_proxy()
             .pool_max_idle_per_host(0)
-            .timeout(Duration::from_secs(30))
+            .timeout(client_timeout)
             .build()
             .unwrap();
         let r = c
@@ -889,7 +887,11 @@ async fn trickling_clients_are_cut_off_and_others_served() {
             .json(&chat("gpt-4o", false))
             .send()
             .await
-            .unwrap_or_else(|e| panic!("request {i} failed: {e}"));
+            .unwrap_or_else(|e| {
+                let log = h.gateways[0].log_text();
+                let tail: String = log.lines().rev().take(20).collect::<Vec<_>>().join("\n");
+                panic!("request {i} failed: {e}\ngateway log (last lines, newest first):\n{tail}")
+            });
         assert_eq!(r.status(), 200, "request {i}");
     }
     let mut closed_after = Vec::new();
@@ -905,6 +907,21 @@ async fn trickling_clients_are_cut_off_and_others_served() {
     );
     let (status, _, _) = send(&h, "gpt-4o").await;
     assert_eq!(status, 200);
+}
+
+/// With room for every trickler (4096 files): they are closed by the header timeout, and
+/// normal requests are served while they are open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickling_clients_are_cut_off_and_others_served() {
+    trickling_scenario(4096, 8_000, Duration::from_secs(30)).await;
+}
+
+/// With 1024 files the connection cap (448) is below 1,500 tricklers: each new connection makes
+/// the oldest one without a request close, so normal requests are served at once — well before
+/// any trickler's 20 s header timeout — and no descriptor runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickling_clients_beyond_the_cap_make_room() {
+    trickling_scenario(1024, 20_000, Duration::from_secs(15)).await;
 }
 
 /// Reads from a raw connection until the server closes it; returns what was read (bounded).
