@@ -410,8 +410,10 @@ impl Tap {
         self.meter.take();
         match self.mode {
             Mode::Sse(_) => {
+                // `event: error` with an OpenAI error body: what the OpenAI SDKs raise on, for
+                // chat streams and Responses streams alike.
                 let api = ApiError::new(ErrorKind::BadGateway, why);
-                let mut ev = b"data: ".to_vec();
+                let mut ev = b"event: error\ndata: ".to_vec();
                 ev.extend_from_slice(&api.body());
                 ev.extend_from_slice(b"\n\n");
                 Poll::Ready(Some(Ok(Bytes::from(ev))))
