@@ -13,9 +13,11 @@
 //!   lowered to what the process's file-descriptor limit can hold, counting a backend
 //!   connection for every client one.
 //!
-//! Every connection is watched by its own task: a [`Watched`] socket notes when a request's
-//! first bytes arrive, the service notes when requests start and responses end, and the task
-//! closes the connection once the deadline that applies has passed with no request in flight.
+//! What a connection is doing is noted as it happens, at the cost of a few atomic operations:
+//! a [`Watched`] socket notes when a request's first bytes arrive, the service notes when
+//! requests start and responses end. One sweeper task checks every connection a few times per
+//! second and tells each whose deadline has passed, with no request in flight, to close; so a
+//! request costs no timer and no wake-up of its own.
 //! Shutdown stops accepting, lets in-flight requests (streams included) finish for up to
 //! `server.shutdown_grace_ms`, then closes what is left.
 
@@ -54,6 +56,9 @@ const EVICT_MIN_AGE: Duration = Duration::from_secs(1);
 
 /// At the cap with nothing to close, how often closing is tried again.
 const EVICT_RETRY: Duration = Duration::from_millis(100);
+
+/// Longest pause between two sweeps of the connections (shorter for short timeouts).
+const MAX_SWEEP: Duration = Duration::from_millis(250);
 
 /// The connection timeouts, from `[server]`.
 #[derive(Clone, Copy, Debug)]
@@ -124,8 +129,21 @@ pub async fn serve(
     let permits = Arc::new(Semaphore::new(max));
     let builder = Arc::new(Builder::new(TokioExecutor::new()));
     let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
-    let registry = Arc::new(Registry::default());
-    let min_age = EVICT_MIN_AGE.min(timeouts.header);
+    let registry = Arc::new(Registry::new());
+    let min_age = EVICT_MIN_AGE.min(timeouts.header).as_millis() as u64;
+    let sweeper = {
+        let registry = registry.clone();
+        let every =
+            (timeouts.header.min(timeouts.idle) / 8).clamp(Duration::from_millis(10), MAX_SWEEP);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                registry.sweep(&timeouts);
+            }
+        })
+    };
     let mut last_warned: Option<Instant> = None;
     let mut last_full: Option<Instant> = None;
     tokio::pin!(shutdown);
@@ -166,7 +184,7 @@ pub async fn serve(
             }
         };
         let Some(permit) = permit else { break };
-        let activity = Arc::new(Activity::new());
+        let activity = Arc::new(Activity::new(registry.clock.clone()));
         let id = registry.add(activity.clone());
         let conn = connection(
             tcp,
@@ -185,6 +203,7 @@ pub async fn serve(
     }
     drop(listener);
     tracing::info!("shutting down: draining in-flight requests");
+    let _sweeper = AbortOnDrop(sweeper);
     let _ = phase_tx.send(Phase::Draining);
     let all = u32::try_from(max).unwrap_or(u32::MAX);
     if tokio::time::timeout(grace, permits.acquire_many(all))
@@ -196,6 +215,15 @@ pub async fn serve(
         let _ = permits.acquire_many(all).await;
     }
     Ok(())
+}
+
+/// Stops a background task when the server stops, however it stops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// An accept that failed: a connection reset before it was accepted is nothing; anything
@@ -215,15 +243,61 @@ async fn accept_failed(e: std::io::Error, last_warned: &mut Option<Instant>) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-/// The open connections in the order they opened, so that at the cap the one that has waited
-/// longest without a request can make room for a new one.
-#[derive(Default)]
+/// A coarse clock for connection times: ms since the server started, read (not computed) on
+/// every socket read and advanced by each sweep and each accept.
+struct Clock {
+    epoch: Instant,
+    now_ms: AtomicU64,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        Clock {
+            epoch: Instant::now(),
+            now_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// The time as of the last tick.
+    fn now(&self) -> u64 {
+        self.now_ms.load(Ordering::Relaxed)
+    }
+
+    /// Advances to the real time and returns it.
+    fn tick(&self) -> u64 {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.now_ms.fetch_max(now, Ordering::Relaxed);
+        now
+    }
+}
+
+/// The open connections in the order they opened: swept for deadlines, and at the cap the one
+/// that has waited longest without a request makes room for a new one.
 struct Registry {
+    clock: Arc<Clock>,
     next: AtomicU64,
     open: parking_lot::Mutex<BTreeMap<u64, Arc<Activity>>>,
 }
 
 impl Registry {
+    fn new() -> Registry {
+        Registry {
+            clock: Arc::new(Clock::new()),
+            next: AtomicU64::new(0),
+            open: parking_lot::Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Tells every connection whose deadline has passed (no request in flight) to close.
+    fn sweep(&self, t: &Timeouts) {
+        let now = self.clock.tick();
+        for a in self.open.lock().values() {
+            if a.deadline(t).is_some_and(|d| now >= d) {
+                a.tell_to_close();
+            }
+        }
+    }
+
     fn add(&self, a: Arc<Activity>) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         self.open.lock().insert(id, a);
@@ -234,17 +308,18 @@ impl Registry {
         self.open.lock().remove(&id);
     }
 
-    /// Tells the oldest connection with no request in flight, open for at least `min_age`, to
-    /// close; false if there is none.
-    fn evict_oldest_idle(&self, min_age: Duration) -> bool {
+    /// Tells the oldest connection that has had no request in flight for at least `min_age`
+    /// ms (since it opened or since its last response) to close; false if there is none.
+    fn evict_oldest_idle(&self, min_age: u64) -> bool {
+        let now = self.clock.tick();
         let open = self.open.lock();
         for a in open.values() {
-            if a.opened.elapsed() < min_age {
+            if a.opened + min_age > now {
                 // The map is in opening order: every later one is younger still.
                 return false;
             }
-            if a.in_flight() == 0 && !a.evicted.swap(true, Ordering::AcqRel) {
-                a.changed.notify_one();
+            let quiet_since = a.opened.max(a.idle_since.load(Ordering::Acquire));
+            if a.in_flight() == 0 && quiet_since + min_age <= now && a.tell_to_close() {
                 return true;
             }
         }
@@ -285,18 +360,10 @@ async fn connection(
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
     let mut draining = false;
-    // Set once the connection was told to close for being idle: dropped if it has not closed
-    // by then and still has no request in flight.
+    // An HTTP/2 connection told to close gets a GOAWAY first: dropped if it has not closed by
+    // then and still has no request in flight.
     let mut close_by: Option<Instant> = None;
     loop {
-        if activity.evicted.load(Ordering::Acquire) {
-            if activity.in_flight() == 0 {
-                return;
-            }
-            // A request started meanwhile: it is served; the connection may be asked again.
-            activity.evicted.store(false, Ordering::Release);
-        }
-        let wake = close_by.or_else(|| activity.deadline(&timeouts));
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
@@ -315,25 +382,27 @@ async fn connection(
                     _ => {}
                 }
             }
-            _ = sleep_until(wake) => {
-                let now = Instant::now();
-                match close_by {
-                    Some(t) if now >= t => {
-                        if activity.in_flight() == 0 {
-                            return;
-                        }
-                        // A request slipped in: let the graceful close finish it.
-                        close_by = None;
-                    }
-                    Some(_) => {}
-                    None if activity.deadline(&timeouts).is_some_and(|d| now >= d) => {
-                        conn.as_mut().graceful_shutdown();
-                        close_by = Some(now + CLOSE_GRACE);
-                    }
-                    None => {}
+            _ = activity.told.notified(), if close_by.is_none() => {
+                if activity.in_flight() > 0 {
+                    // A request started meanwhile: it is served; the connection may be told
+                    // again.
+                    activity.close.store(false, Ordering::Release);
+                } else if !activity.h2.load(Ordering::Relaxed) {
+                    // HTTP/1 with nothing in flight: closing loses nothing.
+                    return;
+                } else {
+                    conn.as_mut().graceful_shutdown();
+                    close_by = Some(Instant::now() + CLOSE_GRACE);
                 }
             }
-            _ = activity.changed.notified() => {}
+            _ = sleep_until(close_by) => {
+                if activity.in_flight() == 0 {
+                    return;
+                }
+                // A request slipped in: let the graceful close finish it.
+                close_by = None;
+                activity.close.store(false, Ordering::Release);
+            }
         }
     }
 }
@@ -345,10 +414,11 @@ async fn sleep_until(t: Option<Instant>) {
     }
 }
 
-/// What one connection is doing, for its deadlines. Times are ms since `opened` (+1 where 0
-/// means "not set").
+/// What one connection is doing, for its deadlines. Times are [`Clock`] ms (+1 where 0 means
+/// "not set").
 struct Activity {
-    opened: Instant,
+    clock: Arc<Clock>,
+    opened: u64,
     /// Requests started and not yet answered to the end of their body.
     in_flight: AtomicUsize,
     /// Whether a request has started on this connection.
@@ -361,64 +431,68 @@ struct Activity {
     /// frames (pings, settings) that are no request head.
     h2: AtomicBool,
     sniffed: AtomicBool,
-    /// Asked to close to make room for a new connection (at `server.max_connections`).
-    evicted: AtomicBool,
-    /// Wakes the connection task to recompute its deadline.
-    changed: Notify,
+    /// Told to close: a deadline passed, or room is needed at `server.max_connections`.
+    close: AtomicBool,
+    /// Wakes the connection task when told to close.
+    told: Notify,
 }
 
 impl Activity {
-    fn new() -> Activity {
+    fn new(clock: Arc<Clock>) -> Activity {
         Activity {
-            opened: Instant::now(),
+            opened: clock.tick(),
+            clock,
             in_flight: AtomicUsize::new(0),
             served: AtomicBool::new(false),
             idle_since: AtomicU64::new(0),
             head_since: AtomicU64::new(0),
             h2: AtomicBool::new(false),
             sniffed: AtomicBool::new(false),
-            evicted: AtomicBool::new(false),
-            changed: Notify::new(),
+            close: AtomicBool::new(false),
+            told: Notify::new(),
         }
     }
 
-    fn now_ms(&self) -> u64 {
-        self.opened.elapsed().as_millis() as u64
+    /// Tells the connection to close, once; whether this call did.
+    fn tell_to_close(&self) -> bool {
+        if self.close.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        self.told.notify_one();
+        true
     }
 
     fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
     }
 
-    /// When the connection must close if nothing changes; None while a request is in flight.
-    fn deadline(&self, t: &Timeouts) -> Option<Instant> {
+    /// When (clock ms) the connection must close if nothing changes; None while a request is
+    /// in flight.
+    fn deadline(&self, t: &Timeouts) -> Option<u64> {
         if self.in_flight() > 0 {
             return None;
         }
-        let ms = Duration::from_millis;
+        let ms = |d: Duration| d.as_millis() as u64;
         if !self.served.load(Ordering::Acquire) {
-            return Some(self.opened + t.header);
+            return Some(self.opened + ms(t.header));
         }
         let head = self.head_since.load(Ordering::Acquire);
         if head != 0 && !self.h2.load(Ordering::Relaxed) {
-            return Some(self.opened + ms(head - 1) + t.header);
+            return Some(head - 1 + ms(t.header));
         }
-        Some(self.opened + ms(self.idle_since.load(Ordering::Acquire)) + t.idle)
+        Some(self.idle_since.load(Ordering::Acquire) + ms(t.idle))
     }
 
-    /// Bytes arrived (`at` ms after opening): the first ones while no request is in flight
-    /// start a head's clock.
+    /// Bytes arrived (at clock ms `at`): the first ones while no request is in flight start a
+    /// head's clock.
     fn read(&self, bytes: &[u8], at: u64) {
-        if !self.sniffed.swap(true, Ordering::Relaxed) {
+        if !self.sniffed.load(Ordering::Relaxed) && !self.sniffed.swap(true, Ordering::Relaxed) {
             self.h2.store(bytes.starts_with(b"PRI "), Ordering::Relaxed);
         }
-        if self.in_flight() == 0
-            && self
-                .head_since
-                .compare_exchange(0, at + 1, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        {
-            self.changed.notify_one();
+        if self.in_flight() == 0 && self.head_since.load(Ordering::Relaxed) == 0 {
+            let _ =
+                self.head_since
+                    .compare_exchange(0, at + 1, Ordering::AcqRel, Ordering::Relaxed);
         }
     }
 
@@ -428,12 +502,10 @@ impl Activity {
         self.head_since.store(0, Ordering::Release);
     }
 
-    /// A response ended (`at` ms after opening).
+    /// A response ended (at clock ms `at`).
     fn request_ended(&self, at: u64) {
         self.idle_since.store(at, Ordering::Release);
-        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.changed.notify_one();
-        }
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -442,7 +514,7 @@ struct RequestGuard(Arc<Activity>);
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
-        self.0.request_ended(self.0.now_ms());
+        self.0.request_ended(self.0.clock.now());
     }
 }
 
@@ -555,7 +627,7 @@ impl AsyncRead for Watched {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            let at = self.activity.now_ms();
+            let at = self.activity.clock.now();
             self.activity.read(&buf.filled()[before..], at);
         }
         r
@@ -608,67 +680,88 @@ mod tests {
         assert!(nofile_limit().is_some_and(|n| n > 0));
     }
 
-    /// At the cap, the oldest connection with no request in flight is asked to close, each once;
-    /// busy ones never are.
+    fn timeouts() -> Timeouts {
+        Timeouts {
+            header: Duration::from_secs(10),
+            body: Duration::from_secs(30),
+            idle: Duration::from_secs(60),
+        }
+    }
+
+    /// At the cap, the oldest connection that has been quiet for `min_age` is told to close,
+    /// each once; busy and young ones never are.
     #[test]
-    fn eviction_takes_the_oldest_idle() {
-        let r = Registry::default();
-        let a: Vec<Arc<Activity>> = (0..3).map(|_| Arc::new(Activity::new())).collect();
+    fn eviction_takes_the_oldest_quiet_one() {
+        let r = Registry::new();
+        let a: Vec<Arc<Activity>> = (0..3)
+            .map(|_| Arc::new(Activity::new(r.clock.clone())))
+            .collect();
         let ids: Vec<u64> = a.iter().map(|x| r.add(x.clone())).collect();
         a[0].request_started();
-        assert!(
-            !r.evict_oldest_idle(Duration::from_secs(3600)),
-            "all too young"
-        );
-        assert!(r.evict_oldest_idle(Duration::ZERO));
-        assert!(!a[0].evicted.load(Ordering::Relaxed));
-        assert!(a[1].evicted.load(Ordering::Relaxed));
-        assert!(r.evict_oldest_idle(Duration::ZERO));
-        assert!(a[2].evicted.load(Ordering::Relaxed));
-        assert!(
-            !r.evict_oldest_idle(Duration::ZERO),
-            "only a busy connection is left"
-        );
+        assert!(!r.evict_oldest_idle(3_600_000), "all too young");
+        assert!(r.evict_oldest_idle(0));
+        assert!(!a[0].close.load(Ordering::Relaxed));
+        assert!(a[1].close.load(Ordering::Relaxed));
+        assert!(r.evict_oldest_idle(0));
+        assert!(a[2].close.load(Ordering::Relaxed));
+        assert!(!r.evict_oldest_idle(0), "only a busy connection is left");
         r.remove(ids[0]);
-        assert!(!r.evict_oldest_idle(Duration::ZERO));
+        assert!(!r.evict_oldest_idle(0));
     }
 
     /// Deadlines: a new connection has the header timeout; after a response, the idle timeout;
     /// once the next head's first byte arrives, the header timeout from then; none while a
-    /// request is in flight; HTTP/2 frames on an idle connection are no head.
-    #[tokio::test]
-    async fn deadlines_follow_the_connection() {
-        let t = Timeouts {
-            header: Duration::from_secs(10),
-            body: Duration::from_secs(30),
-            idle: Duration::from_secs(60),
-        };
-        let secs = Duration::from_secs;
-        let a = Activity::new();
+    /// request is in flight; HTTP/2 frames on an idle connection are no head. The sweep tells
+    /// exactly the connections past their deadline.
+    #[test]
+    fn deadlines_follow_the_connection() {
+        let t = timeouts();
+        let clock = Arc::new(Clock::new());
+        let a = Activity::new(clock.clone());
         let open = a.opened;
-        assert_eq!(a.deadline(&t), Some(open + t.header));
-        a.read(b"GET / HTTP/1.1\r\n", 0);
-        assert_eq!(a.deadline(&t), Some(open + t.header));
+        assert_eq!(a.deadline(&t), Some(open + 10_000));
+        a.read(b"GET / HTTP/1.1\r\n", open);
+        assert_eq!(a.deadline(&t), Some(open + 10_000));
         a.request_started();
         assert_eq!(a.deadline(&t), None);
-        a.read(b"more", 1_000);
+        a.read(b"more", open + 1_000);
         assert_eq!(a.deadline(&t), None, "bytes of a request in flight");
-        a.request_ended(5_000);
-        assert_eq!(a.deadline(&t), Some(open + secs(5) + t.idle));
-        a.read(b"G", 25_000);
-        assert_eq!(a.deadline(&t), Some(open + secs(25) + t.header));
-        a.read(b"ET", 26_000);
+        a.request_ended(open + 5_000);
+        assert_eq!(a.deadline(&t), Some(open + 65_000));
+        a.read(b"G", open + 25_000);
+        assert_eq!(a.deadline(&t), Some(open + 35_000));
+        a.read(b"ET", open + 26_000);
         assert_eq!(
             a.deadline(&t),
-            Some(open + secs(25) + t.header),
+            Some(open + 35_000),
             "the clock runs from the first byte"
         );
 
-        let h2 = Activity::new();
-        h2.read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 0);
+        let h2 = Activity::new(clock.clone());
+        let open = h2.opened;
+        h2.read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", open);
         h2.request_started();
-        h2.request_ended(1_000);
-        h2.read(b"\0\0\x08\x06\0\0\0\0\0", 2_000); // a PING
-        assert_eq!(h2.deadline(&t), Some(h2.opened + secs(1) + t.idle));
+        h2.request_ended(open + 1_000);
+        h2.read(b"\0\0\x08\x06\0\0\0\0\0", open + 2_000); // a PING
+        assert_eq!(h2.deadline(&t), Some(open + 61_000));
+
+        let r = Registry::new();
+        let fresh = Arc::new(Activity::new(r.clock.clone()));
+        let stale = Arc::new(Activity::new(r.clock.clone()));
+        stale.request_started();
+        stale.request_ended(0);
+        stale.read(b"P", 0);
+        r.add(fresh.clone());
+        r.add(stale.clone());
+        let short = Timeouts {
+            header: Duration::ZERO,
+            ..t
+        };
+        r.sweep(&t);
+        assert!(!fresh.close.load(Ordering::Relaxed));
+        assert!(!stale.close.load(Ordering::Relaxed));
+        r.sweep(&short);
+        assert!(fresh.close.load(Ordering::Relaxed));
+        assert!(stale.close.load(Ordering::Relaxed));
     }
 }

@@ -373,8 +373,8 @@ pub struct Bounds {
 pub struct Tap {
     inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
     bounds: Bounds,
-    idle: Pin<Box<tokio::time::Sleep>>,
-    deadline: Pin<Box<tokio::time::Sleep>>,
+    /// Fires at the next silence limit or at the deadline, whichever comes first (one timer).
+    timer: Pin<Box<tokio::time::Sleep>>,
     /// Bytes received from the backend so far.
     received: u64,
     mode: Mode,
@@ -391,8 +391,9 @@ impl Tap {
     ) -> Tap {
         Tap {
             inner: Box::pin(inner),
-            idle: Box::pin(tokio::time::sleep(bounds.idle)),
-            deadline: Box::pin(tokio::time::sleep_until(bounds.deadline)),
+            timer: Box::pin(tokio::time::sleep_until(
+                (tokio::time::Instant::now() + bounds.idle).min(bounds.deadline),
+            )),
             bounds,
             received: 0,
             mode,
@@ -444,8 +445,8 @@ impl Stream for Tap {
             }
             match this.inner.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
-                    let deadline = tokio::time::Instant::now() + this.bounds.idle;
-                    this.idle.as_mut().reset(deadline);
+                    let next = tokio::time::Instant::now() + this.bounds.idle;
+                    this.timer.as_mut().reset(next.min(this.bounds.deadline));
                     this.received = this.received.saturating_add(chunk.len() as u64);
                     if this.received > this.bounds.max_bytes {
                         return this.cut("the backend response is larger than the gateway allows");
@@ -492,11 +493,11 @@ impl Stream for Tap {
                     return Poll::Ready(tail.map(Ok));
                 }
                 Poll::Pending => {
-                    if this.deadline.as_mut().poll(cx).is_ready() {
-                        return this
-                            .cut("the backend response took longer than the gateway allows");
-                    }
-                    if this.idle.as_mut().poll(cx).is_ready() {
+                    if this.timer.as_mut().poll(cx).is_ready() {
+                        if tokio::time::Instant::now() >= this.bounds.deadline {
+                            return this
+                                .cut("the backend response took longer than the gateway allows");
+                        }
                         this.done = true;
                         tracing::warn!("backend response idle timeout");
                         this.meter.take();
