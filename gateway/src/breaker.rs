@@ -4,8 +4,8 @@
 //! window in the store by one script; when the window is full — or at once for a 429 carrying
 //! `retry-after(-ms)` when `accept_retry_after` is set — the circuit opens for `trip_ms` (or
 //! exactly the retry-after, believed up to `breaker.max_retry_after_ms`) and the change is
-//! published to every replica, which keeps it in
-//! each backend's local state: routing reads only that, never the store. When a trip's time is
+//! published to every replica, which keeps it in each backend's local state: routing reads
+//! only that, never the store. When a trip's time is
 //! up the circuit is half-open: exactly one replica in the cluster wins the probe lease and
 //! sends one real request as the probe (a success closes the circuit everywhere, a failure
 //! re-opens it); the others keep away until they hear the result.
