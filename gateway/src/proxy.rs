@@ -151,8 +151,8 @@ impl Forward<'_> {
             (BackendApi::Openai, _, _) => (deployment != req.model).then_some(deployment),
         };
         let include_usage = req.stream && req.op.needs_include_usage() && !req.client_include_usage;
-        let body = rewrite_body(&req.body, set_model, include_usage, req.output_cap)
-            .map_err(retryable)?;
+        let body =
+            rewrite_body(&req.body, set_model, include_usage, req.output_cap).map_err(retryable)?;
         let api_version = match &req.style {
             RouteStyle::AzureDeployment {
                 api_version: Some(v),
