@@ -833,10 +833,14 @@ fn raise_own_nofile(want: u64) {
 }
 
 /// Opens a connection that trickles a request head, one byte every 500 ms, and returns how long
-/// the gateway kept it open (None: still open after `give_up`).
+/// the gateway kept it open (None: still open after `give_up`). A connection never accepted
+/// counts as kept open until the attempt ended.
 async fn trickle(addr: std::net::SocketAddr, give_up: Duration) -> Option<Duration> {
     let started = Instant::now();
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let connect = tokio::time::timeout(give_up, tokio::net::TcpStream::connect(addr)).await;
+    let Ok(Ok(mut s)) = connect else {
+        return Some(started.elapsed());
+    };
     let _ = s
         .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n")
         .await;
