@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs what the tests need and the machine lacks:
-# redis-server (the Redis tests start their own on free ports) and the official openai SDK
-# (the compatibility test drives the gateway with it).
+# redis-server (the Redis tests start their own on free ports) and the tests' Python venv
+# (scripts/pyenv.sh: Valkey and RediSearch for the store-topology tests, the official openai
+# and MCP SDKs, kubernetes-validate; instant when already there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,8 +14,6 @@ if ! command -v redis-server >/dev/null 2>&1; then
     exit 1
   fi
 fi
-if ! python3 -c "import openai" >/dev/null 2>&1; then
-  python3 -m pip install -q openai
-fi
+bash scripts/pyenv.sh
 
 cargo test --workspace "$@"

@@ -14,6 +14,7 @@
 
 pub mod latency;
 pub mod otlp;
+pub mod pyenv;
 pub mod redis;
 
 use anyhow::{Context as _, bail};

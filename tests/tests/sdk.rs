@@ -9,15 +9,8 @@ use tollgate_tests::{Harness, key_for};
 /// The SDK script passes every check against a running gateway.
 #[tokio::test]
 async fn openai_python_sdk() {
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let probe = Command::new(&python).args(["-c", "import openai"]).output();
-    match probe {
-        Ok(o) if o.status.success() => {}
-        _ => panic!(
-            "the official openai SDK is required for this test: `{python} -m pip install openai` \
-             (.ci/run and scripts/test.sh install it)"
-        ),
-    }
+    // The venv of tests/python/requirements.txt holds the pinned openai SDK.
+    let python = tollgate_tests::pyenv::python().unwrap();
     let h = Harness::new()
         .backend("ptu", MockOpts::default(), "api = \"azure\"\npriority = 1")
         .backend(
