@@ -16,6 +16,7 @@ pub mod latency;
 pub mod otlp;
 pub mod pyenv;
 pub mod redis;
+pub mod server;
 
 use anyhow::{Context as _, bail};
 use std::io::{BufRead as _, BufReader};
@@ -27,6 +28,7 @@ use tokio::sync::oneshot;
 use tollgate_loadtest::mock::{self, MockOpts, Stats};
 
 pub use redis::RedisServer;
+pub use server::{Flavor, Node};
 
 /// The gateway binary built for tests: cargo builds a package's binaries before its
 /// integration tests, next to the `deps/` folder the test binary runs from.
