@@ -1,7 +1,8 @@
 //! A mock OpenAI / Azure OpenAI backend: the thing tollgate forwards to in tests and
 //! benchmarks. It serves the OpenAI routes (`/v1/...`), Azure deployment routes
 //! (`/openai/deployments/{deployment}/...?api-version=`) and Azure v1 routes (`/openai/v1/...`),
-//! streamed and not, with exact `usage` (see [`count_prompt_tokens`]), and can behave like a
+//! streamed and not, with exact `usage` (see [`count_prompt_tokens`]) and embeddings that are
+//! bag-of-words vectors of the input text (see [`embed`]), and can behave like a
 //! provisioned (PTU) deployment that answers 429 once its own tokens-per-minute are spent, or
 //! like a slow, failing, hanging or stream-dropping backend ([`MockOpts`]). `GET /stats`
 //! reports what it has seen ([`Stats`]).
@@ -11,6 +12,7 @@
 //! frames and stops as soon as the client goes away.
 
 mod bucket;
+mod embeddings;
 mod shapes;
 mod stats;
 mod tokens;
@@ -37,6 +39,7 @@ use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc};
 
 use bucket::{Admission, TokenBucket};
+pub use embeddings::{DEFAULT_DIMENSIONS, MAX_DIMENSIONS, cosine_distance, embed};
 use shapes::{Op, Reply};
 pub use stats::{LastRequest, ModelStats, Stats};
 pub use tokens::{
@@ -185,7 +188,7 @@ struct Parsed {
     /// The client's cap on output tokens, if any.
     max_tokens: Option<u64>,
     prompt_tokens: u64,
-    embeddings: usize,
+    embeddings: embeddings::Request,
 }
 
 /// Which operation a route serves, and the Azure deployment named in its path.
@@ -251,9 +254,9 @@ fn parse(
         max_tokens,
         prompt_tokens: count_prompt_tokens(&json),
         embeddings: if op == Op::Embeddings {
-            shapes::embedding_count(json.get("input"))
+            embeddings::Request::parse(&json)?
         } else {
-            0
+            embeddings::Request::default()
         },
     })
 }

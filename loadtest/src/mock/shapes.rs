@@ -8,7 +8,7 @@
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use super::tokens;
+use super::{embeddings, tokens};
 
 /// The API operation a route serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,8 +35,8 @@ pub(crate) struct Reply {
     /// The client asked for `stream_options.include_usage` (and usage is on): chunks carry
     /// `"usage": null` and a final usage chunk is sent, as OpenAI does.
     pub(crate) stream_usage: bool,
-    /// How many embedding vectors to return (one per input item).
-    pub(crate) embeddings: usize,
+    /// The texts to embed (one vector per input item), their size and encoding.
+    pub(crate) embeddings: embeddings::Request,
 }
 
 impl Reply {
@@ -75,8 +75,11 @@ impl Reply {
                              "finish_reason": self.finish_reason}],
             }),
             Op::Embeddings => {
-                let data: Vec<Value> = (0..self.embeddings)
-                    .map(|index| json!({"object": "embedding", "index": index, "embedding": vector(index)}))
+                let data: Vec<Value> = (0..self.embeddings.texts.len())
+                    .map(|index| {
+                        json!({"object": "embedding", "index": index,
+                                        "embedding": self.embeddings.embedding(index)})
+                    })
                     .collect();
                 json!({"object": "list", "data": data, "model": self.model})
             }
@@ -198,13 +201,6 @@ impl Reply {
     }
 }
 
-/// A deterministic 8-dimensional embedding.
-fn vector(index: usize) -> Vec<f32> {
-    (0..8)
-        .map(|d| ((index * 8 + d) as f32 * 0.37).sin())
-        .collect()
-}
-
 /// An SSE `data:` frame.
 fn data(value: &Value) -> Bytes {
     let mut frame = b"data: ".to_vec();
@@ -225,13 +221,4 @@ fn event(kind: &str, mut value: Value) -> Bytes {
 /// The OpenAI error body `{"error":{"message","type","param","code"}}`.
 pub(crate) fn error_body(message: &str, kind: &str, code: Option<&str>) -> Value {
     json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
-}
-
-/// How many embeddings an `input` asks for: one per string or token-id array.
-pub(crate) fn embedding_count(input: Option<&Value>) -> usize {
-    match input {
-        Some(Value::Array(items)) if items.iter().all(Value::is_number) => 1,
-        Some(Value::Array(items)) => items.len(),
-        _ => 1,
-    }
 }

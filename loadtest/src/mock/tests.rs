@@ -310,7 +310,10 @@ async fn embeddings_shape_and_no_usage() {
         .await
         .unwrap();
     assert_eq!(answer["data"].as_array().unwrap().len(), 2);
-    assert_eq!(answer["data"][1]["embedding"].as_array().unwrap().len(), 8);
+    assert_eq!(
+        answer["data"][1]["embedding"].as_array().unwrap().len(),
+        DEFAULT_DIMENSIONS
+    );
     assert_eq!(answer["usage"]["prompt_tokens"], count_prompt_tokens(&body));
 
     let quiet = start(MockOpts {
@@ -325,6 +328,55 @@ async fn embeddings_shape_and_no_usage() {
         .await
         .unwrap();
     assert!(answer.get("usage").is_none());
+}
+
+/// Each embedding is the bag-of-words vector of its own input text ([`embed`]), in the
+/// requested `dimensions`, as floats or base64; a bad `dimensions` is a 400.
+#[tokio::test]
+async fn embeddings_embed_the_input_text() {
+    let mock = start(MockOpts::default()).await;
+    let texts = [
+        "What is the capital of France?",
+        "the capital of France is what",
+        "Sales report",
+    ];
+    let body = json!({"model": "text-embedding-3-small", "input": texts, "dimensions": 64});
+    let answer: Value = mock
+        .post("/v1/embeddings", &body)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let vectors: Vec<Vec<f32>> = (0..3)
+        .map(|i| serde_json::from_value(answer["data"][i]["embedding"].clone()).unwrap())
+        .collect();
+    for (v, text) in vectors.iter().zip(texts) {
+        assert_eq!(*v, embed(text, 64));
+    }
+    assert!(
+        cosine_distance(&vectors[0], &vectors[1]) < 1e-6,
+        "same words"
+    );
+    assert!(cosine_distance(&vectors[0], &vectors[2]) > 0.5);
+    assert_eq!(answer["usage"]["prompt_tokens"], count_prompt_tokens(&body));
+
+    let b64 = json!({"model": "m", "input": texts[0], "encoding_format": "base64"});
+    let answer: Value = mock
+        .post("/v1/embeddings", &b64)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let encoded = answer["data"][0]["embedding"].as_str().unwrap();
+    let bytes =
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, encoded).unwrap();
+    assert_eq!(bytes.len(), DEFAULT_DIMENSIONS * 4);
+    let first = f32::from_le_bytes(bytes[..4].try_into().unwrap());
+    assert_eq!(first, embed(texts[0], DEFAULT_DIMENSIONS)[0]);
+
+    let bad = json!({"model": "m", "input": "x", "dimensions": 0});
+    let r = mock.post("/v1/embeddings", &bad).await;
+    assert_eq!(r.status(), 400);
 }
 
 /// fail_mid_stream_after breaks the connection mid-body and counts only the tokens sent.

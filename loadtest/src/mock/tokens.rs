@@ -31,6 +31,19 @@ pub fn count_tokens(text: &str) -> u64 {
     encoder().encode_ordinary(text).len() as u64
 }
 
+/// The text of `o200k_base` token ids (invalid UTF-8 replaced); `None` when an id is not a
+/// token.
+pub(crate) fn decode(ids: &[u32]) -> Option<String> {
+    let bytes = encoder().decode_bytes(ids).ok()?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The `o200k_base` token ids of `text`.
+#[cfg(test)]
+pub(crate) fn encode(text: &str) -> Vec<u32> {
+    encoder().encode_ordinary(text)
+}
+
 /// The one-token word at position `i` of the completion text.
 pub fn word(i: u64) -> &'static str {
     WORDS[(i % WORDS.len() as u64) as usize]
