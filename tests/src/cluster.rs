@@ -320,16 +320,7 @@ impl Cluster {
                     }
                     continue;
                 }
-                let offset = server::info_value(&info, "master_repl_offset").unwrap_or_default();
-                // `slave0:ip=127.0.0.1,port=P,state=online,offset=N,lag=0`
-                let caught_up = info
-                    .lines()
-                    .filter(|l| l.starts_with("slave") && l.contains("ip="))
-                    .all(|l| {
-                        l.contains("state=online")
-                            && l.split(',').any(|kv| kv == format!("offset={offset}"))
-                    });
-                if !caught_up {
+                if !node.replicas_caught_up()?.1 {
                     return Ok(None);
                 }
             }

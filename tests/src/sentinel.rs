@@ -5,7 +5,7 @@
 //! instead of after the 2-second hello rounds; short `down-after-milliseconds` and
 //! `failover-timeout` make a failover take about three seconds.
 //!
-//! [`kill_master`](Sentinel::kill_master) (SIGKILL) and
+//! [`wait_in_sync`](Sentinel::wait_in_sync), [`kill_master`](Sentinel::kill_master) (SIGKILL) and
 //! [`wait_failover`](Sentinel::wait_failover) (every sentinel's `SENTINEL
 //! get-master-addr-by-name` names the promoted replica, which reports `role:master`) drive the
 //! failover tests.
@@ -40,7 +40,7 @@ pub struct Sentinel {
 impl Sentinel {
     /// Starts the master, the replica and the sentinels, and waits until every sentinel
     /// monitors the master, knows the replica and both other sentinels, and the replica is in
-    /// sync (a second or so).
+    /// sync ([`wait_in_sync`](Self::wait_in_sync)).
     pub fn start(flavor: Flavor) -> anyhow::Result<Sentinel> {
         let mut last = None;
         // A probed port may be taken before a server binds it: start over on fresh ports.
@@ -117,8 +117,25 @@ impl Sentinel {
                     return Ok(None);
                 }
             }
-            let link = self.data[1].info_field("replication", "master_link_status")?;
-            Ok((link.as_deref() == Some("up")).then_some(()))
+            Ok(Some(()))
+        })
+        .map_err(|e| self.explain(e))?;
+        self.wait_in_sync()
+    }
+
+    /// Waits until the master's replica (unless killed) is online and has acknowledged every
+    /// write made so far, so those writes survive a failover. (`WAIT` through `cli` would not
+    /// do: each `cli` call is a new connection, and `WAIT` only covers its own writes.)
+    pub fn wait_in_sync(&self) -> anyhow::Result<()> {
+        let master = self.master()?;
+        let replicas = self
+            .data
+            .iter()
+            .filter(|n| n.port() != master.port() && n.pid().is_some())
+            .count();
+        wait_for(WAIT, "the replica in sync with the master", || {
+            let (listed, caught_up) = master.replicas_caught_up()?;
+            Ok((listed == replicas && caught_up).then_some(()))
         })
         .map_err(|e| self.explain(e))
     }

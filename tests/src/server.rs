@@ -167,15 +167,9 @@ impl Node {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// The process id; `None` once [`stop`](Self::stop)ped.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
-    }
-
-    /// False once [`stop`](Self::stop)ped (or dead by itself).
-    pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Kills the server with SIGKILL, as a crash or a lost host would, keeping its directory
@@ -235,6 +229,23 @@ impl Node {
     pub fn info_field(&self, section: &str, field: &str) -> anyhow::Result<Option<String>> {
         let info = self.cli(&["INFO", section])?;
         Ok(info_value(&info, field))
+    }
+
+    /// For a master: how many replicas it lists, and whether all of them are online and have
+    /// acknowledged its whole replication stream (their offset equals its own), so that a
+    /// write made before now survives a failover. Replicas acknowledge once a second.
+    pub fn replicas_caught_up(&self) -> anyhow::Result<(usize, bool)> {
+        let info = self.cli(&["INFO", "replication"])?;
+        let offset = info_value(&info, "master_repl_offset").unwrap_or_default();
+        // `slave0:ip=127.0.0.1,port=P,state=online,offset=N,lag=0`
+        let replicas: Vec<&str> = info
+            .lines()
+            .filter(|l| l.starts_with("slave") && l.contains("ip="))
+            .collect();
+        let caught_up = replicas.iter().all(|l| {
+            l.contains("state=online") && l.split(',').any(|kv| kv == format!("offset={offset}"))
+        });
+        Ok((replicas.len(), caught_up))
     }
 
     /// The cli binary of this node's flavor (for `--cluster` subcommands).

@@ -41,8 +41,10 @@ fn valkey_search_knn_with_tag_filter() {
         .unwrap()
         .get_connection()
         .unwrap();
+    let index = "idx ON HASH PREFIX 1 v: SCHEMA part TAG \
+                 v VECTOR HNSW 6 TYPE FLOAT32 DIM 4 DISTANCE_METRIC COSINE";
     let created: String = redis::cmd("FT.CREATE")
-        .arg("idx ON HASH PREFIX 1 v: SCHEMA part TAG v VECTOR HNSW 6 TYPE FLOAT32 DIM 4 DISTANCE_METRIC COSINE".split(' ').collect::<Vec<_>>())
+        .arg(index.split(' ').collect::<Vec<_>>())
         .query(&mut con)
         .unwrap();
     assert_eq!(created, "OK");
@@ -234,8 +236,8 @@ fn sentinel_promotes_the_replica(flavor: Flavor) {
         Some("master")
     );
     assert_eq!(master.cli(&["SET", "k", "v1"]).unwrap(), "OK");
-    // WAIT 1 replica, 5 s: the write reached the replica before the kill.
-    assert_eq!(master.cli(&["WAIT", "1", "5000"]).unwrap(), "1");
+    // The write reaches the replica before the kill.
+    s.wait_in_sync().unwrap();
 
     let t = Instant::now();
     assert_eq!(s.kill_master().unwrap(), old);
@@ -244,7 +246,12 @@ fn sentinel_promotes_the_replica(flavor: Flavor) {
     assert_ne!(new, old);
     assert_eq!(s.master_port().unwrap(), new);
     let promoted = s.node(new).unwrap();
-    assert_eq!(promoted.cli(&["GET", "k"]).unwrap(), "v1");
+    assert_eq!(
+        promoted.cli(&["GET", "k"]).unwrap(),
+        "v1",
+        "{}",
+        promoted.log()
+    );
     assert_eq!(promoted.cli(&["SET", "k", "v2"]).unwrap(), "OK");
 }
 
