@@ -50,6 +50,10 @@ pub enum Error {
     NoBackend { retry_after_ms: Option<u64> },
     #[error("the backend failed: {0}")]
     Upstream(String),
+    /// A backend's answer is larger than `server.max_response_bytes` (any backend would send
+    /// the same answer: no failover).
+    #[error("the backend's response is larger than the gateway allows ({0})")]
+    ResponseTooLarge(String),
     #[error("the backend did not answer in time")]
     UpstreamTimeout,
     #[error("the limits store is unavailable")]
@@ -79,11 +83,19 @@ impl Error {
             | Error::MethodNotAllowed
             | Error::BodyTooLarge { .. }
             | Error::BodyTimeout => Fault::Downstream,
-            Error::NoBackend { .. } | Error::Upstream(_) | Error::UpstreamTimeout => {
-                Fault::Upstream
-            }
+            Error::NoBackend { .. }
+            | Error::Upstream(_)
+            | Error::UpstreamTimeout
+            | Error::ResponseTooLarge(_) => Fault::Upstream,
             Error::StoreUnavailable | Error::Internal(_) => Fault::Internal,
         }
+    }
+
+    /// Whether another backend may serve where this attempt failed: a backend's fault, unless
+    /// the answer itself is unacceptable (any backend would give it). The client's faults and
+    /// our own stop the failover loop.
+    pub fn may_fail_over(&self) -> bool {
+        self.fault() == Fault::Upstream && !matches!(self, Error::ResponseTooLarge(_))
     }
 
     /// The client-facing error: kind, message, param, retry hint.
@@ -103,12 +115,16 @@ impl Error {
             Error::NoBackend { .. } | Error::StoreUnavailable => ErrorKind::Unavailable,
             Error::Upstream(_) => ErrorKind::BadGateway,
             Error::UpstreamTimeout => ErrorKind::GatewayTimeout,
+            Error::ResponseTooLarge(_) => ErrorKind::BadGateway,
             Error::Internal(_) => ErrorKind::Internal,
         };
         let message = match self {
             // Internal detail stays in our logs.
             Error::Internal(_) => "internal error".to_string(),
             Error::Upstream(_) => "the backend failed to answer; retry later".to_string(),
+            Error::ResponseTooLarge(_) => {
+                "the backend's response is larger than the gateway allows".to_string()
+            }
             other => other.to_string(),
         };
         let mut api = ApiError::new(kind, message);
@@ -151,16 +167,9 @@ impl IntoResponse for Error {
         if let Error::Internal(detail) = &self {
             tracing::error!(%detail, "internal error");
         }
-        let mut resp = api_response(&self.to_api());
-        resp.extensions_mut()
-            .insert(ErrorCode(self.to_api().kind.code()));
-        resp
+        api_response(&self.to_api())
     }
 }
-
-/// The low-cardinality error label, carried on error responses for metrics.
-#[derive(Clone, Copy, Debug)]
-pub struct ErrorCode(pub &'static str);
 
 #[cfg(test)]
 mod tests {

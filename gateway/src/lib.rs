@@ -4,48 +4,47 @@
 //! settles and accounts the tokens actually used.
 //!
 //! # Layout
+//!
+//! One folder per stage of the request path (DESIGN.md), in the order a request meets them;
+//! data flows one way, from [`pipeline`] down (no module imports one that imports it):
+//!
 //! - [`pipeline`] — the request path, one step per stage, in order.
-//! - [`auth`] — `auth.mode`: subscription keys (hashed) and/or JWTs → consumer.
-//! - [`jwt`] — JWT validation against a cached JWKS, claims → consumer, team, model access.
-//! - [`limits`] — the reservation against the shared store, and what happens when it fails.
-//! - [`request`] — what the client asked for (route, body fields), body rewriting for backends.
-//! - [`tokens`] — tiktoken counting for estimates and for backends that report no usage.
-//! - [`routing`] — backends, priority groups and weights, the local circuit cache.
-//! - [`breaker`] — failure counting and tripping.
-//! - [`credentials`] — backend tokens (OAuth2 client credentials, managed identity), kept fresh.
-//! - [`proxy`] — forwarding with failover; which backend answers reach the client.
-//! - [`headers`] — which request headers go to a backend, which response headers come back.
-//! - [`secrets`] — every secret the gateway holds, scrubbed from what backends send back.
-//! - [`tap`] — the response body on its way back: usage read, size and time bounded.
-//! - [`usage`] — settle, cost and usage totals, off the request path.
-//! - [`telemetry`] — Prometheus metrics at `/metrics`.
-//! - [`otel`] — OTLP export: a GenAI span per request, token metrics, one log record per usage record.
-//! - [`server`] — building the app and running it.
-//! - [`connections`] — accepting and serving connections: timeouts, a connection cap, drain.
+//! - [`auth`] — `auth.mode`: subscription keys (hashed) and/or JWTs → the caller.
+//! - [`request`] — what the client asked for (route, body fields), the body a backend gets.
+//! - [`estimate`] — every billed input counted before admission; the tokenizer.
+//! - [`limits`] — the reservation against the shared store, leases, the failure policy.
+//! - [`routing`] — backends, priority groups and weights, circuits and their sharing.
+//! - [`credentials`] — backend credentials (keys, OAuth2 and managed-identity tokens).
+//! - [`proxy`] — forwarding with failover; the response tap that reads usage.
+//! - [`record`] — the per-request record handed from stage to stage.
+//! - [`usage`] — the meter, settle, cost and usage totals, off the request path.
+//! - [`telemetry`] — Prometheus at `/metrics`, OTLP spans, metrics and usage log records.
+//! - [`gateway`] — the shared state every request reads.
+//! - [`server`] — building the gateway, the HTTP routes, running and draining.
+//! - [`connections`] — accepting connections: timeouts, a connection cap.
 //! - [`cli`] — the `tollgate` commands.
+//! - [`clock`], [`error`], [`secrets`] — time, errors and secrets, used by every stage.
 
 #![forbid(unsafe_code)]
 
 pub mod auth;
-pub mod breaker;
 pub mod cli;
+pub mod clock;
 pub mod connections;
 pub mod credentials;
 pub mod error;
 pub mod estimate;
-pub mod headers;
-pub mod jwt;
+pub mod gateway;
 pub mod limits;
-pub mod otel;
 pub mod pipeline;
 pub mod proxy;
+pub mod record;
 pub mod request;
 pub mod routing;
 pub mod secrets;
 pub mod server;
-pub mod tap;
 pub mod telemetry;
-pub mod tokens;
 pub mod usage;
 
-pub use server::{Gateway, app, run};
+pub use gateway::Gateway;
+pub use server::{app, run};

@@ -1,55 +1,64 @@
 //! The request path, in order. Each step says why it sits where it does.
 
-use crate::Gateway;
+use crate::clock::now_ms;
 use crate::error::Error;
-use crate::otel::RequestSpan;
+use crate::gateway::Gateway;
 use crate::proxy::Forward;
+use crate::record::Admitted;
 use crate::request::{self, Operation, RouteStyle};
-use crate::routing::now_ms;
-use crate::usage::{Meter, Outcome};
+use crate::telemetry::{RequestSpan, incoming_trace_id};
+use crate::usage::Meter;
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// One model request as the router hands it over.
+pub struct Incoming {
+    pub op: Operation,
+    pub style: RouteStyle,
+    pub headers: HeaderMap,
+    pub body: Body,
+}
+
+/// What the pipeline knows about a request before anything else: when it came, its id, and
+/// its span (started first, so that it covers the whole request).
+struct Context {
+    started: Instant,
+    request_id: String,
+    /// Taken by the meter once the request is admitted; ended on an early error otherwise.
+    span: Option<RequestSpan>,
+}
+
 /// Serves one model request and always answers with `x-request-id`.
-pub async fn handle(
-    gw: Arc<Gateway>,
-    op: Operation,
-    style: RouteStyle,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let started = Instant::now();
-    let request_id = request_id(&headers);
-    // The span starts first so that it covers the whole request; it continues the client's
-    // `traceparent`, and the backend and the client get the gateway span's instead.
-    let mut span = gw.otel.as_ref().map(|o| o.start_span(&headers));
-    let traceparent = span.as_ref().and_then(|s| s.traceparent());
-    let mut resp = match serve(
-        &gw,
+pub async fn handle(gw: Arc<Gateway>, incoming: Incoming) -> Response {
+    let Incoming {
         op,
         style,
-        &headers,
+        headers,
         body,
-        started,
-        &request_id,
-        &mut span,
-    )
-    .await
-    {
+    } = incoming;
+    // The span continues the client's `traceparent`; the backend and the client get the
+    // gateway span's instead.
+    let mut cx = Context {
+        started: Instant::now(),
+        request_id: request_id(&headers),
+        span: gw.telemetry.start_span(&headers),
+    };
+    let traceparent = cx.span.as_ref().and_then(|s| s.traceparent());
+    let mut resp = match serve(&gw, op, style, &headers, body, &mut cx).await {
         Ok(r) => r,
         Err(e) => {
             let api = e.to_api();
-            gw.metrics.error(api.kind.code());
-            if let Some(s) = span.take() {
+            gw.telemetry.metrics.error(api.kind.code());
+            if let Some(s) = cx.span.take() {
                 s.fail(api.kind.status().as_u16(), api.kind.code());
             }
             e.into_response()
         }
     };
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
+    if let Ok(v) = HeaderValue::from_str(&cx.request_id) {
         resp.headers_mut().insert("x-request-id", v);
     }
     if let Some(tp) = traceparent {
@@ -68,16 +77,13 @@ fn request_id(headers: &HeaderMap) -> String {
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn serve(
     gw: &Gateway,
     op: Operation,
     style: RouteStyle,
     headers: &HeaderMap,
     body: Body,
-    started: Instant,
-    request_id: &str,
-    span: &mut Option<RequestSpan>,
+    cx: &mut Context,
 ) -> Result<Response, Error> {
     // 1. Authenticate before reading the body: an unknown caller costs nothing more, and
     //    neither does a consumer this replica just saw disabled.
@@ -119,11 +125,11 @@ async fn serve(
     //    is spent (at least one token per `MAX_RUN` bytes of text, the tokenizer's own bound).
     let at_least = output
         .saturating_add(req.prompt.fixed)
-        .saturating_add((req.prompt.text_bytes() / crate::tokens::MAX_RUN) as u64);
+        .saturating_add((req.prompt.text_bytes() / crate::estimate::MAX_RUN) as u64);
     if let Some(e) = gw.limits.refused(&caller.consumer, Some(at_least)) {
         return Err(e);
     }
-    gw.metrics.estimate_text(req.prompt.text_bytes());
+    gw.telemetry.metrics.estimate_text(req.prompt.text_bytes());
     let prompt = std::mem::take(&mut req.prompt);
     let prompt_tokens = gw.tokenizer.count_prompt(prompt).await;
     let estimate = prompt_tokens.saturating_add(output);
@@ -147,36 +153,25 @@ async fn serve(
 
     // 7. From here on the meter settles the reservation however the request ends (and the
     //    usage worker ends the span, with the tokens on it).
-    let trace_id = match span.as_ref() {
+    let trace_id = match cx.span.as_ref() {
         Some(s) => s.trace_id(),
-        None => crate::otel::incoming_trace_id(headers),
+        None => incoming_trace_id(headers),
     };
     // The backend continues the gateway's span, not the client's.
-    let traceparent = span.as_ref().and_then(|s| s.traceparent());
-    let mut meter = Meter::new(
-        gw.usage_tx.clone(),
-        Outcome {
-            request_id: request_id.to_string(),
-            consumer: caller.consumer.clone(),
-            team,
-            model: req.model.clone(),
-            op,
-            stream: req.stream,
-            backend: None,
-            reserved: Some(reserved),
-            reported: None,
-            prompt_tokens,
-            text: String::new(),
-            status: 0,
-            complete: false,
-            started,
-            first_byte: None,
-            duration: Default::default(),
-            failovers: 0,
-            trace_id,
-            span: span.take(),
-        },
-    );
+    let traceparent = cx.span.as_ref().and_then(|s| s.traceparent());
+    let admitted = Admitted {
+        request_id: cx.request_id.clone(),
+        consumer: caller.consumer.clone(),
+        team,
+        model: req.model.clone(),
+        op,
+        stream: req.stream,
+        reserved,
+        prompt_tokens,
+        started: cx.started,
+        trace_id,
+    };
+    let meter = Meter::new(gw.usage_tx.clone(), admitted, cx.span.take());
 
     // 8. Plan from the local circuit cache (no store call), then forward with failover
     //    before the first byte.
@@ -197,19 +192,17 @@ async fn serve(
                 breakers: &gw.breakers,
                 req: &req,
                 headers,
-                request_id,
+                request_id: &cx.request_id,
             };
-            fwd.run(&plan, &mut meter).await
+            fwd.run(&plan, meter).await
         }
-        Err(e) => Err(e),
-    };
-    let mut resp = match result {
-        Ok(r) => r,
         Err(e) => {
-            meter.get().status = e.to_api().kind.status().as_u16();
-            return Err(e);
+            let mut meter = meter;
+            meter.observed().status = e.to_api().kind.status().as_u16();
+            Err(e)
         }
     };
+    let mut resp = result?;
 
     // 9. What the client may want to know about its limits and (when asked) the route taken.
     let h = resp.headers_mut();

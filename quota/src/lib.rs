@@ -15,11 +15,13 @@
 
 mod memory;
 mod model;
-mod redis_store;
+mod redis;
+mod store;
 
 pub use memory::{Clock, MemoryStore, SystemClock};
 pub use model::*;
-pub use redis_store::{RedisOpts, RedisStore};
+pub use redis::{BREAKER_CHANNEL, RedisOpts, RedisStore};
+pub use store::{AnyStore, REDIS_URL_ENV, connect};
 
 use std::future::Future;
 

@@ -122,6 +122,50 @@ pub struct Settlement {
     pub usage: Option<UsageDelta>,
 }
 
+/// The five usage counters, the one shape in which usage is added, stored and reported.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsageCounts {
+    pub input: u64,
+    pub output: u64,
+    pub cached_input: u64,
+    pub requests: u64,
+    /// Cost in pico-units (1e-12 of the price currency): tokens × price per 1M tokens in
+    /// micro-units, so totals are exact integers.
+    pub cost_pico: u64,
+}
+
+impl UsageCounts {
+    /// The counters in their storage order (`in`, `out`, `cached`, `req`, `cost`).
+    pub fn to_array(self) -> [u64; 5] {
+        [
+            self.input,
+            self.output,
+            self.cached_input,
+            self.requests,
+            self.cost_pico,
+        ]
+    }
+
+    /// The counter at position `i` of [`to_array`](Self::to_array).
+    pub fn at_mut(&mut self, i: usize) -> &mut u64 {
+        match i {
+            0 => &mut self.input,
+            1 => &mut self.output,
+            2 => &mut self.cached_input,
+            3 => &mut self.requests,
+            _ => &mut self.cost_pico,
+        }
+    }
+
+    /// Adds `other`, saturating (totals never wrap).
+    pub fn add(&mut self, other: &UsageCounts) {
+        for (i, v) in other.to_array().into_iter().enumerate() {
+            let t = self.at_mut(i);
+            *t = t.saturating_add(v);
+        }
+    }
+}
+
 /// Usage added to the daily totals of one consumer × model × backend.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UsageDelta {
@@ -130,13 +174,7 @@ pub struct UsageDelta {
     pub team: String,
     pub model: String,
     pub backend: String,
-    pub input: u64,
-    pub output: u64,
-    pub cached_input: u64,
-    pub requests: u64,
-    /// Cost in pico-units (1e-12 of the price currency): tokens × price per 1M tokens in
-    /// micro-units, so totals are exact integers.
-    pub cost_pico: u64,
+    pub counts: UsageCounts,
 }
 
 /// One row of the daily usage totals.
@@ -147,11 +185,7 @@ pub struct UsageRow {
     pub team: String,
     pub model: String,
     pub backend: String,
-    pub input: u64,
-    pub output: u64,
-    pub cached_input: u64,
-    pub requests: u64,
-    pub cost_pico: u64,
+    pub counts: UsageCounts,
 }
 
 /// A failure to count against a backend's circuit.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tollgate_quota::{
     Admission, BreakerFailure, ConsumerRecord, Decision, LimitDefaults, MAX_TRIP_MS, MemoryStore,
     Period, RedisOpts, RedisStore, ReservationEnd, ReserveRequest, Settlement, Store, SystemClock,
-    UsageDelta, UsageRow, new_batch_id, new_reservation_id, window_bounds,
+    UsageCounts, UsageDelta, UsageRow, new_batch_id, new_reservation_id, window_bounds,
 };
 use tollgate_tests::redis::RedisServer;
 
@@ -576,11 +576,13 @@ async fn check_usage<S: Store>(s: &S) {
         team: "fin".into(),
         model: model.into(),
         backend: "ptu-1".into(),
-        input,
-        output,
-        cached_input: input / 2,
-        requests: 1,
-        cost_pico: input * 1_000_000 + output,
+        counts: UsageCounts {
+            input,
+            output,
+            cached_input: input / 2,
+            requests: 1,
+            cost_pico: input * 1_000_000 + output,
+        },
     };
     let settle = |id: &str, usage| Settlement {
         consumer: id.into(),
@@ -613,11 +615,13 @@ async fn check_usage<S: Store>(s: &S) {
         team: "fin".into(),
         model: model.into(),
         backend: "ptu-1".into(),
-        input,
-        output,
-        cached_input: input / 2,
-        requests,
-        cost_pico,
+        counts: UsageCounts {
+            input,
+            output,
+            cached_input: input / 2,
+            requests,
+            cost_pico,
+        },
     };
     let day1 = vec![
         row(20260101, "u1", "gpt-4o", 300, 30, 2, 300_000_030),
@@ -630,7 +634,7 @@ async fn check_usage<S: Store>(s: &S) {
     assert_eq!(two[3], row(20260102, "u1", "gpt-4o", 5, 5, 1, 5_000_005));
     assert_eq!(s.usage(20260104, 20261231).await.unwrap(), vec![]);
     let all = s.usage(0, u32::MAX).await.unwrap();
-    assert_eq!(all.iter().map(|r| r.requests).sum::<u64>(), 6);
+    assert_eq!(all.iter().map(|r| r.counts.requests).sum::<u64>(), 6);
 }
 
 /// Quota windows agree with `window_bounds` at the awkward instants: month ends, leap days,
@@ -730,11 +734,13 @@ async fn check_settle_once<S: Store>(s: &S) {
         team: "t".into(),
         model: "m".into(),
         backend: "b".into(),
-        input: 10,
-        output: 5,
-        cached_input: 0,
-        requests: 1,
-        cost_pico: 7,
+        counts: UsageCounts {
+            input: 10,
+            output: 5,
+            cached_input: 0,
+            requests: 1,
+            cost_pico: 7,
+        },
     };
     let batch = vec![Settlement {
         consumer: "once".into(),
@@ -752,7 +758,7 @@ async fn check_settle_once<S: Store>(s: &S) {
     let rows = s.usage(20261126, 20261126).await.unwrap();
     let row = rows.iter().find(|r| r.consumer == "once").unwrap();
     assert_eq!(
-        (row.requests, row.input, row.cost_pico),
+        (row.counts.requests, row.counts.input, row.counts.cost_pico),
         (2, 20, 14),
         "{rows:?}"
     );
@@ -1201,7 +1207,10 @@ async fn redis_only_keys_expire() {
     let a = admitted(reserve(&s, "ttl", 3000).await);
     let usage = UsageDelta {
         day: 20260101,
-        requests: 1,
+        counts: UsageCounts {
+            requests: 1,
+            ..UsageCounts::default()
+        },
         ..UsageDelta::default()
     };
     s.settle(

@@ -4,10 +4,10 @@
 //! the store lost it, while an operator's `DEL tg:key:<hash>` still revokes it: the seed marker
 //! (`tg:seedkeys:{ID}`) tells the two apart.
 
-use super::AnyStore;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use tollgate_quota::AnyStore;
 use tollgate_quota::{ConsumerRecord, Store};
 
 /// How often a seeded store is checked for lost data (`tg:seeded`).

@@ -1,0 +1,219 @@
+//! The `tollgate` commands: `serve`, `demo`, `check-config`, `keys create`, `usage`.
+//!
+//! - [`report`]: the usage report.
+//! - [`keys`]: key creation.
+//! - [`demo`]: the demo gateway.
+
+mod demo;
+mod keys;
+mod report;
+
+pub use demo::demo;
+pub use keys::new_key;
+pub use report::{fmt_cost, render_usage};
+
+use keys::keys_create;
+use report::read_usage;
+
+use crate::server;
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use tollgate_common::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "An AI gateway: token limits, PTU-first routing, cost showback"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Serve with a configuration file.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+        /// Overrides `server.listen`; `127.0.0.1:0` picks a free port.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Serve on embedded defaults: memory store, bundled mock PTU and PAYG backends, a demo key.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+    },
+    /// Validate a configuration file and explain what is wrong.
+    CheckConfig { file: PathBuf },
+    /// Manage subscription keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// The showback report: tokens, requests and cost from the store's usage totals.
+    Usage {
+        #[arg(long, env = "TOLLGATE_CONFIG")]
+        config: Option<PathBuf>,
+        /// First day (YYYY-MM-DD, UTC); default: the first of this month.
+        #[arg(long)]
+        since: Option<String>,
+        /// Last day (YYYY-MM-DD, UTC), inclusive; default: today.
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long, value_enum, default_value = "consumer")]
+        by: By,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Print a new key for a consumer and store its SHA-256 hash.
+    Create {
+        #[arg(long)]
+        consumer: String,
+        #[arg(long, env = "TOLLGATE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum By {
+    Consumer,
+    Team,
+    Model,
+    Backend,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("TOLLGATE_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Reads and validates a config file; errors name the file and the key.
+pub fn load_config(path: &Path) -> anyhow::Result<Config> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Config::from_toml(&text).with_context(|| format!("{}", path.display()))
+}
+
+async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Command::Serve { config, listen } => {
+            let mut config = load_config(&config)?;
+            if let Some(l) = listen {
+                config.server.listen = l;
+            }
+            serve(config, None).await?;
+        }
+        Command::Demo { listen } => crate::cli::demo(listen).await?,
+        Command::CheckConfig { file } => {
+            let config = load_config(&file)?;
+            // What `serve` checks before it binds: the same errors, the same keys named.
+            server::prepare(&config)
+                .await
+                .with_context(|| format!("{}", file.display()))?;
+            println!(
+                "{}: ok ({} backends, {} consumers, models: {})",
+                file.display(),
+                config.backends.len(),
+                config.consumers.len(),
+                config.models().join(", ")
+            );
+        }
+        Command::Keys {
+            command: KeysCommand::Create { consumer, config },
+        } => {
+            keys_create(&consumer, config.as_deref()).await?;
+        }
+        Command::Usage {
+            config,
+            since,
+            until,
+            by,
+            format,
+        } => {
+            let config = match config {
+                Some(p) => load_config(&p)?,
+                None => anyhow::bail!("--config FILE (or TOLLGATE_CONFIG) is required"),
+            };
+            let rows = read_usage(&config, since.as_deref(), until.as_deref()).await?;
+            print!("{}", render_usage(&rows, by, format));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Binds, prints `listening on IP:PORT`, and serves until SIGTERM or Ctrl-C.
+pub async fn serve(config: Config, banner: Option<String>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(&config.server.listen)
+        .await
+        .with_context(|| format!("binding server.listen {}", config.server.listen))?;
+    // Printed once the gateway is ready: scripts and process managers wait for this line.
+    let announce = move |addr: std::net::SocketAddr| {
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "listening on {addr}");
+        if let Some(b) = banner {
+            let _ = writeln!(out, "{}", b.replace("{addr}", &addr.to_string()));
+        }
+        let _ = out.flush();
+    };
+    server::run_ready(listener, config, shutdown_signal(), announce).await
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

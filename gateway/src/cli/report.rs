@@ -1,0 +1,202 @@
+//! `tollgate usage`: the showback report, read from the store's daily usage totals and grouped
+//! by consumer, team, model or backend, as a table, CSV or JSON.
+
+use super::{By, Format};
+use crate::server;
+use anyhow::Context as _;
+use tollgate_common::config::{Config, StoreKind};
+use tollgate_quota::{AnyStore, Store, UsageCounts, UsageRow};
+
+pub(super) fn parse_day(s: &str) -> anyhow::Result<u32> {
+    let d = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .with_context(|| format!("{s:?}: expected YYYY-MM-DD"))?;
+    use chrono::Datelike;
+    Ok(d.year() as u32 * 10_000 + d.month() * 100 + d.day())
+}
+
+pub(super) async fn read_usage(
+    config: &Config,
+    since: Option<&str>,
+    until: Option<&str>,
+) -> anyhow::Result<Vec<UsageRow>> {
+    if config.store.kind != StoreKind::Redis {
+        anyhow::bail!(
+            "usage totals are kept in the store; with store.kind = \"memory\" they live inside the \
+             running gateway (see its /metrics). Use store.kind = \"redis\" for the showback report."
+        );
+    }
+    let today = tollgate_quota::day_of(crate::clock::now_ms() / 1000);
+    let since = since
+        .map(parse_day)
+        .transpose()?
+        .unwrap_or(today / 100 * 100 + 1);
+    let until = until.map(parse_day).transpose()?.unwrap_or(today);
+    let store: AnyStore = server::connect_store(config).await?;
+    Ok(store.usage(since, until).await?)
+}
+
+/// Groups rows and renders them as a table (with a totals row), CSV or JSON.
+pub fn render_usage(rows: &[UsageRow], by: By, format: Format) -> String {
+    use std::collections::BTreeMap;
+    let (label, key): (&str, fn(&UsageRow) -> &str) = match by {
+        By::Consumer => ("consumer", |r| &r.consumer),
+        By::Team => ("team", |r| &r.team),
+        By::Model => ("model", |r| &r.model),
+        By::Backend => ("backend", |r| &r.backend),
+    };
+    /// A group's counts; its cost summed in u128, so a report's total never saturates.
+    #[derive(Default, Clone, Copy)]
+    struct T {
+        counts: UsageCounts,
+        cost_pico: u128,
+    }
+    let mut groups: BTreeMap<&str, T> = BTreeMap::new();
+    let mut total = T::default();
+    for r in rows {
+        for t in [groups.entry(key(r)).or_default(), &mut total] {
+            t.counts.add(&r.counts);
+            t.cost_pico += r.counts.cost_pico as u128;
+        }
+    }
+    let cost = |p: u128| p as f64 / 1e12;
+    let exact = |p: u128| fmt_cost(p);
+    let mut out = String::new();
+    match format {
+        Format::Json => {
+            let items: Vec<serde_json::Value> = groups
+                .iter()
+                .map(|(k, t)| {
+                    serde_json::json!({label: k, "requests": t.counts.requests, "input_tokens": t.counts.input,
+                        "output_tokens": t.counts.output, "cached_input_tokens": t.counts.cached_input,
+                        "cost": cost(t.cost_pico), "cost_exact": exact(t.cost_pico),
+                        "cost_pico": t.cost_pico.to_string()})
+                })
+                .collect();
+            let doc = serde_json::json!({"by": label, "rows": items, "total": {
+                "requests": total.counts.requests, "input_tokens": total.counts.input, "output_tokens": total.counts.output,
+                "cached_input_tokens": total.counts.cached_input, "cost": cost(total.cost_pico),
+                "cost_exact": exact(total.cost_pico), "cost_pico": total.cost_pico.to_string()}});
+            out = serde_json::to_string_pretty(&doc).unwrap_or_default();
+            out.push('\n');
+        }
+        Format::Csv => {
+            out.push_str(&format!(
+                "{label},requests,input_tokens,output_tokens,cached_input_tokens,cost\n"
+            ));
+            for (k, t) in &groups {
+                out.push_str(&format!(
+                    "{},{},{},{},{},{}\n",
+                    csv_field(k),
+                    t.counts.requests,
+                    t.counts.input,
+                    t.counts.output,
+                    t.counts.cached_input,
+                    exact(t.cost_pico)
+                ));
+            }
+        }
+        Format::Table => {
+            let w = groups
+                .keys()
+                .map(|k| k.len())
+                .chain([label.len(), 5])
+                .max()
+                .unwrap_or(8);
+            out.push_str(&format!(
+                "{label:<w$}  {:>10}  {:>14}  {:>14}  {:>14}  {:>18}\n",
+                "requests", "input_tokens", "output_tokens", "cached_tokens", "cost"
+            ));
+            let line = |name: &str, t: &T| {
+                format!(
+                    "{name:<w$}  {:>10}  {:>14}  {:>14}  {:>14}  {:>18}\n",
+                    t.counts.requests,
+                    t.counts.input,
+                    t.counts.output,
+                    t.counts.cached_input,
+                    exact(t.cost_pico)
+                )
+            };
+            for (k, t) in &groups {
+                out.push_str(&line(k, t));
+            }
+            out.push_str(&line("TOTAL", &total));
+        }
+    }
+    out
+}
+
+/// A cost in pico-units as an exact decimal in currency units: every significant digit kept
+/// (a token at 0.15 per 1M is 0.00000015), at least two decimals.
+pub fn fmt_cost(pico: u128) -> String {
+    const ONE: u128 = 1_000_000_000_000;
+    let frac = format!("{:012}", pico % ONE);
+    let frac = frac.trim_end_matches('0');
+    format!("{}.{frac:0<2}", pico / ONE)
+}
+
+/// A CSV field, quoted when it holds a separator, a quote or a line break.
+fn csv_field(v: &str) -> String {
+    if v.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", v.replace('"', "\"\""))
+    } else {
+        v.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table groups rows, aligns columns and ends with a totals row; cost is exact.
+    #[test]
+    fn usage_table() {
+        let row = |c: &str, m: &str, i, o, cost| UsageRow {
+            day: 20261126,
+            consumer: c.into(),
+            team: "t".into(),
+            model: m.into(),
+            backend: "b".into(),
+            counts: UsageCounts {
+                input: i,
+                output: o,
+                cached_input: 0,
+                requests: 1,
+                cost_pico: cost,
+            },
+        };
+        let rows = vec![
+            row("a", "m1", 10, 5, 1_500_000),
+            row("a", "m2", 1, 1, 0),
+            row("b", "m1", 2, 2, 0),
+        ];
+        let t = render_usage(&rows, By::Consumer, Format::Table);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4, "{t}");
+        assert!(lines[3].starts_with("TOTAL"));
+        assert!(
+            lines[1].contains("11") && lines[1].contains("0.0000015"),
+            "{t}"
+        );
+        let csv = render_usage(&rows, By::Consumer, Format::Csv);
+        assert_eq!(csv.lines().nth(1), Some("a,2,11,6,0,0.0000015"), "{csv}");
+        let j: serde_json::Value =
+            serde_json::from_str(&render_usage(&rows, By::Model, Format::Json)).unwrap();
+        assert_eq!(j["total"]["input_tokens"], 13);
+        assert_eq!(j["rows"][0]["model"], "m1");
+        assert_eq!(j["rows"][0]["requests"], 2);
+        assert_eq!(j["total"]["cost_pico"], "1500000");
+        assert_eq!(j["total"]["cost_exact"], "0.0000015");
+    }
+
+    /// Costs print exactly: no rounding of small amounts away, no float drift in large ones.
+    #[test]
+    fn cost_precision() {
+        assert_eq!(fmt_cost(0), "0.00");
+        assert_eq!(fmt_cost(150_000), "0.00000015");
+        assert_eq!(fmt_cost(2_500_000_000_000), "2.50");
+        assert_eq!(
+            fmt_cost(123_456_789_012_345_678_901),
+            "123456789.012345678901"
+        );
+    }
+}

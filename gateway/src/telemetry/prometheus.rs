@@ -1,0 +1,168 @@
+//! Metrics in Prometheus text at `/metrics`: requests, tokens and cost by
+//! consumer/team/model/backend, errors by code, failovers, request duration.
+//!
+//! Label values come only from configuration and the store (consumer ids, models that some
+//! backend serves, backend names), never from arbitrary client input, so cardinality stays
+//! bounded. Token metrics are updated by the usage worker, off the request path.
+
+use crate::record::RequestRecord;
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tollgate_common::TokenUsage;
+
+type Labels = Vec<(&'static str, String)>;
+
+#[derive(Default)]
+pub struct Metrics {
+    counters: Mutex<BTreeMap<(&'static str, Labels), u64>>,
+    duration_sum_us: AtomicU64,
+    duration_count: AtomicU64,
+    usage_dropped: AtomicU64,
+    estimated_bytes: AtomicU64,
+}
+
+const HELP: [(&str, &str); 8] = [
+    (
+        "tollgate_requests_total",
+        "Requests that reached a reservation, by outcome",
+    ),
+    (
+        "tollgate_tokens_total",
+        "Tokens used, by consumer, team, model, backend and kind",
+    ),
+    (
+        "tollgate_cost_pico_total",
+        "Cost in pico-units (1e-12 of the price currency)",
+    ),
+    (
+        "tollgate_errors_total",
+        "Error responses by OpenAI error code",
+    ),
+    (
+        "tollgate_failovers_total",
+        "Attempts moved to another backend",
+    ),
+    (
+        "tollgate_backend_requests_total",
+        "Responses used from each backend",
+    ),
+    (
+        "tollgate_usage_dropped_total",
+        "Usage settlements dropped because the buffer was full",
+    ),
+    (
+        "tollgate_estimate_text_bytes_total",
+        "Prompt text tokenized for reservation estimates (the CPU spent on estimates)",
+    ),
+];
+
+impl Metrics {
+    fn add(&self, name: &'static str, labels: Labels, v: u64) {
+        if v == 0 {
+            return;
+        }
+        let mut counters = self.counters.lock();
+        let c = counters.entry((name, labels)).or_default();
+        *c = c.saturating_add(v);
+    }
+
+    /// An error answered before a request was metered.
+    pub fn error(&self, code: &'static str) {
+        self.add("tollgate_errors_total", vec![("code", code.to_string())], 1);
+    }
+
+    pub fn usage_dropped(&self, n: u64) {
+        self.usage_dropped.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Prompt text about to be tokenized for an estimate.
+    pub fn estimate_text(&self, bytes: usize) {
+        self.estimated_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    pub fn record(&self, r: &RequestRecord, u: &TokenUsage, cost_pico: u64) {
+        let (a, o) = (&r.admitted, &r.observed);
+        let backend = r.backend_name().unwrap_or("-").to_string();
+        let base = || -> Labels {
+            vec![
+                ("consumer", a.consumer.to_string()),
+                ("team", a.team.clone()),
+                ("model", a.model.clone()),
+                ("backend", backend.clone()),
+            ]
+        };
+        let mut req = base();
+        req.push(("status", o.status.to_string()));
+        self.add("tollgate_requests_total", req, 1);
+        for (kind, v) in [
+            ("input", u.input),
+            ("output", u.output),
+            ("cached_input", u.cached_input),
+        ] {
+            let mut l = base();
+            l.push(("type", kind.to_string()));
+            self.add("tollgate_tokens_total", l, v);
+        }
+        self.add("tollgate_cost_pico_total", base(), cost_pico);
+        self.add(
+            "tollgate_failovers_total",
+            vec![("model", a.model.clone())],
+            o.failovers as u64,
+        );
+        if o.backend.is_some() {
+            self.add(
+                "tollgate_backend_requests_total",
+                vec![("backend", backend), ("status", o.status.to_string())],
+                1,
+            );
+        }
+        self.duration_sum_us
+            .fetch_add(r.duration.as_micros() as u64, Ordering::Relaxed);
+        self.duration_count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self, extra: &str) -> String {
+        let mut out = String::with_capacity(4096);
+        let counters = self.counters.lock().clone();
+        for (name, help) in HELP {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            let single = match name {
+                "tollgate_usage_dropped_total" => Some(&self.usage_dropped),
+                "tollgate_estimate_text_bytes_total" => Some(&self.estimated_bytes),
+                _ => None,
+            };
+            if let Some(v) = single {
+                let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
+                continue;
+            }
+            for ((n, labels), v) in counters.iter().filter(|((n, _), _)| *n == name) {
+                let l: Vec<String> = labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+                    .collect();
+                let _ = writeln!(out, "{n}{{{}}} {v}", l.join(","));
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_request_duration_seconds Time from request to end of response\n\
+             # TYPE tollgate_request_duration_seconds summary\n\
+             tollgate_request_duration_seconds_sum {}\n\
+             tollgate_request_duration_seconds_count {}",
+            self.duration_sum_us.load(Ordering::Relaxed) as f64 / 1e6,
+            self.duration_count.load(Ordering::Relaxed)
+        );
+        out.push_str(extra);
+        out
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

@@ -1,0 +1,262 @@
+//! Connections: multiplexed [`ConnectionManager`]s used round-robin (each reconnects on its own
+//! after a failure), the deadlines every operation runs under, scripts run with EVALSHA (and
+//! loaded again on NOSCRIPT), and errors mapped to whose fault they are with every credential
+//! scrubbed from their text.
+
+use super::*;
+use crate::{Error, Result};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, Cmd, ErrorKind, RedisError, Script, ServerErrorKind};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+impl RedisStore {
+    /// Connects to `redis://host:port/db`, `redis+unix:///path.sock` or `unix:///path.sock`,
+    /// checks that the server answers and loads the scripts. Fails with
+    /// [`Error::Unavailable`] when it does not answer within `max(timeout, 2 s)`.
+    pub async fn connect(url: &str, opts: RedisOpts) -> Result<RedisStore> {
+        let store = Self::connect_lazy(url, opts)?;
+        let wait = store.inner.opts.timeout.max(Duration::from_secs(2));
+        let mut conn = store.conn();
+        let load = async {
+            redis::cmd("PING").query_async::<String>(&mut conn).await?;
+            for s in [&store.inner.reserve, &store.inner.settle, &store.inner.seed] {
+                s.load_async(&mut conn).await?;
+            }
+            Ok::<_, RedisError>(())
+        };
+        match tokio::time::timeout(wait, load).await {
+            Ok(r) => r.map_err(|e| store.error(e))?,
+            Err(_) => return Err(Error::Unavailable("no answer from redis".into())),
+        }
+        Ok(store)
+    }
+
+    /// Like [`connect`](Self::connect) but does not wait for the server: connections (and
+    /// scripts) are set up on first use, so a gateway can start while Redis is down. Fails
+    /// only on a malformed URL.
+    pub fn connect_lazy(url: &str, opts: RedisOpts) -> Result<RedisStore> {
+        let secrets = url_secrets(url);
+        let scrub = |msg: String| scrub(&secrets, msg);
+        let client = Client::open(url)
+            .map_err(|e| Error::Unavailable(scrub(format!("bad redis url: {e}"))))?;
+        let mut secrets = secrets.clone();
+        if let Some(p) = client.get_connection_info().redis_settings().password()
+            && !p.is_empty()
+        {
+            secrets.push(p.to_string());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(opts.timeout.max(Duration::from_secs(1))))
+            .set_response_timeout(None)
+            // One quick retry: while Redis is down each call fails fast (the gateway falls
+            // back), and the next call after a failure starts a fresh reconnect.
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(20))
+            .set_max_delay(Duration::from_millis(200));
+        let conns = (0..opts.pool_size.max(1))
+            .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::Unavailable(scrub(e.to_string())))?;
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                conns,
+                next: AtomicUsize::new(0),
+                opts,
+                secrets,
+                reserve: Script::new(RESERVE_LUA),
+                settle: Script::new(SETTLE_LUA),
+                seed: Script::new(SEED_LUA),
+                breaker_failure: Script::new(BREAKER_FAILURE_LUA),
+                breaker_probe: Script::new(BREAKER_PROBE_LUA),
+                breaker_close: Script::new(BREAKER_CLOSE_LUA),
+                heartbeat: Script::new(HEARTBEAT_LUA),
+                client: client.clone(),
+                events: tokio::sync::broadcast::channel(1024).0,
+                listening: std::sync::atomic::AtomicBool::new(false),
+                failure_seq: AtomicUsize::new(0),
+                instance: format!(
+                    "{}-{}",
+                    std::process::id(),
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_nanos() % 1_000_000_007)
+                        .unwrap_or(0)
+                ),
+            }),
+        })
+    }
+
+    pub(super) fn conn(&self) -> ConnectionManager {
+        let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.conns.len();
+        self.inner.conns[i].clone()
+    }
+
+    /// Runs one operation under the deadline `limit`, mapping its errors.
+    pub(super) async fn timed<T>(
+        &self,
+        limit: Duration,
+        op: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(limit, op).await {
+            Ok(r) => r.map_err(|e| self.error(e)),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
+    /// The request-path deadline.
+    pub(super) async fn hot<T>(
+        &self,
+        op: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T> {
+        self.timed(self.inner.opts.timeout, op).await
+    }
+
+    /// The background deadline (settle, heartbeats, leases), never shorter than the hot one.
+    pub(super) async fn background<T>(
+        &self,
+        op: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T> {
+        let o = &self.inner.opts;
+        self.timed(o.background_timeout.max(o.timeout), op).await
+    }
+
+    /// The admin-path deadline (scans, seeding): these may touch many keys.
+    pub(super) async fn admin<T>(
+        &self,
+        op: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T> {
+        self.timed(self.inner.opts.timeout.max(Duration::from_secs(5)), op)
+            .await
+    }
+
+    /// Whose fault: a connection problem is `Unavailable`; anything the server or a script
+    /// answered that we cannot use is `Protocol`. Never carries a credential.
+    pub(super) fn error(&self, e: RedisError) -> Error {
+        let unavailable = e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || matches!(
+                e.kind(),
+                ErrorKind::AuthenticationFailed
+                    | ErrorKind::InvalidClientConfig
+                    | ErrorKind::Server(
+                        ServerErrorKind::BusyLoading
+                            | ServerErrorKind::TryAgain
+                            | ServerErrorKind::ClusterDown
+                            | ServerErrorKind::MasterDown
+                            | ServerErrorKind::ReadOnly
+                    )
+            );
+        if e.is_timeout() {
+            return Error::Timeout;
+        }
+        let msg = scrub(&self.inner.secrets, e.to_string());
+        if unavailable {
+            Error::Unavailable(msg)
+        } else {
+            Error::Protocol(msg)
+        }
+    }
+}
+
+/// `EVALSHA` of `script` with `keys` and `args` prepared.
+pub(super) fn evalsha(script: &Script, keys: &[&str]) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(keys.len()).arg(keys);
+    cmd
+}
+
+pub(super) fn is_noscript(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+}
+
+/// Runs an EVALSHA; if the server lost its scripts (restart, `SCRIPT FLUSH`), loads the script
+/// and retries once.
+pub(super) async fn eval<T: redis::FromRedisValue>(
+    conn: &mut ConnectionManager,
+    script: &Script,
+    cmd: &Cmd,
+) -> redis::RedisResult<T> {
+    match cmd.query_async(conn).await {
+        Err(e) if is_noscript(&e) => {
+            script.load_async(conn).await?;
+            cmd.query_async(conn).await
+        }
+        r => r,
+    }
+}
+
+/// The substrings of `url` that are credentials: the userinfo password and a `pass=` query
+/// parameter (unix socket URLs), raw and percent-decoded.
+pub(super) fn url_secrets(url: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some((_, rest)) = url.split_once("://") {
+        let authority = rest.split(['/', '?']).next().unwrap_or("");
+        if let Some((userinfo, _)) = authority.rsplit_once('@') {
+            out.push(
+                userinfo
+                    .split_once(':')
+                    .map_or(userinfo, |(_, p)| p)
+                    .to_string(),
+            );
+        }
+        if let Some((_, query)) = rest.split_once('?') {
+            for kv in query.split('&') {
+                if let Some(("pass" | "password", p)) = kv.split_once('=') {
+                    out.push(p.to_string());
+                }
+            }
+        }
+    }
+    let decoded: Vec<String> = out.iter().map(|s| percent_decode(s)).collect();
+    out.extend(decoded);
+    out.retain(|s| !s.is_empty());
+    out
+}
+
+pub(super) fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub(super) fn scrub(secrets: &[String], mut msg: String) -> String {
+    for s in secrets {
+        if msg.contains(s.as_str()) {
+            msg = msg.replace(s.as_str(), "***");
+        }
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Credentials in a URL are found in both its userinfo and `pass=` forms, and scrubbed.
+    #[test]
+    fn secrets_are_scrubbed() {
+        let s = url_secrets("redis://user:s%40cret@host:6379/0");
+        assert!(s.contains(&"s%40cret".to_string()) && s.contains(&"s@cret".to_string()));
+        let s = url_secrets("redis+unix:///tmp/r.sock?db=1&pass=hunter2");
+        assert_eq!(scrub(&s, "auth hunter2 failed".into()), "auth *** failed");
+        assert!(url_secrets("redis://127.0.0.1:6379/0").is_empty());
+    }
+}

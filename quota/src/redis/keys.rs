@@ -1,0 +1,92 @@
+//! The whole key schema, in one place: every name here is documented in `docs/REDIS.md` and is
+//! a contract (operators' `redis-cli` commands and scripts use it). Per-consumer and per-backend
+//! keys put the id in a `{hash tag}` so that every script touches one slot.
+
+/// The pub/sub channel of circuit changes.
+pub const BREAKER_CHANNEL: &str = "tg:breaker";
+
+/// Metric names of the usage hash fields, in [`UsageCounts`](crate::UsageCounts) order.
+pub(super) const METRICS: [&str; 5] = ["in", "out", "cached", "req", "cost"];
+
+/// Set once every configured consumer was seeded; gone when Redis lost its data.
+pub(super) const SEEDED_KEY: &str = "tg:seeded";
+
+/// The live replicas (one key, not hash-tagged: only `heartbeat.lua` touches it).
+pub(super) const REPLICAS_KEY: &str = "tg:replicas";
+
+pub(super) fn consumer_key(id: &str) -> String {
+    format!("tg:consumer:{{{id}}}")
+}
+
+pub(super) fn bucket_key(id: &str) -> String {
+    format!("tg:bucket:{{{id}}}")
+}
+
+pub(super) fn quota_key(id: &str) -> String {
+    format!("tg:quota:{{{id}}}")
+}
+
+pub(super) fn reservation_key(id: &str, reservation: u64) -> String {
+    format!("tg:resv:{{{id}}}:{reservation:x}")
+}
+
+pub(super) fn usage_key(id: &str, day: u32) -> String {
+    format!("tg:usage:{{{id}}}:{day}")
+}
+
+pub(super) fn breaker_key(backend: &str) -> String {
+    format!("tg:breaker:{{{backend}}}")
+}
+
+pub(super) fn bfail_key(backend: &str) -> String {
+    format!("tg:bfail:{{{backend}}}")
+}
+
+pub(super) fn seed_keys_key(id: &str) -> String {
+    format!("tg:seedkeys:{{{id}}}")
+}
+
+pub(super) fn api_key(sha: &str) -> String {
+    format!("tg:key:{sha}")
+}
+
+/// The applied-once marker of a settle batch.
+pub(super) fn settled_key(id: &str, batch_id: u64) -> String {
+    format!("tg:settled:{{{id}}}:{batch_id:x}")
+}
+
+/// Parses `tg:usage:{ID}:YYYYMMDD` into (ID, day).
+pub(super) fn parse_usage_key(key: &str) -> Option<(&str, u32)> {
+    let rest = key.strip_prefix("tg:usage:{")?;
+    let (id, day) = rest.rsplit_once("}:")?;
+    Some((id, day.parse().ok()?))
+}
+
+/// Parses a usage field `<team>|<model>|<backend>|<metric>` (the model may contain `|`).
+pub(super) fn parse_usage_field(field: &str) -> Option<(&str, &str, &str, usize)> {
+    let (rest, metric) = field.rsplit_once('|')?;
+    let metric = METRICS.iter().position(|m| *m == metric)?;
+    let (team, rest) = rest.split_once('|')?;
+    let (model, backend) = rest.rsplit_once('|')?;
+    Some((team, model, backend, metric))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Usage keys and fields parse back into their parts; a model may contain `|`.
+    #[test]
+    fn usage_names_parse() {
+        assert_eq!(
+            parse_usage_key("tg:usage:{team-a}:20260101"),
+            Some(("team-a", 20260101))
+        );
+        assert_eq!(parse_usage_key("tg:usage:{x}:notaday"), None);
+        assert_eq!(
+            parse_usage_field("fin|gpt|4o|ptu-1|cost"),
+            Some(("fin", "gpt|4o", "ptu-1", 4))
+        );
+        assert_eq!(parse_usage_field("fin|gpt-4o|ptu-1|bogus"), None);
+    }
+}
