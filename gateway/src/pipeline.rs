@@ -22,6 +22,17 @@ pub struct Incoming {
     pub body: Body,
 }
 
+impl Incoming {
+    pub fn new(op: Operation, style: RouteStyle, headers: HeaderMap, body: Body) -> Incoming {
+        Incoming {
+            op,
+            style,
+            headers,
+            body,
+        }
+    }
+}
+
 /// What the pipeline knows about a request before anything else: when it came, its id, and
 /// its span (started first, so that it covers the whole request).
 struct Context {

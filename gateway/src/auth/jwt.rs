@@ -237,16 +237,13 @@ impl JwtAuth {
         if !satisfies(&claims, &self.config.required_claims) {
             return Err(Reject::RequiredClaim);
         }
-        let consumer = claims
-            .get(&self.config.consumer_claim)
-            .and_then(claim_id)
-            .map(Arc::from);
+        let claim = |name: &str| claims.get(name).and_then(claim_id);
+        let consumer = claim(&self.config.consumer_claim).map(Arc::from);
         let team = self
             .config
             .team_claim
-            .as_ref()
-            .and_then(|c| claims.get(c))
-            .and_then(claim_id)
+            .as_deref()
+            .and_then(claim)
             .map(String::from);
         let models_denied = self
             .config

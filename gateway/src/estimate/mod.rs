@@ -135,7 +135,12 @@ pub fn chat(messages: &RawValue, extras: &Extras<'_>, model: &str) -> Result<Pro
         fixed: PER_REPLY,
     };
     for (i, m) in list.iter().enumerate() {
-        message(m, "messages", i, images, &mut out)?;
+        let at = At {
+            list: "messages",
+            index: i,
+            images,
+        };
+        message(m, at, &mut out)?;
     }
     extras.add_to(&mut out);
     Ok(out)
@@ -188,16 +193,14 @@ pub fn responses(
             )
         })?;
         for (i, item) in items.iter().enumerate() {
-            #[derive(Deserialize)]
-            struct Kind<'a> {
-                #[serde(rename = "type", borrow, default)]
-                kind: Option<Cow<'a, str>>,
-                #[serde(borrow, default)]
-                role: Option<&'a RawValue>,
-            }
-            match serde_json::from_str::<Kind<'_>>(item.get()) {
+            match serde_json::from_str::<Part<'_>>(item.get()) {
                 Ok(k) if k.role.is_some() && k.kind.as_deref().is_none_or(|t| t == "message") => {
-                    message(item, "input", i, images, &mut out)?;
+                    let at = At {
+                        list: "input",
+                        index: i,
+                        images,
+                    };
+                    message(item, at, &mut out)?;
                 }
                 // Tool calls, their outputs, reasoning items, references: their JSON.
                 Ok(_) => out.raw(item),
@@ -220,14 +223,17 @@ pub fn responses(
     Ok(out)
 }
 
-/// One message object: its content, name, tool calls and anything else it carries.
-fn message(
-    raw: &RawValue,
+/// Where a message sits (for error messages) and how its model bills images.
+#[derive(Clone, Copy)]
+struct At {
     list: &'static str,
     index: usize,
     images: ImageRule,
-    out: &mut Prompt,
-) -> Result<(), Invalid> {
+}
+
+/// One message object: its content, name, tool calls and anything else it carries.
+fn message(raw: &RawValue, at: At, out: &mut Prompt) -> Result<(), Invalid> {
+    let At { list, index, .. } = at;
     let not_object = || invalid(list, format!("{list}[{index}] must be a message object"));
     if !raw.get().trim_start().starts_with('{') {
         return Err(not_object());
@@ -238,7 +244,7 @@ fn message(
         match key.as_ref() {
             // Framing: counted in PER_MESSAGE.
             "role" | "type" => {}
-            "content" => content(value, list, index, images, out)?,
+            "content" => content(value, at, out)?,
             "name" => {
                 out.fixed += 1;
                 string_or_raw(value, out);
@@ -264,13 +270,12 @@ fn string_or_raw(v: &RawValue, out: &mut Prompt) {
 }
 
 /// A message's content: a string, null, or a list of content parts.
-fn content(
-    raw: &RawValue,
-    list: &'static str,
-    index: usize,
-    images: ImageRule,
-    out: &mut Prompt,
-) -> Result<(), Invalid> {
+fn content(raw: &RawValue, at: At, out: &mut Prompt) -> Result<(), Invalid> {
+    let At {
+        list,
+        index,
+        images,
+    } = at;
     let s = raw.get().trim_start();
     if s.starts_with('"') {
         string_or_raw(raw, out);
@@ -301,11 +306,15 @@ fn content(
     Ok(())
 }
 
-/// The fields of a content part the estimate reads (chat and Responses shapes).
+/// The fields of a content part (or a Responses input item) the estimate reads, in chat and
+/// Responses shapes.
 #[derive(Deserialize)]
 struct Part<'a> {
     #[serde(rename = "type", borrow, default)]
     kind: Option<Cow<'a, str>>,
+    /// Set on a Responses input item that is a message.
+    #[serde(borrow, default)]
+    role: Option<&'a RawValue>,
     #[serde(borrow, default)]
     text: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -316,33 +325,27 @@ struct Part<'a> {
     #[serde(borrow, default)]
     detail: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    input_audio: Option<AudioPart<'a>>,
+    input_audio: Option<Nested<'a>>,
     /// Chat: `{"file_data", "file_id", "filename"}`.
     #[serde(borrow, default)]
-    file: Option<FilePart<'a>>,
+    file: Option<Nested<'a>>,
     /// Responses `input_file`.
     #[serde(borrow, default)]
     file_data: Option<Cow<'a, str>>,
 }
 
+/// The object inside a part: chat's `image_url` (`url`, `detail`), `input_audio` (`data`,
+/// `format`) or `file` (`file_data`).
 #[derive(Deserialize)]
-struct ImageUrl<'a> {
+struct Nested<'a> {
     #[serde(borrow, default)]
     url: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     detail: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct AudioPart<'a> {
     #[serde(borrow, default)]
     data: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     format: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct FilePart<'a> {
     #[serde(borrow, default)]
     file_data: Option<Cow<'a, str>>,
 }
@@ -363,7 +366,7 @@ fn part(raw: &RawValue, images: ImageRule, out: &mut Prompt) {
         },
         Some("image_url" | "input_image") => {
             let (url, detail) = match p.image_url {
-                Some(v) => match serde_json::from_str::<ImageUrl<'_>>(v.get()) {
+                Some(v) => match serde_json::from_str::<Nested<'_>>(v.get()) {
                     Ok(u) => (u.url, u.detail.or(p.detail)),
                     Err(_) => (serde_json::from_str::<Cow<'_, str>>(v.get()).ok(), p.detail),
                 },

@@ -24,13 +24,7 @@ fn model_route(op: Operation, azure_v1: bool) -> axum::routing::MethodRouter<Arc
             } else {
                 RouteStyle::OpenAi
             };
-            let incoming = Incoming {
-                op,
-                style,
-                headers,
-                body,
-            };
-            pipeline::handle(gw, incoming)
+            pipeline::handle(gw, Incoming::new(op, style, headers, body))
         },
     )
 }
@@ -46,13 +40,7 @@ fn deployment_route(op: Operation) -> axum::routing::MethodRouter<Arc<Gateway>> 
                 deployment,
                 api_version: q.get("api-version").cloned(),
             };
-            let incoming = Incoming {
-                op,
-                style,
-                headers,
-                body,
-            };
-            pipeline::handle(gw, incoming)
+            pipeline::handle(gw, Incoming::new(op, style, headers, body))
         },
     )
 }

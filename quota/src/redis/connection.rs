@@ -123,6 +123,18 @@ impl RedisStore {
         self.timed(o.background_timeout.max(o.timeout), op).await
     }
 
+    /// One plain command under the request-path deadline.
+    pub(super) async fn hot_cmd<T: redis::FromRedisValue>(&self, cmd: Cmd) -> Result<T> {
+        let mut conn = self.conn();
+        self.hot(cmd.query_async(&mut conn)).await
+    }
+
+    /// One plain command under the admin deadline.
+    pub(super) async fn admin_cmd<T: redis::FromRedisValue>(&self, cmd: Cmd) -> Result<T> {
+        let mut conn = self.conn();
+        self.admin(cmd.query_async(&mut conn)).await
+    }
+
     /// The admin-path deadline (scans, seeding): these may touch many keys.
     pub(super) async fn admin<T>(
         &self,

@@ -104,9 +104,9 @@ struct Inner {
 
 impl Store for RedisStore {
     async fn lookup_key(&self, key_sha256: &str) -> Result<Option<String>> {
-        let mut conn = self.conn();
-        let cmd = redis::cmd("GET").arg(api_key(key_sha256)).to_owned();
-        self.hot(cmd.query_async(&mut conn)).await
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(api_key(key_sha256));
+        self.hot_cmd(cmd).await
     }
 
     async fn reserve(&self, req: &ReserveRequest<'_>) -> Result<Decision> {
@@ -173,24 +173,21 @@ impl Store for RedisStore {
     }
 
     async fn key_was_seeded(&self, consumer: &str, key_sha256: &str) -> Result<bool> {
-        let cmd = redis::cmd("SISMEMBER")
-            .arg(seed_keys_key(consumer))
-            .arg(key_sha256)
-            .to_owned();
-        let mut conn = self.conn();
-        self.hot(cmd.query_async(&mut conn)).await
+        let mut cmd = redis::cmd("SISMEMBER");
+        cmd.arg(seed_keys_key(consumer)).arg(key_sha256);
+        self.hot_cmd(cmd).await
     }
 
     async fn mark_seeded(&self) -> Result<()> {
-        let cmd = redis::cmd("SET").arg(SEEDED_KEY).arg("1").to_owned();
-        let mut conn = self.conn();
-        self.admin(cmd.exec_async(&mut conn)).await
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(SEEDED_KEY).arg("1");
+        self.admin_cmd(cmd).await
     }
 
     async fn is_seeded(&self) -> Result<bool> {
-        let cmd = redis::cmd("EXISTS").arg(SEEDED_KEY).to_owned();
-        let mut conn = self.conn();
-        self.admin(cmd.query_async(&mut conn)).await
+        let mut cmd = redis::cmd("EXISTS");
+        cmd.arg(SEEDED_KEY);
+        self.admin_cmd(cmd).await
     }
 
     async fn put_consumer(&self, consumer: &ConsumerRecord) -> Result<()> {
@@ -206,18 +203,15 @@ impl Store for RedisStore {
     }
 
     async fn put_key(&self, key_sha256: &str, consumer: &str) -> Result<()> {
-        let cmd = redis::cmd("SET")
-            .arg(api_key(key_sha256))
-            .arg(consumer)
-            .to_owned();
-        let mut conn = self.conn();
-        self.admin(cmd.exec_async(&mut conn)).await
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(api_key(key_sha256)).arg(consumer);
+        self.admin_cmd(cmd).await
     }
 
     async fn get_consumer(&self, id: &str) -> Result<Option<ConsumerRecord>> {
-        let cmd = redis::cmd("HGETALL").arg(consumer_key(id)).to_owned();
-        let mut conn = self.conn();
-        let h: HashMap<String, String> = self.hot(cmd.query_async(&mut conn)).await?;
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(consumer_key(id));
+        let h: HashMap<String, String> = self.hot_cmd(cmd).await?;
         if h.is_empty() {
             return Ok(None);
         }
@@ -331,9 +325,6 @@ impl Store for RedisStore {
     }
 
     async fn ping(&self) -> Result<()> {
-        let mut conn = self.conn();
-        self.hot(redis::cmd("PING").query_async::<String>(&mut conn))
-            .await
-            .map(|_| ())
+        self.hot_cmd::<String>(redis::cmd("PING")).await.map(|_| ())
     }
 }

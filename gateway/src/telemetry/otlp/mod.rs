@@ -88,30 +88,22 @@ impl Otel {
             .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
             .build();
 
-        let spans = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_http_client(client.clone())
-            .with_protocol(Protocol::HttpBinary)
-            .with_endpoint(format!("{base}/v1/traces"))
-            .with_timeout(EXPORT_TIMEOUT)
-            .build()
-            .context("telemetry.otlp_endpoint: traces exporter")?;
-        let metrics = opentelemetry_otlp::MetricExporter::builder()
-            .with_http()
-            .with_http_client(client.clone())
-            .with_protocol(Protocol::HttpBinary)
-            .with_endpoint(format!("{base}/v1/metrics"))
-            .with_timeout(EXPORT_TIMEOUT)
-            .build()
-            .context("telemetry.otlp_endpoint: metrics exporter")?;
-        let logs = opentelemetry_otlp::LogExporter::builder()
-            .with_http()
-            .with_http_client(client)
-            .with_protocol(Protocol::HttpBinary)
-            .with_endpoint(format!("{base}/v1/logs"))
-            .with_timeout(EXPORT_TIMEOUT)
-            .build()
-            .context("telemetry.otlp_endpoint: logs exporter")?;
+        // One builder shape for the three signals: HTTP/protobuf through the gateway's client.
+        macro_rules! exporter {
+            ($kind:ident, $path:literal, $what:literal) => {
+                opentelemetry_otlp::$kind::builder()
+                    .with_http()
+                    .with_http_client(client.clone())
+                    .with_protocol(Protocol::HttpBinary)
+                    .with_endpoint(format!("{base}/v1/{}", $path))
+                    .with_timeout(EXPORT_TIMEOUT)
+                    .build()
+                    .context(concat!("telemetry.otlp_endpoint: ", $what, " exporter"))?
+            };
+        }
+        let spans = exporter!(SpanExporter, "traces", "traces");
+        let metrics = exporter!(MetricExporter, "metrics", "metrics");
+        let logs = exporter!(LogExporter, "logs", "logs");
 
         // Batch intervals and queue sizes follow the standard OTEL_BSP_*, OTEL_BLRP_* and
         // OTEL_METRIC_EXPORT_INTERVAL variables.

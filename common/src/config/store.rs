@@ -1,0 +1,117 @@
+//! `[store]` (where shared state lives, and what to do when it is unreachable), `[limits]`
+//! (estimates and defaults) and `[[consumers]]`.
+
+use crate::types::Period;
+use serde::Deserialize;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    #[default]
+    Memory,
+    Redis,
+}
+
+/// What a replica does while the shared store is unreachable or too slow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Spend only allowances obtained from the store before the fault (leases, already
+    /// debited), else answer 503: never more than the limits plus one request per replica.
+    #[default]
+    Escrow,
+    /// Keep enforcing with a per-replica bucket (limit divided by live replicas): available,
+    /// but it may over-admit when only some replicas lose the store.
+    Local,
+    FailOpen,
+    FailClosed,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    /// `redis://host:port/db` or `redis+unix:///path.sock`; `TOLLGATE_REDIS_URL` overrides.
+    pub url: String,
+    pub on_error: OnError,
+    /// A store command slower than this counts as a store failure.
+    pub timeout_ms: u64,
+    pub pool_size: usize,
+    /// Days that daily usage totals are kept.
+    pub usage_retention_days: u64,
+    /// A replica degraded for longer than this logs at error level once a minute.
+    pub max_degraded_ms: u64,
+    /// `/readyz` answers 503 once a replica has been degraded for `max_degraded_ms`, so a load
+    /// balancer sends its traffic elsewhere.
+    pub unready_when_degraded: bool,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreKind::Memory,
+            url: "redis://127.0.0.1:6379".into(),
+            on_error: OnError::Escrow,
+            timeout_ms: 50,
+            pool_size: 4,
+            usage_retention_days: 400,
+            max_degraded_ms: 30_000,
+            unready_when_degraded: false,
+        }
+    }
+}
+
+/// How requests are estimated and how unknown (JWT-only) consumers are limited.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Completion tokens reserved when a request sets no `max_tokens`.
+    pub default_max_tokens: u64,
+    /// Tokens per minute for a consumer that has no limit of its own (none = unlimited).
+    pub default_tpm: Option<u64>,
+    /// Period quota for a consumer that has none of its own (none = unlimited).
+    pub default_quota: Option<u64>,
+    pub default_quota_period: Period,
+    /// How long a key → consumer lookup is cached on a replica (revocation delay).
+    pub key_cache_ms: u64,
+    /// Busy consumers' tokens are leased to a replica in slices (debited in Redis first, at most
+    /// 250 ms old), so most of their requests skip the store round trip.
+    pub lease: bool,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            default_max_tokens: 1024,
+            default_tpm: None,
+            default_quota: None,
+            default_quota_period: Period::Month,
+            key_cache_ms: 1000,
+            lease: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerConfig {
+    pub id: String,
+    #[serde(default)]
+    pub team: Option<String>,
+    #[serde(default)]
+    pub tpm: Option<u64>,
+    #[serde(default)]
+    pub quota: Option<u64>,
+    #[serde(default)]
+    pub quota_period: Period,
+    /// Models this consumer may use; empty = all.
+    #[serde(default)]
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub key_sha256: Vec<String>,
+    /// Name of an environment variable holding a plain key (hashed at start-up).
+    #[serde(default)]
+    pub key_env: Option<String>,
+    #[serde(default)]
+    pub disabled: bool,
+}

@@ -1,0 +1,109 @@
+use super::*;
+
+const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+[[consumers]]
+id = "team-a"
+key_sha256 = ["ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"]
+[[backends]]
+name = "ptu-1"
+url = "http://127.0.0.1:9001"
+models = ["gpt-4o"]
+deployments = { "gpt-4o" = "gpt4o-ptu" }
+auth = { type = "api_key", key_env = "PTU_KEY" }
+breaker = { failures = 3, window_ms = 10000, trip_ms = 30000, statuses = [429, 500], accept_retry_after = true }
+"#;
+
+/// A full config parses with its defaults filled in.
+#[test]
+fn parses_a_good_config() {
+    let c = Config::from_toml(GOOD).unwrap();
+    assert_eq!(c.backends[0].priority, 1);
+    assert_eq!(c.backends[0].deployments["gpt-4o"], "gpt4o-ptu");
+    assert!(matches!(c.backends[0].auth, BackendAuth::ApiKey { .. }));
+    assert_eq!(c.server.max_body_bytes, 10 * 1024 * 1024);
+}
+
+/// A typo is an error that names the key's path.
+#[test]
+fn unknown_key_is_named() {
+    let bad = GOOD.replace("failures = 3", "failures = 3, falures = 2");
+    let e = Config::from_toml(&bad).unwrap_err();
+    assert_eq!(e.path, "backends[0].breaker.falures");
+    assert!(e.message.contains("falures"), "{e}");
+    let e = Config::from_toml("[server]\nlisten_addr = \"x\"").unwrap_err();
+    assert!(e.message.contains("listen_addr"), "{e}");
+}
+
+/// Bad values name their key.
+#[test]
+fn bad_values_are_named() {
+    let e = Config::from_toml(&GOOD.replace("\"127.0.0.1:0\"", "\"nope\"")).unwrap_err();
+    assert_eq!(e.path, "server.listen");
+    let e = Config::from_toml(&GOOD.replace("[429, 500]", "[429, 900]")).unwrap_err();
+    assert_eq!(e.path, "backends[0].breaker.statuses");
+    let e = Config::from_toml(&GOOD.replace("\"api_key\"", "\"magic\"")).unwrap_err();
+    assert!(e.path.starts_with("backends[0].auth"), "{e}");
+    let e = Config::from_toml(&GOOD.replace("ba7816", "zz7816")).unwrap_err();
+    assert_eq!(e.path, "consumers[0].key_sha256[0]");
+    let e = Config::from_toml(&GOOD.replace("weight = 1", "")).map(|_| ());
+    assert!(e.is_ok());
+    let e = Config::from_toml(&format!("{GOOD}weight = 0\n")).unwrap_err();
+    assert_eq!(e.path, "backends[0].weight");
+}
+
+/// A backend URL is a base for paths: no credentials, query or fragment in it.
+#[test]
+fn backend_url_is_a_plain_base() {
+    for bad in [
+        "http://user:pw@127.0.0.1:9001",
+        "http://key@127.0.0.1:9001/",
+        "http://127.0.0.1:9001/#frag",
+        "http://127.0.0.1:9001/x?a=1",
+        "http:///nohost/path",
+    ] {
+        let e = Config::from_toml(&GOOD.replace("http://127.0.0.1:9001", bad)).unwrap_err();
+        assert_eq!(e.path, "backends[0].url", "{bad}: {e}");
+        assert!(!e.message.contains("pw"), "{e}");
+    }
+    let ok = GOOD.replace("http://127.0.0.1:9001", "https://a.example.com/base/v1/");
+    assert!(Config::from_toml(&ok).is_ok());
+}
+
+/// A consumer's models must be served by some backend: a typo denies nothing silently.
+#[test]
+fn consumer_models_must_be_served() {
+    let bad = GOOD.replace(
+        "id = \"team-a\"",
+        "id = \"team-a\"\nmodels = [\"gpt-4o\", \"gpt4o\"]",
+    );
+    let e = Config::from_toml(&bad).unwrap_err();
+    assert_eq!(e.path, "consumers[0].models[1]");
+}
+
+/// The hardening limits have their documented defaults and refuse 0 or unbounded values.
+#[test]
+fn hardening_defaults_and_bounds() {
+    let c = Config::from_toml(GOOD).unwrap();
+    assert_eq!(c.server.header_timeout_ms, 10_000);
+    assert_eq!(c.server.body_timeout_ms, 30_000);
+    assert_eq!(c.server.idle_timeout_ms, 60_000);
+    assert_eq!(c.server.max_connections, 10_000);
+    assert_eq!(c.server.max_sse_event_bytes, 1024 * 1024);
+    assert_eq!(c.server.max_response_bytes, 256 * 1024 * 1024);
+    assert_eq!(c.backends[0].breaker.max_retry_after_ms, 300_000);
+    assert_eq!(c.backends[0].timeouts.max_response_ms, 600_000);
+    let e = Config::from_toml(&GOOD.replace(
+        "listen = \"127.0.0.1:0\"",
+        "listen = \"127.0.0.1:0\"\nheader_timeout_ms = 0",
+    ))
+    .unwrap_err();
+    assert_eq!(e.path, "server.header_timeout_ms");
+    let e = Config::from_toml(&GOOD.replace(
+        "accept_retry_after = true",
+        "accept_retry_after = true, max_retry_after_ms = 999999999999",
+    ))
+    .unwrap_err();
+    assert_eq!(e.path, "backends[0].breaker.max_retry_after_ms");
+}
