@@ -94,3 +94,68 @@ impl Limits {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::Policy;
+    use super::*;
+    use crate::clock::ManualClock;
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tollgate_quota::{AnyStore, Decision, LimitDefaults, MemoryStore, ReserveRequest};
+
+    fn limits(clock: Arc<ManualClock>) -> Arc<Limits> {
+        let policy = Policy {
+            on_error: OnError::Local,
+            defaults: LimitDefaults::default(),
+            timeout: Duration::from_millis(50),
+            max_degraded_ms: 30_000,
+        };
+        let rec = ConsumerRecord {
+            id: "c".into(),
+            quota: Some(1_000),
+            quota_period: Period::Month,
+            ..ConsumerRecord::default()
+        };
+        Limits::with_clock(
+            AnyStore::Memory(MemoryStore::new()),
+            policy,
+            vec![(rec, vec![])],
+            clock,
+        )
+    }
+
+    async fn quota_left(l: &Limits, tokens: u64) -> Option<i64> {
+        let req = ReserveRequest {
+            consumer: "c",
+            model: "m",
+            tokens,
+            defaults: &l.policy.defaults,
+            require_record: true,
+            id: tollgate_quota::new_reservation_id(),
+            background: false,
+        };
+        match l.local.reserve(&req).await.unwrap() {
+            Decision::Admitted(a) => a.remaining_quota,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The local share is the configured limit over the live replicas, and a flapping store
+    /// does not hand out a fresh share more than once a minute: counters reset on the first
+    /// rebuild, not on one 30 s later, and again after a minute.
+    #[tokio::test]
+    async fn local_shares_reset_at_most_once_a_minute() {
+        let clock = ManualClock::at(10_000_000);
+        let l = limits(clock.clone());
+        l.replicas.store(4, Ordering::Relaxed);
+        l.rebuild_local();
+        assert_eq!(quota_left(&l, 100).await, Some(250 - 100), "a quarter of 1000");
+        clock.advance(30_000);
+        l.rebuild_local();
+        assert_eq!(quota_left(&l, 0).await, Some(150), "no fresh share within a minute");
+        clock.advance(31_000);
+        l.rebuild_local();
+        assert_eq!(quota_left(&l, 0).await, Some(250), "a fresh share after a minute");
+    }
+}
