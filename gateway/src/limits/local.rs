@@ -150,12 +150,24 @@ mod tests {
         let l = limits(clock.clone());
         l.replicas.store(4, Ordering::Relaxed);
         l.rebuild_local();
-        assert_eq!(quota_left(&l, 100).await, Some(250 - 100), "a quarter of 1000");
+        assert_eq!(
+            quota_left(&l, 100).await,
+            Some(250 - 100),
+            "a quarter of 1000"
+        );
         clock.advance(30_000);
         l.rebuild_local();
-        assert_eq!(quota_left(&l, 0).await, Some(150), "no fresh share within a minute");
+        assert_eq!(
+            quota_left(&l, 0).await,
+            Some(150),
+            "no fresh share within a minute"
+        );
         clock.advance(31_000);
         l.rebuild_local();
-        assert_eq!(quota_left(&l, 0).await, Some(250), "a fresh share after a minute");
+        assert_eq!(
+            quota_left(&l, 0).await,
+            Some(250),
+            "a fresh share after a minute"
+        );
     }
 }

@@ -3,6 +3,7 @@
 //! when `telemetry.otlp_endpoint` is set ([`otlp`]), and one `tollgate::usage` debug event. The
 //! usage worker calls it once per request, off the request path, when the tokens are known.
 
+mod histogram;
 pub mod otlp;
 pub mod prometheus;
 

@@ -1,10 +1,12 @@
 //! Metrics in Prometheus text at `/metrics`: requests, tokens and cost by
-//! consumer/team/model/backend, errors by code, failovers, request duration.
+//! consumer/team/model/backend, errors by code, failovers, request duration and time to first
+//! token as histograms by model and backend ([`super::histogram`]), and the build.
 //!
 //! Label values come only from configuration and the store (consumer ids, models that some
 //! backend serves, backend names), never from arbitrary client input, so cardinality stays
 //! bounded. Token metrics are updated by the usage worker, off the request path.
 
+use super::histogram::{DURATION_BUCKETS, Histogram, TTFT_BUCKETS};
 use crate::record::RequestRecord;
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
@@ -14,13 +16,34 @@ use tollgate_common::TokenUsage;
 
 type Labels = Vec<(&'static str, String)>;
 
-#[derive(Default)]
 pub struct Metrics {
     counters: Mutex<BTreeMap<(&'static str, Labels), u64>>,
-    duration_sum_us: AtomicU64,
-    duration_count: AtomicU64,
+    /// Request to end of response, by model and backend.
+    duration: Histogram,
+    /// Request to the backend's first response byte, by model and backend.
+    ttft: Histogram,
     usage_dropped: AtomicU64,
     estimated_bytes: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            counters: Mutex::default(),
+            duration: Histogram::new(
+                "tollgate_request_duration_seconds",
+                "Time from request to end of response, by model and backend",
+                &DURATION_BUCKETS,
+            ),
+            ttft: Histogram::new(
+                "tollgate_time_to_first_token_seconds",
+                "Time from request to the backend's first response byte, by model and backend",
+                &TTFT_BUCKETS,
+            ),
+            usage_dropped: AtomicU64::default(),
+            estimated_bytes: AtomicU64::default(),
+        }
+    }
 }
 
 const HELP: [(&str, &str); 8] = [
@@ -115,13 +138,18 @@ impl Metrics {
         if o.backend.is_some() {
             self.add(
                 "tollgate_backend_requests_total",
-                vec![("backend", backend), ("status", o.status.to_string())],
+                vec![
+                    ("backend", backend.clone()),
+                    ("status", o.status.to_string()),
+                ],
                 1,
             );
         }
-        self.duration_sum_us
-            .fetch_add(r.duration.as_micros() as u64, Ordering::Relaxed);
-        self.duration_count.fetch_add(1, Ordering::Relaxed);
+        let series = || vec![("model", a.model.clone()), ("backend", backend.clone())];
+        self.duration.observe(series(), r.duration);
+        if let Some(t) = o.first_byte {
+            self.ttft.observe(series(), t);
+        }
     }
 
     /// The Prometheus text exposition.
@@ -147,21 +175,21 @@ impl Metrics {
                 let _ = writeln!(out, "{n}{{{}}} {v}", l.join(","));
             }
         }
+        self.duration.render(&mut out);
+        self.ttft.render(&mut out);
         let _ = writeln!(
             out,
-            "# HELP tollgate_request_duration_seconds Time from request to end of response\n\
-             # TYPE tollgate_request_duration_seconds summary\n\
-             tollgate_request_duration_seconds_sum {}\n\
-             tollgate_request_duration_seconds_count {}",
-            self.duration_sum_us.load(Ordering::Relaxed) as f64 / 1e6,
-            self.duration_count.load(Ordering::Relaxed)
+            "# HELP tollgate_build_info The running build (always 1)\n\
+             # TYPE tollgate_build_info gauge\n\
+             tollgate_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
         );
         out.push_str(extra);
         out
     }
 }
 
-fn escape(v: &str) -> String {
+pub(super) fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
