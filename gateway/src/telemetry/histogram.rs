@@ -26,12 +26,15 @@ struct Series {
     count: AtomicU64,
 }
 
+/// A series' labels (model, backend).
+type Labels = Vec<(&'static str, String)>;
+
 /// A histogram family: one name, fixed buckets, a series per label set.
 pub struct Histogram {
     name: &'static str,
     help: &'static str,
     bounds: &'static [f64],
-    series: RwLock<BTreeMap<Vec<(&'static str, String)>, Arc<Series>>>,
+    series: RwLock<BTreeMap<Labels, Arc<Series>>>,
 }
 
 impl Histogram {
@@ -44,7 +47,7 @@ impl Histogram {
         }
     }
 
-    pub fn observe(&self, labels: Vec<(&'static str, String)>, d: Duration) {
+    pub fn observe(&self, labels: Labels, d: Duration) {
         let existing = self.series.read().get(&labels).cloned();
         let s = match existing {
             Some(s) => s,
