@@ -82,6 +82,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--stream", action="store_true")
+    ap.add_argument("--keep", metavar="FILE", help="keep the callgrind profile (for callgrind_annotate)")
     a = ap.parse_args()
     bins = Path(a.bin_dir)
     with tempfile.TemporaryDirectory(prefix="tg-instr") as d:
@@ -130,6 +131,11 @@ price = {{ input_per_1m = 2.5, output_per_1m = 10.0 }}
                 subprocess.run(["callgrind_control", "-d", str(gw.pid)], check=True, capture_output=True)
                 time.sleep(1)
                 ir = total_instructions(out)
+                if a.keep:
+                    import shutil
+
+                    dumped = sorted(d.glob("callgrind.out*"), key=lambda f: f.stat().st_size)
+                    shutil.copy(dumped[-1], a.keep)
             finally:
                 gw.send_signal(signal.SIGTERM)
                 gw.wait(timeout=120)
