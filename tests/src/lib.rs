@@ -19,6 +19,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod chat;
 pub mod cluster;
 pub mod latency;
 pub mod otlp;
@@ -37,6 +38,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tollgate_loadtest::mock::{self, MockOpts, Stats};
 
+pub use chat::{CHAT, Chat, PROMPT, chat, eventually, metric_sum, metric_value, metrics};
 pub use cluster::{Cluster, ClusterNode, key_slot};
 pub use redis::RedisServer;
 pub use sentinel::Sentinel;
@@ -323,6 +325,14 @@ impl Harness {
             toml: toml.into(),
         });
         self
+    }
+
+    /// [`Harness::backend`] with default mock options changed by `opts`:
+    /// `.backend_with("slow", "", |m| m.tokens_per_sec = Some(50.0))`.
+    pub fn backend_with(self, name: &str, toml: &str, opts: impl FnOnce(&mut MockOpts)) -> Self {
+        let mut o = MockOpts::default();
+        opts(&mut o);
+        self.backend(name, o, toml)
     }
 
     /// A consumer with key [`key_for`]`(id)`; `toml` adds consumer keys (`tpm = 1000`).

@@ -4,8 +4,6 @@
 //! chunk is settled from the whole estimate, and a consumer whose quota is spent is refused
 //! before its prompt costs the gateway any tokenizing.
 
-mod common;
-
 use serde_json::{Value, json};
 use tollgate_loadtest::mock::{MockOpts, count_prompt_tokens};
 use tollgate_tests::{Harness, Running, client, key_for};
@@ -29,13 +27,7 @@ fn tools(n: usize) -> Value {
 }
 
 async fn post(h: &Running, consumer: &str, body: &Value) -> reqwest::Response {
-    client()
-        .post(format!("{}/v1/chat/completions", h.url(0)))
-        .bearer_auth(key_for(consumer))
-        .json(body)
-        .send()
-        .await
-        .unwrap()
+    h.chat(consumer, body).await
 }
 
 /// Requests carrying tool definitions are admitted on their whole cost: 24 concurrent
@@ -161,14 +153,7 @@ async fn unclassifiable_prompts_are_refused() {
 async fn uncapped_answers_are_capped_at_the_reservation() {
     const Q: u64 = 5_000;
     let h = Harness::new()
-        .backend(
-            "m",
-            MockOpts {
-                default_completion_tokens: 4_000,
-                ..Default::default()
-            },
-            "",
-        )
+        .backend_with("m", "", |m| m.default_completion_tokens = 4_000)
         .consumer("cap", &format!("quota = {Q}\nquota_period = \"day\""))
         .consumer("free", "")
         .config("[limits]\ndefault_max_tokens = 500")
@@ -237,14 +222,7 @@ async fn uncapped_answers_are_capped_at_the_reservation() {
 async fn cut_stream_is_settled_from_the_whole_estimate() {
     let h = Harness::new()
         .redis()
-        .backend(
-            "m",
-            MockOpts {
-                fail_mid_stream_after: Some(2),
-                ..Default::default()
-            },
-            "",
-        )
+        .backend_with("m", "", |m| m.fail_mid_stream_after = Some(2))
         .consumer("cut", "")
         .start()
         .await
@@ -257,7 +235,7 @@ async fn cut_stream_is_settled_from_the_whole_estimate() {
     let billed_prompt = h.mock("m").stats().await.unwrap().prompt_tokens;
     assert!(billed_prompt > 1_000, "{billed_prompt}");
     let mut input = 0;
-    let recorded = common::eventually(std::time::Duration::from_secs(10), || {
+    let recorded = tollgate_tests::eventually(std::time::Duration::from_secs(10), || {
         let report = h.usage("consumer").unwrap();
         input = report["rows"]
             .as_array()
@@ -288,8 +266,8 @@ async fn spent_quota_is_refused_before_tokenizing() {
         .await
         .unwrap();
     let tokenized = || async {
-        common::metric_value(
-            &common::metrics(&h.url(0)).await,
+        tollgate_tests::metric_value(
+            &tollgate_tests::metrics(&h.url(0)).await,
             "tollgate_estimate_text_bytes_total",
         )
     };

@@ -4,8 +4,6 @@
 //! per-minute limit as if one process enforced them; an operator's `HSET` applies on every
 //! node; a Redis outage under `on_error = "local"` causes no 5xx and the cluster recovers.
 
-mod common;
-
 use parking_lot_shim::Mutex;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -313,7 +311,7 @@ async fn redis_outage_local_fallback_and_recovery() {
     );
     for i in 0..3 {
         let url = h.url(i);
-        let ok = common::eventually(Duration::from_secs(5), || {
+        let ok = tollgate_tests::eventually(Duration::from_secs(5), || {
             let (c, url) = (c.clone(), url.clone());
             async move {
                 let v: serde_json::Value = c
@@ -348,7 +346,7 @@ async fn redis_outage_local_fallback_and_recovery() {
     let served = h.mock("m").stats().await.unwrap();
     let redis = h.redis.as_ref().unwrap();
     let seen = std::sync::atomic::AtomicU64::new(0);
-    let ok = common::eventually(Duration::from_secs(5), || async {
+    let ok = tollgate_tests::eventually(Duration::from_secs(5), || async {
         let keys = redis.cli(&["--scan", "--pattern", "tg:usage:*"]).unwrap();
         let mut reqs = 0u64;
         for k in keys.lines() {
@@ -461,7 +459,7 @@ async fn empty_redis_after_restart_is_reseeded() {
     h.redis.as_mut().unwrap().restart().unwrap();
     // ... and once Redis is back, empty, the configured consumer is written again.
     let redis = h.redis.as_ref().unwrap();
-    let reseeded = common::eventually(Duration::from_secs(5), || {
+    let reseeded = tollgate_tests::eventually(Duration::from_secs(5), || {
         let (c, url) = (c.clone(), url.clone());
         async move {
             // Requests keep coming; the first one that reaches Redis ends the fallback.
@@ -477,6 +475,7 @@ async fn empty_redis_after_restart_is_reseeded() {
         reseeded,
         "the configured consumer was not written to the empty Redis"
     );
-    let back = common::eventually(Duration::from_secs(5), || ok(c.clone(), url.clone())).await;
+    let back =
+        tollgate_tests::eventually(Duration::from_secs(5), || ok(c.clone(), url.clone())).await;
     assert!(back, "requests never succeeded against the restarted Redis");
 }

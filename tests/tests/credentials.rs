@@ -5,12 +5,10 @@
 //! traffic with every kind of secret configured and finds none of them in the gateway's log or
 //! in `/metrics`.
 
-mod common;
 mod jwt_support;
 
 use axum::extract::{Query, State};
 use axum::response::IntoResponse;
-use common::{eventually, metrics};
 use jsonwebtoken::Algorithm;
 use jwt_support::{Jwks, KEYS, claims, now, sign};
 use serde_json::{Value, json};
@@ -20,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tollgate_loadtest::mock::MockOpts;
 use tollgate_tests::{Harness, Running, client, gateway_bin, key_for};
+use tollgate_tests::{eventually, metrics};
 
 /// A gateway process on the harness's config with its own environment and log level.
 struct DebugGateway {
@@ -181,14 +180,9 @@ async fn post(h: &Running, model: &str, headers: &[(&str, &str)]) -> u16 {
 async fn oauth2_token_fetched_once_for_concurrent_requests() {
     let tokens = TokenServer::start(3600).await;
     let h = Harness::new()
-        .backend(
-            "m",
-            MockOpts {
-                latency_ms: 20,
-                ..Default::default()
-            },
-            &tokens.oauth_toml("TG_TEST_CLIENT_SECRET"),
-        )
+        .backend_with("m", &tokens.oauth_toml("TG_TEST_CLIENT_SECRET"), |m| {
+            m.latency_ms = 20
+        })
         .consumer("team-a", "")
         .env("TG_TEST_CLIENT_SECRET", "client-secret-value")
         .start()

@@ -91,6 +91,19 @@ fn chat(model: &str, max_tokens: u64) -> String {
         .to_string()
 }
 
+/// Sends `req` and checks the answer is `status` with an OpenAI-shaped error `code`/`kind`.
+async fn expect_error(
+    router: &axum::Router,
+    req: Request<Body>,
+    status: u16,
+    code: &str,
+    kind: &str,
+) {
+    let (s, _, v, text) = call(router, req).await;
+    assert_eq!(s, status, "{text}");
+    assert_error(&v, &text, code, kind);
+}
+
 fn assert_error(v: &Value, text: &str, code: &str, kind: &str) {
     assert_eq!(v["error"]["code"], code, "{text}");
     assert_eq!(v["error"]["type"], kind, "{text}");
@@ -157,13 +170,14 @@ async fn bad_requests_are_400() {
 async fn unauthenticated_is_401() {
     let (c, _m) = config("").await;
     let (router, _gw, _bg) = tollgate::app(c).await.unwrap();
-    let (s, _, v, text) = call(
+    expect_error(
         &router,
         post("/v1/chat/completions", None, chat("gpt-4o", 5)),
+        401,
+        "invalid_api_key",
+        "authentication_error",
     )
     .await;
-    assert_eq!(s, 401);
-    assert_error(&v, &text, "invalid_api_key", "authentication_error");
     let wrong = "tg-secret-wrong-key-zzz";
     let (s, _, _, text) = call(
         &router,
@@ -193,30 +207,38 @@ async fn unauthenticated_is_401() {
 async fn forbidden_and_not_found() {
     let (c, _m) = config("").await;
     let (router, _gw, _bg) = tollgate::app(c).await.unwrap();
-    let (s, _, v, text) = call(
+    expect_error(
         &router,
         post("/v1/chat/completions", Some(KEY), chat("gpt-4o-mini", 5)),
+        403,
+        "model_not_allowed",
+        "permission_error",
     )
     .await;
-    assert_eq!(s, 403);
-    assert_error(&v, &text, "model_not_allowed", "permission_error");
-    let (s, _, v, text) = call(
+    expect_error(
         &router,
         post("/v1/chat/completions", Some(OFF_KEY), chat("gpt-4o", 5)),
+        403,
+        "consumer_disabled",
+        "permission_error",
     )
     .await;
-    assert_eq!(s, 403);
-    assert_error(&v, &text, "consumer_disabled", "permission_error");
-    let (s, _, v, text) = call(
+    expect_error(
         &router,
         post("/v1/chat/completions", Some(KEY), chat("gpt-9", 5)),
+        404,
+        "model_not_found",
+        "invalid_request_error",
     )
     .await;
-    assert_eq!(s, 404);
-    assert_error(&v, &text, "model_not_found", "invalid_request_error");
-    let (s, _, v, text) = call(&router, post("/v1/nope", Some(KEY), chat("gpt-4o", 5))).await;
-    assert_eq!(s, 404);
-    assert_error(&v, &text, "not_found", "invalid_request_error");
+    expect_error(
+        &router,
+        post("/v1/nope", Some(KEY), chat("gpt-4o", 5)),
+        404,
+        "not_found",
+        "invalid_request_error",
+    )
+    .await;
     let req = Request::get("/v1/chat/completions")
         .body(Body::empty())
         .unwrap();
@@ -231,13 +253,14 @@ async fn body_too_large_is_413() {
     let big =
         json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x".repeat(5000)}]})
             .to_string();
-    let (s, _, v, text) = call(
+    expect_error(
         &router,
         post("/v1/chat/completions", Some(KEY), big.clone()),
+        413,
+        "request_too_large",
+        "invalid_request_error",
     )
     .await;
-    assert_eq!(s, 413);
-    assert_error(&v, &text, "request_too_large", "invalid_request_error");
     // Streamed without a content-length.
     let stream = futures::stream::iter(
         big.into_bytes()

@@ -6,8 +6,6 @@
 //! counter ends equal to it too (no phantom debit outlives its request), and configured keys
 //! are never refused because the store lost them.
 
-mod common;
-
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -146,10 +144,15 @@ async fn assert_exact(h: &Running, consumer: &str, q: u64, counts: &Counts) {
         "usage totals {usage} ≠ tokens served {}",
         served.total_tokens
     );
-    let ok = common::eventually(Duration::from_secs(10), || async {
+    let ok = tollgate_tests::eventually(Duration::from_secs(10), || async {
         quota_used(h, consumer) == served.total_tokens
     })
     .await;
+    println!(
+        "served {} tokens against Q {q} (one request: {}); usage totals {usage}; statuses {counts:?}",
+        served.total_tokens,
+        per_request()
+    );
     assert!(
         ok,
         "quota counter {} ≠ tokens served {} (a phantom debit or a lost refund)",
@@ -203,9 +206,10 @@ async fn one_slow_replica_cannot_double_the_quota() {
     assert_exact(&h, "q", Q, &counts).await;
     // The slow replica knew it (its store calls failed, it said so) and still served the busy
     // consumer from leases: slow is not down.
-    let m = common::metrics(&h.url(0)).await;
+    let m = tollgate_tests::metrics(&h.url(0)).await;
     assert!(m.contains("tollgate_store_degraded_seconds"), "{m}");
-    let served_by_slow = common::metric_sum(&m, "tollgate_requests_total", &[("status", "200")]);
+    let served_by_slow =
+        tollgate_tests::metric_sum(&m, "tollgate_requests_total", &[("status", "200")]);
     assert!(
         served_by_slow > 0,
         "the slow replica served nothing: {counts:?}"
@@ -268,7 +272,7 @@ async fn configured_keys_survive_a_store_that_lost_them() {
     let counts = counts.lock().unwrap().clone();
     assert_eq!(counts.get(&401), None, "configured key refused: {counts:?}");
     assert!(counts.get(&200).copied().unwrap_or(0) > 10, "{counts:?}");
-    let back = common::eventually(Duration::from_secs(3), || async {
+    let back = tollgate_tests::eventually(Duration::from_secs(3), || async {
         redis
             .cli(&["HGET", "tg:consumer:{cfg}", "tpm"])
             .unwrap_or_default()
@@ -283,7 +287,7 @@ async fn configured_keys_survive_a_store_that_lost_them() {
     let c = client();
     for node in 0..3 {
         let url = format!("{}/v1/chat/completions", h.url(node));
-        let revoked = common::eventually(Duration::from_secs(3), || {
+        let revoked = tollgate_tests::eventually(Duration::from_secs(3), || {
             let (c, url) = (c.clone(), url.clone());
             async move {
                 c.post(&url)
@@ -333,13 +337,7 @@ async fn seeding_is_retried_until_the_store_takes_it() {
     let (status, v) = ready(c.clone(), h.url(0)).await;
     assert_eq!(status, 503, "{v}");
     assert_eq!(v["mode"], "seeding", "{v}");
-    let r = c
-        .post(format!("{}/v1/chat/completions", h.url(0)))
-        .bearer_auth(key_for("late"))
-        .json(&body())
-        .send()
-        .await
-        .unwrap();
+    let r = h.chat("late", &body()).await;
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
 
@@ -348,7 +346,7 @@ async fn seeding_is_retried_until_the_store_takes_it() {
         .unwrap()
         .cli(&["CONFIG", "SET", "maxmemory", "0"])
         .unwrap();
-    let ok = common::eventually(Duration::from_secs(10), || {
+    let ok = tollgate_tests::eventually(Duration::from_secs(10), || {
         let (c, url) = (c.clone(), h.url(0));
         async move {
             c.post(format!("{url}/v1/chat/completions"))
@@ -441,13 +439,13 @@ async fn long_degradation_is_reported() {
         .await
         .unwrap();
     assert_eq!(r.status(), 503);
-    let unready = common::eventually(Duration::from_secs(5), || async {
+    let unready = tollgate_tests::eventually(Duration::from_secs(5), || async {
         let (s, v) = ready().await;
         s == 503 && v["mode"] == "degraded"
     })
     .await;
     assert!(unready, "{:?}", ready().await);
-    let m = common::metrics(&url).await;
+    let m = tollgate_tests::metrics(&url).await;
     let secs: f64 = m
         .lines()
         .find_map(|l| {
@@ -457,7 +455,7 @@ async fn long_degradation_is_reported() {
         })
         .unwrap();
     assert!(secs >= 0.3, "{secs}");
-    let logged = common::eventually(Duration::from_secs(5), || async {
+    let logged = tollgate_tests::eventually(Duration::from_secs(5), || async {
         h.gateways[0]
             .log_text()
             .contains("longer than store.max_degraded_ms")
@@ -465,7 +463,7 @@ async fn long_degradation_is_reported() {
     .await;
     assert!(logged, "{}", h.gateways[0].log_text());
     h.redis.as_mut().unwrap().restart().unwrap();
-    let back = common::eventually(Duration::from_secs(10), || async {
+    let back = tollgate_tests::eventually(Duration::from_secs(10), || async {
         // The next request that reaches Redis ends the degradation.
         let _ = c
             .post(format!("{url}/v1/chat/completions"))

@@ -6,12 +6,9 @@
 //! its key in a 401, answers 429 with `retry-after: inf`, streams an event that never ends,
 //! reports impossible usage. Gateways run as real processes.
 
-mod common;
-
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use common::{eventually, metric_sum, metrics};
 use http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -21,6 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tollgate_loadtest::mock::MockOpts;
 use tollgate_tests::{Harness, Running, client, key_for};
+use tollgate_tests::{eventually, metric_sum, metrics};
 
 /// The fake backend's API key (`FAKE_KEY` in the gateway's environment).
 const BACKEND_KEY: &str = "backend-key-5f4dcc3b5aa765d61d8327deb882cf99";
@@ -270,13 +268,7 @@ fn chat(model: &str, stream: bool) -> Value {
 }
 
 async fn send(h: &Running, model: &str) -> (u16, HeaderMap, String) {
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", h.url(0)))
-        .bearer_auth(key_for("a"))
-        .json(&chat(model, false))
-        .send()
-        .await
-        .unwrap();
+    let resp = h.chat("a", &chat(model, false)).await;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     (status, headers, resp.text().await.unwrap_or_default())
@@ -697,13 +689,7 @@ async fn endless_sse_event_is_cut() {
         "max_sse_event_bytes = 65536",
     )
     .await;
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", h.url(0)))
-        .bearer_auth(key_for("a"))
-        .json(&chat("endless-event", true))
-        .send()
-        .await
-        .unwrap();
+    let resp = h.chat("a", &chat("endless-event", true)).await;
     assert_eq!(resp.status(), 200);
     let (body, _) = read_all(resp, Duration::from_secs(60)).await;
     assert!(body.len() < 64 * 1024, "{} bytes passed", body.len());
@@ -740,25 +726,13 @@ async fn response_size_and_duration_are_bounded() {
         "timeouts = { connect_ms = 1000, first_byte_ms = 5000, idle_ms = 5000, max_response_ms = 1500 }",
     ));
     let h = scenario(&fake, &toml, &[], "max_response_bytes = 1048576").await;
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", h.url(0)))
-        .bearer_auth(key_for("a"))
-        .json(&chat("endless-json", false))
-        .send()
-        .await
-        .unwrap();
+    let resp = h.chat("a", &chat("endless-json", false)).await;
     assert_eq!(resp.status(), 200);
     let (body, failed) = read_all(resp, Duration::from_secs(60)).await;
     assert!(failed, "a cut body must not look complete");
     assert!(body.len() <= 1024 * 1024, "{} bytes passed", body.len());
 
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", h.url(0)))
-        .bearer_auth(key_for("a"))
-        .json(&chat("drip", true))
-        .send()
-        .await
-        .unwrap();
+    let resp = h.chat("a", &chat("drip", true)).await;
     assert_eq!(resp.status(), 200);
     let (body, _) = read_all(resp, Duration::from_secs(60)).await;
     let ev = last_event(&body);
@@ -786,13 +760,7 @@ async fn impossible_usage_is_counted_by_the_gateway() {
         .unwrap();
     let (status, _, body) = send(&h, "absurd-usage").await;
     assert_eq!(status, 200, "{body}");
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", h.url(0)))
-        .bearer_auth(key_for("a"))
-        .json(&chat("absurd-usage-sse", true))
-        .send()
-        .await
-        .unwrap();
+    let resp = h.chat("a", &chat("absurd-usage-sse", true)).await;
     assert_eq!(resp.status(), 200);
     let _ = resp.bytes().await.unwrap();
     let base = h.url(0);

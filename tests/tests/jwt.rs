@@ -4,16 +4,15 @@
 //! keeps the known keys; claims decide consumer, team and model access; the `key_and_jwt` and
 //! `key_or_jwt` modes combine tokens with subscription keys.
 
-mod common;
 mod jwt_support;
 
-use common::{eventually, metric_sum, metrics};
 use jsonwebtoken::{Algorithm, EncodingKey};
 use jwt_support::{AUDIENCE, ISSUER, Jwks, KEYS, claims, now, raw, sign, sign_kid};
 use serde_json::{Value, json};
 use std::time::Duration;
 use tollgate_loadtest::mock::MockOpts;
 use tollgate_tests::{Harness, Running, client, key_for};
+use tollgate_tests::{eventually, metric_sum, metrics};
 
 fn chat() -> Value {
     json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})

@@ -3,14 +3,12 @@
 //! client's `include_usage`, tiktoken counting when a backend reports no usage, credentials,
 //! client disconnects and graceful drain.
 
-mod common;
-
-use common::{eventually, metric_sum, metrics};
 use futures::StreamExt as _;
 use serde_json::{Value, json};
 use std::time::Duration;
 use tollgate_loadtest::mock::{MockOpts, count_prompt_tokens};
 use tollgate_tests::{Harness, client, key_for};
+use tollgate_tests::{eventually, metric_sum, metrics};
 
 fn chat_body(
     model: Option<&str>,
@@ -204,51 +202,21 @@ async fn include_usage_is_honoured_and_counted() {
 #[tokio::test]
 async fn counts_tokens_when_backend_reports_none() {
     let h = Harness::new()
-        .backend(
-            "quiet",
-            MockOpts {
-                no_usage: true,
-                ..Default::default()
-            },
-            "api = \"openai\"",
-        )
+        .backend_with("quiet", "api = \"openai\"", |m| m.no_usage = true)
         .consumer("a", "")
         .in_process()
         .start()
         .await
         .unwrap();
-    let c = client();
-    let base = h.url(0);
     let body = chat_body(Some("gpt-4o"), true, None, 9);
-    let resp = c
-        .post(format!("{base}/v1/chat/completions"))
-        .bearer_auth(key_for("a"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let resp = h.chat("a", &body).await;
     let _ = resp.text().await.unwrap();
     let body2 = chat_body(Some("gpt-4o"), false, None, 4);
-    let resp = c
-        .post(format!("{base}/v1/chat/completions"))
-        .bearer_auth(key_for("a"))
-        .json(&body2)
-        .send()
-        .await
-        .unwrap();
+    let resp = h.chat("a", &body2).await;
     let v: Value = resp.json().await.unwrap();
     assert!(v.get("usage").is_none());
     let expected_prompt = count_prompt_tokens(&body) + count_prompt_tokens(&body2);
-    assert!(
-        eventually(Duration::from_secs(3), || async {
-            let m = metrics(&base).await;
-            metric_sum(&m, "tollgate_tokens_total", &[("type", "output")]) == 13
-                && metric_sum(&m, "tollgate_tokens_total", &[("type", "input")]) == expected_prompt
-        })
-        .await,
-        "{}",
-        metrics(&base).await
-    );
+    h.wait_for_tokens(0, expected_prompt, 13).await;
 }
 
 /// Streamed bytes pass through exactly as the backend sent them — split events, CRLF lines,
@@ -399,28 +367,16 @@ async fn embeddings_completions_responses() {
 #[tokio::test]
 async fn disconnect_cancels_backend_and_settles() {
     let h = Harness::new()
-        .backend(
-            "slow",
-            MockOpts {
-                tokens_per_sec: Some(50.0),
-                ..Default::default()
-            },
-            "",
-        )
+        .backend_with("slow", "", |m| m.tokens_per_sec = Some(50.0))
         .consumer("a", "")
         .in_process()
         .start()
         .await
         .unwrap();
-    let c = client();
     let base = h.url(0);
-    let resp = c
-        .post(format!("{base}/v1/chat/completions"))
-        .bearer_auth(key_for("a"))
-        .json(&chat_body(Some("gpt-4o"), true, None, 500))
-        .send()
-        .await
-        .unwrap();
+    let resp = h
+        .chat("a", &chat_body(Some("gpt-4o"), true, None, 500))
+        .await;
     let mut s = resp.bytes_stream();
     let mut seen = 0;
     while seen < 4 {
@@ -480,13 +436,7 @@ async fn backend_credentials_injected_client_credentials_stripped() {
             .await
             .unwrap();
         assert_eq!(r.status(), 200);
-        let r = c
-            .post(format!("{}/v1/chat/completions", h.url(0)))
-            .bearer_auth(key_for("a"))
-            .json(&chat_body(Some(model), false, None, 2))
-            .send()
-            .await
-            .unwrap();
+        let r = h.chat("a", &chat_body(Some(model), false, None, 2)).await;
         assert_eq!(r.status(), 200);
     }
     let az = h.mock("az").stats().await.unwrap();
@@ -532,26 +482,14 @@ async fn backend_credentials_injected_client_credentials_stripped() {
 #[tokio::test]
 async fn sigterm_drains_streams() {
     let mut h = Harness::new()
-        .backend(
-            "slow",
-            MockOpts {
-                tokens_per_sec: Some(40.0),
-                ..Default::default()
-            },
-            "",
-        )
+        .backend_with("slow", "", |m| m.tokens_per_sec = Some(40.0))
         .consumer("a", "")
         .start()
         .await
         .unwrap();
-    let c = client();
-    let resp = c
-        .post(format!("{}/v1/chat/completions", h.url(0)))
-        .bearer_auth(key_for("a"))
-        .json(&chat_body(Some("gpt-4o"), true, None, 40))
-        .send()
-        .await
-        .unwrap();
+    let resp = h
+        .chat("a", &chat_body(Some("gpt-4o"), true, None, 40))
+        .await;
     assert_eq!(resp.status(), 200);
     let reader = tokio::spawn(async move { sse_events(resp).await });
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -3,9 +3,6 @@
 //! per trip, cluster-wide), and the failure modes of a single backend: refused connections, a
 //! hang, a stream that dies midway, every circuit open.
 
-mod common;
-
-use common::{eventually, metric_sum, metrics};
 use futures::StreamExt as _;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -13,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tollgate_loadtest::mock::{MockOpts, count_prompt_tokens};
 use tollgate_tests::{Harness, client, key_for};
+use tollgate_tests::{eventually, metric_sum, metrics};
 
 fn body(max_tokens: u64, stream: bool) -> Value {
     json!({"model": "gpt-4o", "max_tokens": max_tokens, "stream": stream,
@@ -30,14 +28,9 @@ async fn ptu_first_overflow_to_payg_across_three_nodes() {
     const SECS: u64 = 10;
     let h = Harness::new()
         .redis()
-        .backend(
-            "ptu",
-            MockOpts {
-                tpm: Some(PTU_TPM),
-                ..Default::default()
-            },
-            &format!("priority = 1\n{BREAKER}"),
-        )
+        .backend_with("ptu", &format!("priority = 1\n{BREAKER}"), |m| {
+            m.tpm = Some(PTU_TPM)
+        })
         .backend(
             "payg",
             MockOpts::default(),
@@ -156,15 +149,8 @@ async fn refused_connections_fail_over_and_trip() {
         .start()
         .await
         .unwrap();
-    let c = client();
     for _ in 0..5 {
-        let r = c
-            .post(format!("{}/v1/chat/completions", h.url(0)))
-            .bearer_auth(key_for("a"))
-            .json(&body(3, false))
-            .send()
-            .await
-            .unwrap();
+        let r = h.chat("a", &body(3, false)).await;
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["x-tollgate-backend"], "payg");
     }
@@ -181,13 +167,10 @@ async fn refused_connections_fail_over_and_trip() {
 #[tokio::test]
 async fn hanging_backend_times_out_and_fails_over() {
     let h = Harness::new()
-        .backend(
+        .backend_with(
             "hang",
-            MockOpts {
-                hang: true,
-                ..Default::default()
-            },
             "priority = 1\ntimeouts = { connect_ms = 500, first_byte_ms = 300, idle_ms = 1000 }",
+            |m| m.hang = true,
         )
         .backend("payg", MockOpts::default(), "priority = 2")
         .consumer("a", "")
@@ -196,13 +179,7 @@ async fn hanging_backend_times_out_and_fails_over() {
         .await
         .unwrap();
     let started = Instant::now();
-    let r = client()
-        .post(format!("{}/v1/chat/completions", h.url(0)))
-        .bearer_auth(key_for("a"))
-        .json(&body(3, false))
-        .send()
-        .await
-        .unwrap();
+    let r = h.chat("a", &body(3, false)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-tollgate-backend"], "payg");
     let took = started.elapsed();
@@ -217,27 +194,16 @@ async fn hanging_backend_times_out_and_fails_over() {
 #[tokio::test]
 async fn mid_stream_failure_is_not_retried_and_settles() {
     let h = Harness::new()
-        .backend(
-            "flaky",
-            MockOpts {
-                fail_mid_stream_after: Some(3),
-                ..Default::default()
-            },
-            "priority = 1",
-        )
+        .backend_with("flaky", "priority = 1", |m| {
+            m.fail_mid_stream_after = Some(3)
+        })
         .backend("payg", MockOpts::default(), "priority = 2")
         .consumer("a", "")
         .in_process()
         .start()
         .await
         .unwrap();
-    let r = client()
-        .post(format!("{}/v1/chat/completions", h.url(0)))
-        .bearer_auth(key_for("a"))
-        .json(&body(20, true))
-        .send()
-        .await
-        .unwrap();
+    let r = h.chat("a", &body(20, true)).await;
     assert_eq!(r.status(), 200);
     let mut s = r.bytes_stream();
     let mut text = String::new();
@@ -260,33 +226,20 @@ async fn mid_stream_failure_is_not_retried_and_settles() {
         0,
         "a started stream was retried"
     );
-    let base = h.url(0);
     let flaky = h.mock("flaky").stats().await.unwrap();
     assert_eq!(flaky.completion_tokens, 3);
     let prompt = count_prompt_tokens(&body(20, true));
-    assert!(
-        eventually(Duration::from_secs(3), || async {
-            let m = metrics(&base).await;
-            metric_sum(&m, "tollgate_tokens_total", &[("type", "output")]) == 3
-                && metric_sum(&m, "tollgate_tokens_total", &[("type", "input")]) == prompt
-        })
-        .await,
-        "{}",
-        metrics(&base).await
-    );
+    h.wait_for_tokens(0, prompt, 3).await;
 }
 
 /// Every circuit open: 503 with `retry-after` = time until the first circuit closes.
 #[tokio::test]
 async fn all_tripped_is_503_with_retry_after() {
     let h = Harness::new()
-        .backend(
+        .backend_with(
             "broken",
-            MockOpts {
-                fail_rate: 1.0,
-                ..Default::default()
-            },
             "breaker = { failures = 1, window_ms = 10000, trip_ms = 8000 }",
+            |m| m.fail_rate = 1.0,
         )
         .consumer("a", "")
         .in_process()
@@ -342,29 +295,17 @@ async fn all_tripped_is_503_with_retry_after() {
 #[tokio::test]
 async fn spill_before_the_ptu_is_full() {
     let h = Harness::new()
-        .backend(
-            "ptu",
-            MockOpts {
-                tpm: Some(6_000),
-                ..Default::default()
-            },
-            "priority = 1\nspill_utilization = 0.5",
-        )
+        .backend_with("ptu", "priority = 1\nspill_utilization = 0.5", |m| {
+            m.tpm = Some(6_000)
+        })
         .backend("payg", MockOpts::default(), "priority = 2")
         .consumer("a", "")
         .in_process()
         .start()
         .await
         .unwrap();
-    let c = client();
     for _ in 0..60 {
-        let r = c
-            .post(format!("{}/v1/chat/completions", h.url(0)))
-            .bearer_auth(key_for("a"))
-            .json(&body(80, false))
-            .send()
-            .await
-            .unwrap();
+        let r = h.chat("a", &body(80, false)).await;
         assert_eq!(r.status(), 200);
     }
     let ptu = h.mock("ptu").stats().await.unwrap();
