@@ -54,10 +54,9 @@ impl Chat {
         self.set("stream", json!(on))
     }
 
-    /// `stream: true` with `stream_options.include_usage`.
+    /// `stream_options.include_usage` (with [`Chat::stream`] for a streamed request).
     pub fn include_usage(self, on: bool) -> Chat {
-        self.stream(true)
-            .set("stream_options", json!({"include_usage": on}))
+        self.set("stream_options", json!({"include_usage": on}))
     }
 
     /// Any other field (`tools`, `user`, `n`, ...).

@@ -5,12 +5,11 @@
 //! node; a Redis outage under `on_error = "local"` causes no 5xx and the cluster recovers.
 
 use parking_lot_shim::Mutex;
-use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tollgate_loadtest::mock::{MockOpts, count_prompt_tokens};
-use tollgate_tests::{Harness, Running, client, key_for};
+use tollgate_tests::{Harness, Running, chat, client, key_for};
 
 mod parking_lot_shim {
     pub type Mutex<T> = std::sync::Mutex<T>;
@@ -19,8 +18,7 @@ mod parking_lot_shim {
 type Counts = Arc<Mutex<BTreeMap<(usize, u16), u64>>>;
 
 fn body(max_tokens: u64) -> serde_json::Value {
-    json!({"model": "gpt-4o", "max_tokens": max_tokens,
-        "messages": [{"role": "user", "content": "Tell me about token buckets in one line."}]})
+    chat(max_tokens).json()
 }
 
 /// `clients` tasks per node send requests back to back until `until` (or until `stop_on` is

@@ -157,7 +157,7 @@ async fn imds(
 }
 
 fn chat(model: &str) -> Value {
-    json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+    tollgate_tests::chat(5).model(model).prompt("hi").json()
 }
 
 async fn post(h: &Running, model: &str, headers: &[(&str, &str)]) -> u16 {

@@ -87,7 +87,10 @@ fn post(path: &str, key: Option<&str>, body: impl Into<Body>) -> Request<Body> {
 }
 
 fn chat(model: &str, max_tokens: u64) -> String {
-    json!({"model": model, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": max_tokens})
+    tollgate_tests::chat(max_tokens)
+        .model(model)
+        .prompt("hello there")
+        .json()
         .to_string()
 }
 

@@ -263,8 +263,11 @@ async fn misbehave(
 // Helpers.
 
 fn chat(model: &str, stream: bool) -> Value {
-    json!({"model": model, "messages": [{"role": "user", "content": "the prompt text"}],
-        "max_tokens": 20, "stream": stream})
+    tollgate_tests::chat(20)
+        .model(model)
+        .stream(stream)
+        .prompt("the prompt text")
+        .json()
 }
 
 async fn send(h: &Running, model: &str) -> (u16, HeaderMap, String) {

@@ -15,7 +15,7 @@ use tollgate_tests::{Harness, Running, client, key_for};
 use tollgate_tests::{eventually, metric_sum, metrics};
 
 fn chat() -> Value {
-    json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+    tollgate_tests::chat(5).prompt("hi").json()
 }
 
 async fn gateway(jwks: &Jwks, mode: &str, extra_jwt: &str, config: &str) -> Running {

@@ -4,7 +4,7 @@
 //! `traceparent` is continued through the gateway to the backend, and a dead collector costs a
 //! log line, never a request.
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::time::{Duration, Instant};
 use tollgate_loadtest::mock::MockOpts;
 use tollgate_tests::otlp::OtlpReceiver;
@@ -14,8 +14,11 @@ const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";
 
 fn chat(model: &str, stream: bool, max_tokens: u64) -> Value {
-    json!({"model": model, "max_tokens": max_tokens, "stream": stream,
-        "messages": [{"role": "user", "content": "Trace this request, please."}]})
+    tollgate_tests::chat(max_tokens)
+        .model(model)
+        .stream(stream)
+        .prompt("Trace this request, please.")
+        .json()
 }
 
 async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {

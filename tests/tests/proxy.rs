@@ -7,7 +7,7 @@ use futures::StreamExt as _;
 use serde_json::{Value, json};
 use std::time::Duration;
 use tollgate_loadtest::mock::{MockOpts, count_prompt_tokens};
-use tollgate_tests::{Harness, client, key_for};
+use tollgate_tests::{Harness, chat, client, key_for};
 use tollgate_tests::{eventually, metric_sum, metrics};
 
 fn chat_body(
@@ -16,16 +16,20 @@ fn chat_body(
     include_usage: Option<bool>,
     max_tokens: u64,
 ) -> Value {
-    let mut b = json!({"messages": [{"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Count the tokens of this prompt, please."}],
-        "max_tokens": max_tokens, "stream": stream});
-    if let Some(m) = model {
-        b["model"] = json!(m);
+    let b = chat(max_tokens)
+        .no_model()
+        .prompt("Count the tokens of this prompt, please.")
+        .system("Be brief.")
+        .stream(stream);
+    let b = match model {
+        Some(m) => b.model(m),
+        None => b,
+    };
+    match include_usage {
+        Some(u) => b.include_usage(u),
+        None => b,
     }
-    if let Some(u) = include_usage {
-        b["stream_options"] = json!({"include_usage": u});
-    }
-    b
+    .json()
 }
 
 /// Reads an SSE response into its `data:` payloads.

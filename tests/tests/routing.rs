@@ -4,17 +4,16 @@
 //! hang, a stream that dies midway, every circuit open.
 
 use futures::StreamExt as _;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tollgate_loadtest::mock::{MockOpts, count_prompt_tokens};
-use tollgate_tests::{Harness, client, key_for};
+use tollgate_tests::{Harness, chat, client, key_for};
 use tollgate_tests::{eventually, metric_sum, metrics};
 
 fn body(max_tokens: u64, stream: bool) -> Value {
-    json!({"model": "gpt-4o", "max_tokens": max_tokens, "stream": stream,
-        "messages": [{"role": "user", "content": "Route me to the cheapest healthy backend."}]})
+    chat(max_tokens).stream(stream).json()
 }
 
 const BREAKER: &str = "breaker = { failures = 3, window_ms = 10000, trip_ms = 5000, statuses = [429, 500, 502, 503, 504], accept_retry_after = true }";
