@@ -484,13 +484,27 @@ impl Running {
         self.gateways[gateway].url()
     }
 
-    /// `tollgate usage --config FILE --by BY --format json`, parsed.
+    /// `tollgate usage --config FILE --by BY --format json` over every day, parsed.
     pub fn usage(&self, by: &str) -> anyhow::Result<serde_json::Value> {
+        let out = self.usage_args(&[
+            "--since",
+            "2000-01-01",
+            "--until",
+            "2999-12-31",
+            "--by",
+            by,
+            "--format",
+            "json",
+        ])?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    /// `tollgate usage --config FILE ARGS...`: its standard output.
+    pub fn usage_args(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = Command::new(gateway_bin())
             .args(["usage", "--config"])
             .arg(&self.config_path)
-            .args(["--since", "2000-01-01", "--until", "2999-12-31"])
-            .args(["--by", by, "--format", "json"])
+            .args(args)
             .env("TOLLGATE_LOG", "warn")
             .output()
             .context("running tollgate usage")?;
@@ -500,7 +514,7 @@ impl Running {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Ok(serde_json::from_slice(&out.stdout)?)
+        Ok(String::from_utf8(out.stdout)?)
     }
 }
 

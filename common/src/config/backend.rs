@@ -43,6 +43,13 @@ pub struct BackendConfig {
     /// utilization (0..1) above this.
     #[serde(default)]
     pub spill_utilization: Option<f64>,
+    /// A provisioned backend's fixed price per month: `tollgate usage` allocates it (prorated
+    /// by days) to the teams by their share of its tokens. Such a backend is a PTU in reports.
+    #[serde(default)]
+    pub monthly_cost: Option<f64>,
+    /// The tokens per minute the PTU was sized for: reports show its utilization.
+    #[serde(default)]
+    pub capacity_tpm: Option<u64>,
 }
 
 fn one() -> u32 {

@@ -113,6 +113,7 @@ impl Config {
                     "price.cached_input_per_1m",
                     b.price.cached_input_per_1m.unwrap_or(0.0),
                 ),
+                ("monthly_cost", b.monthly_cost.unwrap_or(0.0)),
             ] {
                 if !v.is_finite() || v < 0.0 {
                     return Err(ConfigError::new(at(k), "must be a finite number >= 0"));
@@ -125,6 +126,9 @@ impl Config {
                     at("spill_utilization"),
                     "must be within 0..1",
                 ));
+            }
+            if b.capacity_tpm == Some(0) {
+                return Err(ConfigError::new(at("capacity_tpm"), "must be > 0"));
             }
             if b.timeouts.connect_ms == 0
                 || b.timeouts.first_byte_ms == 0

@@ -1,16 +1,20 @@
 //! The `tollgate` commands: `serve`, `demo`, `check-config`, `keys create`, `usage`.
 //!
-//! - [`report`]: the usage report.
+//! - [`report`]: the usage report; [`ptu`]: PTU cost allocation; [`html`]: the report as one
+//!   self-contained HTML page.
 //! - [`keys`]: key creation.
 //! - [`demo`]: the demo gateway.
 
 mod demo;
+mod html;
 mod keys;
+mod ptu;
 mod report;
 
 pub use demo::demo;
 pub use keys::new_key;
-pub use report::{fmt_cost, render_usage};
+pub use ptu::PtuSpec;
+pub use report::{Period, fmt_cost, render_report};
 
 use keys::keys_create;
 use report::read_usage;
@@ -90,6 +94,9 @@ pub enum By {
     Team,
     Model,
     Backend,
+    Day,
+    /// PTU cost allocation to teams (backends with `monthly_cost`).
+    Ptu,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -97,6 +104,8 @@ pub enum Format {
     Table,
     Csv,
     Json,
+    /// One self-contained page: charts as inline SVG, no network at view time.
+    Html,
 }
 
 pub fn main() -> ExitCode {
@@ -179,8 +188,9 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 Some(p) => load_config(&p)?,
                 None => anyhow::bail!("--config FILE (or TOLLGATE_CONFIG) is required"),
             };
-            let rows = read_usage(&config, since.as_deref(), until.as_deref()).await?;
-            print!("{}", render_usage(&rows, by, format));
+            let (rows, period) = read_usage(&config, since.as_deref(), until.as_deref()).await?;
+            let ptus = PtuSpec::from_config(&config);
+            print!("{}", render_report(&rows, period, &ptus, by, format));
         }
     }
     Ok(ExitCode::SUCCESS)

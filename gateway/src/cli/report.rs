@@ -1,6 +1,9 @@
 //! `tollgate usage`: the showback report, read from the store's daily usage totals and grouped
-//! by consumer, team, model or backend, as a table, CSV or JSON.
+//! by consumer, team, model, backend or day, as a table, CSV or JSON; the PTU allocation
+//! (`--by ptu`, see [`super::ptu`]); and the whole report as one HTML page (`--format html`,
+//! see [`super::html`]).
 
+use super::ptu::{self, PtuSpec};
 use super::{By, Format};
 use crate::server;
 use anyhow::Context as _;
@@ -14,11 +17,23 @@ pub(super) fn parse_day(s: &str) -> anyhow::Result<u32> {
     Ok(d.year() as u32 * 10_000 + d.month() * 100 + d.day())
 }
 
+/// The report's days, YYYYMMDD, inclusive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Period {
+    pub since: u32,
+    pub until: u32,
+}
+
+/// `YYYYMMDD` as `YYYY-MM-DD`.
+pub fn fmt_day(d: u32) -> String {
+    format!("{:04}-{:02}-{:02}", d / 10_000, d / 100 % 100, d % 100)
+}
+
 pub(super) async fn read_usage(
     config: &Config,
     since: Option<&str>,
     until: Option<&str>,
-) -> anyhow::Result<Vec<UsageRow>> {
+) -> anyhow::Result<(Vec<UsageRow>, Period)> {
     if config.store.kind != StoreKind::Redis {
         anyhow::bail!(
             "usage totals are kept in the store; with store.kind = \"memory\" they live inside the \
@@ -31,26 +46,55 @@ pub(super) async fn read_usage(
         .transpose()?
         .unwrap_or(today / 100 * 100 + 1);
     let until = until.map(parse_day).transpose()?.unwrap_or(today);
+    if since > until {
+        anyhow::bail!(
+            "--since {} is after --until {}",
+            fmt_day(since),
+            fmt_day(until)
+        );
+    }
     let store: AnyStore = server::connect_store(config).await?;
-    Ok(store.usage(since, until).await?)
+    Ok((store.usage(since, until).await?, Period { since, until }))
 }
 
-/// Groups rows and renders them as a table (with a totals row), CSV or JSON.
-pub fn render_usage(rows: &[UsageRow], by: By, format: Format) -> String {
-    use std::collections::BTreeMap;
-    let (label, key): (&str, fn(&UsageRow) -> &str) = match by {
-        By::Consumer => ("consumer", |r| &r.consumer),
-        By::Team => ("team", |r| &r.team),
-        By::Model => ("model", |r| &r.model),
-        By::Backend => ("backend", |r| &r.backend),
+/// The whole `tollgate usage` output: the HTML page, the PTU allocation, or the rows grouped.
+pub fn render_report(
+    rows: &[UsageRow],
+    period: Period,
+    ptus: &[PtuSpec],
+    by: By,
+    format: Format,
+) -> String {
+    if let Format::Html = format {
+        return super::html::render(rows, period, ptus);
+    }
+    let (label, key): (&str, fn(&UsageRow) -> String) = match by {
+        By::Consumer => ("consumer", |r| r.consumer.clone()),
+        By::Team => ("team", |r| r.team.clone()),
+        By::Model => ("model", |r| r.model.clone()),
+        By::Backend => ("backend", |r| r.backend.clone()),
+        By::Day => ("day", |r| fmt_day(r.day)),
+        By::Ptu => return ptu::render(&ptu::allocate(ptus, rows, period), format),
     };
+    render_usage(rows, label, key, format)
+}
+
+/// Groups rows by `key` (a column named `label`) and renders them as a table (with a totals
+/// row), CSV or JSON.
+fn render_usage(
+    rows: &[UsageRow],
+    label: &str,
+    key: fn(&UsageRow) -> String,
+    format: Format,
+) -> String {
+    use std::collections::BTreeMap;
     /// A group's counts; its cost summed in u128, so a report's total never saturates.
     #[derive(Default, Clone, Copy)]
     struct T {
         counts: UsageCounts,
         cost_pico: u128,
     }
-    let mut groups: BTreeMap<&str, T> = BTreeMap::new();
+    let mut groups: BTreeMap<String, T> = BTreeMap::new();
     let mut total = T::default();
     for r in rows {
         for t in [groups.entry(key(r)).or_default(), &mut total] {
@@ -62,7 +106,7 @@ pub fn render_usage(rows: &[UsageRow], by: By, format: Format) -> String {
     let exact = |p: u128| fmt_cost(p);
     let mut out = String::new();
     match format {
-        Format::Json => {
+        Format::Json | Format::Html => {
             let items: Vec<serde_json::Value> = groups
                 .iter()
                 .map(|(k, t)| {
@@ -117,7 +161,7 @@ pub fn render_usage(rows: &[UsageRow], by: By, format: Format) -> String {
                 )
             };
             for (k, t) in &groups {
-                out.push_str(&line(k, t));
+                out.push_str(&line(k.as_str(), t));
             }
             out.push_str(&line("TOTAL", &total));
         }
@@ -147,6 +191,14 @@ fn csv_field(v: &str) -> String {
 mod tests {
     use super::*;
 
+    fn report(rows: &[UsageRow], by: By, format: Format) -> String {
+        let period = Period {
+            since: 20261101,
+            until: 20261130,
+        };
+        render_report(rows, period, &[], by, format)
+    }
+
     /// The table groups rows, aligns columns and ends with a totals row; cost is exact.
     #[test]
     fn usage_table() {
@@ -169,7 +221,7 @@ mod tests {
             row("a", "m2", 1, 1, 0),
             row("b", "m1", 2, 2, 0),
         ];
-        let t = render_usage(&rows, By::Consumer, Format::Table);
+        let t = report(&rows, By::Consumer, Format::Table);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 4, "{t}");
         assert!(lines[3].starts_with("TOTAL"));
@@ -177,10 +229,10 @@ mod tests {
             lines[1].contains("11") && lines[1].contains("0.0000015"),
             "{t}"
         );
-        let csv = render_usage(&rows, By::Consumer, Format::Csv);
+        let csv = report(&rows, By::Consumer, Format::Csv);
         assert_eq!(csv.lines().nth(1), Some("a,2,11,6,0,0.0000015"), "{csv}");
         let j: serde_json::Value =
-            serde_json::from_str(&render_usage(&rows, By::Model, Format::Json)).unwrap();
+            serde_json::from_str(&report(&rows, By::Model, Format::Json)).unwrap();
         assert_eq!(j["total"]["input_tokens"], 13);
         assert_eq!(j["rows"][0]["model"], "m1");
         assert_eq!(j["rows"][0]["requests"], 2);
