@@ -59,6 +59,8 @@ fn compose_has_the_cluster_services() {
         "jaeger",
         "mock-ptu",
         "mock-payg",
+        "prometheus",
+        "grafana",
     ] {
         assert!(names.contains(want), "service {want} missing: {names:?}");
     }
@@ -213,6 +215,53 @@ fn referenced_config_files_exist_and_agree() {
         assert!(
             strings(&pipelines[signal]["receivers"]).contains(&"otlp".to_string()),
             "{signal} pipeline receives OTLP"
+        );
+    }
+}
+
+/// Prometheus scrapes every gateway replica; Grafana is provisioned with it as the datasource
+/// and loads the tollgate dashboard, whose panels query only that datasource.
+#[test]
+fn prometheus_and_grafana_are_provisioned() {
+    let c = compose();
+    let s = services(&c);
+    let prom_path = mount(&s["prometheus"], "/etc/prometheus/prometheus.yml");
+    let prom: Value = serde_yaml::from_str(&std::fs::read_to_string(&prom_path).unwrap()).unwrap();
+    let job = &prom["scrape_configs"][0];
+    assert_eq!(job["metrics_path"].as_str(), Some("/metrics"));
+    let sd = &job["dns_sd_configs"][0];
+    assert_eq!(strings(&sd["names"]), ["gateway"], "every replica, by DNS");
+    assert_eq!(sd["port"].as_u64(), Some(8080));
+
+    let prov = mount(&s["grafana"], "/etc/grafana/provisioning");
+    let ds: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(prov.join("datasources/prometheus.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(ds["datasources"][0]["type"].as_str(), Some("prometheus"));
+    assert_eq!(
+        ds["datasources"][0]["url"].as_str(),
+        Some("http://prometheus:9090")
+    );
+    let dashboards: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(prov.join("dashboards/tollgate.yaml")).unwrap(),
+    )
+    .unwrap();
+    let dir = dashboards["providers"][0]["options"]["path"]
+        .as_str()
+        .unwrap();
+    let dash_path = mount(&s["grafana"], &format!("{dir}/tollgate.json"));
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dash_path).unwrap()).unwrap();
+    assert_eq!(dash["uid"], "tollgate");
+    let panels = dash["panels"].as_array().unwrap();
+    assert!(panels.len() >= 8, "{} panels", panels.len());
+    for p in panels {
+        assert_eq!(p["datasource"]["type"], "prometheus", "{}", p["title"]);
+        assert!(
+            !p["targets"].as_array().unwrap().is_empty(),
+            "{}",
+            p["title"]
         );
     }
 }

@@ -103,3 +103,94 @@ async fn metrics_parse_as_prometheus_with_histograms() {
     assert_eq!(families["tollgate_build_info"]["type"], "gauge");
     assert_eq!(families["tollgate_requests"]["type"], "counter");
 }
+
+/// Every metric the Grafana dashboard (`deploy/grafana/tollgate.json`) queries is one that
+/// `/metrics` exposes, after traffic that produces each kind: a PTU serving (with its
+/// `monthly_cost` and `capacity_tpm`), a failover to PAYG, a 429 and an unknown model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_queries_only_exposed_metrics() {
+    let h = Harness::new()
+        .backend(
+            "ptu",
+            MockOpts::default(),
+            "priority = 1\nmodels = [\"gpt-4o\"]\nmonthly_cost = 20000.0\ncapacity_tpm = 300000\nprice = { input_per_1m = 1.0, output_per_1m = 4.0 }",
+        )
+        .backend_with("broken", "priority = 1\nmodels = [\"gpt-4o-mini\"]", |m| {
+            m.fail_rate = 1.0
+        })
+        .backend(
+            "payg",
+            MockOpts::default(),
+            "priority = 2\napi = \"openai\"",
+        )
+        .consumer("c", "")
+        .consumer("tiny", "tpm = 100")
+        .in_process()
+        .start()
+        .await
+        .unwrap();
+    for (who, body) in [
+        ("c", tollgate_tests::chat(5)),
+        ("c", tollgate_tests::chat(5).model("gpt-4o-mini")),
+        // Larger than its bucket: the first passes on a full bucket, the second waits (429).
+        ("tiny", tollgate_tests::chat(500)),
+        ("tiny", tollgate_tests::chat(500)),
+        ("c", tollgate_tests::chat(5).model("no-such-model")),
+    ] {
+        let _ = h.chat(who, body).await.bytes().await;
+    }
+    let seen = tollgate_tests::eventually(std::time::Duration::from_secs(5), || async {
+        let text = h.metrics(0).await;
+        text.contains("tollgate_failovers_total{") && text.contains("tollgate_cost_pico_total{")
+    })
+    .await;
+    let text = h.metrics(0).await;
+    assert!(seen, "{text}");
+    let families = parse(&text);
+    let exposed: std::collections::BTreeSet<String> = families
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|f| f["samples"].as_array().unwrap().iter())
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect();
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana/tollgate.json"
+    );
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut queried = std::collections::BTreeSet::new();
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(i) = rest.find("tollgate_") {
+                let name: String = rest[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[i + name.len()..];
+                queried.insert(name);
+            }
+        }
+    }
+    assert!(queried.len() >= 10, "{queried:?}");
+    let missing: Vec<&String> = queried.iter().filter(|q| !exposed.contains(*q)).collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries {missing:?}, not in /metrics:\n{text}"
+    );
+    // The 429 panel counts the token-limit refusals.
+    assert!(
+        text.contains("tollgate_errors_total{code=\"rate_limit_exceeded\"} 1"),
+        "{text}"
+    );
+    for ptu in [
+        "tollgate_backend_capacity_tpm{backend=\"ptu\"} 300000",
+        "tollgate_backend_info{backend=\"ptu\",priority=\"1\",ptu=\"true\"} 1",
+        "tollgate_backend_info{backend=\"payg\",priority=\"2\",ptu=\"false\"} 1",
+    ] {
+        assert!(text.contains(ptu), "{ptu}");
+    }
+}

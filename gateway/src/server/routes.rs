@@ -142,6 +142,33 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
             state.gauge()
         );
     }
+    // What a dashboard needs to tell PTU from PAYG and to compute a PTU's utilization.
+    extra.push_str(
+        "# HELP tollgate_backend_info A configured backend (always 1): its priority and whether it is a PTU (declares monthly_cost)\n\
+         # TYPE tollgate_backend_info gauge\n",
+    );
+    for b in &gw.config.backends {
+        let _ = writeln!(
+            extra,
+            "tollgate_backend_info{{backend=\"{}\",priority=\"{}\",ptu=\"{}\"}} 1",
+            b.name,
+            b.priority,
+            b.monthly_cost.is_some()
+        );
+    }
+    extra.push_str(
+        "# HELP tollgate_backend_capacity_tpm The tokens per minute a PTU was sized for (capacity_tpm)\n\
+         # TYPE tollgate_backend_capacity_tpm gauge\n",
+    );
+    for b in &gw.config.backends {
+        if let Some(tpm) = b.capacity_tpm {
+            let _ = writeln!(
+                extra,
+                "tollgate_backend_capacity_tpm{{backend=\"{}\"}} {tpm}",
+                b.name
+            );
+        }
+    }
     (
         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         gw.telemetry.metrics.render(&extra),
