@@ -7,7 +7,7 @@
 #   loadtest/bench.sh --smoke         ~10 s check for CI: mock + tollgate (memory, redis), no
 #                                     nginx/LiteLLM/Portkey, no timing assertions; exits non-zero
 #                                     only when requests fail
-#   loadtest/bench.sh --install       also install what is missing: nginx (apt), LiteLLM (pip, into
+#   loadtest/bench.sh --install       also install what is missing: nginx and wrk (apt), LiteLLM (pip, into
 #                                     a venv) and Portkey (npm), under target/bench-cache
 #   loadtest/bench.sh --no-build      use the binaries already in --bin-dir
 #   loadtest/bench.sh --debug         use (and build) target/debug (the smoke default)
@@ -34,8 +34,8 @@ cache="${TOLLGATE_BENCH_CACHE:-$PWD/target/bench-cache}"
 
 if [ "$install" = 1 ]; then
   mkdir -p "$cache"
-  if ! command -v nginx >/dev/null 2>&1; then
-    apt-get update -qq && apt-get install -y -qq nginx || echo "bench: nginx install failed" >&2
+  if ! command -v nginx >/dev/null 2>&1 || ! command -v wrk >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq nginx wrk || echo "bench: nginx/wrk install failed" >&2
   fi
   if [ ! -x "$cache/litellm-venv/bin/litellm" ]; then
     python3 -m venv "$cache/litellm-venv" &&

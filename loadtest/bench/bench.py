@@ -15,6 +15,9 @@ What is measured, per target:
     during that run, so a tier that is not the bottleneck shows up as < 100 %;
   * streaming: open loop at `--stream-rate`, added time to first token (p50/p99);
   * peak RSS: VmHWM of the tier's processes at the end (sum over processes);
+  * closed loop with wrk (when installed): `wrk -t1` with `wrk_post.lua`, c=1 for latency and
+    c=`--concurrency` for throughput and CPU per request, each the median of 3 runs of
+    `--wrk-duration` s (the client on the client CPU, the tier on the gateway CPU);
 and for tollgate alone: RSS with 256 concurrent slow streams, and the p99 of a steady load with
 and without 100k-token prompts sent alongside.
 """
@@ -421,6 +424,38 @@ http {{
             run.ttft_p50, run.ttft_p99 = r["ttft_us"]["p50"], r["ttft_us"]["p99"]
         return run
 
+    def wrk(self, url, connections, duration, tier=()):
+        """One closed-loop wrk run (1 thread, `connections` connections) of the standard POST;
+        returns p50/p99 in µs, rps, and the tier's CPU µs per request."""
+        argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency", "-s", str(WRK_LUA),
+                f"{url}/v1/chat/completions"]
+        if self.client_cpus is not None:
+            argv = ["taskset", "-c", self.client_cpus] + argv
+        pids = [p.pid for p in tier]
+        cpu0 = cpu_seconds(pids)
+        res = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "TG_KEY": KEY},
+                             timeout=duration + 60)
+        cpu1 = cpu_seconds(pids)
+        if res.returncode != 0:
+            raise RuntimeError(f"wrk failed: {res.stderr.strip()[-300:]}")
+        return parse_wrk(res.stdout, cpu1 - cpu0)
+
+    def wrk_rows(self, url, tier):
+        """c=1 (latency) and c=32 (throughput), each the median of 3 runs."""
+        a = self.args
+        out = {}
+        for c in (1, a.concurrency):
+            runs = [self.wrk(url, c, a.wrk_duration, tier) for _ in range(3)]
+            key = "p50" if c == 1 else "rps"
+            runs.sort(key=lambda r: r[key])
+            med = runs[1]
+            med["runs"] = [r[key] for r in runs]
+            bad = sum(r["non2xx"] + r["errors"] for r in runs)
+            if bad:
+                self.failures.append(f"wrk c={c} against {url}: {bad} failed requests")
+            out[c] = med
+        return out
+
     def measure(self, label, url, tier, note="", third_party=False):
         """The standard workload against one target; returns a row dict. Failed requests fail
         the run, except for third-party gateways, where they become a note in the table."""
@@ -452,6 +487,8 @@ http {{
         st = self.load(url, rate=srate, duration=a.duration, stream=True, tier=tier)
         row["stream"] = st
         self.check(label, "stream", st)
+        if not a.smoke and not third_party and shutil.which("wrk"):
+            row["wrk"] = self.wrk_rows(url, tier)
         row["hwm_kb"] = status_kb([p.pid for p in tier], "VmHWM")
         if self.row_notes:
             row["note"] = "; ".join(([row["note"]] if row["note"] else []) + self.row_notes)
@@ -697,6 +734,64 @@ http {{
 # report
 
 
+WRK_LUA = Path(__file__).resolve().parent / "wrk_post.lua"
+
+
+def parse_wrk(text: str, cpu_s: float) -> dict:
+    """Reads wrk's --latency summary: the 50 % and 99 % lines, Requests/sec, errors."""
+    def us(v: str) -> float:
+        for unit, f in (("us", 1), ("ms", 1e3), ("s", 1e6)):
+            if v.endswith(unit):
+                return float(v[: -len(unit)]) * f
+        return float(v)
+
+    r = {"p50": None, "p99": None, "rps": 0.0, "requests": 0, "non2xx": 0, "errors": 0}
+    for line in text.splitlines():
+        t = line.split()
+        if len(t) == 2 and t[0] in ("50%", "99%"):
+            r["p50" if t[0] == "50%" else "p99"] = us(t[1])
+        elif line.startswith("Requests/sec:"):
+            r["rps"] = float(t[1])
+        elif "requests in" in line:
+            r["requests"] = int(t[0])
+        elif line.strip().startswith("Non-2xx or 3xx responses:"):
+            r["non2xx"] = int(t[-1])
+        elif line.strip().startswith("Socket errors:"):
+            r["errors"] = sum(int(x.strip(",")) for x in t[2::2])
+    r["cpu_us_per_req"] = 1e6 * cpu_s / max(1, r["requests"])
+    return r
+
+
+def render_wrk(rows, direct, args) -> list[str]:
+    """The closed-loop table: wrk -t1, c=1 for latency, c=--concurrency for throughput."""
+    if "wrk" not in direct:
+        return []
+    nginx = next((r for r in rows if r["target"].startswith("nginx") and "wrk" in r), None)
+    c = args.concurrency
+    d1 = direct["wrk"][1]
+    out = [f"### Closed loop (wrk -t1, `loadtest/bench/wrk_post.lua`; c=1 and c={c}, median of 3 × "
+           f"{args.wrk_duration:g} s)", "",
+           f"| target | c=1 p50 µs | c=1 p99 µs | added p50 µs | added p99 µs | c={c} rps | × nginx | "
+           f"CPU µs / req at c={c} | × nginx by CPU | runs (c=1 p50 / c={c} rps) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "wrk" not in r:
+            continue
+        w1, wc = r["wrk"][1], r["wrk"][c]
+        is_direct = r is direct
+        added50 = "—" if is_direct else f"{w1['p50'] - d1['p50']:+.0f}"
+        added99 = "—" if is_direct else f"{w1['p99'] - d1['p99']:+.0f}"
+        ratio = f"{wc['rps'] / nginx['wrk'][c]['rps']:.2f}" if nginx else "—"
+        cpu = "—" if is_direct else f"{wc['cpu_us_per_req']:.1f}"
+        by_cpu = (f"{wc['cpu_us_per_req'] / nginx['wrk'][c]['cpu_us_per_req']:.2f}"
+                  if nginx and not is_direct and nginx['wrk'][c]['cpu_us_per_req'] > 0 else "—")
+        runs = (" / ".join(f"{x:.0f}" for x in w1["runs"]) + " ; "
+                + " / ".join(f"{x:,.0f}" for x in wc["runs"]))
+        out.append(f"| {r['target']} | {w1['p50']:.0f} | {w1['p99']:.0f} | {added50} | {added99} | "
+                   f"{wc['rps']:,.0f} | {ratio} | {cpu} | {by_cpu} | {runs} |")
+    return out + [""]
+
+
 def fmt_us(v):
     return "—" if v is None else f"{v:.0f}"
 
@@ -738,7 +833,7 @@ def render(rows, direct, extras, notes, args, machine) -> str:
         lines.append("| " + " | ".join([r["target"], f"{r['rate']:g}", fmt_us(lat.p50), fmt_us(lat.p99),
                                          added50, added99, rps, ratio, core, us_max, by_cpu, cpu, rss, t50, t99,
                                          f"{other:.0f}", r.get("note", "")]) + " |")
-    out = ["## Results", "", *lines, ""]
+    out = ["## Results", "", *lines, "", *render_wrk(rows, direct, args)]
     if "streams" in extras:
         s = extras["streams"]
         out += [f"tollgate (memory store) with {s['n']} concurrent streams: RSS idle (after one request) {s['idle_kb'] / 1024:.1f} MB, "
@@ -789,6 +884,8 @@ def main():
     ap.add_argument("--rate", type=float, default=500.0, help="open-loop rate for latency and CPU")
     ap.add_argument("--stream-rate", type=float, default=200.0)
     ap.add_argument("--concurrency", type=int, default=32, help="closed-loop workers for throughput")
+    ap.add_argument("--wrk-duration", type=float, default=5.0,
+                    help="seconds per wrk run (closed-loop rows; 3 runs each at c=1 and c=--concurrency)")
     ap.add_argument("--streams", type=int, default=256)
     ap.add_argument("--big-tokens", type=int, default=100_000)
     ap.add_argument("--big-rate", type=float, default=1.0, help="100k-token prompts per second")
