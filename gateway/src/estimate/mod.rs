@@ -15,6 +15,7 @@
 //! - [`media`]: images, audio and files.
 //! - [`tokenizer`]: tiktoken counting, linear whatever the text, off the runtime when large.
 
+mod bpe;
 mod media;
 mod tokenizer;
 

@@ -1,18 +1,18 @@
-//! Token counting with tiktoken: estimates for the reservation and the fallback count when a
-//! backend reports no usage. The encoder (o200k_base, the GPT-4o family's) is loaded once at
-//! start-up.
+//! Token counting: estimates for the reservation and the fallback count when a backend reports
+//! no usage, with o200k_base (the GPT-4o family's) as tiktoken counts it ([`super::bpe`]: the
+//! vocabulary compiled into the binary).
 //!
-//! Counting is linear in the text whatever the client sends: tiktoken's pre-tokenizer makes a
+//! Counting is linear in the text whatever the client sends: the pre-tokenizer makes a
 //! run without whitespace one piece, and byte-pair merging is quadratic in a piece's length
 //! (3.2 MB of letters took 15 s), so runs longer than [`MAX_RUN`] bytes are cut and counted in
 //! parts (a cut can only add a token). A prompt above [`BLOCKING_THRESHOLD`] bytes is counted on
 //! the blocking pool, so it never stalls the runtime, and the work stops as soon as the request
 //! is dropped (the client left).
 
+use super::bpe::O200k;
 use super::{Piece, Prompt, file_tokens};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use tiktoken_rs::CoreBPE;
 
 /// Above this many bytes of text, tokenizing moves to `spawn_blocking`.
 pub const BLOCKING_THRESHOLD: usize = 8 * 1024;
@@ -23,7 +23,7 @@ pub const MAX_RUN: usize = 256;
 /// The loaded encoder.
 #[derive(Clone, Copy)]
 pub struct Tokenizer {
-    bpe: &'static CoreBPE,
+    bpe: &'static O200k,
 }
 
 /// Set when the request that asked for a count is gone.
@@ -48,9 +48,7 @@ impl Drop for CancelOnDrop {
 impl Tokenizer {
     /// Loads the encoder (once per process; later calls are free).
     pub fn load() -> Tokenizer {
-        Tokenizer {
-            bpe: tiktoken_rs::o200k_base_singleton(),
-        }
+        Tokenizer { bpe: O200k::get() }
     }
 
     /// Tokens in `text`, inline (for short text).
@@ -72,11 +70,11 @@ impl Tokenizer {
                 if cancel.is_set() {
                     return 0;
                 }
-                total += self.bpe.count_ordinary(&text[start..i]) as u64;
+                total += self.bpe.count(&text[start..i]) as u64;
                 (start, run_start) = (i, i);
             }
         }
-        total + self.bpe.count_ordinary(&text[start..]) as u64
+        total + self.bpe.count(&text[start..]) as u64
     }
 
     fn count_piece(&self, p: &Piece, cancel: &Cancel) -> u64 {
@@ -141,7 +139,7 @@ mod tests {
         let t = Tokenizer::load();
         let big = "lorem ipsum dolor sit amet ".repeat(2000);
         assert_eq!(t.count_text(big.clone()).await, t.count(&big));
-        assert_eq!(t.count(&big), t.bpe.count_ordinary(&big) as u64);
+        assert_eq!(t.count(&big), t.bpe.count(&big) as u64);
     }
 
     /// Long runs without whitespace are counted in linear time, never below tiktoken's count.
@@ -150,7 +148,7 @@ mod tests {
         let t = Tokenizer::load();
         for unit in ["a", "xq", "9", "=", " ", "é"] {
             let s = unit.repeat(4_000);
-            let exact = t.bpe.count_ordinary(&s) as u64;
+            let exact = t.bpe.count(&s) as u64;
             let ours = t.count(&s);
             assert!(ours >= exact, "{unit:?}: {ours} < {exact}");
             assert!(ours <= exact + (s.len() / MAX_RUN) as u64 + 1, "{unit:?}");
@@ -167,11 +165,8 @@ mod tests {
     #[test]
     fn no_token_longer_than_a_run() {
         let t = Tokenizer::load();
-        let longest = (0..200_000u32)
-            .filter_map(|r| t.bpe.decode_bytes(&[r]).ok())
-            .map(|b| b.len())
-            .max()
-            .unwrap();
+        let v = &t.bpe.vocab;
+        let longest = (0..v.len()).map(|r| v.token(r).len()).max().unwrap();
         assert!(longest <= MAX_RUN, "{longest}");
     }
 
