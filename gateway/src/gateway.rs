@@ -2,6 +2,7 @@
 //! handed to each request by reference.
 
 use crate::auth::Auth;
+use crate::cache::Caches;
 use crate::estimate::Tokenizer;
 use crate::limits::Limits;
 use crate::routing::{Breakers, Routes};
@@ -21,6 +22,8 @@ pub struct Gateway {
     pub client: reqwest::Client,
     pub telemetry: Telemetry,
     pub tokenizer: Tokenizer,
+    /// The `[[cache]]`s, in file order.
+    pub caches: Arc<Caches>,
     /// Where finished requests go: the usage worker.
     pub usage_tx: mpsc::UnboundedSender<Finished>,
 }

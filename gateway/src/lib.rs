@@ -10,6 +10,7 @@
 //!
 //! - [`pipeline`] — the request path, one step per stage, in order.
 //! - [`auth`] — `auth.mode`: subscription keys (hashed) and/or JWTs → the caller.
+//! - [`cache`] — `[[cache]]`: answers replayed for repeated and similar prompts.
 //! - [`request`] — what the client asked for (route, body fields), the body a backend gets.
 //! - [`estimate`] — every billed input counted before admission; the tokenizer.
 //! - [`limits`] — the reservation against the shared store, leases, the failure policy.
@@ -28,6 +29,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod cache;
 pub mod cli;
 pub mod clock;
 pub mod connections;

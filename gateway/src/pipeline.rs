@@ -119,6 +119,35 @@ async fn serve(
         return Err(Error::ModelNotAllowed(req.model));
     }
 
+    // 4c. The cache, after the caller is known and before anything is reserved: a hit costs
+    //     nothing, so it reserves nothing (served only to a caller whose record, at most
+    //     250 ms old, would be admitted). A miss carries where its answer will be kept.
+    let cached = match gw.caches.is_empty() {
+        true => None,
+        false => {
+            gw.caches
+                .lookup(&gw.limits, &caller, &req, headers, &cx.request_id)
+                .await
+        }
+    };
+    if let Some(d) = cached.as_ref().filter(|d| d.hit.is_some()) {
+        let team = d.hit.as_ref().map(|h| h.team.clone()).unwrap_or_default();
+        let admitted = Admitted {
+            request_id: cx.request_id.clone(),
+            consumer: caller.consumer.clone(),
+            reserved: crate::cache::unreserved(&team),
+            team,
+            model: req.model.clone(),
+            op,
+            stream: req.stream,
+            prompt_tokens: 0,
+            started: cx.started,
+            trace_id: incoming_trace_id(headers),
+        };
+        let meter = Meter::new(gw.usage_tx.clone(), admitted, cx.span.take());
+        return Ok(gw.caches.serve(d, &req, &gw.routes, meter));
+    }
+
     // 5. Estimate every billed input (text by tiktoken, off the runtime when large; tools,
     //    schemas, images, audio, files) + the output reserved, which is what the backend may
     //    write: an uncapped request is capped at the reservation.
@@ -182,7 +211,10 @@ async fn serve(
         started: cx.started,
         trace_id,
     };
-    let meter = Meter::new(gw.usage_tx.clone(), admitted, cx.span.take());
+    let mut meter = Meter::new(gw.usage_tx.clone(), admitted, cx.span.take());
+    if let Some(d) = &cached {
+        meter.observed().cache = Some(d.note());
+    }
 
     // 8. Plan from the local circuit cache (no store call), then forward with failover
     //    before the first byte.
@@ -204,6 +236,7 @@ async fn serve(
                 req: &req,
                 headers,
                 request_id: &cx.request_id,
+                cache: cached.as_ref().and_then(|d| d.store.as_ref()),
             };
             fwd.run(&plan, meter).await
         }
@@ -215,8 +248,12 @@ async fn serve(
     };
     let mut resp = result?;
 
-    // 9. What the client may want to know about its limits and (when asked) the route taken.
+    // 9. What the client may want to know about its limits, the cache and (when asked) the
+    //    route taken.
     let h = resp.headers_mut();
+    if let Some(d) = &cached {
+        d.headers(h);
+    }
     if let Some(t) = remaining_tpm {
         h.insert("x-ratelimit-remaining-tokens", HeaderValue::from(t.max(0)));
     }

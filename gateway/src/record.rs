@@ -46,6 +46,22 @@ pub struct Observed {
     pub first_byte: Option<Duration>,
     /// Attempts moved to another backend.
     pub failovers: u32,
+    /// A cache hit's tokens: replayed from a stored answer, not generated (nothing used).
+    pub saved: Option<TokenUsage>,
+    /// The backend that produced the replayed answer (named even if no longer configured).
+    pub saved_backend: Option<String>,
+    /// What a `[[cache]]` did for the request.
+    pub cache: Option<CacheNote>,
+}
+
+/// What a `[[cache]]` did for a request, for its span.
+#[derive(Clone, Debug)]
+pub struct CacheNote {
+    pub cache: Arc<str>,
+    /// `hit`, `miss` or `bypass`.
+    pub result: &'static str,
+    /// Cosine distance of a semantic hit.
+    pub distance: Option<f64>,
 }
 
 impl Observed {
@@ -72,6 +88,10 @@ pub struct RequestRecord {
 
 impl RequestRecord {
     pub fn backend_name(&self) -> Option<&str> {
-        self.observed.backend.as_ref().map(|b| &*b.name)
+        self.observed
+            .backend
+            .as_ref()
+            .map(|b| &*b.name)
+            .or(self.observed.saved_backend.as_deref())
     }
 }

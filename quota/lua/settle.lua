@@ -18,7 +18,9 @@
 --              "r" settled after a retried reserve: the same, and leave a tombstone
 --              "a" abandoned: refund what the record says was debited (if it exists) and leave
 --                  a tombstone; delta, tpm and window are ignored
--- then m x   KEYS index of the usage key, "<team>|<model>|<backend>", in, out, cached, req, cost
+-- then m x   KEYS index of the usage key, "<team>|<model>|<backend>", in, out, cached, req, cost,
+--            saved, savedcost (the last two: tokens and cost a cache hit saved; written only
+--            when not 0)
 --
 -- Returns n, or -1 when this batch was applied before (a retry after a lost reply).
 --
@@ -100,7 +102,7 @@ for _ = 1, n do
   end
 end
 
-while i + 6 <= #ARGV do
+while i + 8 <= #ARGV do
   local key = KEYS[tonumber(ARGV[i])]
   local prefix = ARGV[i + 1]
   redis.call('HINCRBY', key, prefix .. '|in', ARGV[i + 2])
@@ -108,7 +110,13 @@ while i + 6 <= #ARGV do
   redis.call('HINCRBY', key, prefix .. '|cached', ARGV[i + 4])
   redis.call('HINCRBY', key, prefix .. '|req', ARGV[i + 5])
   redis.call('HINCRBY', key, prefix .. '|cost', ARGV[i + 6])
+  if ARGV[i + 7] ~= '0' then
+    redis.call('HINCRBY', key, prefix .. '|saved', ARGV[i + 7])
+  end
+  if ARGV[i + 8] ~= '0' then
+    redis.call('HINCRBY', key, prefix .. '|savedcost', ARGV[i + 8])
+  end
   redis.call('EXPIRE', key, retention)
-  i = i + 7
+  i = i + 9
 end
 return n

@@ -8,14 +8,18 @@
 //! - [`MemoryStore`]: the embedded default for a single replica, and the per-replica fallback
 //!   when Redis is unreachable.
 //!
+//! The answer cache ([`cache`]) keeps its own entries the same two ways: in Redis (exact entries
+//! and a RediSearch vector index) and in memory.
+//!
 //! Time always comes from the store (Redis `TIME`, or the memory store's [`Clock`]), never from
 //! the calling replica.
 
 #![forbid(unsafe_code)]
 
+pub mod cache;
 mod memory;
 mod model;
-mod redis;
+pub(crate) mod redis;
 mod store;
 
 pub use memory::{Clock, MemoryStore, SystemClock};

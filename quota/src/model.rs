@@ -122,7 +122,7 @@ pub struct Settlement {
     pub usage: Option<UsageDelta>,
 }
 
-/// The five usage counters, the one shape in which usage is added, stored and reported.
+/// The usage counters, the one shape in which usage is added, stored and reported.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UsageCounts {
     pub input: u64,
@@ -132,17 +132,24 @@ pub struct UsageCounts {
     /// Cost in pico-units (1e-12 of the price currency): tokens × price per 1M tokens in
     /// micro-units, so totals are exact integers.
     pub cost_pico: u64,
+    /// Tokens a cache hit replayed instead of a backend generating them (input + output).
+    pub saved_tokens: u64,
+    /// What those tokens would have cost at the backend that produced the stored answer.
+    pub saved_cost_pico: u64,
 }
 
 impl UsageCounts {
-    /// The counters in their storage order (`in`, `out`, `cached`, `req`, `cost`).
-    pub fn to_array(self) -> [u64; 5] {
+    /// The counters in their storage order (`in`, `out`, `cached`, `req`, `cost`, `saved`,
+    /// `savedcost`).
+    pub fn to_array(self) -> [u64; 7] {
         [
             self.input,
             self.output,
             self.cached_input,
             self.requests,
             self.cost_pico,
+            self.saved_tokens,
+            self.saved_cost_pico,
         ]
     }
 
@@ -153,7 +160,9 @@ impl UsageCounts {
             1 => &mut self.output,
             2 => &mut self.cached_input,
             3 => &mut self.requests,
-            _ => &mut self.cost_pico,
+            4 => &mut self.cost_pico,
+            5 => &mut self.saved_tokens,
+            _ => &mut self.saved_cost_pico,
         }
     }
 

@@ -582,6 +582,9 @@ async fn check_usage<S: Store>(s: &S) {
             cached_input: input / 2,
             requests: 1,
             cost_pico: input * 1_000_000 + output,
+            // A cache hit's savings are counted beside the usage, the same in both stores.
+            saved_tokens: output,
+            saved_cost_pico: output * 3,
         },
     };
     let settle = |id: &str, usage| Settlement {
@@ -621,6 +624,8 @@ async fn check_usage<S: Store>(s: &S) {
             cached_input: input / 2,
             requests,
             cost_pico,
+            saved_tokens: output,
+            saved_cost_pico: output * 3,
         },
     };
     let day1 = vec![
@@ -740,6 +745,7 @@ async fn check_settle_once<S: Store>(s: &S) {
             cached_input: 0,
             requests: 1,
             cost_pico: 7,
+            ..UsageCounts::default()
         },
     };
     let batch = vec![Settlement {

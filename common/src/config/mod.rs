@@ -3,11 +3,12 @@
 //! [`Config::from_toml`] reports the offending key by its path (`backends[1].breaker.failures`).
 //!
 //! - [`server`]: `[server]`; [`store`]: `[store]`, `[limits]`, `[[consumers]]`;
-//!   [`backend`]: `[[backends]]`; [`auth`]: `[auth]`, `[auth.jwt]`; [`telemetry`]:
+//!   [`backend`]: `[[backends]]`; [`cache`]: `[[cache]]`; [`auth`]: `[auth]`, `[auth.jwt]`; [`telemetry`]:
 //!   `[telemetry]`; [`validate`]: the checks serde cannot make.
 
 mod auth;
 mod backend;
+mod cache;
 mod server;
 mod store;
 mod telemetry;
@@ -15,6 +16,7 @@ mod validate;
 
 pub use auth::*;
 pub use backend::*;
+pub use cache::*;
 pub use server::*;
 pub use store::*;
 pub use telemetry::*;
@@ -56,6 +58,9 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// `[[cache]]`, in file order: the first that matches a request applies.
+    #[serde(default)]
+    pub cache: Vec<CacheConfig>,
 }
 
 impl Config {

@@ -200,6 +200,16 @@ impl Config {
             }
             _ => {}
         }
+        let mut caches = HashSet::new();
+        for (i, c) in self.cache.iter().enumerate() {
+            c.check(i, &self.backends)?;
+            if !caches.insert(c.name.as_str()) {
+                return Err(ConfigError::new(
+                    format!("cache[{i}].name"),
+                    format!("duplicate cache {:?}", c.name),
+                ));
+            }
+        }
         self.validate_dimensions()
     }
 

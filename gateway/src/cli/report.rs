@@ -93,6 +93,7 @@ fn render_usage(
     struct T {
         counts: UsageCounts,
         cost_pico: u128,
+        saved_cost_pico: u128,
     }
     let mut groups: BTreeMap<String, T> = BTreeMap::new();
     let mut total = T::default();
@@ -100,6 +101,7 @@ fn render_usage(
         for t in [groups.entry(key(r)).or_default(), &mut total] {
             t.counts.add(&r.counts);
             t.cost_pico += r.counts.cost_pico as u128;
+            t.saved_cost_pico += r.counts.saved_cost_pico as u128;
         }
     }
     let cost = |p: u128| p as f64 / 1e12;
@@ -113,29 +115,36 @@ fn render_usage(
                     serde_json::json!({label: k, "requests": t.counts.requests, "input_tokens": t.counts.input,
                         "output_tokens": t.counts.output, "cached_input_tokens": t.counts.cached_input,
                         "cost": cost(t.cost_pico), "cost_exact": exact(t.cost_pico),
-                        "cost_pico": t.cost_pico.to_string()})
+                        "cost_pico": t.cost_pico.to_string(), "saved_tokens": t.counts.saved_tokens,
+                        "saved_cost": cost(t.saved_cost_pico), "saved_cost_exact": exact(t.saved_cost_pico),
+                        "saved_cost_pico": t.saved_cost_pico.to_string()})
                 })
                 .collect();
             let doc = serde_json::json!({"by": label, "rows": items, "total": {
                 "requests": total.counts.requests, "input_tokens": total.counts.input, "output_tokens": total.counts.output,
                 "cached_input_tokens": total.counts.cached_input, "cost": cost(total.cost_pico),
-                "cost_exact": exact(total.cost_pico), "cost_pico": total.cost_pico.to_string()}});
+                "cost_exact": exact(total.cost_pico), "cost_pico": total.cost_pico.to_string(),
+                "saved_tokens": total.counts.saved_tokens, "saved_cost": cost(total.saved_cost_pico),
+                "saved_cost_exact": exact(total.saved_cost_pico),
+                "saved_cost_pico": total.saved_cost_pico.to_string()}});
             out = serde_json::to_string_pretty(&doc).unwrap_or_default();
             out.push('\n');
         }
         Format::Csv => {
             out.push_str(&format!(
-                "{label},requests,input_tokens,output_tokens,cached_input_tokens,cost\n"
+                "{label},requests,input_tokens,output_tokens,cached_input_tokens,cost,saved_tokens,saved_cost\n"
             ));
             for (k, t) in &groups {
                 out.push_str(&format!(
-                    "{},{},{},{},{},{}\n",
+                    "{},{},{},{},{},{},{},{}\n",
                     csv_field(k),
                     t.counts.requests,
                     t.counts.input,
                     t.counts.output,
                     t.counts.cached_input,
-                    exact(t.cost_pico)
+                    exact(t.cost_pico),
+                    t.counts.saved_tokens,
+                    exact(t.saved_cost_pico)
                 ));
             }
         }
@@ -147,17 +156,25 @@ fn render_usage(
                 .max()
                 .unwrap_or(8);
             out.push_str(&format!(
-                "{label:<w$}  {:>10}  {:>14}  {:>14}  {:>14}  {:>18}\n",
-                "requests", "input_tokens", "output_tokens", "cached_tokens", "cost"
+                "{label:<w$}  {:>10}  {:>14}  {:>14}  {:>14}  {:>18}  {:>14}  {:>18}\n",
+                "requests",
+                "input_tokens",
+                "output_tokens",
+                "cached_tokens",
+                "cost",
+                "saved_tokens",
+                "saved_cost"
             ));
             let line = |name: &str, t: &T| {
                 format!(
-                    "{name:<w$}  {:>10}  {:>14}  {:>14}  {:>14}  {:>18}\n",
+                    "{name:<w$}  {:>10}  {:>14}  {:>14}  {:>14}  {:>18}  {:>14}  {:>18}\n",
                     t.counts.requests,
                     t.counts.input,
                     t.counts.output,
                     t.counts.cached_input,
-                    exact(t.cost_pico)
+                    exact(t.cost_pico),
+                    t.counts.saved_tokens,
+                    exact(t.saved_cost_pico)
                 )
             };
             for (k, t) in &groups {
@@ -214,6 +231,7 @@ mod tests {
                 cached_input: 0,
                 requests: 1,
                 cost_pico: cost,
+                ..UsageCounts::default()
             },
         };
         let rows = vec![
@@ -230,7 +248,11 @@ mod tests {
             "{t}"
         );
         let csv = report(&rows, By::Consumer, Format::Csv);
-        assert_eq!(csv.lines().nth(1), Some("a,2,11,6,0,0.0000015"), "{csv}");
+        assert_eq!(
+            csv.lines().nth(1),
+            Some("a,2,11,6,0,0.0000015,0,0.00"),
+            "{csv}"
+        );
         let j: serde_json::Value =
             serde_json::from_str(&report(&rows, By::Model, Format::Json)).unwrap();
         assert_eq!(j["total"]["input_tokens"], 13);

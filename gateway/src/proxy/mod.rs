@@ -76,6 +76,8 @@ pub struct Forward<'a> {
     pub req: &'a ClientRequest,
     pub headers: &'a HeaderMap,
     pub request_id: &'a str,
+    /// Where a successful answer is kept (a cache miss that may be stored).
+    pub cache: Option<&'a crate::cache::Pending>,
 }
 
 impl Forward<'_> {
@@ -302,7 +304,12 @@ impl Forward<'_> {
             deadline,
             max_bytes: b.limits.max_response_bytes,
         };
-        let tap = Tap::new(resp.bytes_stream(), mode, meter, bounds);
+        // Only a 200 is an answer worth keeping.
+        let recorder = self
+            .cache
+            .filter(|_| status == StatusCode::OK)
+            .map(|p| p.recorder(&b.name));
+        let tap = Tap::new(resp.bytes_stream(), mode, meter, bounds, recorder);
         Ok(out.body(Body::from_stream(tap)).unwrap_or_default())
     }
 }

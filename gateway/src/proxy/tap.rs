@@ -10,6 +10,7 @@
 //! [`MAX_REPORTED_TOKENS`](super::scan::MAX_REPORTED_TOKENS) is not believed: the gateway counts the request itself.
 
 use super::scan::{EventTooLong, Mode};
+use crate::cache::Recorder;
 use crate::usage::Meter;
 use bytes::Bytes;
 use futures::Stream;
@@ -41,6 +42,9 @@ pub struct Tap {
     received: u64,
     mode: Mode,
     meter: Option<Meter>,
+    /// Copies the backend's bytes for the cache; handed the whole answer only when the
+    /// response completed, dropped (nothing stored) however else it ends.
+    recorder: Option<Recorder>,
     done: bool,
 }
 
@@ -50,6 +54,7 @@ impl Tap {
         mode: Mode,
         meter: Meter,
         bounds: Bounds,
+        recorder: Option<Recorder>,
     ) -> Tap {
         Tap {
             inner: Box::pin(inner),
@@ -60,6 +65,7 @@ impl Tap {
             received: 0,
             mode,
             meter: Some(meter),
+            recorder,
             done: false,
         }
     }
@@ -68,6 +74,7 @@ impl Tap {
     /// a stream, a failed body otherwise.
     fn cut(&mut self, why: &'static str) -> Poll<Option<Result<Bytes, std::io::Error>>> {
         self.done = true;
+        self.recorder = None;
         tracing::warn!(reason = why, "backend response cut short");
         // Dropping the meter settles what was seen; `complete` stays false.
         self.meter.take();
@@ -92,6 +99,10 @@ impl Drop for Tap {
         // end here without the stream's end being seen: read its usage now.
         if let (Some(meter), Mode::Json(j)) = (self.meter.as_mut(), &mut self.mode) {
             j.finish(meter.observed());
+            // Stored only if what arrived parses as a whole answer.
+            if let Some(r) = self.recorder.take() {
+                r.finish(false);
+            }
         }
     }
 }
@@ -116,6 +127,9 @@ impl Stream for Tap {
                     let Some(meter) = this.meter.as_mut() else {
                         return Poll::Ready(None);
                     };
+                    if let Some(r) = this.recorder.as_mut() {
+                        r.feed(&chunk);
+                    }
                     let out = match &mut this.mode {
                         Mode::Json(j) => {
                             j.feed(&chunk);
@@ -137,6 +151,7 @@ impl Stream for Tap {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     this.done = true;
+                    this.recorder = None;
                     tracing::warn!(error = %e, "backend response body failed mid-way");
                     // Dropping the meter settles what was seen; the client sees the stream cut.
                     this.meter.take();
@@ -151,6 +166,9 @@ impl Stream for Tap {
                             Mode::Sse(s) => tail = s.finish(meter.observed()),
                         }
                         meter.observed().complete = true;
+                        if let Some(r) = this.recorder.take() {
+                            r.finish(matches!(this.mode, Mode::Sse(_)));
+                        }
                     }
                     return Poll::Ready(tail.map(Ok));
                 }
@@ -161,6 +179,7 @@ impl Stream for Tap {
                                 .cut("the backend response took longer than the gateway allows");
                         }
                         this.done = true;
+                        this.recorder = None;
                         tracing::warn!("backend response idle timeout");
                         this.meter.take();
                         return Poll::Ready(Some(Err(std::io::Error::other(

@@ -212,6 +212,12 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
             }
         })
     });
+    let caches = Arc::new(
+        crate::cache::Caches::build(&config, &routes, client.clone(), usage_tx.clone()).await?,
+    );
+    // Entry counts and the vector index's size for `/metrics`.
+    let cache_stats = (!caches.is_empty())
+        .then(|| tokio::spawn(caches.clone().watch_stats(Duration::from_secs(10))));
     let background_limits = limits.clone();
     let gw = Arc::new(Gateway {
         auth: Auth::new(config.auth.mode, KeyAuth::new(key_ttl), jwt),
@@ -222,6 +228,7 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
         client,
         telemetry,
         tokenizer,
+        caches,
         usage_tx,
     });
     Ok((
@@ -234,6 +241,7 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
                 .into_iter()
                 .chain(Some(seeder))
                 .chain(sweeper)
+                .chain(cache_stats)
                 .chain(breaker_tasks)
                 .collect(),
             limits: background_limits,

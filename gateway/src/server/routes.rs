@@ -169,6 +169,7 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
             );
         }
     }
+    extra.push_str(&gw.caches.metrics().render());
     (
         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         gw.telemetry.metrics.render(&extra),

@@ -106,17 +106,27 @@ impl UsageWorker {
 
     async fn account(&self, f: Finished, pending: &mut Pending) {
         let Finished { mut record, span } = f;
-        let usage = resolve_usage(&mut record, &self.tokenizer).await;
-        let cost = record
-            .observed
-            .backend
-            .as_ref()
-            .map(|b| cost_pico(&usage, b))
-            .unwrap_or(0);
+        // A cache hit used nothing: its tokens are counted as saved, priced at the backend
+        // that produced the stored answer.
+        let saved = record.observed.saved;
+        let usage = match saved {
+            Some(_) => TokenUsage::default(),
+            None => resolve_usage(&mut record, &self.tokenizer).await,
+        };
+        let price = |u: &TokenUsage| {
+            record
+                .observed
+                .backend
+                .as_ref()
+                .map(|b| cost_pico(u, b))
+                .unwrap_or(0)
+        };
+        let cost = price(&usage);
+        let saved_cost = saved.as_ref().map(price).unwrap_or(0);
         self.telemetry.record(&record, &usage, cost, span);
         let (a, o) = (&record.admitted, &record.observed);
         let actual = usage.total();
-        let served = o.backend.is_some() && actual > 0;
+        let served = (o.backend.is_some() && actual > 0) || saved.is_some();
         let delta = served.then(|| UsageDelta {
             day: day_of(now_ms() / 1000),
             team: a.team.clone(),
@@ -128,6 +138,8 @@ impl UsageWorker {
                 cached_input: usage.cached_input,
                 requests: 1,
                 cost_pico: cost,
+                saved_tokens: saved.map(|u| u.total()).unwrap_or(0),
+                saved_cost_pico: saved_cost,
             },
         });
         let reserved = &a.reserved;

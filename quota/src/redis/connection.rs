@@ -203,7 +203,7 @@ pub(super) async fn eval<T: redis::FromRedisValue>(
 
 /// The substrings of `url` that are credentials: the userinfo password and a `pass=` query
 /// parameter (unix socket URLs), raw and percent-decoded.
-pub(super) fn url_secrets(url: &str) -> Vec<String> {
+pub(crate) fn url_secrets(url: &str) -> Vec<String> {
     let mut out = Vec::new();
     if let Some((_, rest)) = url.split_once("://") {
         let authority = rest.split(['/', '?']).next().unwrap_or("");
@@ -249,7 +249,7 @@ pub(super) fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-pub(super) fn scrub(secrets: &[String], mut msg: String) -> String {
+pub(crate) fn scrub(secrets: &[String], mut msg: String) -> String {
     for s in secrets {
         if msg.contains(s.as_str()) {
             msg = msg.replace(s.as_str(), "***");

@@ -6,7 +6,7 @@
 pub const BREAKER_CHANNEL: &str = "tg:breaker";
 
 /// Metric names of the usage hash fields, in [`UsageCounts`](crate::UsageCounts) order.
-pub(super) const METRICS: [&str; 5] = ["in", "out", "cached", "req", "cost"];
+pub(super) const METRICS: [&str; 7] = ["in", "out", "cached", "req", "cost", "saved", "savedcost"];
 
 /// Set once every configured consumer was seeded; gone when Redis lost its data.
 pub(super) const SEEDED_KEY: &str = "tg:seeded";

@@ -15,7 +15,7 @@
 //! deadpool-redis PINGs on every checkout, which would double the round trips of the hot path.
 
 mod codec;
-mod connection;
+pub(crate) mod connection;
 mod keys;
 mod pubsub;
 mod scan;

@@ -231,6 +231,19 @@ impl Otel {
                     u.cached_input as i64,
                 ));
             }
+            if let Some(c) = &o.cache {
+                attrs.push(KeyValue::new("tollgate.cache.name", c.cache.to_string()));
+                attrs.push(KeyValue::new("tollgate.cache.result", c.result));
+                if let Some(d) = c.distance {
+                    attrs.push(KeyValue::new("tollgate.cache.distance", d));
+                }
+            }
+            if let Some(s) = &o.saved {
+                attrs.push(KeyValue::new(
+                    "tollgate.cache.saved_tokens",
+                    s.total().min(i64::MAX as u64) as i64,
+                ));
+            }
             if let Some(t) = o.first_byte {
                 attrs.push(KeyValue::new(
                     "tollgate.ttft_ms",

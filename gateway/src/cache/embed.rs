@@ -1,0 +1,89 @@
+//! The semantic layer's embeddings: one `POST /embeddings` to the configured
+//! `embeddings_backend`, with the backend's own credential, for the prompt text. Its usage is
+//! the consumer's (recorded by the caller), but it reserves nothing against the consumer's TPM.
+
+use crate::credentials::Credential;
+use crate::request::Operation;
+use crate::routing::Backend;
+use http::{HeaderValue, header};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use tollgate_common::config::BackendApi;
+
+/// Why an embedding could not be had (each ends in a bypass, never in a failed request).
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    #[error("embeddings backend unreachable")]
+    Unreachable,
+    #[error("embeddings backend answered {0}")]
+    Status(u16),
+    #[error("embeddings backend answered something unexpected")]
+    Malformed,
+    #[error("embeddings backend credential unavailable")]
+    Credential,
+}
+
+/// An embeddings model on a backend.
+pub struct Embedder {
+    pub backend: Arc<Backend>,
+    pub model: String,
+}
+
+/// One embedding and the tokens it took.
+pub struct Embedding {
+    pub vector: Vec<f32>,
+    pub tokens: u64,
+}
+
+impl Embedder {
+    pub async fn embed(
+        &self,
+        client: &reqwest::Client,
+        text: &str,
+    ) -> Result<Embedding, EmbedError> {
+        let b = &self.backend;
+        let url = b
+            .target(Operation::Embeddings, &self.model, &b.config.api_version)
+            .map_err(|_| EmbedError::Unreachable)?;
+        let mut body = json!({"input": text});
+        if b.config.api == BackendApi::Openai {
+            body["model"] = json!(b.deployment(&self.model));
+        }
+        let mut req = client
+            .post(url)
+            .header(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )
+            .body(body.to_string());
+        match &b.credential {
+            Credential::None => {}
+            Credential::Header(name, value) => req = req.header(*name, value.clone()),
+            Credential::Token(p) => {
+                let v = p.header().await.map_err(|_| EmbedError::Credential)?;
+                req = req.header(header::AUTHORIZATION, v);
+            }
+        }
+        let resp = req.send().await.map_err(|_| EmbedError::Unreachable)?;
+        if !resp.status().is_success() {
+            return Err(EmbedError::Status(resp.status().as_u16()));
+        }
+        let v: Value = resp.json().await.map_err(|_| EmbedError::Malformed)?;
+        let vector: Vec<f32> = v
+            .pointer("/data/0/embedding")
+            .and_then(Value::as_array)
+            .ok_or(EmbedError::Malformed)?
+            .iter()
+            .map(|x| x.as_f64().map(|f| f as f32))
+            .collect::<Option<Vec<f32>>>()
+            .ok_or(EmbedError::Malformed)?;
+        if vector.is_empty() || vector.len() > 16_384 || vector.iter().any(|x| !x.is_finite()) {
+            return Err(EmbedError::Malformed);
+        }
+        let tokens = v
+            .pointer("/usage/prompt_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        Ok(Embedding { vector, tokens })
+    }
+}

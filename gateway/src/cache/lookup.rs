@@ -1,0 +1,426 @@
+//! The lookup, on the request path after authentication: which `[[cache]]` applies, whether
+//! the caller may be served from it, the exact layer (one store round trip), then for semantic
+//! caches the embedding and the nearest stored prompt (one more). All of it under
+//! `lookup_timeout_ms`; any failure is a bypass. A hit is answered here, recorded as a
+//! request that reserved nothing and saved the stored answer's tokens.
+
+use super::answer::Stored;
+use super::embed::Embedder;
+use super::key::{self, Keyed};
+use super::store::Pending;
+use super::{Caches, Rule, Shared, safety};
+use crate::auth::Caller;
+use crate::limits::{Limits, Placement, Reserved};
+use crate::record::{Admitted, CacheNote};
+use crate::request::{ClientRequest, Operation};
+use crate::routing::Routes;
+use crate::usage::Meter;
+use axum::body::Body;
+use axum::response::Response;
+use http::{HeaderMap, HeaderValue, header};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tollgate_common::TokenUsage;
+use tollgate_common::config::VaryBy;
+use tollgate_quota::cache::partition_id;
+use tollgate_quota::{Admission, ReservationEnd};
+
+/// What the cache did for a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Hit,
+    Miss,
+    Bypass,
+}
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Miss => "miss",
+            Outcome::Bypass => "bypass",
+        }
+    }
+}
+
+/// A stored answer found for the request.
+pub struct Hit {
+    pub stored: Stored,
+    /// The cosine distance of a semantic hit; `None` for an exact one.
+    pub distance: Option<f64>,
+    pub team: String,
+}
+
+/// The cache's decision for one request covered by a `[[cache]]`.
+pub struct Decision {
+    pub cache: Arc<str>,
+    pub outcome: Outcome,
+    pub hit: Option<Hit>,
+    /// Where the answer goes once the response completes (`None`: not kept).
+    pub store: Option<Pending>,
+}
+
+impl Decision {
+    fn bypass(cache: &Arc<str>, store: Option<Pending>) -> Decision {
+        Decision {
+            cache: cache.clone(),
+            outcome: Outcome::Bypass,
+            hit: None,
+            store,
+        }
+    }
+
+    /// `x-tollgate-cache` (and `x-tollgate-cache-distance` on a semantic hit).
+    pub fn headers(&self, h: &mut HeaderMap) {
+        h.insert(
+            "x-tollgate-cache",
+            HeaderValue::from_static(self.outcome.label()),
+        );
+        if let Some(d) = self.hit.as_ref().and_then(|h| h.distance)
+            && let Ok(v) = HeaderValue::from_str(&format!("{d:.6}"))
+        {
+            h.insert("x-tollgate-cache-distance", v);
+        }
+    }
+
+    pub fn note(&self) -> CacheNote {
+        CacheNote {
+            cache: self.cache.clone(),
+            result: self.outcome.label(),
+            distance: self.hit.as_ref().and_then(|h| h.distance),
+        }
+    }
+}
+
+/// A reservation of nothing: what a hit (or an embedding call) settles against.
+pub fn unreserved(team: &str) -> Reserved {
+    Reserved {
+        admission: Admission {
+            team: team.to_string(),
+            remaining_tpm: None,
+            remaining_quota: None,
+            window: 0,
+            tpm: None,
+            quota: None,
+            quota_period: Default::default(),
+        },
+        tokens: 0,
+        place: Placement::Nowhere,
+        end: ReservationEnd::None,
+    }
+}
+
+impl Caches {
+    /// The decision for a request, or `None` when no `[[cache]]` covers it.
+    pub async fn lookup(
+        &self,
+        limits: &Limits,
+        caller: &Caller,
+        req: &ClientRequest,
+        headers: &HeaderMap,
+        request_id: &str,
+    ) -> Option<Decision> {
+        if self.rules.is_empty() || req.op == Operation::Embeddings {
+            return None;
+        }
+        let first = self
+            .rules
+            .iter()
+            .find(|r| r.config.models.is_empty() || r.config.models.contains(&req.model))?;
+        let limit = Duration::from_millis(first.config.lookup_timeout_ms);
+        let started = Instant::now();
+        let now = crate::clock::now_ms();
+        let record =
+            match tokio::time::timeout(limit, self.callers.record(limits, &caller.consumer, now))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => {
+                    self.failed(first, "caller", &"consumer record timed out");
+                    return Some(self.finish(Decision::bypass(&first.name, None)));
+                }
+            };
+        let team = caller
+            .team
+            .clone()
+            .or_else(|| record.as_ref().map(|r| r.team.clone()))
+            .unwrap_or_else(|| caller.consumer.to_string());
+        let rule = self
+            .rules
+            .iter()
+            .find(|r| r.covers(&req.model, &caller.consumer, &team))?;
+        // Served only to a caller the reservation would admit (by record; limits aside).
+        let allowed = match &record {
+            None => !caller.require_record,
+            Some(r) => !r.disabled && (r.models.is_empty() || r.models.contains(&req.model)),
+        };
+        if !allowed {
+            return Some(self.finish(Decision::bypass(&rule.name, None)));
+        }
+        let control = key::control(headers);
+        let keyed = match key::inspect(req.op, &req.model, &req.body, &rule.config) {
+            Ok(k) => k,
+            Err(skip) => {
+                let m = &self.shared.metrics;
+                m.count("tollgate_cache_skips_total", &rule.name, skip.reason());
+                return Some(self.finish(Decision::bypass(&rule.name, None)));
+            }
+        };
+        let partition = partition(rule, req, caller, &team, headers);
+        let pending = (!control.no_store).then(|| {
+            Pending::new(
+                rule.clone(),
+                self.shared.clone(),
+                req.op,
+                &partition,
+                &keyed,
+                Who {
+                    consumer: caller.consumer.clone(),
+                    team: team.clone(),
+                    request_id: request_id.to_string(),
+                },
+            )
+        });
+        if control.no_lookup {
+            return Some(self.finish(Decision::bypass(&rule.name, pending)));
+        }
+        let who = Who {
+            consumer: caller.consumer.clone(),
+            team: team.clone(),
+            request_id: request_id.to_string(),
+        };
+        let left = limit.saturating_sub(started.elapsed());
+        let found =
+            tokio::time::timeout(left, find(rule, &self.shared, &partition, &keyed, &who)).await;
+        let d = match found {
+            Err(_) => {
+                self.failed(rule, "timeout", &"lookup slower than lookup_timeout_ms");
+                Decision::bypass(&rule.name, None)
+            }
+            Ok(Err(stage)) => {
+                self.failed(rule, stage.0, &stage.1);
+                Decision::bypass(&rule.name, None)
+            }
+            Ok(Ok((Some((stored, distance)), _))) => Decision {
+                cache: rule.name.clone(),
+                outcome: Outcome::Hit,
+                hit: Some(Hit {
+                    stored,
+                    distance,
+                    team,
+                }),
+                store: None,
+            },
+            Ok(Ok((None, vector))) => Decision {
+                cache: rule.name.clone(),
+                outcome: Outcome::Miss,
+                hit: None,
+                store: pending.map(|p| p.with_vector(vector)),
+            },
+        };
+        Some(self.finish(d))
+    }
+
+    fn failed(&self, rule: &Rule, stage: &'static str, e: &dyn std::fmt::Display) {
+        self.shared
+            .metrics
+            .count("tollgate_cache_failures_total", &rule.name, stage);
+        self.shared.quiet.warn(&rule.name, stage, e);
+    }
+
+    fn finish(&self, d: Decision) -> Decision {
+        let m = &self.shared.metrics;
+        m.count("tollgate_cache_requests_total", &d.cache, d.outcome.label());
+        if let Some(h) = &d.hit {
+            let layer = if h.distance.is_some() {
+                "semantic"
+            } else {
+                "exact"
+            };
+            m.count("tollgate_cache_hits_total", &d.cache, layer);
+        }
+        d
+    }
+
+    /// Answers a hit: the stored answer replayed as the client asked (JSON, or a stream with
+    /// the usage chunk only if it asked for `include_usage`), recorded by `meter` as a request
+    /// that reserved nothing and saved the answer's tokens.
+    pub fn serve(
+        &self,
+        d: &Decision,
+        req: &ClientRequest,
+        routes: &Routes,
+        mut meter: Meter,
+    ) -> Response {
+        let Some(hit) = &d.hit else {
+            return Response::default();
+        };
+        let s = &hit.stored;
+        let backend = routes
+            .backends
+            .iter()
+            .find(|b| *b.name == *s.backend)
+            .cloned();
+        let usage = s.usage();
+        let m = &self.shared.metrics;
+        m.add(
+            "tollgate_cache_tokens_saved_total",
+            &d.cache,
+            "input",
+            usage.input,
+        );
+        m.add(
+            "tollgate_cache_tokens_saved_total",
+            &d.cache,
+            "output",
+            usage.output,
+        );
+        if let Some(b) = &backend {
+            let cached = usage.cached_input.min(usage.input);
+            let input = (usage.input - cached)
+                .saturating_mul(b.price.input)
+                .saturating_add(cached.saturating_mul(b.price.cached_input));
+            m.add(
+                "tollgate_cache_cost_avoided_pico_total",
+                &d.cache,
+                "input",
+                input,
+            );
+            m.add(
+                "tollgate_cache_cost_avoided_pico_total",
+                &d.cache,
+                "output",
+                usage.output.saturating_mul(b.price.output),
+            );
+        }
+        let elapsed = meter.started().elapsed();
+        let o = meter.observed();
+        o.backend = backend;
+        o.status = 200;
+        o.complete = true;
+        o.saved = Some(usage);
+        o.saved_backend = Some(s.backend.clone());
+        o.cache = Some(d.note());
+        o.first_byte = Some(elapsed);
+        drop(meter);
+        let (body, kind) = if req.stream {
+            (s.sse(req.op, req.client_include_usage), "text/event-stream")
+        } else {
+            (s.json(req.op), "application/json")
+        };
+        let mut resp = Response::new(Body::from(body));
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+        if req.stream {
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        }
+        d.headers(h);
+        resp
+    }
+}
+
+/// Who a request is for, to record an embedding call against.
+#[derive(Clone, Debug)]
+pub struct Who {
+    pub consumer: Arc<str>,
+    pub team: String,
+    pub request_id: String,
+}
+
+/// The partition: the operation (answers of different APIs never mix) and the `vary_by`
+/// values, hashed.
+fn partition(
+    rule: &Rule,
+    req: &ClientRequest,
+    caller: &Caller,
+    team: &str,
+    headers: &HeaderMap,
+) -> String {
+    let mut values = vec![("op".to_string(), req.op.path().to_string())];
+    for v in &rule.vary {
+        let value = match v {
+            VaryBy::Consumer => caller.consumer.to_string(),
+            VaryBy::Team => team.to_string(),
+            VaryBy::Model => req.model.clone(),
+            VaryBy::Header(h) => headers
+                .get(h.as_str())
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
+        };
+        values.push((v.label(), value));
+    }
+    partition_id(&values)
+}
+
+type Found = (Option<(Stored, Option<f64>)>, Option<Vec<f32>>);
+
+/// The exact layer, then (semantic caches) the nearest prompt. `Err` names the failing stage.
+async fn find(
+    rule: &Rule,
+    shared: &Shared,
+    partition: &str,
+    keyed: &Keyed,
+    who: &Who,
+) -> Result<Found, (&'static str, String)> {
+    let exact = rule
+        .store
+        .get(&rule.name, partition, &keyed.key)
+        .await
+        .map_err(|e| ("store", e.to_string()))?;
+    if let Some(s) = exact.as_deref().and_then(Stored::from_bytes) {
+        return Ok((Some((s, None)), None));
+    }
+    let (Some(embedder), true) = (&rule.embedder, rule.semantic()) else {
+        return Ok((None, None));
+    };
+    let vector = embed(embedder, shared, &keyed.text, who)
+        .await
+        .map_err(|e| ("embeddings", e))?;
+    let near = rule
+        .store
+        .nearest(&rule.name, partition, &vector)
+        .await
+        .map_err(|e| ("index", e.to_string()))?;
+    let hit = near
+        .filter(|n| n.distance <= rule.config.score_threshold)
+        .filter(|n| safety::compatible(&keyed.text, &n.prompt))
+        .and_then(|n| Stored::from_bytes(&n.answer).map(|s| (s, Some(n.distance.max(0.0)))));
+    Ok((hit, Some(vector)))
+}
+
+/// Embeds `text` and records the call as the consumer's usage (no TPM reserved).
+pub(super) async fn embed(
+    embedder: &Embedder,
+    shared: &Shared,
+    text: &str,
+    who: &Who,
+) -> Result<Vec<f32>, String> {
+    let e = embedder
+        .embed(&shared.client, text)
+        .await
+        .map_err(|e| e.to_string())?;
+    let admitted = Admitted {
+        request_id: who.request_id.clone(),
+        consumer: who.consumer.clone(),
+        team: who.team.clone(),
+        model: embedder.model.clone(),
+        op: Operation::Embeddings,
+        stream: false,
+        reserved: unreserved(&who.team),
+        prompt_tokens: e.tokens,
+        started: Instant::now(),
+        trace_id: String::new(),
+    };
+    let mut meter = Meter::new(shared.usage_tx.clone(), admitted, None);
+    let o = meter.observed();
+    o.backend = Some(embedder.backend.clone());
+    o.status = 200;
+    o.complete = true;
+    o.reported = Some(TokenUsage {
+        input: e.tokens,
+        output: 0,
+        cached_input: 0,
+    });
+    Ok(e.vector)
+}
