@@ -434,6 +434,61 @@ async fn semantic_cache_shared_by_three_replicas() {
     );
 }
 
+/// `tollgate cache ARGS --config FILE`'s output.
+fn cache_cli(h: &Running, args: &[&str]) -> String {
+    let out = std::process::Command::new(tollgate_tests::gateway_bin())
+        .arg("cache")
+        .args(args)
+        .arg("--config")
+        .arg(&h.config_path)
+        .env("TOLLGATE_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `tollgate cache stats` counts the entries and the index; `tollgate cache purge
+/// --partition team=…` empties that team's partition only, and the next ask misses.
+#[tokio::test]
+async fn purge_and_stats_from_the_cli() {
+    let valkey = Valkey::start_search().unwrap();
+    let h = Harness::new()
+        .store(&format!("kind = \"redis\"\nurl = \"{}\"", valkey.url()))
+        .backend("ptu", MockOpts::default(), "")
+        .consumer("s1", "team = \"support\"")
+        .consumer("f1", "team = \"finance\"")
+        .config(&semantic(0.1, "ptu"))
+        .in_process()
+        .start()
+        .await
+        .unwrap();
+    let base = h.url(0);
+    let q = chat("Which plan includes phone support?");
+    for who in ["s1", "f1"] {
+        post(&base, who, &q, &[]).await;
+        until_hit(&base, who, &q).await;
+    }
+    let stats = cache_cli(&h, &["stats"]);
+    assert!(
+        stats.starts_with("faq: 2 entries, 2 vectors indexed"),
+        "{stats}"
+    );
+    assert_eq!(
+        cache_cli(&h, &["purge", "--partition", "team=finance"]),
+        "faq: 1 entries purged\n"
+    );
+    assert_eq!(cache_header(&post(&base, "f1", &q, &[]).await), "miss");
+    assert_eq!(cache_header(&post(&base, "s1", &q, &[]).await), "hit");
+    until_hit(&base, "f1", &q).await;
+    assert_eq!(cache_cli(&h, &["purge"]), "faq: 2 entries purged\n");
+    assert_eq!(cache_header(&post(&base, "s1", &q, &[]).await), "miss");
+}
+
 /// An embeddings backend that is down makes semantic lookups bypass: every request still
 /// succeeds, marked `bypass`, and the failure is counted.
 #[tokio::test]

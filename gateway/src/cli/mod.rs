@@ -1,10 +1,13 @@
-//! The `tollgate` commands: `serve`, `demo`, `check-config`, `keys create`, `usage`.
+//! The `tollgate` commands: `serve`, `demo`, `check-config`, `keys create`, `usage`,
+//! `cache purge`, `cache stats`.
 //!
 //! - [`report`]: the usage report; [`ptu`]: PTU cost allocation; [`html`]: the report as one
 //!   self-contained HTML page.
+//! - [`cache`]: the answer cache's admin.
 //! - [`keys`]: key creation.
 //! - [`demo`]: the demo gateway.
 
+mod cache;
 mod demo;
 mod html;
 mod keys;
@@ -74,6 +77,34 @@ pub enum Command {
         by: By,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
+    },
+    /// The answer cache (`[[cache]]`): purge entries, show its size.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CacheCommand {
+    /// Delete the entries of every cache, one cache (`--cache`), or one partition.
+    Purge {
+        #[arg(long, env = "TOLLGATE_CONFIG")]
+        config: PathBuf,
+        /// The `[[cache]]` name; default: every cache.
+        #[arg(long)]
+        cache: Option<String>,
+        /// One partition by its `vary_by` values: `team=finance` or
+        /// `team=finance,header:x-tenant=acme`.
+        #[arg(long)]
+        partition: Option<String>,
+    },
+    /// Entries per cache and the vector index's size.
+    Stats {
+        #[arg(long, env = "TOLLGATE_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        cache: Option<String>,
     },
 }
 
@@ -192,6 +223,26 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             let ptus = PtuSpec::from_config(&config);
             print!("{}", render_report(&rows, period, &ptus, by, format));
         }
+        Command::Cache { command } => match command {
+            CacheCommand::Purge {
+                config,
+                cache: name,
+                partition,
+            } => {
+                let config = load_config(&config)?;
+                print!(
+                    "{}",
+                    cache::purge(&config, name.as_deref(), partition.as_deref()).await?
+                );
+            }
+            CacheCommand::Stats {
+                config,
+                cache: name,
+            } => {
+                let config = load_config(&config)?;
+                print!("{}", cache::stats(&config, name.as_deref()).await?);
+            }
+        },
     }
     Ok(ExitCode::SUCCESS)
 }
