@@ -553,3 +553,37 @@ async fn semantic_needs_the_search_module() {
     let config = tollgate_common::Config::from_toml(&toml(EXACT)).unwrap();
     assert!(tollgate::server::app(config).await.is_ok());
 }
+
+/// The official openai Python SDK reads hits as normal answers: chat JSON and streams (with
+/// and without `include_usage`), the Responses API and completions, JSON and streamed.
+#[tokio::test]
+async fn openai_sdk_reads_hits() {
+    let python = tollgate_tests::pyenv::python().unwrap();
+    let h = Harness::new()
+        .backend("ptu", MockOpts::default(), "")
+        .consumer("sdk", "")
+        .config(EXACT)
+        .start()
+        .await
+        .unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/cache_sdk.py");
+    let (url, key) = (h.url(0), key_for("sdk"));
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .arg(url)
+            .arg(key)
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "SDK checks failed:\n{stdout}\n{}\ngateway log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        h.gateways[0].log_text()
+    );
+    assert!(stdout.contains("5 checks passed"), "{stdout}");
+}
