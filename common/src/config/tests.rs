@@ -140,3 +140,66 @@ fn dimensions() {
         assert_eq!(e.path, key, "{bad}: {e}");
     }
 }
+
+/// `[[cache]]` takes the issue's names with their defaults (exact mode, vary by team, 0.05),
+/// and refuses a bad `vary_by`, a semantic cache without an embeddings backend that serves its
+/// model, a threshold outside 0..2 and a duplicate name, naming the key.
+#[test]
+fn cache_names_defaults_and_checks() {
+    let full = format!(
+        "{GOOD}\n[[cache]]\nname = \"faq\"\nmodels = [\"gpt-4o\"]\nconsumers = [\"app-1\"]\n\
+         mode = \"semantic\"\nscore_threshold = 0.1\nttl_s = 3600\n\
+         vary_by = [\"team\", \"header:X-Tenant\"]\nignore_system_messages = true\n\
+         max_message_count = 10\nembeddings_backend = \"{b}\"\n\
+         embeddings_model = \"{m}\"\nmax_entries = 10000\nmax_total_entries = 50000\n\
+         lookup_timeout_ms = 50\ncache_tools = false\nmax_temperature = 0.7\n\
+         store_url = \"redis://127.0.0.1:6380\"\n",
+        b = first_backend_name(),
+        m = first_backend_model(),
+    );
+    let c = Config::from_toml(&full).unwrap();
+    assert_eq!(c.cache[0].mode, CacheMode::Semantic);
+    assert_eq!(
+        c.cache[0].vary(),
+        vec![VaryBy::Team, VaryBy::Header("x-tenant".into())]
+    );
+    let d = Config::from_toml(&format!("{GOOD}\n[[cache]]\nname = \"d\"\n")).unwrap();
+    let d = &d.cache[0];
+    assert_eq!(
+        (d.mode, d.score_threshold, d.vary_by.clone(), d.ttl_s),
+        (CacheMode::Exact, 0.05, vec!["team".to_string()], 3600)
+    );
+    assert_eq!(
+        (d.max_temperature, d.lookup_timeout_ms, d.cache_tools),
+        (0.7, 50, false)
+    );
+    for (bad, path) in [
+        ("vary_by = [\"teams\"]", "cache[0].vary_by[0]"),
+        ("mode = \"semantic\"", "cache[0].embeddings_backend"),
+        ("score_threshold = 3.0", "cache[0].score_threshold"),
+        ("ttl_s = 0", "cache[0].ttl_s"),
+        (
+            "embeddings_backend = \"nope\"",
+            "cache[0].embeddings_backend",
+        ),
+        ("store_url = \"http://x\"", "cache[0].store_url"),
+        ("mdoe = \"exact\"", "cache[0]"),
+    ] {
+        let e =
+            Config::from_toml(&format!("{GOOD}\n[[cache]]\nname = \"d\"\n{bad}\n")).unwrap_err();
+        assert!(e.path.starts_with(path), "{bad}: {e}");
+    }
+    let e = Config::from_toml(&format!(
+        "{GOOD}\n[[cache]]\nname = \"d\"\n[[cache]]\nname = \"d\"\n"
+    ))
+    .unwrap_err();
+    assert_eq!(e.path, "cache[1].name");
+}
+
+fn first_backend_name() -> String {
+    Config::from_toml(GOOD).unwrap().backends[0].name.clone()
+}
+
+fn first_backend_model() -> String {
+    Config::from_toml(GOOD).unwrap().backends[0].models[0].clone()
+}
