@@ -12,12 +12,15 @@
 #   loadtest/bench.sh --no-build      use the binaries already in --bin-dir
 #   loadtest/bench.sh --debug         use (and build) target/debug (the smoke default)
 #   loadtest/bench.sh --release       use (and build) target/release (the full-run default)
+#   loadtest/bench.sh --cache         the answer cache's scenario instead (loadtest/bench/cache.py:
+#                                     Valkey + RediSearch from target/pyenv, hits, misses, the
+#                                     lookup's cost, a paraphrase workload's hit rate)
 # Every other option goes to loadtest/bench/bench.py (--help lists them: --rate, --duration,
 # --concurrency, --only, --pin, --out, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-build=1 install=0 smoke=0 profile=""
+build=1 install=0 smoke=0 cache_bench=0 profile=""
 args=()
 for a in "$@"; do
   case "$a" in
@@ -26,6 +29,7 @@ for a in "$@"; do
     --debug) profile=debug ;;
     --release) profile=release ;;
     --smoke) smoke=1; args+=("$a") ;;
+    --cache) cache_bench=1 ;;
     *) args+=("$a") ;;
   esac
 done
@@ -51,6 +55,11 @@ fi
 if [ "$build" = 1 ]; then
   flag=""; [ "$profile" = release ] && flag="--release"
   cargo build $flag -p tollgate -p tollgate-loadtest
+fi
+
+if [ "$cache_bench" = 1 ]; then
+  [ -x target/pyenv/bin/python ] || scripts/pyenv.sh
+  exec python3 loadtest/bench/cache.py --bin-dir "target/$profile" "${args[@]}"
 fi
 
 # The Python helper owns every process it starts and kills them on exit; this trap covers the

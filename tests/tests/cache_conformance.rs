@@ -56,7 +56,7 @@ async fn check_exact(c: &AnyCache) {
 /// The nearest vector inside the partition, with the cosine distance both agree on; entries
 /// without a vector and other partitions are never candidates.
 async fn check_nearest(c: &AnyCache) {
-    assert_eq!(c.nearest("faq", "p1", &at(0.0)).await.unwrap(), None);
+    assert_eq!(c.nearest("faq", "p1", &at(0.0), 1).await.unwrap(), vec![]);
     let (v10, v40, v90) = (at(10.0), at(40.0), at(90.0));
     c.put(&entry("p1", "near", b"a-near", Some(&v10)))
         .await
@@ -70,18 +70,26 @@ async fn check_nearest(c: &AnyCache) {
     c.put(&entry("p2", "closest", b"a-closest", Some(&at(1.0))))
         .await
         .unwrap();
-    let n = c.nearest("faq", "p1", &at(0.0)).await.unwrap().unwrap();
+    let n = c.nearest("faq", "p1", &at(0.0), 1).await.unwrap().remove(0);
     assert_eq!(
         (n.key.as_str(), n.answer.as_slice(), n.prompt.as_str()),
         ("near", &b"a-near"[..], "near")
     );
     let want = cosine_distance(&at(0.0), &v10);
     assert!((n.distance - want).abs() < 1e-4, "{} vs {want}", n.distance);
-    let n = c.nearest("faq", "p1", &v40).await.unwrap().unwrap();
+    let n = c.nearest("faq", "p1", &v40, 1).await.unwrap().remove(0);
     assert_eq!(n.key, "near");
-    let n = c.nearest("faq", "p1", &at(80.0)).await.unwrap().unwrap();
+    let n = c
+        .nearest("faq", "p1", &at(80.0), 1)
+        .await
+        .unwrap()
+        .remove(0);
     assert_eq!(n.key, "far");
-    assert_eq!(c.nearest("faq", "p3", &at(0.0)).await.unwrap(), None);
+    // k candidates, nearest first, each with its own distance.
+    let two = c.nearest("faq", "p1", &at(80.0), 2).await.unwrap();
+    assert_eq!((two[0].key.as_str(), two[1].key.as_str()), ("far", "near"));
+    assert!((two[1].distance - cosine_distance(&at(80.0), &v10)).abs() < 1e-4);
+    assert_eq!(c.nearest("faq", "p3", &at(0.0), 1).await.unwrap(), vec![]);
 }
 
 /// `max_entries` keeps the newest of a partition, `max_total_entries` the newest of the cache.
@@ -108,14 +116,9 @@ async fn check_bounds(c: &AnyCache) {
         );
     }
     // The evicted are gone from the vector search too.
-    assert_eq!(
-        c.nearest("faq", "small", &at(0.0))
-            .await
-            .unwrap()
-            .unwrap()
-            .key,
-        "k2"
-    );
+    let near = c.nearest("faq", "small", &at(0.0), 5).await.unwrap();
+    let keys: Vec<&str> = near.iter().map(|n| n.key.as_str()).collect();
+    assert_eq!(keys, ["k2", "k3", "k4"], "nearest first, k at most");
     assert_eq!(c.stats("faq").await.unwrap().entries, 3);
     for (i, p) in ["a", "b", "c"].into_iter().enumerate() {
         let mut e = entry(p, "k", b"y", None);
@@ -141,8 +144,8 @@ async fn check_purge(c: &AnyCache) {
     }
     assert_eq!(c.purge("faq", Some("a")).await.unwrap(), 2);
     assert_eq!(c.stats("faq").await.unwrap().entries, 1);
-    assert_eq!(c.nearest("faq", "a", &at(5.0)).await.unwrap(), None);
-    assert!(c.nearest("faq", "b", &at(5.0)).await.unwrap().is_some());
+    assert_eq!(c.nearest("faq", "a", &at(5.0), 1).await.unwrap(), vec![]);
+    assert!(!c.nearest("faq", "b", &at(5.0), 1).await.unwrap().is_empty());
     assert_eq!(c.purge("faq", None).await.unwrap(), 1);
     assert_eq!(c.stats("faq").await.unwrap().entries, 0);
 }
@@ -156,7 +159,7 @@ async fn check_ttl(c: &AnyCache, advance: impl Fn(u64)) {
     assert!(c.get("faq", "t", "k").await.unwrap().is_some());
     advance(400);
     assert_eq!(c.get("faq", "t", "k").await.unwrap(), None);
-    assert_eq!(c.nearest("faq", "t", &v).await.unwrap(), None);
+    assert_eq!(c.nearest("faq", "t", &v, 1).await.unwrap(), vec![]);
     assert_eq!(c.stats("faq").await.unwrap().entries, 0);
 }
 

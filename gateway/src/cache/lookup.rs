@@ -353,6 +353,9 @@ fn partition(
     partition_id(&values)
 }
 
+/// Nearest stored prompts considered for a semantic hit.
+const CANDIDATES: usize = 3;
+
 type Found = (Option<(Stored, Option<f64>)>, Option<Vec<f32>>);
 
 /// The exact layer, then (semantic caches) the nearest prompt. `Err` names the failing stage.
@@ -377,14 +380,16 @@ async fn find(
     let vector = embed(embedder, shared, &keyed.text, who)
         .await
         .map_err(|e| ("embeddings", e))?;
+    // A few candidates: the nearest may be refused by the safety rule while the next passes.
     let near = rule
         .store
-        .nearest(&rule.name, partition, &vector)
+        .nearest(&rule.name, partition, &vector, CANDIDATES)
         .await
         .map_err(|e| ("index", e.to_string()))?;
     let hit = near
+        .into_iter()
         .filter(|n| n.distance <= rule.config.score_threshold)
-        .filter(|n| safety::compatible(&keyed.text, &n.prompt))
+        .find(|n| safety::compatible(&keyed.text, &n.prompt))
         .and_then(|n| Stored::from_bytes(&n.answer).map(|s| (s, Some(n.distance.max(0.0)))));
     Ok((hit, Some(vector)))
 }

@@ -96,24 +96,33 @@ impl MemoryCache {
         (e.expires_us > now).then(|| e.answer.clone())
     }
 
-    pub fn nearest(&self, cache: &str, partition: &str, vector: &[f32]) -> Option<Nearest> {
+    pub fn nearest(&self, cache: &str, partition: &str, vector: &[f32], k: usize) -> Vec<Nearest> {
         let now = self.clock.now_us();
         let g = self.inner.lock();
-        let p = g.0.get(cache)?.partitions.get(partition)?;
-        p.entries
+        let Some(p) = g.0.get(cache).and_then(|c| c.partitions.get(partition)) else {
+            return Vec::new();
+        };
+        let mut all: Vec<Nearest> = p
+            .entries
             .iter()
             .filter(|(_, e)| e.expires_us > now)
-            .filter_map(|(k, e)| {
+            .filter_map(|(key, e)| {
                 let v = e.vector.as_ref().filter(|v| v.len() == vector.len())?;
-                Some((k, e, cosine_distance(vector, v)))
+                Some(Nearest {
+                    key: key.clone(),
+                    distance: cosine_distance(vector, v),
+                    prompt: e.prompt.clone(),
+                    answer: e.answer.clone(),
+                })
             })
-            .min_by(|a, b| a.2.total_cmp(&b.2).then_with(|| a.0.cmp(b.0)))
-            .map(|(k, e, d)| Nearest {
-                key: k.clone(),
-                distance: d,
-                prompt: e.prompt.clone(),
-                answer: e.answer.clone(),
-            })
+            .collect();
+        all.sort_by(|a, b| {
+            a.distance
+                .total_cmp(&b.distance)
+                .then_with(|| a.key.cmp(&b.key))
+        });
+        all.truncate(k.max(1));
+        all
     }
 
     pub fn put(&self, e: &NewEntry<'_>) {

@@ -115,16 +115,17 @@ impl AnyCache {
         }
     }
 
-    /// The nearest live entry with a vector in the partition.
+    /// The `k` nearest live entries with a vector in the partition, nearest first.
     pub async fn nearest(
         &self,
         cache: &str,
         partition: &str,
         vector: &[f32],
-    ) -> Result<Option<Nearest>> {
+        k: usize,
+    ) -> Result<Vec<Nearest>> {
         match self {
-            AnyCache::Memory(m) => Ok(m.nearest(cache, partition, vector)),
-            AnyCache::Redis(r) => r.nearest(cache, partition, vector).await,
+            AnyCache::Memory(m) => Ok(m.nearest(cache, partition, vector, k)),
+            AnyCache::Redis(r) => r.nearest(cache, partition, vector, k).await,
         }
     }
 

@@ -1,7 +1,7 @@
 //! The answer cache in Redis: one Lua script stores an entry and bounds its partition
 //! (`quota/lua/cache_put.lua`), a second bounds the whole cache (`cache_total.lua`, another
 //! slot), both off the request path. A lookup is one command: `HGET` of the exact entry, or
-//! one `FT.SEARCH … KNN 1` that returns the nearest entry's distance, prompt and answer.
+//! one `FT.SEARCH … KNN k` that returns the nearest entries' distances, prompts and answers.
 //!
 //! The vector index is created on first use, per vector size (`tg:cacheidx:CACHE:DIM`), over
 //! the hashes under `tg:cache:{CACHE:` (`FT.CREATE … ON HASH PREFIX … SCHEMA part TAG v VECTOR
@@ -135,17 +135,24 @@ impl RedisCache {
         self.run(&cmd).await
     }
 
-    /// One `FT.SEARCH` with a KNN 1 query inside the partition's TAG. An index that does not
-    /// exist yet (nothing stored with vectors of this size) is a miss.
+    /// One `FT.SEARCH` for the `k` nearest inside the partition's TAG, nearest first. An
+    /// index that does not exist yet (nothing stored with vectors of this size) has none.
     pub async fn nearest(
         &self,
         cache: &str,
         partition: &str,
         vector: &[f32],
-    ) -> Result<Option<Nearest>> {
+        k: usize,
+    ) -> Result<Vec<Nearest>> {
+        let k = k.max(1);
         let mut cmd = redis::cmd("FT.SEARCH");
         cmd.arg(index_name(cache, vector.len()))
-            .arg(format!("(@part:{{{partition}}})=>[KNN 1 @v $q AS d]"))
+            // A wider HNSW search than the default (10) keeps the approximate neighbours close
+            // to the exact ones the memory cache finds.
+            .arg(format!(
+                "(@part:{{{partition}}})=>[KNN {k} @v $q EF_RUNTIME {} AS d]",
+                (k * 20).max(100)
+            ))
             .arg("PARAMS")
             .arg(2)
             .arg("q")
@@ -159,12 +166,12 @@ impl RedisCache {
             .arg("a")
             .arg("LIMIT")
             .arg(0)
-            .arg(1)
+            .arg(k)
             .arg("DIALECT")
             .arg(2);
         let v: Value = match self.run(&cmd).await {
             Ok(v) => v,
-            Err(Error::Protocol(m)) if is_missing_index(&m) => return Ok(None),
+            Err(Error::Protocol(m)) if is_missing_index(&m) => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
         parse_search(&v, &entry_prefix(cache))

@@ -16,14 +16,30 @@ fn bytes_of(v: &Value) -> Option<Vec<u8>> {
     }
 }
 
-/// Reads `[total, key, [field, value, ...]]` of a `FT.SEARCH … RETURN 3 d p a`.
-pub(super) fn parse_search(v: &Value, prefix: &str) -> Result<Option<Nearest>> {
+/// Reads `[total, key, [field, value, ...], key, [...], ...]` of a `FT.SEARCH … RETURN 3 d p a`,
+/// nearest first.
+pub(super) fn parse_search(v: &Value, prefix: &str) -> Result<Vec<Nearest>> {
     let Value::Array(items) = v else {
         return Err(Error::Protocol("FT.SEARCH answered a non-array".into()));
     };
-    let (Some(doc), Some(Value::Array(fields))) = (items.get(1), items.get(2)) else {
-        return Ok(None);
-    };
+    let mut out = Vec::new();
+    for pair in items.get(1..).unwrap_or_default().chunks(2) {
+        let (Some(doc), Some(Value::Array(fields))) = (pair.first(), pair.get(1)) else {
+            continue;
+        };
+        if let Some(n) = parse_doc(doc, fields, prefix)? {
+            out.push(n);
+        }
+    }
+    out.sort_by(|a, b| {
+        a.distance
+            .total_cmp(&b.distance)
+            .then_with(|| a.key.cmp(&b.key))
+    });
+    Ok(out)
+}
+
+fn parse_doc(doc: &Value, fields: &[Value], prefix: &str) -> Result<Option<Nearest>> {
     let doc = bytes_of(doc).map(|b| String::from_utf8_lossy(&b).into_owned());
     let key = doc
         .as_deref()
@@ -59,7 +75,7 @@ pub(super) fn parse_search(v: &Value, prefix: &str) -> Result<Option<Nearest>> {
             _ => {}
         }
     }
-    // An entry deleted between the search and its read has no answer: a miss.
+    // An entry deleted between the search and its read has no answer: not a candidate.
     Ok(have_answer.then_some(out))
 }
 
