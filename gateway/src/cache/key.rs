@@ -6,7 +6,7 @@
 use crate::request::Operation;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
-use tollgate_common::config::CacheConfig;
+use tollgate_common::config::{CacheConfig, CacheMode};
 
 /// Why a request that a `[[cache]]` covers is not cached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,7 +83,10 @@ pub fn inspect(op: Operation, model: &str, body: &[u8], rule: &CacheConfig) -> R
     {
         return Err(Skip::Conversation);
     }
-    let text = semantic_text(op, &doc, rule);
+    let text = match rule.mode {
+        CacheMode::Semantic => semantic_text(op, &doc, rule),
+        CacheMode::Exact => String::new(),
+    };
     for f in TRANSPORT_ONLY {
         doc.remove(f);
     }
