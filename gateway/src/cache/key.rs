@@ -21,6 +21,8 @@ pub enum Skip {
     Conversation,
     /// The body is not a JSON object the cache can read.
     Unreadable,
+    /// The body is larger than the cache keys (4 MiB).
+    TooLarge,
 }
 
 impl Skip {
@@ -31,6 +33,7 @@ impl Skip {
             Skip::Temperature => "temperature",
             Skip::Conversation => "previous_response_id",
             Skip::Unreadable => "unreadable",
+            Skip::TooLarge => "too_large",
         }
     }
 }

@@ -158,7 +158,7 @@ impl Caches {
             return Some(self.finish(Decision::bypass(&rule.name, None)));
         }
         let control = key::control(headers);
-        let keyed = match key::inspect(req.op, &req.model, &req.body, &rule.config) {
+        let keyed = match inspect(rule, req).await {
             Ok(k) => k,
             Err(skip) => {
                 let m = &self.shared.metrics;
@@ -351,6 +351,24 @@ fn partition(
         values.push((v.label(), value));
     }
     partition_id(&values)
+}
+
+/// Bodies larger than this are keyed off the runtime (parsing them is CPU work).
+const INLINE_BYTES: usize = 64 * 1024;
+
+/// The request's key: parsed inline when small, on the blocking pool when large; bodies over
+/// the largest answer kept are not cached at all.
+async fn inspect(rule: &Arc<Rule>, req: &ClientRequest) -> Result<Keyed, key::Skip> {
+    if req.body.len() <= INLINE_BYTES {
+        return key::inspect(req.op, &req.model, &req.body, &rule.config);
+    }
+    if req.body.len() > super::answer::MAX_ANSWER_BYTES {
+        return Err(key::Skip::TooLarge);
+    }
+    let (rule, op, model, body) = (rule.clone(), req.op, req.model.clone(), req.body.clone());
+    tokio::task::spawn_blocking(move || key::inspect(op, &model, &body, &rule.config))
+        .await
+        .unwrap_or(Err(key::Skip::Unreadable))
 }
 
 /// Nearest stored prompts considered for a semantic hit.

@@ -114,10 +114,19 @@ impl Recorder {
 async fn store(pending: Pending, backend: Arc<str>, bytes: Vec<u8>, sse: bool) {
     let p = &pending.inner;
     let (rule, metrics) = (&p.rule, &p.shared.metrics);
-    let stored = if sse {
-        Stored::from_sse(p.op, &backend, &bytes)
+    let (op, len) = (p.op, bytes.len());
+    let read = move || {
+        if sse {
+            Stored::from_sse(op, &backend, &bytes)
+        } else {
+            Stored::from_json(op, &backend, &bytes)
+        }
+    };
+    // A large answer is parsed on the blocking pool, never on the async runtime.
+    let stored = if len > 64 * 1024 {
+        tokio::task::spawn_blocking(read).await.ok().flatten()
     } else {
-        Stored::from_json(p.op, &backend, &bytes)
+        read()
     };
     let Some(stored) = stored else {
         metrics.count("tollgate_cache_stores_total", &rule.name, "not_storable");
