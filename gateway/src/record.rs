@@ -50,6 +50,8 @@ pub struct Observed {
     pub saved: Option<TokenUsage>,
     /// The backend that produced the replayed answer (named even if no longer configured).
     pub saved_backend: Option<String>,
+    /// What the saved tokens cost at that backend, in pico-units.
+    pub saved_cost_pico: u64,
     /// What a `[[cache]]` did for the request.
     pub cache: Option<CacheNote>,
 }

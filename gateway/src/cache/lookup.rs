@@ -275,30 +275,34 @@ impl Caches {
             "output",
             usage.output,
         );
+        // Priced at the backend that produced the answer (nothing if it is no longer configured).
+        let (mut input_cost, mut output_cost) = (0, 0);
         if let Some(b) = &backend {
             let cached = usage.cached_input.min(usage.input);
-            let input = (usage.input - cached)
+            input_cost = (usage.input - cached)
                 .saturating_mul(b.price.input)
                 .saturating_add(cached.saturating_mul(b.price.cached_input));
-            m.add(
-                "tollgate_cache_cost_avoided_pico_total",
-                &d.cache,
-                "input",
-                input,
-            );
-            m.add(
-                "tollgate_cache_cost_avoided_pico_total",
-                &d.cache,
-                "output",
-                usage.output.saturating_mul(b.price.output),
-            );
+            output_cost = usage.output.saturating_mul(b.price.output);
         }
+        m.add(
+            "tollgate_cache_cost_avoided_pico_total",
+            &d.cache,
+            "input",
+            input_cost,
+        );
+        m.add(
+            "tollgate_cache_cost_avoided_pico_total",
+            &d.cache,
+            "output",
+            output_cost,
+        );
         let elapsed = meter.started().elapsed();
         let o = meter.observed();
-        o.backend = backend;
+        // No backend served it: the producing one is named for the usage totals only.
         o.status = 200;
         o.complete = true;
         o.saved = Some(usage);
+        o.saved_cost_pico = input_cost.saturating_add(output_cost);
         o.saved_backend = Some(s.backend.clone());
         o.cache = Some(d.note());
         o.first_byte = Some(elapsed);

@@ -113,16 +113,13 @@ impl UsageWorker {
             Some(_) => TokenUsage::default(),
             None => resolve_usage(&mut record, &self.tokenizer).await,
         };
-        let price = |u: &TokenUsage| {
-            record
-                .observed
-                .backend
-                .as_ref()
-                .map(|b| cost_pico(u, b))
-                .unwrap_or(0)
-        };
-        let cost = price(&usage);
-        let saved_cost = saved.as_ref().map(price).unwrap_or(0);
+        let cost = record
+            .observed
+            .backend
+            .as_ref()
+            .map(|b| cost_pico(&usage, b))
+            .unwrap_or(0);
+        let saved_cost = record.observed.saved_cost_pico;
         self.telemetry.record(&record, &usage, cost, span);
         let (a, o) = (&record.admitted, &record.observed);
         let actual = usage.total();
