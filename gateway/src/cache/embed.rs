@@ -2,12 +2,17 @@
 //! `embeddings_backend`, with the backend's own credential, for the prompt text. Its usage is
 //! the consumer's (recorded by the caller), but it reserves nothing against the consumer's TPM.
 
+use super::{Shared, unreserved};
 use crate::credentials::Credential;
+use crate::record::Admitted;
 use crate::request::Operation;
 use crate::routing::Backend;
+use crate::usage::Meter;
 use http::{HeaderValue, header};
 use serde_json::{Value, json};
 use std::sync::Arc;
+use std::time::Instant;
+use tollgate_common::TokenUsage;
 use tollgate_common::config::BackendApi;
 
 /// Why an embedding could not be had (each ends in a bypass, never in a failed request).
@@ -86,4 +91,48 @@ impl Embedder {
             .unwrap_or(0);
         Ok(Embedding { vector, tokens })
     }
+}
+
+/// Who a request is for, to record an embedding call against.
+#[derive(Clone, Debug)]
+pub struct Who {
+    pub consumer: Arc<str>,
+    pub team: String,
+    pub request_id: String,
+}
+
+/// Embeds `text` and records the call as the consumer's usage (no TPM reserved).
+pub(super) async fn embed(
+    embedder: &Embedder,
+    shared: &Shared,
+    text: &str,
+    who: &Who,
+) -> Result<Vec<f32>, String> {
+    let e = embedder
+        .embed(&shared.client, text)
+        .await
+        .map_err(|e| e.to_string())?;
+    let admitted = Admitted {
+        request_id: who.request_id.clone(),
+        consumer: who.consumer.clone(),
+        team: who.team.clone(),
+        model: embedder.model.clone(),
+        op: Operation::Embeddings,
+        stream: false,
+        reserved: unreserved(&who.team),
+        prompt_tokens: e.tokens,
+        started: Instant::now(),
+        trace_id: String::new(),
+    };
+    let mut meter = Meter::new(shared.usage_tx.clone(), admitted, None);
+    let o = meter.observed();
+    o.backend = Some(embedder.backend.clone());
+    o.status = 200;
+    o.complete = true;
+    o.reported = Some(TokenUsage {
+        input: e.tokens,
+        output: 0,
+        cached_input: 0,
+    });
+    Ok(e.vector)
 }

@@ -5,13 +5,13 @@
 //! request that reserved nothing and saved the stored answer's tokens.
 
 use super::answer::Stored;
-use super::embed::Embedder;
+use super::embed::{Who, embed};
 use super::key::{self, Keyed};
 use super::store::Pending;
 use super::{Caches, Rule, Shared, safety};
 use crate::auth::Caller;
-use crate::limits::{Limits, Placement, Reserved};
-use crate::record::{Admitted, CacheNote};
+use crate::limits::Limits;
+use crate::record::CacheNote;
 use crate::request::{ClientRequest, Operation};
 use crate::routing::Routes;
 use crate::usage::Meter;
@@ -20,10 +20,8 @@ use axum::response::Response;
 use http::{HeaderMap, HeaderValue, header};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tollgate_common::TokenUsage;
 use tollgate_common::config::VaryBy;
 use tollgate_quota::cache::partition_id;
-use tollgate_quota::{Admission, ReservationEnd};
 
 /// What the cache did for a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,24 +87,6 @@ impl Decision {
             result: self.outcome.label(),
             distance: self.hit.as_ref().and_then(|h| h.distance),
         }
-    }
-}
-
-/// A reservation of nothing: what a hit (or an embedding call) settles against.
-pub fn unreserved(team: &str) -> Reserved {
-    Reserved {
-        admission: Admission {
-            team: team.to_string(),
-            remaining_tpm: None,
-            remaining_quota: None,
-            window: 0,
-            tpm: None,
-            quota: None,
-            quota_period: Default::default(),
-        },
-        tokens: 0,
-        place: Placement::Nowhere,
-        end: ReservationEnd::None,
     }
 }
 
@@ -323,14 +303,6 @@ impl Caches {
     }
 }
 
-/// Who a request is for, to record an embedding call against.
-#[derive(Clone, Debug)]
-pub struct Who {
-    pub consumer: Arc<str>,
-    pub team: String,
-    pub request_id: String,
-}
-
 /// The partition: the operation (answers of different APIs never mix) and the `vary_by`
 /// values, hashed.
 fn partition(
@@ -414,40 +386,4 @@ async fn find(
         .find(|n| safety::compatible(&keyed.text, &n.prompt))
         .and_then(|n| Stored::from_bytes(&n.answer).map(|s| (s, Some(n.distance.max(0.0)))));
     Ok((hit, Some(vector)))
-}
-
-/// Embeds `text` and records the call as the consumer's usage (no TPM reserved).
-pub(super) async fn embed(
-    embedder: &Embedder,
-    shared: &Shared,
-    text: &str,
-    who: &Who,
-) -> Result<Vec<f32>, String> {
-    let e = embedder
-        .embed(&shared.client, text)
-        .await
-        .map_err(|e| e.to_string())?;
-    let admitted = Admitted {
-        request_id: who.request_id.clone(),
-        consumer: who.consumer.clone(),
-        team: who.team.clone(),
-        model: embedder.model.clone(),
-        op: Operation::Embeddings,
-        stream: false,
-        reserved: unreserved(&who.team),
-        prompt_tokens: e.tokens,
-        started: Instant::now(),
-        trace_id: String::new(),
-    };
-    let mut meter = Meter::new(shared.usage_tx.clone(), admitted, None);
-    let o = meter.observed();
-    o.backend = Some(embedder.backend.clone());
-    o.status = 200;
-    o.complete = true;
-    o.reported = Some(TokenUsage {
-        input: e.tokens,
-        output: 0,
-        cached_input: 0,
-    });
-    Ok(e.vector)
 }

@@ -35,10 +35,11 @@ mod stats;
 mod store;
 
 pub use answer::Stored;
-pub use lookup::{Decision, Hit, Outcome, unreserved};
+pub use lookup::{Decision, Hit, Outcome};
 pub use stats::CacheMetrics;
 pub use store::{Pending, Recorder};
 
+use crate::limits::{Placement, Reserved};
 use crate::routing::Routes;
 use crate::usage::Finished;
 use anyhow::Context as _;
@@ -50,6 +51,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tollgate_common::config::{CacheConfig, CacheMode, Config, StoreKind, VaryBy};
 use tollgate_quota::cache::{AnyCache, MemoryCache, RedisCache};
+use tollgate_quota::{Admission, ReservationEnd};
 
 /// One `[[cache]]`, ready to serve.
 pub struct Rule {
@@ -194,6 +196,24 @@ impl Caches {
                 }
             }
         }
+    }
+}
+
+/// A reservation of nothing: what a hit (or an embedding call) settles against.
+pub fn unreserved(team: &str) -> Reserved {
+    Reserved {
+        admission: Admission {
+            team: team.to_string(),
+            remaining_tpm: None,
+            remaining_quota: None,
+            window: 0,
+            tpm: None,
+            quota: None,
+            quota_period: Default::default(),
+        },
+        tokens: 0,
+        place: Placement::Nowhere,
+        end: ReservationEnd::None,
     }
 }
 

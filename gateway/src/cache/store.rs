@@ -6,8 +6,8 @@
 //! the client is never stored.
 
 use super::answer::{MAX_ANSWER_BYTES, Stored};
+use super::embed::{Who, embed};
 use super::key::Keyed;
-use super::lookup::{Who, embed};
 use super::{Rule, Shared};
 use crate::request::Operation;
 use std::sync::Arc;
