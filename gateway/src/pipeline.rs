@@ -122,13 +122,12 @@ async fn serve(
     // 4c. The cache, after the caller is known and before anything is reserved: a hit costs
     //     nothing, so it reserves nothing (served only to a caller whose record, at most
     //     250 ms old, would be admitted). A miss carries where its answer will be kept.
-    let cached = match gw.caches.is_empty() {
-        true => None,
-        false => {
-            gw.caches
-                .lookup(&gw.limits, &caller, &req, headers, &cx.request_id)
-                .await
-        }
+    let cached = if gw.caches.is_empty() {
+        None
+    } else {
+        gw.caches
+            .lookup(&gw.limits, &caller, &req, headers, &cx.request_id)
+            .await
     };
     if let Some(d) = cached.as_ref().filter(|d| d.hit.is_some()) {
         let team = d.hit.as_ref().map(|h| h.team.clone()).unwrap_or_default();
@@ -142,7 +141,10 @@ async fn serve(
             stream: req.stream,
             prompt_tokens: 0,
             started: cx.started,
-            trace_id: incoming_trace_id(headers),
+            trace_id: match cx.span.as_ref() {
+                Some(s) => s.trace_id(),
+                None => incoming_trace_id(headers),
+            },
         };
         let meter = Meter::new(gw.usage_tx.clone(), admitted, cx.span.take());
         return Ok(gw.caches.serve(d, &req, &gw.routes, meter));
