@@ -77,11 +77,11 @@ class Client:
         host, port = addr.rsplit(":", 1)
         self.conn = http.client.HTTPConnection(host, int(port), timeout=30)
 
-    def post(self, path: str, body: dict):
+    def post(self, path: str, body: dict, headers=None):
         data = json.dumps(body).encode()
         t = time.perf_counter()
         self.conn.request("POST", path, data, {"content-type": "application/json", "api-key": KEY,
-                                               "authorization": f"Bearer {KEY}"})
+                                               "authorization": f"Bearer {KEY}", **(headers or {})})
         r = self.conn.getresponse()
         r.read()
         dt = time.perf_counter() - t
@@ -105,13 +105,20 @@ def pct(xs, p):
     return s[min(len(s) - 1, int(p * len(s)))] * 1e6
 
 
-def measure(name, n, call, want=None):
+def measure(name, n, call, want=None, only=None):
+    """Times n calls; `want`: every answer must carry that x-tollgate-cache; `only`: keep the
+    times of answers with that one (and say how many)."""
     xs = []
     for i in range(n):
         dt, h = call(i)
         if want is not None and h != want:
             raise RuntimeError(f"{name}: request {i}: x-tollgate-cache {h!r}, expected {want!r}")
-        xs.append(dt)
+        if only is None or h == only:
+            xs.append(dt)
+    if only is not None:
+        log(f"{name}: {len(xs)}/{n} were {only}")
+        if not xs:
+            raise RuntimeError(f"{name}: no {only}")
     log(f"{name}: p50 {pct(xs, .5):.0f} us, p99 {pct(xs, .99):.0f} us")
     return xs
 
@@ -156,6 +163,9 @@ def main():
         rows["miss, no cache"] = measure("miss none", n, lambda i: gws["none"].post(path, chat(unique(n + i))))
         rows["miss, exact cache"] = measure(
             "miss exact", n, lambda i: gws["exact"].post(path, chat(unique(2 * n + i))), "miss")
+        rows["miss, exact cache, no-store (lookup only)"] = measure(
+            "miss exact no-store", n,
+            lambda i: gws["exact"].post(path, chat(unique(5 * n + i)), {"cache-control": "no-store"}), "miss")
         rows["miss, semantic cache"] = measure(
             "miss semantic", n, lambda i: gws["semantic"].post(path, chat(unique(3 * n + i))), "miss")
         gws["exact"].post(path, chat("What are the opening hours?"))
@@ -171,7 +181,9 @@ def main():
         time.sleep(0.5)
         rows["semantic hit"] = measure(
             "semantic hit", n,
-            lambda i: gws["semantic"].post(path, chat(bases[i].replace("How do I", "how can i") + "?")), "hit")
+            lambda i: gws["semantic"].post(path, chat(bases[i].replace("How do I", "how can i") + "?")),
+            only="hit")
+        sem_hits = len(rows["semantic hit"])
         # The floor of one store round trip, measured the same way (a PING on a kept socket).
         ping = socket.create_connection(("127.0.0.1", vport))
 
@@ -204,12 +216,16 @@ def main():
         base = pct(rows["miss, no cache"], .5)
         out.append("")
         out.append(f"- what the exact layer adds to a miss (p50): {pct(rows['miss, exact cache'], .5) - base:+.0f} µs")
+        out.append(f"- of which the lookup alone (no-store: nothing written after the answer): "
+                   f"{pct(rows['miss, exact cache, no-store (lookup only)'], .5) - base:+.0f} µs")
         out.append(f"- what the semantic layer adds to a miss (p50): "
                    f"{pct(rows['miss, semantic cache'], .5) - base:+.0f} µs (embedding included)")
         out.append(f"- a semantic hit minus the embeddings call (p50): "
                    f"{pct(rows['semantic hit'], .5) - pct(rows['embeddings call (mock, direct)'], .5):+.0f} µs")
         out.append(f"- paraphrase workload: {len(TOPICS)} questions × {len(FORMS)} wordings, twice, shuffled: "
                    f"{hits}/{len(asks)} hits ({rate:.0%}); the first ask of each question is a miss by design")
+        out.append(f"- semantic hits: {sem_hits}/{n} rewordings hit (the rest: their base was itself a hit on an "
+                   f"earlier base, so never stored — bag-of-words vectors of one template are close)")
         out.append(f"- {n} sequential requests per figure over one kept-alive connection (Python http.client)")
         text = "\n".join(out)
         print(text)
