@@ -85,6 +85,22 @@ pub struct Admission {
     pub quota_period: Period,
 }
 
+impl Admission {
+    /// An admission under no limit (fail-open, a cache hit): nothing remaining to report,
+    /// nothing to hand back at settle.
+    pub fn unlimited(team: String) -> Admission {
+        Admission {
+            team,
+            remaining_tpm: None,
+            remaining_quota: None,
+            window: 0,
+            tpm: None,
+            quota: None,
+            quota_period: Period::default(),
+        }
+    }
+}
+
 /// [`Settlement::window`] meaning "the window the quota counter holds now": usage admitted while
 /// the store was unreachable, charged to the shared quota once it is back.
 pub const ANY_WINDOW: u64 = u64::MAX;

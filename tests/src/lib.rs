@@ -501,16 +501,25 @@ impl Running {
 
     /// `tollgate usage --config FILE ARGS...`: its standard output.
     pub fn usage_args(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut all = vec!["usage"];
+        all.extend_from_slice(args);
+        self.tollgate(&all)
+    }
+
+    /// `tollgate ARGS... --config FILE` (this cluster's config): its standard output, or an
+    /// error with its standard error when it fails.
+    pub fn tollgate(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = Command::new(gateway_bin())
-            .args(["usage", "--config"])
-            .arg(&self.config_path)
             .args(args)
+            .arg("--config")
+            .arg(&self.config_path)
             .env("TOLLGATE_LOG", "warn")
             .output()
-            .context("running tollgate usage")?;
+            .with_context(|| format!("running tollgate {}", args.join(" ")))?;
         if !out.status.success() {
             bail!(
-                "tollgate usage failed: {}",
+                "tollgate {} failed: {}",
+                args.join(" "),
                 String::from_utf8_lossy(&out.stderr)
             );
         }

@@ -101,3 +101,27 @@ fn existing(path: PathBuf, what: &str) -> anyhow::Result<PathBuf> {
     }
     Ok(path)
 }
+
+/// Runs `tests/python/SCRIPT ARGS...` with the venv's Python, off the async runtime's threads;
+/// returns its standard output, or an error with its output when it fails.
+pub async fn run_script(script: &str, args: Vec<String>) -> anyhow::Result<String> {
+    let python = python()?;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(script);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(path)
+            .args(args)
+            .output()
+    })
+    .await??;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{script} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}

@@ -452,20 +452,9 @@ async fn semantic_cache_shared_by_three_replicas() {
 
 /// `tollgate cache ARGS --config FILE`'s output.
 fn cache_cli(h: &Running, args: &[&str]) -> String {
-    let out = std::process::Command::new(tollgate_tests::gateway_bin())
-        .arg("cache")
-        .args(args)
-        .arg("--config")
-        .arg(&h.config_path)
-        .env("TOLLGATE_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let mut all = vec!["cache"];
+    all.extend_from_slice(args);
+    h.tollgate(&all).unwrap()
 }
 
 /// `tollgate cache stats` counts the entries and the index; `tollgate cache purge

@@ -21,16 +21,19 @@ fn body(max_tokens: u64) -> serde_json::Value {
     chat(max_tokens).json()
 }
 
-/// `clients` tasks per node send requests back to back until `until` (or until `stop_on` is
-/// answered), counting statuses per node. On 429 a client waits `retry-after-ms` (capped).
+/// `clients` tasks per node send requests as `consumer` back to back for `time` (or until
+/// `stop_on` is answered), counting statuses per node. On 429 a client waits `retry-after-ms`
+/// (capped).
 async fn hammer(
     h: &Running,
-    key: &str,
+    consumer: &str,
     max_tokens: u64,
     clients: usize,
-    until: Instant,
+    time: Duration,
     stop_on: Option<u16>,
 ) -> Counts {
+    let (key, until) = (key_for(consumer), Instant::now() + time);
+    let key = key.as_str();
     let counts: Counts = Arc::default();
     let mut tasks = Vec::new();
     for node in 0..h.gateways.len() {
@@ -103,15 +106,7 @@ async fn quota_is_exact_across_three_nodes() {
         .start()
         .await
         .unwrap();
-    let counts = hammer(
-        &h,
-        &key_for("q"),
-        100,
-        8,
-        Instant::now() + Duration::from_secs(30),
-        Some(403),
-    )
-    .await;
+    let counts = hammer(&h, "q", 100, 8, Duration::from_secs(30), Some(403)).await;
     let per_request = count_prompt_tokens(&body(100)) + 100;
     let served = h.mock("m").stats().await.unwrap();
     assert_eq!(served.ok, total(&counts, 200), "{counts:?}");
@@ -153,15 +148,7 @@ async fn tpm_holds_across_three_nodes() {
         .await
         .unwrap();
     let started = Instant::now();
-    let counts = hammer(
-        &h,
-        &key_for("t"),
-        50,
-        6,
-        started + Duration::from_secs_f64(S),
-        None,
-    )
-    .await;
+    let counts = hammer(&h, "t", 50, 6, Duration::from_secs_f64(S), None).await;
     let elapsed = started.elapsed().as_secs_f64();
     let per_request = count_prompt_tokens(&body(50)) + 50;
     let served = h.mock("m").stats().await.unwrap().total_tokens;
@@ -201,15 +188,7 @@ async fn live_hset_applies_on_every_node() {
         .start()
         .await
         .unwrap();
-    let before = hammer(
-        &h,
-        &key_for("live"),
-        20,
-        2,
-        Instant::now() + Duration::from_secs(2),
-        None,
-    )
-    .await;
+    let before = hammer(&h, "live", 20, 2, Duration::from_secs(2), None).await;
     let redis = h.redis.as_ref().unwrap();
     assert_eq!(
         redis
@@ -220,15 +199,7 @@ async fn live_hset_applies_on_every_node() {
     // Leases taken before the change run out within their lifetime (250 ms).
     tokio::time::sleep(Duration::from_millis(300)).await;
     let tokens_before = h.mock("m").stats().await.unwrap().total_tokens;
-    let after = hammer(
-        &h,
-        &key_for("live"),
-        20,
-        2,
-        Instant::now() + Duration::from_secs(2),
-        None,
-    )
-    .await;
+    let after = hammer(&h, "live", 20, 2, Duration::from_secs(2), None).await;
     let tokens_after = h.mock("m").stats().await.unwrap().total_tokens - tokens_before;
     // Behaviour, not throughput: every node served before the change and was limited after
     // it, and what all of them admitted after it fits the new limit (below).
@@ -382,15 +353,7 @@ async fn leases_save_round_trips_and_honour_admin_changes() {
         .unwrap();
     let redis = h.redis.as_ref().unwrap();
     redis.cli(&["CONFIG", "RESETSTAT"]).unwrap();
-    let counts = hammer(
-        &h,
-        &key_for("busy"),
-        5,
-        8,
-        Instant::now() + Duration::from_secs(2),
-        None,
-    )
-    .await;
+    let counts = hammer(&h, "busy", 5, 8, Duration::from_secs(2), None).await;
     let served = total(&counts, 200);
     let stats = redis.cli(&["INFO", "commandstats"]).unwrap();
     let evalsha: u64 = stats
@@ -408,15 +371,7 @@ async fn leases_save_round_trips_and_honour_admin_changes() {
         .cli(&["HSET", "tg:consumer:{busy}", "disabled", "1"])
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let after = hammer(
-        &h,
-        &key_for("busy"),
-        5,
-        4,
-        Instant::now() + Duration::from_millis(500),
-        None,
-    )
-    .await;
+    let after = hammer(&h, "busy", 5, 4, Duration::from_millis(500), None).await;
     assert_eq!(total(&after, 200), 0, "served after disabled: {after:?}");
     assert!(total(&after, 403) > 0);
 }

@@ -210,38 +210,44 @@ async fn unauthenticated_is_401() {
 async fn forbidden_and_not_found() {
     let (c, _m) = config("").await;
     let (router, _gw, _bg) = tollgate::app(c).await.unwrap();
-    expect_error(
-        &router,
-        post("/v1/chat/completions", Some(KEY), chat("gpt-4o-mini", 5)),
-        403,
-        "model_not_allowed",
-        "permission_error",
-    )
-    .await;
-    expect_error(
-        &router,
-        post("/v1/chat/completions", Some(OFF_KEY), chat("gpt-4o", 5)),
-        403,
-        "consumer_disabled",
-        "permission_error",
-    )
-    .await;
-    expect_error(
-        &router,
-        post("/v1/chat/completions", Some(KEY), chat("gpt-9", 5)),
-        404,
-        "model_not_found",
-        "invalid_request_error",
-    )
-    .await;
-    expect_error(
-        &router,
-        post("/v1/nope", Some(KEY), chat("gpt-4o", 5)),
-        404,
-        "not_found",
-        "invalid_request_error",
-    )
-    .await;
+    let cases = [
+        (
+            "/v1/chat/completions",
+            KEY,
+            "gpt-4o-mini",
+            403,
+            "model_not_allowed",
+            "permission_error",
+        ),
+        (
+            "/v1/chat/completions",
+            OFF_KEY,
+            "gpt-4o",
+            403,
+            "consumer_disabled",
+            "permission_error",
+        ),
+        (
+            "/v1/chat/completions",
+            KEY,
+            "gpt-9",
+            404,
+            "model_not_found",
+            "invalid_request_error",
+        ),
+        (
+            "/v1/nope",
+            KEY,
+            "gpt-4o",
+            404,
+            "not_found",
+            "invalid_request_error",
+        ),
+    ];
+    for (path, key, model, status, code, kind) in cases {
+        let req = post(path, Some(key), chat(model, 5));
+        expect_error(&router, req, status, code, kind).await;
+    }
     let req = Request::get("/v1/chat/completions")
         .body(Body::empty())
         .unwrap();

@@ -380,17 +380,11 @@ async fn unknown_key_during_an_outage_is_503() {
         .start()
         .await
         .unwrap();
-    let out = std::process::Command::new(tollgate_tests::gateway_bin())
-        .args(["keys", "create", "--consumer", "cfg", "--config"])
-        .arg(&h.config_path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let key = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let key = h
+        .tollgate(&["keys", "create", "--consumer", "cfg"])
+        .unwrap()
+        .trim()
+        .to_string();
     assert!(key.len() > 16, "{key}");
     h.redis.as_mut().unwrap().stop();
     let r = client()

@@ -3,7 +3,6 @@
 //! (headless Chromium) holding the teams and the totals of the JSON report.
 
 use serde_json::Value;
-use std::process::Command;
 use tollgate_loadtest::mock::MockOpts;
 use tollgate_tests::{Harness, Running, chat};
 
@@ -175,20 +174,13 @@ async fn html_report_renders_in_a_browser() {
     let page = dir.path().join("report.html");
     std::fs::write(&page, &html).unwrap();
     let png = dir.path().join("report.png");
-    let python = tollgate_tests::pyenv::python().unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/render_page.py");
-    let out = Command::new(python)
-        .arg(script)
-        .arg(&page)
-        .arg(&png)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = tollgate_tests::pyenv::run_script(
+        "render_page.py",
+        vec![page.display().to_string(), png.display().to_string()],
+    )
+    .await
+    .unwrap();
+    let r: Value = serde_json::from_str(&out).unwrap();
     let dom = r["dom"].as_str().unwrap();
     for team in ["red", "blue"] {
         assert!(

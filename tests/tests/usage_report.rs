@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tollgate_loadtest::mock::{MockOpts, count_prompt_tokens};
-use tollgate_tests::{Harness, Running, client, gateway_bin, key_for};
+use tollgate_tests::{Harness, Running, client, key_for};
 
 /// Backend name → (input, output) price per 1M tokens in micro-units.
 const PRICES: [(&str, u64, u64); 3] = [
@@ -306,10 +306,8 @@ async fn usage_report_equals_what_the_backends_served() {
     check_report(&h, &ledger).await;
 
     // The table is the default and ends with the totals row; CSV has one line per group.
-    let out = std::process::Command::new(gateway_bin())
-        .args(["usage", "--config"])
-        .arg(&h.config_path)
-        .args([
+    let table = h
+        .usage_args(&[
             "--since",
             "2000-01-01",
             "--until",
@@ -317,9 +315,7 @@ async fn usage_report_equals_what_the_backends_served() {
             "--by",
             "team",
         ])
-        .output()
         .unwrap();
-    let table = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(lines.len(), 4, "{table}");
     assert!(

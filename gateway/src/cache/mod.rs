@@ -202,15 +202,7 @@ impl Caches {
 /// A reservation of nothing: what a hit (or an embedding call) settles against.
 pub fn unreserved(team: &str) -> Reserved {
     Reserved {
-        admission: Admission {
-            team: team.to_string(),
-            remaining_tpm: None,
-            remaining_quota: None,
-            window: 0,
-            tpm: None,
-            quota: None,
-            quota_period: Default::default(),
-        },
+        admission: Admission::unlimited(team.to_string()),
         tokens: 0,
         place: Placement::Nowhere,
         end: ReservationEnd::None,

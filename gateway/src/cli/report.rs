@@ -95,6 +95,21 @@ fn render_usage(
         cost_pico: u128,
         saved_cost_pico: u128,
     }
+    impl T {
+        /// The [`COLUMNS`], as CSV and the table print them.
+        fn cells(&self) -> Vec<String> {
+            let c = &self.counts;
+            vec![
+                c.requests.to_string(),
+                c.input.to_string(),
+                c.output.to_string(),
+                c.cached_input.to_string(),
+                fmt_cost(self.cost_pico),
+                c.saved_tokens.to_string(),
+                fmt_cost(self.saved_cost_pico),
+            ]
+        }
+    }
     let mut groups: BTreeMap<String, T> = BTreeMap::new();
     let mut total = T::default();
     for r in rows {
@@ -131,21 +146,9 @@ fn render_usage(
             out.push('\n');
         }
         Format::Csv => {
-            out.push_str(&format!(
-                "{label},requests,input_tokens,output_tokens,cached_input_tokens,cost,saved_tokens,saved_cost\n"
-            ));
+            out.push_str(&format!("{label},{}\n", COLUMNS.join(",")));
             for (k, t) in &groups {
-                out.push_str(&format!(
-                    "{},{},{},{},{},{},{},{}\n",
-                    csv_field(k),
-                    t.counts.requests,
-                    t.counts.input,
-                    t.counts.output,
-                    t.counts.cached_input,
-                    exact(t.cost_pico),
-                    t.counts.saved_tokens,
-                    exact(t.saved_cost_pico)
-                ));
+                out.push_str(&format!("{},{}\n", csv_field(k), t.cells().join(",")));
             }
         }
         Format::Table => {
@@ -155,36 +158,35 @@ fn render_usage(
                 .chain([label.len(), 5])
                 .max()
                 .unwrap_or(8);
-            out.push_str(&format!(
-                "{label:<w$}  {:>10}  {:>14}  {:>14}  {:>14}  {:>18}  {:>14}  {:>18}\n",
-                "requests",
-                "input_tokens",
-                "output_tokens",
-                "cached_tokens",
-                "cost",
-                "saved_tokens",
-                "saved_cost"
-            ));
-            let line = |name: &str, t: &T| {
-                format!(
-                    "{name:<w$}  {:>10}  {:>14}  {:>14}  {:>14}  {:>18}  {:>14}  {:>18}\n",
-                    t.counts.requests,
-                    t.counts.input,
-                    t.counts.output,
-                    t.counts.cached_input,
-                    exact(t.cost_pico),
-                    t.counts.saved_tokens,
-                    exact(t.saved_cost_pico)
-                )
+            let line = |name: &str, cells: &[String]| {
+                let mut l = format!("{name:<w$}");
+                for (c, width) in cells.iter().zip(WIDTHS) {
+                    l.push_str(&format!("  {c:>width$}"));
+                }
+                l + "\n"
             };
+            let head: Vec<String> = COLUMNS.iter().map(|c| c.replace("_input", "")).collect();
+            out.push_str(&line(label, &head));
             for (k, t) in &groups {
-                out.push_str(&line(k.as_str(), t));
+                out.push_str(&line(k.as_str(), &t.cells()));
             }
-            out.push_str(&line("TOTAL", &total));
+            out.push_str(&line("TOTAL", &total.cells()));
         }
     }
     out
 }
+
+/// The report's columns after the group's name, and their widths in the table.
+const COLUMNS: [&str; 7] = [
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cost",
+    "saved_tokens",
+    "saved_cost",
+];
+const WIDTHS: [usize; 7] = [10, 14, 14, 14, 18, 14, 18];
 
 /// A cost in pico-units as an exact decimal in currency units: every significant digit kept
 /// (a token at 0.15 per 1M is 0.00000015), at least two decimals.

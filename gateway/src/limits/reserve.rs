@@ -312,15 +312,7 @@ impl Limits {
         let (decision, place) = match self.policy.on_error {
             OnError::Escrow | OnError::FailClosed => return Err(Error::StoreUnavailable),
             OnError::FailOpen => {
-                let admission = Admission {
-                    team: String::new(),
-                    remaining_tpm: None,
-                    remaining_quota: None,
-                    window: 0,
-                    tpm: None,
-                    quota: None,
-                    quota_period: Default::default(),
-                };
+                let admission = Admission::unlimited(String::new());
                 return Ok(Reserved {
                     admission,
                     tokens: req.tokens,
