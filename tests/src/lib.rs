@@ -392,6 +392,11 @@ impl Harness {
         self
     }
 
+    /// [`Harness::start`] with the gateways in this process; panics when they cannot start.
+    pub async fn start_in_process(self) -> Running {
+        self.in_process().start().await.expect("the harness starts")
+    }
+
     pub async fn start(self) -> anyhow::Result<Running> {
         let dir = tempfile::tempdir()?;
         let redis = match (self.redis, self.persistent) {

@@ -91,10 +91,8 @@ async fn images_count_against_limits() {
     let h = Harness::new()
         .backend("m", MockOpts::default(), "")
         .consumer("img", "quota = 2000\nquota_period = \"day\"")
-        .in_process()
-        .start()
-        .await
-        .unwrap();
+        .start_in_process()
+        .await;
     let image = json!({"type": "image_url", "image_url": {"url": "https://example.com/a.png"}});
     let body = |n: usize| {
         let mut parts = vec![json!({"type": "text", "text": "What is in these?"})];
@@ -123,10 +121,8 @@ async fn unclassifiable_prompts_are_refused() {
     let h = Harness::new()
         .backend("m", MockOpts::default(), "")
         .consumer("odd", "quota = 100000\nquota_period = \"day\"")
-        .in_process()
-        .start()
-        .await
-        .unwrap();
+        .start_in_process()
+        .await;
     let big = "tokens ".repeat(20_000);
     let mut deep = json!("x");
     for _ in 0..200 {
@@ -157,10 +153,8 @@ async fn uncapped_answers_are_capped_at_the_reservation() {
         .consumer("cap", &format!("quota = {Q}\nquota_period = \"day\""))
         .consumer("free", "")
         .config("[limits]\ndefault_max_tokens = 500")
-        .in_process()
-        .start()
-        .await
-        .unwrap();
+        .start_in_process()
+        .await;
     let chat =
         json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "Write a lot."}]});
     let mut ok = 0;
@@ -261,10 +255,8 @@ async fn spent_quota_is_refused_before_tokenizing() {
         .backend("m", MockOpts::default(), "")
         .consumer("spent", "quota = 100\nquota_period = \"day\"")
         .consumer("fine", "")
-        .in_process()
-        .start()
-        .await
-        .unwrap();
+        .start_in_process()
+        .await;
     let tokenized = || async {
         tollgate_tests::metric_value(
             &tollgate_tests::metrics(&h.url(0)).await,

@@ -98,10 +98,8 @@ async fn exact_hits_replay_json_and_streams() {
         .backend("ptu", MockOpts::default(), "")
         .consumer("app", "team = \"support\"")
         .config(EXACT)
-        .in_process()
-        .start()
-        .await
-        .unwrap();
+        .start_in_process()
+        .await;
     let base = h.url(0);
     let first = post(&base, "app", &chat("How do I reset my password?"), &[]).await;
     assert_eq!(first.status(), 200);
@@ -183,10 +181,8 @@ async fn what_is_never_served_or_stored() {
         .backend("ptu", MockOpts::default(), "")
         .consumer("app", "team = \"support\"")
         .config("[[cache]]\nname = \"faq\"\nttl_s = 2\n")
-        .in_process()
-        .start()
-        .await
-        .unwrap();
+        .start_in_process()
+        .await;
     let base = h.url(0);
     let body = chat("Where is my parcel?");
     // no-store: answered, not kept.
@@ -253,10 +249,8 @@ async fn teams_never_share_entries() {
         .consumer("a2", "team = \"alpha\"")
         .consumer("b1", "team = \"beta\"")
         .config(EXACT)
-        .in_process()
-        .start()
-        .await
-        .unwrap();
+        .start_in_process()
+        .await;
     let base = h.url(0);
     let body = chat("What is the refund policy?");
     assert_eq!(cache_header(&post(&base, "a1", &body, &[]).await), "miss");
@@ -288,10 +282,8 @@ async fn a_cut_stream_is_not_stored() {
         )
         .consumer("app", "")
         .config(EXACT)
-        .in_process()
-        .start()
-        .await
-        .unwrap();
+        .start_in_process()
+        .await;
     let base = h.url(0);
     let mut body = chat("Tell me a long story about the sea.");
     body["max_tokens"] = json!(50);
@@ -468,10 +460,8 @@ async fn purge_and_stats_from_the_cli() {
         .consumer("s1", "team = \"support\"")
         .consumer("f1", "team = \"finance\"")
         .config(&semantic(0.1, "ptu"))
-        .in_process()
-        .start()
-        .await
-        .unwrap();
+        .start_in_process()
+        .await;
     let base = h.url(0);
     let q = chat("Which plan includes phone support?");
     for who in ["s1", "f1"] {
@@ -504,10 +494,8 @@ async fn hits_follow_admin_changes_within_250_ms() {
         .backend("ptu", MockOpts::default(), "")
         .consumer("app", "team = \"support\"")
         .config(EXACT)
-        .in_process()
-        .start()
-        .await
-        .unwrap();
+        .start_in_process()
+        .await;
     let base = h.url(0);
     let q = chat("Is there a student discount?");
     post(&base, "app", &q, &[]).await;
@@ -547,10 +535,8 @@ async fn embeddings_down_only_bypasses() {
         .config("[[backends]]\nname = \"emb\"\nurl = \"http://127.0.0.1:9\"\nmodels = [\"text-embedding-3-small\"]\n")
         .consumer("app", "")
         .config(&semantic(0.1, "emb").replace("lookup_timeout_ms = 2000", "lookup_timeout_ms = 200"))
-        .in_process()
-        .start()
-        .await
-        .unwrap();
+        .start_in_process()
+        .await;
     let base = h.url(0);
     for i in 0..5 {
         let t = Instant::now();

@@ -21,6 +21,18 @@ fn body(max_tokens: u64) -> serde_json::Value {
     chat(max_tokens).json()
 }
 
+/// One Redis, one mock backend `m`, `consumer` (its `toml` keys) and `gateways` processes.
+async fn shared(consumer: &str, toml: &str, gateways: usize) -> Running {
+    Harness::new()
+        .redis()
+        .backend("m", MockOpts::default(), "")
+        .consumer(consumer, toml)
+        .gateways(gateways)
+        .start()
+        .await
+        .unwrap()
+}
+
 /// `clients` tasks per node send requests as `consumer` back to back for `time` (or until
 /// `stop_on` is answered), counting statuses per node. On 429 a client waits `retry-after-ms`
 /// (capped).
@@ -98,14 +110,7 @@ fn per_node(c: &Counts, node: usize, status: u16) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn quota_is_exact_across_three_nodes() {
     const Q: u64 = 60_000;
-    let h = Harness::new()
-        .redis()
-        .backend("m", MockOpts::default(), "")
-        .consumer("q", &format!("quota = {Q}\nquota_period = \"day\""))
-        .gateways(3)
-        .start()
-        .await
-        .unwrap();
+    let h = shared("q", &format!("quota = {Q}\nquota_period = \"day\""), 3).await;
     let counts = hammer(&h, "q", 100, 8, Duration::from_secs(30), Some(403)).await;
     let per_request = count_prompt_tokens(&body(100)) + 100;
     let served = h.mock("m").stats().await.unwrap();
@@ -139,14 +144,7 @@ async fn quota_is_exact_across_three_nodes() {
 async fn tpm_holds_across_three_nodes() {
     const T: u64 = 6_000;
     const S: f64 = 6.0;
-    let h = Harness::new()
-        .redis()
-        .backend("m", MockOpts::default(), "")
-        .consumer("t", &format!("tpm = {T}"))
-        .gateways(3)
-        .start()
-        .await
-        .unwrap();
+    let h = shared("t", &format!("tpm = {T}"), 3).await;
     let started = Instant::now();
     let counts = hammer(&h, "t", 50, 6, Duration::from_secs_f64(S), None).await;
     let elapsed = started.elapsed().as_secs_f64();
@@ -180,14 +178,7 @@ async fn tpm_holds_across_three_nodes() {
 /// the 250 ms a lease lives).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn live_hset_applies_on_every_node() {
-    let h = Harness::new()
-        .redis()
-        .backend("m", MockOpts::default(), "")
-        .consumer("live", "tpm = 10000000")
-        .gateways(3)
-        .start()
-        .await
-        .unwrap();
+    let h = shared("live", "tpm = 10000000", 3).await;
     let before = hammer(&h, "live", 20, 2, Duration::from_secs(2), None).await;
     let redis = h.redis.as_ref().unwrap();
     assert_eq!(
@@ -343,14 +334,7 @@ async fn redis_outage_local_fallback_and_recovery() {
 /// operator's `disabled 1` still applies within the lease lifetime (250 ms).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leases_save_round_trips_and_honour_admin_changes() {
-    let h = Harness::new()
-        .redis()
-        .backend("m", MockOpts::default(), "")
-        .consumer("busy", "tpm = 100000000")
-        .gateways(1)
-        .start()
-        .await
-        .unwrap();
+    let h = shared("busy", "tpm = 100000000", 1).await;
     let redis = h.redis.as_ref().unwrap();
     redis.cli(&["CONFIG", "RESETSTAT"]).unwrap();
     let counts = hammer(&h, "busy", 5, 8, Duration::from_secs(2), None).await;

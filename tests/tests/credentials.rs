@@ -244,10 +244,8 @@ async fn short_lived_managed_identity_token_refreshed_near_expiry() {
     let h = Harness::new()
         .backend("m", MockOpts::default(), &auth)
         .consumer("a", "")
-        .in_process()
-        .start()
-        .await
-        .unwrap();
+        .start_in_process()
+        .await;
     let key = key_for("a");
     assert_eq!(post(&h, "gpt-4o", &[("api-key", &key)]).await, 200);
     let q = imds.last();

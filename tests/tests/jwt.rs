@@ -24,10 +24,8 @@ async fn gateway(jwks: &Jwks, mode: &str, extra_jwt: &str, config: &str) -> Runn
         .consumer("team-a", "")
         .config(&jwks.auth_toml(mode, extra_jwt))
         .config(config)
-        .in_process()
-        .start()
+        .start_in_process()
         .await
-        .unwrap()
 }
 
 /// Sends a chat request with `headers`; returns the status and the JSON body.
@@ -520,10 +518,8 @@ async fn jwks_from_a_file() {
     let h = Harness::new()
         .backend("m", MockOpts::default(), "")
         .config(&auth)
-        .in_process()
-        .start()
-        .await
-        .unwrap();
+        .start_in_process()
+        .await;
     assert_eq!(
         bearer(&h, &sign(&KEYS.ec, Algorithm::ES256, &claims()))
             .await

@@ -40,10 +40,8 @@ async fn metrics_parse_as_prometheus_with_histograms() {
     let h = Harness::new()
         .backend("m", MockOpts::default(), "")
         .consumer("c", "")
-        .in_process()
-        .start()
-        .await
-        .unwrap();
+        .start_in_process()
+        .await;
     let c = client();
     for stream in [false, true] {
         let r = c
@@ -125,10 +123,8 @@ async fn dashboard_queries_only_exposed_metrics() {
         )
         .consumer("c", "")
         .consumer("tiny", "tpm = 100")
-        .in_process()
-        .start()
-        .await
-        .unwrap();
+        .start_in_process()
+        .await;
     for (who, body) in [
         ("c", tollgate_tests::chat(5)),
         ("c", tollgate_tests::chat(5).model("gpt-4o-mini")),

@@ -53,10 +53,8 @@ async fn both_route_styles_reach_both_backend_kinds() {
         .backend("az", MockOpts::default(), "api = \"azure\"\nmodels = [\"gpt-4o\"]\ndeployments = { \"gpt-4o\" = \"gpt4o-ptu-eastus\" }")
         .backend("oai", MockOpts::default(), "api = \"openai\"\nmodels = [\"gpt-4o-mini\"]\ndeployments = { \"gpt-4o-mini\" = \"vendor/mini\" }")
         .consumer("team-a", "team = \"finance\"")
-        .in_process()
-        .start()
-        .await
-        .unwrap();
+        .start_in_process()
+        .await;
     let c = client();
     let base = h.url(0);
     let key = key_for("team-a");
@@ -161,10 +159,8 @@ async fn include_usage_is_honoured_and_counted() {
     let h = Harness::new()
         .backend("m", MockOpts::default(), "")
         .consumer("a", "")
-        .in_process()
-        .start()
-        .await
-        .unwrap();
+        .start_in_process()
+        .await;
     let c = client();
     let url = format!("{}/v1/chat/completions", h.url(0));
     for asked in [Some(true), Some(false), None] {
@@ -208,10 +204,8 @@ async fn counts_tokens_when_backend_reports_none() {
     let h = Harness::new()
         .backend_with("quiet", "api = \"openai\"", |m| m.no_usage = true)
         .consumer("a", "")
-        .in_process()
-        .start()
-        .await
-        .unwrap();
+        .start_in_process()
+        .await;
     let body = chat_body(Some("gpt-4o"), true, None, 9);
     let resp = h.chat("a", &body).await;
     let _ = resp.text().await.unwrap();
@@ -314,10 +308,8 @@ async fn embeddings_completions_responses() {
     let h = Harness::new()
         .backend("m", MockOpts::default(), "api = \"openai\"")
         .consumer("a", "")
-        .in_process()
-        .start()
-        .await
-        .unwrap();
+        .start_in_process()
+        .await;
     let c = client();
     let base = h.url(0);
     let k = key_for("a");
@@ -354,16 +346,8 @@ async fn embeddings_completions_responses() {
     assert_eq!(r.status(), 200);
     let s = h.mock("m").stats().await.unwrap();
     assert_eq!(s.ok, 4);
-    assert!(
-        eventually(Duration::from_secs(3), || async {
-            let m = metrics(&base).await;
-            metric_sum(&m, "tollgate_tokens_total", &[("type", "output")]) == s.completion_tokens
-                && metric_sum(&m, "tollgate_tokens_total", &[("type", "input")]) == s.prompt_tokens
-        })
-        .await,
-        "{s:?}\n{}",
-        metrics(&base).await
-    );
+    h.wait_for_tokens(0, s.prompt_tokens, s.completion_tokens)
+        .await;
 }
 
 /// A client that disconnects mid-stream cancels the backend call, and the tokens already
@@ -373,10 +357,8 @@ async fn disconnect_cancels_backend_and_settles() {
     let h = Harness::new()
         .backend_with("slow", "", |m| m.tokens_per_sec = Some(50.0))
         .consumer("a", "")
-        .in_process()
-        .start()
-        .await
-        .unwrap();
+        .start_in_process()
+        .await;
     let base = h.url(0);
     let resp = h
         .chat("a", &chat_body(Some("gpt-4o"), true, None, 500))

@@ -144,10 +144,8 @@ async fn refused_connections_fail_over_and_trip() {
         .backend("payg", MockOpts::default(), "priority = 2")
         .consumer("a", "")
         .config(&format!("[[backends]]\nname = \"dead\"\nurl = \"http://{dead}\"\nmodels = [\"gpt-4o\"]\npriority = 1\n{BREAKER}\n"))
-        .in_process()
-        .start()
-        .await
-        .unwrap();
+        .start_in_process()
+        .await;
     for _ in 0..5 {
         let r = h.chat("a", &body(3, false)).await;
         assert_eq!(r.status(), 200);
@@ -173,10 +171,8 @@ async fn hanging_backend_times_out_and_fails_over() {
         )
         .backend("payg", MockOpts::default(), "priority = 2")
         .consumer("a", "")
-        .in_process()
-        .start()
-        .await
-        .unwrap();
+        .start_in_process()
+        .await;
     let started = Instant::now();
     let r = h.chat("a", &body(3, false)).await;
     assert_eq!(r.status(), 200);
@@ -198,10 +194,8 @@ async fn mid_stream_failure_is_not_retried_and_settles() {
         })
         .backend("payg", MockOpts::default(), "priority = 2")
         .consumer("a", "")
-        .in_process()
-        .start()
-        .await
-        .unwrap();
+        .start_in_process()
+        .await;
     let r = h.chat("a", &body(20, true)).await;
     assert_eq!(r.status(), 200);
     let mut s = r.bytes_stream();
@@ -241,10 +235,8 @@ async fn all_tripped_is_503_with_retry_after() {
             |m| m.fail_rate = 1.0,
         )
         .consumer("a", "")
-        .in_process()
-        .start()
-        .await
-        .unwrap();
+        .start_in_process()
+        .await;
     let c = client();
     let url = format!("{}/v1/chat/completions", h.url(0));
     let r = c
@@ -299,10 +291,8 @@ async fn spill_before_the_ptu_is_full() {
         })
         .backend("payg", MockOpts::default(), "priority = 2")
         .consumer("a", "")
-        .in_process()
-        .start()
-        .await
-        .unwrap();
+        .start_in_process()
+        .await;
     for _ in 0..60 {
         let r = h.chat("a", &body(80, false)).await;
         assert_eq!(r.status(), 200);
