@@ -21,6 +21,8 @@ pub enum ErrorKind {
     ConsumerDisabled,
     /// The consumer's period quota is spent.
     QuotaExceeded,
+    /// The consumer's or its team's budget in money is spent.
+    BudgetExceeded,
     /// No backend serves this model.
     ModelNotFound,
     /// Unknown route.
@@ -48,9 +50,10 @@ impl ErrorKind {
         match self {
             ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
             ErrorKind::InvalidApiKey => StatusCode::UNAUTHORIZED,
-            ErrorKind::ModelNotAllowed | ErrorKind::ConsumerDisabled | ErrorKind::QuotaExceeded => {
-                StatusCode::FORBIDDEN
-            }
+            ErrorKind::ModelNotAllowed
+            | ErrorKind::ConsumerDisabled
+            | ErrorKind::QuotaExceeded
+            | ErrorKind::BudgetExceeded => StatusCode::FORBIDDEN,
             ErrorKind::ModelNotFound | ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -74,7 +77,7 @@ impl ErrorKind {
             | ErrorKind::RequestTimeout => "invalid_request_error",
             ErrorKind::InvalidApiKey => "authentication_error",
             ErrorKind::ModelNotAllowed | ErrorKind::ConsumerDisabled => "permission_error",
-            ErrorKind::QuotaExceeded => "insufficient_quota",
+            ErrorKind::QuotaExceeded | ErrorKind::BudgetExceeded => "insufficient_quota",
             ErrorKind::RateLimited => "rate_limit_error",
             ErrorKind::BadGateway | ErrorKind::Unavailable | ErrorKind::GatewayTimeout => {
                 "api_error"
@@ -91,6 +94,7 @@ impl ErrorKind {
             ErrorKind::ModelNotAllowed => "model_not_allowed",
             ErrorKind::ConsumerDisabled => "consumer_disabled",
             ErrorKind::QuotaExceeded => "quota_exceeded",
+            ErrorKind::BudgetExceeded => "budget_exceeded",
             ErrorKind::ModelNotFound => "model_not_found",
             ErrorKind::NotFound => "not_found",
             ErrorKind::MethodNotAllowed => "method_not_allowed",

@@ -12,4 +12,4 @@ pub mod types;
 pub use config::Config;
 pub use error::{ApiError, ErrorKind};
 pub use secret::Secret;
-pub use types::{Period, TokenUsage, key_hash};
+pub use types::{BudgetAction, Period, TokenUsage, key_hash};

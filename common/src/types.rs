@@ -50,6 +50,34 @@ impl Period {
     }
 }
 
+/// What an exhausted budget does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetAction {
+    /// Refuse requests that would spend past it (403 `budget_exceeded`).
+    #[default]
+    Block,
+    /// Count and alert, never refuse.
+    Alert,
+}
+
+impl BudgetAction {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            BudgetAction::Block => "block",
+            BudgetAction::Alert => "alert",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<BudgetAction> {
+        match s {
+            "block" => Some(BudgetAction::Block),
+            "alert" => Some(BudgetAction::Alert),
+            _ => None,
+        }
+    }
+}
+
 /// The lowercase hex SHA-256 of a subscription key: the only form in which keys are stored.
 pub fn key_hash(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))

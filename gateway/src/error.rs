@@ -34,6 +34,17 @@ pub enum Error {
     ConsumerDisabled,
     #[error("the token quota for this period is spent")]
     QuotaExceeded { retry_after_ms: u64 },
+    /// A consumer's or team's budget in money lacks this request's estimated cost.
+    #[error("the {scope} budget of {limit:.2} {currency} per {period} is spent{}", renews(.retry_after_ms))]
+    BudgetExceeded {
+        scope: &'static str,
+        /// The consumer's or the team's id (for alerts; not in the message).
+        id: String,
+        limit: f64,
+        currency: std::sync::Arc<str>,
+        period: &'static str,
+        retry_after_ms: u64,
+    },
     #[error("token rate limit exceeded")]
     RateLimited { retry_after_ms: u64 },
     #[error("the model {0:?} does not exist or no backend serves it")]
@@ -77,6 +88,7 @@ impl Error {
             | Error::ModelNotAllowed(_)
             | Error::ConsumerDisabled
             | Error::QuotaExceeded { .. }
+            | Error::BudgetExceeded { .. }
             | Error::RateLimited { .. }
             | Error::ModelNotFound(_)
             | Error::RouteNotFound
@@ -106,6 +118,7 @@ impl Error {
             Error::ModelNotAllowed(_) => ErrorKind::ModelNotAllowed,
             Error::ConsumerDisabled => ErrorKind::ConsumerDisabled,
             Error::QuotaExceeded { .. } => ErrorKind::QuotaExceeded,
+            Error::BudgetExceeded { .. } => ErrorKind::BudgetExceeded,
             Error::RateLimited { .. } => ErrorKind::RateLimited,
             Error::ModelNotFound(_) => ErrorKind::ModelNotFound,
             Error::RouteNotFound => ErrorKind::NotFound,
@@ -132,7 +145,9 @@ impl Error {
             api = api.with_param(p);
         }
         match self {
-            Error::QuotaExceeded { retry_after_ms } | Error::RateLimited { retry_after_ms } => {
+            Error::QuotaExceeded { retry_after_ms }
+            | Error::RateLimited { retry_after_ms }
+            | Error::BudgetExceeded { retry_after_ms, .. } => {
                 api.with_retry_after_ms(*retry_after_ms)
             }
             Error::NoBackend {
@@ -141,6 +156,16 @@ impl Error {
             Error::StoreUnavailable => api.with_retry_after_ms(1000),
             _ => api,
         }
+    }
+}
+
+/// When a spent budget renews, for its message.
+fn renews(retry_after_ms: &u64) -> String {
+    let s = retry_after_ms / 1000;
+    match s {
+        0..=5_399 => format!("; it renews in {} minutes", s.div_ceil(60).max(1)),
+        5_400..=172_799 => format!("; it renews in {} hours", s.div_ceil(3600)),
+        _ => format!("; it renews in {} days", s.div_ceil(86_400)),
     }
 }
 
@@ -185,6 +210,29 @@ mod tests {
         assert_eq!(r.status(), 429);
         assert_eq!(r.headers()["retry-after"], "2");
         assert_eq!(r.headers()["retry-after-ms"], "1500");
+    }
+
+    /// A spent budget is a 403 `budget_exceeded` that says which budget, how much and when it
+    /// renews, with `retry-after`.
+    #[test]
+    fn budget_exceeded() {
+        let r = Error::BudgetExceeded {
+            scope: "team",
+            id: "finance".into(),
+            limit: 500.0,
+            currency: "EUR".into(),
+            period: "month",
+            retry_after_ms: 3 * 86_400_000,
+        };
+        let api = r.to_api();
+        assert_eq!(api.kind.code(), "budget_exceeded");
+        assert_eq!(
+            api.message,
+            "the team budget of 500.00 EUR per month is spent; it renews in 3 days"
+        );
+        let resp = r.into_response();
+        assert_eq!(resp.status(), 403);
+        assert_eq!(resp.headers()["retry-after"], "259200");
     }
 
     /// Internal detail never reaches the client.

@@ -1,6 +1,7 @@
 //! The gateway's shared state: what every request needs, built once by [`crate::server`] and
 //! handed to each request by reference.
 
+use crate::alerts::Alerts;
 use crate::auth::Auth;
 use crate::cache::Caches;
 use crate::estimate::Tokenizer;
@@ -24,6 +25,8 @@ pub struct Gateway {
     pub tokenizer: Tokenizer,
     /// The `[[cache]]`s, in file order.
     pub caches: Arc<Caches>,
+    /// Budget and quota thresholds, circuit and store alerts (delivered off the path).
+    pub alerts: Arc<Alerts>,
     /// Where finished requests go: the usage worker.
     pub usage_tx: mpsc::UnboundedSender<Finished>,
 }

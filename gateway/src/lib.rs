@@ -20,6 +20,8 @@
 //! - [`record`] — the per-request record handed from stage to stage.
 //! - [`usage`] — the meter, settle, cost and usage totals, off the request path.
 //! - [`telemetry`] — Prometheus at `/metrics`, OTLP spans, metrics and usage log records.
+//! - [`budgets`] — around the reservation: `x-budget-remaining`, budget gauges, thresholds.
+//! - [`alerts`] — webhooks for budgets, quotas, circuits and the store, off the request path.
 //! - [`gateway`] — the shared state every request reads.
 //! - [`server`] — building the gateway, the HTTP routes, running and draining.
 //! - [`connections`] — accepting connections: timeouts, a connection cap.
@@ -28,7 +30,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod alerts;
 pub mod auth;
+pub mod budgets;
 pub mod cache;
 pub mod cli;
 pub mod clock;

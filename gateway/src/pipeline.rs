@@ -175,23 +175,37 @@ async fn serve(
     let prompt = std::mem::take(&mut req.prompt);
     let prompt_tokens = gw.tokenizer.count_prompt(prompt).await;
     let estimate = prompt_tokens.saturating_add(output);
+    //    Its cost at the highest prices among the model's backends: the route is chosen later.
+    let cost_nano = gw.routes.max_cost_nano(&req.model, prompt_tokens, output);
 
-    // 6. Reserve: the one store call on the path (limits, model allow-list, bucket, quota).
-    let reserved = gw
+    // 6. Reserve: the one store round trip on the path (limits, model allow-list, bucket,
+    //    quota, the consumer's budget; the team's budget alongside, in the team's own slot).
+    let reserved = match gw
         .limits
         .reserve(
             &caller.consumer,
             &req.model,
             estimate,
+            cost_nano,
             caller.require_record,
+            caller.team.as_deref(),
         )
-        .await?;
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            crate::budgets::refused(gw, &caller, &e);
+            return Err(e);
+        }
+    };
     let team = caller
         .team
         .clone()
         .unwrap_or_else(|| reserved.admission.team.clone());
     let remaining_tpm = reserved.admission.remaining_tpm;
     let remaining_quota = reserved.admission.remaining_quota;
+    //    Thresholds crossed and gauges moved: compared here, delivered off the path.
+    let remaining_budget = crate::budgets::admitted(gw, &caller.consumer, &team, &reserved);
 
     // 7. From here on the meter settles the reservation however the request ends (and the
     //    usage worker ends the span, with the tokens on it).
@@ -261,6 +275,9 @@ async fn serve(
     }
     if let Some(q) = remaining_quota {
         h.insert("x-quota-remaining-tokens", HeaderValue::from(q.max(0)));
+    }
+    if let Some(v) = remaining_budget {
+        h.insert("x-budget-remaining", v);
     }
     if gw.config.server.debug_headers {
         if let Some(name) = resp_backend(&resp) {

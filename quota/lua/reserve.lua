@@ -1,11 +1,14 @@
 -- reserve.lua: admit or refuse one request of one consumer and debit it, in one round trip.
 -- The twin of `MemoryStore::reserve` (quota/src/memory.rs), decision for decision.
 --
--- KEYS[1] tg:consumer:{ID}  hash: team, tpm, quota, quota_period, models, disabled (read only)
+-- KEYS[1] tg:consumer:{ID}  hash: team, tpm, quota, quota_period, models, disabled, budget,
+--                           budget_period, budget_action (read only)
 -- KEYS[2] tg:bucket:{ID}    hash: tokens (float), ts (unix us); absent = full
 -- KEYS[3] tg:quota:{ID}     hash: w (window start, unix s), used
--- KEYS[4] tg:resv:{ID}:RID  string: "tokens window tpm" of this reservation until it is
---                           settled, or "x" (a tombstone: abandoned, or settled after a retry)
+-- KEYS[4] tg:resv:{ID}:RID  string: "tokens window tpm cost bwindow" of this reservation until
+--                           it is settled, or "x" (a tombstone: abandoned, or settled after a
+--                           retry); tpm and bwindow are "-" when there is no bucket or budget
+-- KEYS[5] tg:spend:{ID}     hash: w (budget window start, unix s), spent (nano-units)
 -- ARGV[1] model
 -- ARGV[2] tokens to debit (whole number)
 -- ARGV[3] "1" = the consumer must have a stored record (key auth), "0" = defaults may apply
@@ -14,20 +17,23 @@
 -- ARGV[6] default quota period: hour | day | week | month
 -- ARGV[7] milliseconds added to Redis TIME (a test hook; 0 in production)
 -- ARGV[8] milliseconds the reservation record lives when never settled
+-- ARGV[9] the estimate's cost in nano-units (whole number), debited from the budget if any
 --
 -- Returns an array of strings, the verdict first (numbers as strings: no float truncation):
---   {"A", team, remaining_tpm | "", remaining_quota | "", window_start, tpm | "", quota | "", period}
---                                                                                 admitted
+--   {"A", team, remaining_tpm | "", remaining_quota | "", window_start, tpm | "", quota | "", period,
+--    budget_nano | "", spent_nano | "", budget_window | "", budget_window_end | "",
+--    budget_period | "", budget_action | ""}                                      admitted
 --   {"R", retry_after_ms, remaining_tpm}                                           rate limited
 --   {"Q", retry_after_ms, remaining_quota}                                         quota spent
+--   {"B", retry_after_ms, remaining_nano, budget_nano, budget_period}              budget spent
 --   {"M"} model not allowed, {"D"} disabled, {"U"} unknown consumer
 --   {"C"} this reservation id was abandoned: nothing debited, now or ever
 -- Raises "TGBADFIELD ..." when an operator stored a field that is not a valid value.
 --
--- Invariant: the bucket and the quota are debited together or not at all; a refusal writes
--- nothing. A reservation id debits at most once: a second call with the same id (a retry
+-- Invariant: the bucket, the quota and the budget are debited together or not at all; a
+-- refusal writes nothing. A budget with action "alert" is debited but never refuses. A reservation id debits at most once: a second call with the same id (a retry
 -- after a lost answer) answers "A" without debiting while the record lives, "C" once it is a
--- tombstone. Decision order: unknown, disabled, model, replay, quota, bucket.
+-- tombstone. Decision order: unknown, disabled, model, replay, quota, budget, bucket.
 
 local function int(x)
   return string.format('%d', x)
@@ -70,7 +76,7 @@ local function civil_from_days(days)
 end
 
 -- Start and end (unix s, end exclusive) of the fixed UTC window; `window_bounds` in model.rs.
-local function window_bounds(period, now_s)
+local function window_bounds(period, now_s, field)
   local day = 86400
   if period == 'hour' then
     local s = now_s - math.fmod(now_s, 3600)
@@ -88,7 +94,7 @@ local function window_bounds(period, now_s)
     if m == 12 then ny, nm = y + 1, 1 end
     return days_from_civil(y, m, 1) * day, days_from_civil(ny, nm, 1) * day
   end
-  error({err = 'TGBADFIELD ' .. KEYS[1] .. ' quota_period is not hour|day|week|month: ' .. period})
+  error({err = 'TGBADFIELD ' .. KEYS[1] .. ' ' .. field .. ' is not hour|day|week|month: ' .. period})
 end
 
 local t = redis.call('TIME')
@@ -102,7 +108,9 @@ local quota = whole(ARGV[5], 'default quota')
 local period = ARGV[6]
 local team = ''
 
-local f = redis.call('HMGET', KEYS[1], 'team', 'tpm', 'quota', 'quota_period', 'models', 'disabled')
+local budget, budget_period, budget_action = nil, nil, nil
+local f = redis.call('HMGET', KEYS[1], 'team', 'tpm', 'quota', 'quota_period', 'models', 'disabled',
+  'budget', 'budget_period', 'budget_action')
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if f[6] == '1' or f[6] == 'true' then
     return {'D'}
@@ -130,11 +138,23 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
     quota = q
     if f[4] and f[4] ~= '' then period = f[4] end
   end
+  if f[7] and f[7] ~= '' then
+    local b = tonumber(f[7])
+    if not b or b < 0 or b ~= b or b == math.huge then
+      error({err = 'TGBADFIELD ' .. KEYS[1] .. ' budget is not an amount: ' .. f[7]})
+    end
+    budget = math.floor(b * 1000000000 + 0.5)
+    budget_period = (f[8] and f[8] ~= '') and f[8] or 'month'
+    budget_action = (f[9] and f[9] ~= '') and f[9] or 'block'
+    if budget_action ~= 'block' and budget_action ~= 'alert' then
+      error({err = 'TGBADFIELD ' .. KEYS[1] .. ' budget_action is not block|alert: ' .. budget_action})
+    end
+  end
 elseif ARGV[3] == '1' then
   return {'U'}
 end
 
-local window, window_end = window_bounds(period, now_s)
+local window, window_end = window_bounds(period, now_s, 'quota_period')
 
 -- A replay of a reservation already made (or abandoned): never debit twice.
 local prior = redis.call('GET', KEYS[4])
@@ -143,7 +163,7 @@ if prior == 'x' then
 elseif prior then
   local window_p = string.match(prior, '^%S+ (%S+)')
   return {'A', team, '', '', window_p or int(window), tpm and int(tpm) or '',
-    quota and int(quota) or '', period}
+    quota and int(quota) or '', period, '', '', '', '', '', ''}
 end
 
 -- Quota first: a spent quota outlasts any per-minute wait.
@@ -155,6 +175,21 @@ if quota then
   end
   if used + tokens > quota then
     return {'Q', int(math.max(window_end - now_s, 1) * 1000), int(quota - used)}
+  end
+end
+
+-- The budget: a spent budget outlasts any per-minute wait too.
+local cost = tonumber(ARGV[9])
+local spent, bwindow, bwindow_end = 0, nil, nil
+if budget then
+  bwindow, bwindow_end = window_bounds(budget_period, now_s, 'budget_period')
+  local sp = redis.call('HMGET', KEYS[5], 'w', 'spent')
+  if sp[1] and tonumber(sp[1]) == bwindow then
+    spent = tonumber(sp[2]) or 0
+  end
+  if budget_action == 'block' and spent + cost > budget then
+    return {'B', int(math.max(bwindow_end - now_s, 1) * 1000), int(budget - spent), int(budget),
+      budget_period}
   end
 end
 
@@ -199,6 +234,13 @@ if quota then
   redis.call('EXPIRE', KEYS[3], int(window_end - now_s + 86400))
   rem_quota = int(quota - used - tokens)
 end
-redis.call('SET', KEYS[4], int(tokens) .. ' ' .. int(window) .. ' ' .. (tpm and int(tpm) or '-'),
-  'PX', ARGV[8])
-return {'A', team, rem_tpm, rem_quota, int(window), tpm and int(tpm) or '', quota and int(quota) or '', period}
+local b_out = {'', '', '', '', '', ''}
+if budget then
+  redis.call('HSET', KEYS[5], 'w', int(bwindow), 'spent', int(spent + cost))
+  redis.call('EXPIRE', KEYS[5], int(bwindow_end - now_s + 86400))
+  b_out = {int(budget), int(spent + cost), int(bwindow), int(bwindow_end), budget_period, budget_action}
+end
+redis.call('SET', KEYS[4], int(tokens) .. ' ' .. int(window) .. ' ' .. (tpm and int(tpm) or '-')
+  .. ' ' .. int(cost) .. ' ' .. (budget and int(bwindow) or '-'), 'PX', ARGV[8])
+return {'A', team, rem_tpm, rem_quota, int(window), tpm and int(tpm) or '', quota and int(quota) or '', period,
+  b_out[1], b_out[2], b_out[3], b_out[4], b_out[5], b_out[6]}

@@ -5,7 +5,8 @@
 -- KEYS[1]    tg:bucket:{ID}           hash: tokens (float), ts (unix us); absent = full
 -- KEYS[2]    tg:quota:{ID}            hash: w (window start, unix s), used
 -- KEYS[3]    tg:settled:{ID}:BATCH    string marker: this batch was applied (1 h TTL)
--- KEYS[4..]  tg:usage:{ID}:YYYYMMDD   hash: "<team>|<model>|<backend>|<metric>" -> integer
+-- KEYS[4]    tg:spend:{ID}            hash: w (budget window start, unix s), spent (nano-units)
+-- KEYS[5..]  tg:usage:{ID}:YYYYMMDD   hash: "<team>|<model>|<backend>|<metric>" -> integer
 --            tg:resv:{ID}:RID         reservation records (see reserve.lua)
 -- ARGV[1]    milliseconds added to Redis TIME (a test hook; 0 in production)
 -- ARGV[2]    usage retention in seconds (EXPIRE of every usage key written)
@@ -13,11 +14,13 @@
 -- ARGV[4]    milliseconds a tombstone lives
 -- then n x   KEYS index of the reservation record ("0" = none), mode, delta (actual -
 --            reserved, may be negative), tpm ("" = no bucket), window start ("any" = whatever
---            window the quota counter holds: usage from an outage). Modes:
+--            window the quota counter holds: usage from an outage), cost delta (nano-units,
+--            actual - reserved), budget window start ("any" as for the quota; a live record's
+--            own budget window wins). Modes:
 --              "c" settled: correct by delta if the record lives, drop the record
 --              "r" settled after a retried reserve: the same, and leave a tombstone
---              "a" abandoned: refund what the record says was debited (if it exists) and leave
---                  a tombstone; delta, tpm and window are ignored
+--              "a" abandoned: refund what the record says was debited (tokens and cost, if it
+--                  exists) and leave a tombstone; the deltas, tpm and windows are ignored
 -- then m x   KEYS index of the usage key, "<team>|<model>|<backend>", in, out, cached, req, cost,
 --            saved, savedcost (the last two: tokens and cost a cache hit saved; written only
 --            when not 0)
@@ -27,7 +30,7 @@
 -- Invariant: a correction is applied in order, each as the memory store does: the bucket is
 -- refilled to now, then debited by delta (a refund never lifts it above capacity); the quota
 -- counter moves by delta, never below 0, and only if it still counts the reservation's
--- window. Usage counters only grow (HINCRBY), and every key written carries a TTL. A batch is
+-- window; the budget's spend likewise by the cost delta in its own window. Usage counters only grow (HINCRBY), and every key written carries a TTL. A batch is
 -- applied at most once: a caller that lost the reply retries with the same batch id. A
 -- reservation with a record is corrected at most once (while the record lives), and never
 -- after a tombstone.
@@ -45,6 +48,16 @@ local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2]) + tonumber(ARGV[1]) * 1
 local retention = ARGV[2]
 local n = tonumber(ARGV[3])
 local tombstone_ms = ARGV[4]
+
+local function correct_money(delta, bwindow)
+  if delta == 0 or bwindow == '-' then
+    return
+  end
+  local sp = redis.call('HMGET', KEYS[4], 'w', 'spent')
+  if sp[1] and (bwindow == 'any' or tonumber(sp[1]) == tonumber(bwindow)) then
+    redis.call('HSET', KEYS[4], 'spent', int(math.max((tonumber(sp[2]) or 0) + delta, 0)))
+  end
+end
 
 local function correct(delta, tpm, window)
   if delta == 0 then
@@ -77,22 +90,32 @@ for _ = 1, n do
   local delta = tonumber(ARGV[i + 2])
   local tpm = ARGV[i + 3]
   local window = ARGV[i + 4]
-  i = i + 5
+  local cost_delta = tonumber(ARGV[i + 5])
+  local bwindow = ARGV[i + 6]
+  i = i + 7
   if mode == 'a' then
     local rec = redis.call('GET', KEYS[rkey])
     if rec and rec ~= 'x' then
-      local tokens, w, cap = string.match(rec, '^(%S+) (%S+) (%S+)$')
+      local tokens, w, cap, cost, bw = string.match(rec, '^(%S+) (%S+) (%S+) ?(%S*) ?(%S*)$')
       if cap == '-' then cap = '' end
       correct(-tonumber(tokens), cap, w)
+      if cost ~= '' and bw ~= '' then
+        correct_money(-tonumber(cost), bw)
+      end
     end
     redis.call('SET', KEYS[rkey], 'x', 'PX', tombstone_ms)
   elseif rkey == 0 then
     correct(delta, tpm, window)
+    correct_money(cost_delta, bwindow)
   else
     -- Only a live record is corrected: settling one reservation twice corrects it once.
     local rec = redis.call('GET', KEYS[rkey])
     if rec and rec ~= 'x' then
       correct(delta, tpm, window)
+      local bw = string.match(rec, '^%S+ %S+ %S+ %S+ (%S+)$')
+      if bw then
+        correct_money(cost_delta, bw)
+      end
     end
     if mode == 'r' then
       redis.call('SET', KEYS[rkey], 'x', 'PX', tombstone_ms)

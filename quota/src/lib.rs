@@ -16,12 +16,14 @@
 
 #![forbid(unsafe_code)]
 
+mod budget;
 pub mod cache;
 mod memory;
 mod model;
 pub(crate) mod redis;
 mod store;
 
+pub use budget::*;
 pub use memory::{Clock, MemoryStore, SystemClock};
 pub use model::*;
 pub use redis::{BREAKER_CHANNEL, RedisOpts, RedisStore};
@@ -156,6 +158,41 @@ pub trait Store: Send + Sync + 'static {
     /// Circuit changes made by any replica, as they happen (Redis pub/sub; in-process for the
     /// memory store). Lost messages are healed by periodic [`Store::breaker_states`] reads.
     fn breaker_events(&self) -> tokio::sync::broadcast::Receiver<BreakerState>;
+
+    /// The team step of a reservation, in the team's own slot: reads the team's budget and
+    /// debits `cost_nano` from it, atomically; [`TeamDecision::NoBudget`] when it has none.
+    /// Idempotent per [`TeamReserve::id`] like [`reserve`](Store::reserve); settled and
+    /// abandoned through [`Money::team`] in a settle batch.
+    fn reserve_team(
+        &self,
+        req: &TeamReserve<'_>,
+    ) -> impl Future<Output = Result<TeamDecision>> + Send;
+
+    /// Writes a team from configuration only if the store has none by that id (the store
+    /// wins afterwards, like consumers). Returns whether it was written.
+    fn seed_team(&self, team: &TeamRecord) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Writes a team record, replacing any stored one.
+    fn put_team(&self, team: &TeamRecord) -> impl Future<Output = Result<()>> + Send;
+
+    /// The team's stored record, if any.
+    fn get_team(&self, id: &str) -> impl Future<Output = Result<Option<TeamRecord>>> + Send;
+
+    /// What a consumer's or team's budget counter holds: (window start, spent nano-units), or
+    /// `None` when nothing was counted yet.
+    fn spend(
+        &self,
+        scope: BudgetScope,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<(u64, i64)>>> + Send;
+
+    /// Claims the alert `name` (`tg:alert:<name>`) for `ttl_ms`: true for exactly one caller
+    /// cluster-wide until it expires or is released, so an alert fires once per threshold and
+    /// window however many replicas see it.
+    fn claim_alert(&self, name: &str, ttl_ms: u64) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Releases a claim (an alert that could not be delivered may fire again).
+    fn release_alert(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
 
     /// A cheap round trip to tell whether the store is reachable.
     fn ping(&self) -> impl Future<Output = Result<()>> + Send;

@@ -3,6 +3,8 @@
 pub use tollgate_common::Period;
 pub use tollgate_common::config::MAX_TRIP_MS;
 
+use crate::budget::*;
+
 /// A consumer as the store holds it (`tg:consumer:{id}` in Redis).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ConsumerRecord {
@@ -16,6 +18,8 @@ pub struct ConsumerRecord {
     /// Models this consumer may use; empty = all.
     pub models: Vec<String>,
     pub disabled: bool,
+    /// The consumer's own budget in money, checked in its reservation.
+    pub budget: Option<Budget>,
 }
 
 /// Limits applied to a consumer that has no stored record or leaves a field unset
@@ -43,6 +47,8 @@ pub struct ReserveRequest<'a> {
     pub id: u64,
     /// Off the request path (a lease): the store waits its longer background deadline.
     pub background: bool,
+    /// The estimate's cost (nano-units) debited from the consumer's budget, if it has one.
+    pub cost_nano: u64,
 }
 
 /// The outcome of a reservation.
@@ -60,6 +66,8 @@ pub enum Decision {
         /// What is left of the quota (a smaller request would still pass).
         remaining_quota: i64,
     },
+    /// The consumer's budget lacks the estimate's cost; nothing was debited.
+    BudgetExceeded(BudgetRefusal),
     ModelNotAllowed,
     Disabled,
     UnknownConsumer,
@@ -83,6 +91,8 @@ pub struct Admission {
     /// the shared store is unreachable).
     pub quota: Option<u64>,
     pub quota_period: Period,
+    /// The consumer's budget after this debit (`None`: no budget, or a replayed reservation).
+    pub budget: Option<BudgetUse>,
 }
 
 impl Admission {
@@ -97,6 +107,7 @@ impl Admission {
             tpm: None,
             quota: None,
             quota_period: Period::default(),
+            budget: None,
         }
     }
 }
@@ -136,6 +147,31 @@ pub struct Settlement {
     /// [`Admission::tpm`] of the reservation: the bucket capacity to refill against.
     pub tpm: Option<u64>,
     pub usage: Option<UsageDelta>,
+    /// The money of the reservation: corrected in the consumer's and the team's budgets.
+    pub money: Money,
+}
+
+/// Money of one settlement: the estimate reserved and the actual cost (nano-units), corrected
+/// like tokens, in the consumer's budget and, when the team step was taken, the team's.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Money {
+    pub reserved: u64,
+    pub actual: u64,
+    /// The consumer budget window the reservation debited ([`ANY_WINDOW`](crate::ANY_WINDOW)
+    /// for usage admitted without the store). A reservation with a live record is corrected
+    /// in the window its record names.
+    pub window: u64,
+    pub team: Option<TeamCharge>,
+}
+
+/// The team part of a settlement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TeamCharge {
+    pub team: String,
+    /// The team reservation's record: `Settled` or `Abandoned` like the consumer's, `None` for
+    /// usage admitted without a team reservation (charged to the current window).
+    pub end: ReservationEnd,
+    pub window: u64,
 }
 
 /// The usage counters, the one shape in which usage is added, stored and reported.

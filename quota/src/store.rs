@@ -2,8 +2,9 @@
 //! gateway and the CLI hold one type whatever the store, and every operation dispatches to it.
 
 use crate::{
-    BreakerFailure, BreakerState, ConsumerRecord, Decision, Error, MemoryStore, RedisOpts,
-    RedisStore, ReserveRequest, Result, Settlement, Store, UsageRow,
+    BreakerFailure, BreakerState, BudgetScope, ConsumerRecord, Decision, Error, MemoryStore,
+    RedisOpts, RedisStore, ReserveRequest, Result, Settlement, Store, TeamDecision, TeamRecord,
+    TeamReserve, UsageRow,
 };
 use std::time::Duration;
 use tollgate_common::config::{StoreConfig, StoreKind};
@@ -86,6 +87,27 @@ impl Store for AnyStore {
     }
     fn breaker_events(&self) -> tokio::sync::broadcast::Receiver<BreakerState> {
         delegate!(self, s => s.breaker_events())
+    }
+    async fn reserve_team(&self, req: &TeamReserve<'_>) -> Result<TeamDecision> {
+        delegate!(self, s => s.reserve_team(req).await)
+    }
+    async fn seed_team(&self, team: &TeamRecord) -> Result<bool> {
+        delegate!(self, s => s.seed_team(team).await)
+    }
+    async fn put_team(&self, team: &TeamRecord) -> Result<()> {
+        delegate!(self, s => s.put_team(team).await)
+    }
+    async fn get_team(&self, id: &str) -> Result<Option<TeamRecord>> {
+        delegate!(self, s => s.get_team(id).await)
+    }
+    async fn spend(&self, scope: BudgetScope, id: &str) -> Result<Option<(u64, i64)>> {
+        delegate!(self, s => s.spend(scope, id).await)
+    }
+    async fn claim_alert(&self, name: &str, ttl_ms: u64) -> Result<bool> {
+        delegate!(self, s => s.claim_alert(name, ttl_ms).await)
+    }
+    async fn release_alert(&self, name: &str) -> Result<()> {
+        delegate!(self, s => s.release_alert(name).await)
     }
     async fn ping(&self) -> Result<()> {
         delegate!(self, s => s.ping().await)

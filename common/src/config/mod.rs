@@ -3,12 +3,14 @@
 //! [`Config::from_toml`] reports the offending key by its path (`backends[1].breaker.failures`).
 //!
 //! - [`server`]: `[server]`; [`store`]: `[store]`, `[limits]`, `[[consumers]]`;
-//!   [`backend`]: `[[backends]]`; [`cache`]: `[[cache]]`; [`auth`]: `[auth]`, `[auth.jwt]`; [`telemetry`]:
-//!   `[telemetry]`; [`validate`]: the checks serde cannot make.
+//!   [`backend`]: `[[backends]]`; [`cache`]: `[[cache]]`; [`auth`]: `[auth]`, `[auth.jwt]`;
+//!   [`telemetry`]: `[telemetry]`; [`money`]: `[pricing]`, `[[teams]]`, `[[alerts]]`;
+//!   [`validate`]: the checks serde cannot make.
 
 mod auth;
 mod backend;
 mod cache;
+mod money;
 mod server;
 mod store;
 mod telemetry;
@@ -17,6 +19,7 @@ mod validate;
 pub use auth::*;
 pub use backend::*;
 pub use cache::*;
+pub use money::*;
 pub use server::*;
 pub use store::*;
 pub use telemetry::*;
@@ -61,6 +64,12 @@ pub struct Config {
     /// `[[cache]]`, in file order: the first that matches a request applies.
     #[serde(default)]
     pub cache: Vec<CacheConfig>,
+    #[serde(default)]
+    pub pricing: PricingConfig,
+    #[serde(default)]
+    pub teams: Vec<TeamConfig>,
+    #[serde(default)]
+    pub alerts: Vec<AlertConfig>,
 }
 
 impl Config {

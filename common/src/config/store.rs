@@ -1,7 +1,7 @@
 //! `[store]` (where shared state lives, and what to do when it is unreachable), `[limits]`
 //! (estimates and defaults) and `[[consumers]]`.
 
-use crate::types::Period;
+use crate::types::{BudgetAction, Period};
 use serde::Deserialize;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -114,4 +114,11 @@ pub struct ConsumerConfig {
     pub key_env: Option<String>,
     #[serde(default)]
     pub disabled: bool,
+    /// The consumer's own budget in money per `budget_period` (on top of its team's).
+    #[serde(default)]
+    pub budget: Option<f64>,
+    #[serde(default)]
+    pub budget_period: Period,
+    #[serde(default)]
+    pub budget_action: BudgetAction,
 }

@@ -210,7 +210,8 @@ impl Config {
                 ));
             }
         }
-        self.validate_dimensions()
+        self.validate_dimensions()?;
+        self.validate_money()
     }
 
     fn validate_dimensions(&self) -> Result<(), ConfigError> {

@@ -204,8 +204,10 @@ pub fn unreserved(team: &str) -> Reserved {
     Reserved {
         admission: Admission::unlimited(team.to_string()),
         tokens: 0,
+        cost_nano: 0,
         place: Placement::Nowhere,
         end: ReservationEnd::None,
+        team: None,
     }
 }
 

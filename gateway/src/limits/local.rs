@@ -7,7 +7,7 @@ use super::Limits;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use tollgate_common::config::OnError;
-use tollgate_quota::{Admission, ConsumerRecord, Period, Store};
+use tollgate_quota::{Admission, Budget, ConsumerRecord, Period, Store};
 
 /// The local counters start afresh at most this often.
 const RESET_EVERY_MS: u64 = 60_000;
@@ -37,6 +37,10 @@ impl Limits {
                 let mut r = c.clone();
                 r.tpm = share(r.tpm);
                 r.quota = share(r.quota);
+                r.budget = r.budget.map(|b| Budget {
+                    limit_nano: b.limit_nano.div_ceil(n),
+                    ..b
+                });
                 (r.id.clone(), r)
             })
             .collect();
@@ -52,6 +56,10 @@ impl Limits {
                     quota_period: l.quota_period,
                     models: base.models,
                     disabled: base.disabled,
+                    budget: base.budget.map(|b| Budget {
+                        limit_nano: b.limit_nano.div_ceil(n),
+                        ..b
+                    }),
                 },
             );
         }
@@ -110,6 +118,7 @@ mod tests {
             defaults: LimitDefaults::default(),
             timeout: Duration::from_millis(50),
             max_degraded_ms: 30_000,
+            currency: "EUR".into(),
         };
         let rec = ConsumerRecord {
             id: "c".into(),
@@ -134,6 +143,7 @@ mod tests {
             require_record: true,
             id: tollgate_quota::new_reservation_id(),
             background: false,
+            cost_nano: 0,
         };
         match l.local.reserve(&req).await.unwrap() {
             Decision::Admitted(a) => a.remaining_quota,

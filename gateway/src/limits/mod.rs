@@ -25,6 +25,7 @@
 //! - [`local`]: the `local` policy's per-replica shares.
 //! - [`refusals`]: refusals remembered for a moment, checked before tokenizing.
 //! - [`seed`]: configured consumers kept in the store.
+//! - [`team`]: the team step (a team's budget, in the team's own slot) and compensation.
 
 mod health;
 mod lease;
@@ -32,6 +33,9 @@ mod local;
 mod refusals;
 mod reserve;
 mod seed;
+mod team;
+
+pub use team::TeamReserved;
 
 pub use lease::LEASE_MS;
 
@@ -57,6 +61,10 @@ use tollgate_quota::{
 pub struct Reserved {
     pub admission: Admission,
     pub tokens: u64,
+    /// The estimate's cost (nano-units) debited from the consumer's budget (0 without one).
+    pub cost_nano: u64,
+    /// The team step, when the consumer's team has a budget.
+    pub team: Option<TeamReserved>,
     /// Made in this replica's fallback store (settle there too), or not made at all
     /// (`fail_open`: nothing to settle).
     pub place: Placement,
@@ -80,6 +88,8 @@ pub struct Policy {
     pub timeout: Duration,
     /// `store.max_degraded_ms`: past it a degraded replica logs at error level once a minute.
     pub max_degraded_ms: u64,
+    /// `pricing.currency`, for the messages of spent budgets.
+    pub currency: Arc<str>,
 }
 
 pub struct Limits {
@@ -101,6 +111,8 @@ pub struct Limits {
     refusals: Refusals,
     /// Reservations given up on (no answer from the store), for the usage worker to refund.
     abandoned: Mutex<Vec<Settlement>>,
+    /// Which teams have a budget, as last seen (the team step is skipped for the others).
+    teams: team::Teams,
 }
 
 impl Limits {
@@ -132,6 +144,7 @@ impl Limits {
             leases: None,
             refusals: Refusals::default(),
             abandoned: Mutex::new(Vec::new()),
+            teams: team::Teams::default(),
         })
     }
 
@@ -268,6 +281,7 @@ impl Limits {
             window: 0,
             tpm: None,
             usage: None,
+            money: Default::default(),
         });
     }
 }

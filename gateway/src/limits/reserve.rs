@@ -9,22 +9,25 @@ use std::sync::Arc;
 use std::time::Duration;
 use tollgate_common::config::OnError;
 use tollgate_quota::{
-    Admission, Decision, LimitDefaults, ReservationEnd, ReserveRequest, Settlement, Store,
+    Admission, BudgetRefusal, BudgetScope, Decision, LimitDefaults, ReservationEnd, ReserveRequest,
+    Settlement, Store, units_from_nano,
 };
 
 impl Limits {
-    /// Debits `tokens` for the consumer, or says why not: from this replica's lease when the
-    /// consumer is busy and has one, else with one store call.
-    pub async fn reserve(
+    /// Debits `tokens` (and `cost_nano` from the consumer's budget) for the consumer, or says
+    /// why not: from this replica's lease when the consumer is busy and has one (never when
+    /// it has a budget), else with one store call.
+    pub(super) async fn reserve_consumer(
         self: &Arc<Self>,
         consumer: &str,
         model: &str,
         tokens: u64,
+        cost_nano: u64,
         require_record: bool,
     ) -> Result<Reserved, Error> {
         let Some(leases) = &self.leases else {
             return self
-                .reserve_direct(consumer, model, tokens, require_record)
+                .reserve_direct(consumer, model, tokens, cost_nano, require_record)
                 .await;
         };
         let key: Key = (consumer.to_string(), model.to_string());
@@ -39,14 +42,16 @@ impl Limits {
                 return Ok(Reserved {
                     admission,
                     tokens,
+                    cost_nano: 0,
                     place: Placement::Shared,
                     end: ReservationEnd::None,
+                    team: None,
                 });
             }
             Take::Miss { ask } => ask,
         };
         let r = self
-            .reserve_direct(consumer, model, tokens, require_record)
+            .reserve_direct(consumer, model, tokens, cost_nano, require_record)
             .await;
         if let Ok(res) = &r
             && res.place == Placement::Shared
@@ -87,8 +92,24 @@ impl Limits {
                     require_record,
                     id,
                     background: true,
+                    cost_nano: 0,
                 };
                 match self.store.reserve(&req).await {
+                    Ok(Decision::Admitted(a)) if a.budget.is_some() => {
+                        // A consumer with a budget is never served from a lease (its requests'
+                        // money must be reserved one by one): give the slice back at once.
+                        leases.lock().admitted(&key.0, &a);
+                        let slice = Lease {
+                            id,
+                            model: key.1.clone(),
+                            left: size,
+                            expires_ms: 0,
+                            admission: a,
+                        };
+                        if let Err(kept) = self.return_leases(vec![(key.0.clone(), slice)]).await {
+                            leases.lock().put_back(kept);
+                        }
+                    }
                     Ok(Decision::Admitted(a)) => {
                         leases.lock().admitted(&key.0, &a);
                         granted = Some(Lease {
@@ -154,6 +175,7 @@ impl Limits {
                 window: l.admission.window,
                 tpm: l.admission.tpm,
                 usage: None,
+                money: Default::default(),
             })
             .collect();
         let id = tollgate_quota::new_batch_id();
@@ -210,6 +232,7 @@ impl Limits {
         consumer: &str,
         model: &str,
         tokens: u64,
+        cost_nano: u64,
         require_record: bool,
     ) -> Result<Reserved, Error> {
         let req = ReserveRequest {
@@ -220,6 +243,7 @@ impl Limits {
             require_record,
             id: tollgate_quota::new_reservation_id(),
             background: false,
+            cost_nano,
         };
         let mut shared = None;
         if self.try_shared() {
@@ -278,16 +302,18 @@ impl Limits {
                 Ok(Reserved {
                     admission,
                     tokens,
+                    cost_nano: req.cost_nano,
                     place: Placement::Shared,
                     end: ReservationEnd::Settled {
                         id: req.id,
                         retried,
                     },
+                    team: None,
                 })
             }
             other => {
                 self.remember(consumer, &other);
-                refusal(other, model)
+                refusal(other, consumer, model, &self.policy.currency)
             }
         }
     }
@@ -316,8 +342,10 @@ impl Limits {
                 return Ok(Reserved {
                     admission,
                     tokens: req.tokens,
+                    cost_nano: 0,
                     place: Placement::Nowhere,
                     end: ReservationEnd::None,
+                    team: None,
                 });
             }
             OnError::Local => {
@@ -344,19 +372,27 @@ impl Limits {
             Decision::Admitted(admission) => Ok(Reserved {
                 admission,
                 tokens: req.tokens,
+                cost_nano: req.cost_nano,
                 place,
                 end: ReservationEnd::None,
+                team: None,
             }),
-            other => refusal(other, req.model),
+            other => refusal(other, req.consumer, req.model, &self.policy.currency),
         }
     }
 }
 
 /// The error for a store's refusal.
-fn refusal(d: Decision, model: &str) -> Result<Reserved, Error> {
+fn refusal(
+    d: Decision,
+    consumer: &str,
+    model: &str,
+    currency: &Arc<str>,
+) -> Result<Reserved, Error> {
     Err(match d {
         Decision::RateLimited { retry_after_ms, .. } => Error::RateLimited { retry_after_ms },
         Decision::QuotaExceeded { retry_after_ms, .. } => Error::QuotaExceeded { retry_after_ms },
+        Decision::BudgetExceeded(r) => budget_error(BudgetScope::Consumer, consumer, &r, currency),
         Decision::ModelNotAllowed => Error::ModelNotAllowed(model.to_string()),
         Decision::Disabled => Error::ConsumerDisabled,
         Decision::UnknownConsumer => Error::Unauthenticated,
@@ -364,4 +400,21 @@ fn refusal(d: Decision, model: &str) -> Result<Reserved, Error> {
         Decision::Cancelled => Error::StoreUnavailable,
         Decision::Admitted(_) => Error::Internal("an admission treated as a refusal".into()),
     })
+}
+
+/// The 403 of a spent budget.
+pub(super) fn budget_error(
+    scope: BudgetScope,
+    id: &str,
+    r: &BudgetRefusal,
+    currency: &Arc<str>,
+) -> Error {
+    Error::BudgetExceeded {
+        scope: scope.as_str(),
+        id: id.to_string(),
+        limit: units_from_nano(r.limit_nano as i64),
+        currency: currency.clone(),
+        period: r.period.as_str(),
+        retry_after_ms: r.retry_after_ms,
+    }
 }

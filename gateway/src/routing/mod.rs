@@ -33,6 +33,9 @@ struct Group {
 pub struct Routes {
     pub backends: Vec<Arc<Backend>>,
     pools: HashMap<String, Vec<Group>>,
+    /// Per model, the highest input and output price among its backends: a request's cost is
+    /// reserved at these, since the route is chosen after reserving.
+    max_prices: HashMap<String, PriceMicros>,
 }
 
 impl Routes {
@@ -91,7 +94,14 @@ impl Routes {
             })
             .collect();
         let mut pools: HashMap<String, Vec<Group>> = HashMap::new();
+        let mut max_prices: HashMap<String, PriceMicros> = HashMap::new();
         for model in config.models() {
+            let mut max = PriceMicros::default();
+            for b in backends.iter().filter(|b| b.config.models.contains(&model)) {
+                max.input = max.input.max(b.price.input).max(b.price.cached_input);
+                max.output = max.output.max(b.price.output);
+            }
+            max_prices.insert(model.clone(), max);
             let mut by_priority: Vec<(u32, Vec<(usize, u32)>)> = Vec::new();
             for (i, b) in backends.iter().enumerate() {
                 if !b.config.models.contains(&model) {
@@ -112,7 +122,21 @@ impl Routes {
                     .collect(),
             );
         }
-        Ok(Routes { backends, pools })
+        Ok(Routes {
+            backends,
+            pools,
+            max_prices,
+        })
+    }
+
+    /// The most a request of `model` may cost (nano-units, rounded up): its tokens at the
+    /// highest prices among the model's backends.
+    pub fn max_cost_nano(&self, model: &str, input: u64, output: u64) -> u64 {
+        let p = self.max_prices.get(model).copied().unwrap_or_default();
+        let pico = input
+            .saturating_mul(p.input)
+            .saturating_add(output.saturating_mul(p.output));
+        tollgate_quota::nano_from_pico(pico)
     }
 
     pub fn has_model(&self, model: &str) -> bool {

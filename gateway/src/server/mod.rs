@@ -7,6 +7,7 @@ mod routes;
 pub use crate::gateway::Gateway;
 pub use routes::router;
 
+use crate::alerts::Alerts;
 use crate::auth::{Auth, JwtAuth, KeyAuth};
 use crate::credentials::Credential;
 use crate::estimate::Tokenizer;
@@ -24,7 +25,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tollgate_common::config::{AuthMode, Config, StoreKind};
 use tollgate_common::key_hash;
-use tollgate_quota::{AnyStore, ConsumerRecord, LimitDefaults, Store};
+use tollgate_common::{BudgetAction, Period};
+use tollgate_quota::{
+    AnyStore, Budget, ConsumerRecord, LimitDefaults, Store, TeamRecord, nano_from_units,
+};
 
 /// The background work that outlives requests: the usage worker.
 pub struct Background {
@@ -80,10 +84,52 @@ pub fn config_consumers(config: &Config) -> anyhow::Result<Vec<(ConsumerRecord, 
             quota_period: c.quota_period,
             models: c.models.clone(),
             disabled: c.disabled,
+            budget: budget(c.budget, c.budget_period, c.budget_action),
         };
         out.push((rec, keys));
     }
     Ok(out)
+}
+
+/// A configured budget as the store holds it.
+fn budget(amount: Option<f64>, period: Period, action: BudgetAction) -> Option<Budget> {
+    amount.map(|a| Budget {
+        limit_nano: nano_from_units(a),
+        period,
+        action,
+    })
+}
+
+/// Teams from the config, as store records.
+pub fn config_teams(config: &Config) -> Vec<TeamRecord> {
+    config
+        .teams
+        .iter()
+        .map(|t| TeamRecord {
+            id: t.id.clone(),
+            budget: budget(t.budget, t.budget_period, t.budget_action),
+        })
+        .collect()
+}
+
+/// Writes the configured teams where the store has none (the store wins afterwards), retrying
+/// in the background until the store takes them.
+async fn seed_teams(store: AnyStore, teams: Vec<TeamRecord>) {
+    let mut left = teams;
+    loop {
+        let mut failed = Vec::new();
+        for t in left {
+            if let Err(e) = store.seed_team(&t).await {
+                tracing::warn!(team = %t.id, error = %e, "could not seed a team yet; retrying");
+                failed.push(t);
+            }
+        }
+        if failed.is_empty() {
+            return;
+        }
+        left = failed;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// What `serve` builds from a config before it touches the network: the consumers with their
@@ -93,11 +139,13 @@ pub fn config_consumers(config: &Config) -> anyhow::Result<Vec<(ConsumerRecord, 
 pub struct Prepared {
     pub consumers: Vec<(ConsumerRecord, Vec<String>)>,
     pub routes: Routes,
+    pub alerts: (Alerts, Option<mpsc::Receiver<crate::alerts::Event>>),
 }
 
 pub async fn prepare(config: &Config) -> anyhow::Result<Prepared> {
     let consumers = config_consumers(config)?;
     let routes = Routes::from_config(config)?;
+    let alerts = Alerts::from_config(config)?;
     if let Some(j) = &config.auth.jwt
         && config.auth.mode != AuthMode::Key
         && j.jwks_url.is_none()
@@ -105,12 +153,20 @@ pub async fn prepare(config: &Config) -> anyhow::Result<Prepared> {
         // A file must load now; a URL is fetched (and may fail, with a warning) at start-up.
         JwtAuth::start(j).await?;
     }
-    Ok(Prepared { consumers, routes })
+    Ok(Prepared {
+        consumers,
+        routes,
+        alerts,
+    })
 }
 
 /// Builds the gateway and its router. Spawns the usage worker.
 pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Background)> {
-    let Prepared { consumers, routes } = prepare(&config).await?;
+    let Prepared {
+        consumers,
+        routes,
+        alerts: (alerts, alerts_rx),
+    } = prepare(&config).await?;
     let store = connect_store(&config).await?;
     let defaults = LimitDefaults {
         tpm: config.limits.default_tpm,
@@ -122,6 +178,7 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
         defaults,
         timeout: Duration::from_millis(config.store.timeout_ms),
         max_degraded_ms: config.store.max_degraded_ms,
+        currency: config.pricing.currency.as_str().into(),
     };
     let mut limits = Limits::new(store, policy, consumers.clone());
     if config.store.kind == StoreKind::Redis && config.limits.lease {
@@ -141,6 +198,7 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
         let limits = limits.clone();
         tokio::spawn(async move { limits.seeds.keep_seeded(limits.store.clone()).await })
     };
+    let team_seeder = tokio::spawn(seed_teams(limits.store.clone(), config_teams(&config)));
     let breakers = Breakers::new(limits.store.clone());
     let breaker_tasks = breakers.start(&routes);
     // Token credentials: one refresh task per backend fetches the first token now.
@@ -198,6 +256,7 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
         })
     });
     let replica = uuid::Uuid::new_v4().to_string();
+    let alert_replica = replica.clone();
     if config.store.kind == StoreKind::Redis {
         // Know how many replicas share the limits before serving (the `local` policy's 1/N).
         limits.heartbeat(&replica).await;
@@ -218,6 +277,33 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
     // Entry counts and the vector index's size for `/metrics`.
     let cache_stats = (!caches.is_empty())
         .then(|| tokio::spawn(caches.clone().watch_stats(Duration::from_secs(10))));
+    let alerts = Arc::new(alerts);
+    let mut alert_tasks = Vec::new();
+    if let Some(rx) = alerts_rx {
+        // Webhooks get a client of their own: a hanging webhook holds none of the backends'
+        // connections.
+        let hooks = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .context("building the alerts HTTP client")?;
+        use crate::alerts::deliver;
+        alert_tasks.push(tokio::spawn(deliver::run(
+            alerts.clone(),
+            limits.clone(),
+            rx,
+            hooks,
+        )));
+        alert_tasks.push(tokio::spawn(deliver::watch_circuits(
+            alerts.clone(),
+            limits.clone(),
+        )));
+        alert_tasks.push(tokio::spawn(deliver::watch_store(
+            alerts.clone(),
+            limits.clone(),
+            alert_replica,
+        )));
+    }
     let background_limits = limits.clone();
     let gw = Arc::new(Gateway {
         auth: Auth::new(config.auth.mode, KeyAuth::new(key_ttl), jwt),
@@ -230,6 +316,7 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
         tokenizer,
         caches,
         usage_tx,
+        alerts,
     });
     Ok((
         router(gw.clone()),
@@ -240,6 +327,8 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
             tasks: heartbeat
                 .into_iter()
                 .chain(Some(seeder))
+                .chain(Some(team_seeder))
+                .chain(alert_tasks)
                 .chain(sweeper)
                 .chain(cache_stats)
                 .chain(breaker_tasks)

@@ -13,11 +13,14 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tollgate_common::TokenUsage;
+use tollgate_quota::{BudgetScope, BudgetUse, units_from_nano};
 
 type Labels = Vec<(&'static str, String)>;
 
 pub struct Metrics {
     counters: Mutex<BTreeMap<(&'static str, Labels), u64>>,
+    /// Budgets as this replica last saw them: (scope, id) → (limit, spent, period, currency).
+    budgets: Mutex<BTreeMap<(&'static str, String), (f64, f64, &'static str, String)>>,
     /// Request to end of response, by model and backend.
     duration: Histogram,
     /// Request to the backend's first response byte, by model and backend.
@@ -30,6 +33,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             counters: Mutex::default(),
+            budgets: Mutex::default(),
             duration: Histogram::new(
                 "tollgate_request_duration_seconds",
                 "Time from request to end of response, by model and backend",
@@ -152,6 +156,56 @@ impl Metrics {
         }
     }
 
+    /// A budget after an admission (spend includes reservations in flight).
+    pub fn budget(&self, scope: BudgetScope, id: &str, b: &BudgetUse, currency: &str) {
+        let v = (
+            units_from_nano(b.limit_nano as i64),
+            units_from_nano(b.spent_nano),
+            b.period.as_str(),
+            currency.to_string(),
+        );
+        let mut m = self.budgets.lock();
+        match m.get_mut(&(scope.as_str(), id.to_string())) {
+            Some(old) => *old = v,
+            None => {
+                m.insert((scope.as_str(), id.to_string()), v);
+            }
+        }
+    }
+
+    fn render_budgets(&self, out: &mut String) {
+        let budgets = self.budgets.lock().clone();
+        for (name, help) in [
+            (
+                "tollgate_budget_limit",
+                "Budget per window, in the price currency",
+            ),
+            (
+                "tollgate_budget_spent",
+                "Budget spent in the current window (reservations in flight included)",
+            ),
+            (
+                "tollgate_budget_remaining",
+                "Budget left in the current window",
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for ((scope, id), (limit, spent, period, currency)) in &budgets {
+                let v = match name {
+                    "tollgate_budget_limit" => *limit,
+                    "tollgate_budget_spent" => *spent,
+                    _ => limit - spent,
+                };
+                let _ = writeln!(
+                    out,
+                    "{name}{{scope=\"{scope}\",id=\"{}\",period=\"{period}\",currency=\"{}\"}} {v}",
+                    escape(id),
+                    escape(currency)
+                );
+            }
+        }
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self, extra: &str) -> String {
         let mut out = String::with_capacity(4096);
@@ -175,6 +229,7 @@ impl Metrics {
                 let _ = writeln!(out, "{n}{{{}}} {v}", l.join(","));
             }
         }
+        self.render_budgets(&mut out);
         self.duration.render(&mut out);
         self.ttft.render(&mut out);
         let _ = writeln!(

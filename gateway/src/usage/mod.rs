@@ -28,7 +28,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tollgate_common::TokenUsage;
-use tollgate_quota::{Settlement, Store, UsageCounts, UsageDelta, day_of};
+use tollgate_quota::{
+    ANY_WINDOW, Money, ReservationEnd, Settlement, Store, TeamCharge, UsageCounts, UsageDelta,
+    day_of, nano_from_pico,
+};
 
 /// Tokens actually used: the backend's report, else our own count of what was served (the
 /// prompt as estimated, the text streamed).
@@ -141,6 +144,8 @@ impl UsageWorker {
         });
         let reserved = &a.reserved;
         let consumer = a.consumer.to_string();
+        // Money is charged only for what a backend served, like the usage totals.
+        let cost_nano = if served { nano_from_pico(cost) } else { 0 };
         match reserved.place {
             Placement::Shared => pending.push_back(Settlement {
                 consumer,
@@ -150,6 +155,19 @@ impl UsageWorker {
                 window: reserved.admission.window,
                 tpm: reserved.admission.tpm,
                 usage: delta,
+                money: Money {
+                    reserved: reserved.cost_nano,
+                    actual: cost_nano,
+                    window: reserved.admission.budget.map_or(0, |b| b.window),
+                    team: reserved.team.as_ref().map(|t| TeamCharge {
+                        team: t.team.clone(),
+                        end: ReservationEnd::Settled {
+                            id: t.id,
+                            retried: false,
+                        },
+                        window: t.budget.window,
+                    }),
+                },
             }),
             Placement::Local | Placement::Nowhere => {
                 if reserved.place == Placement::Local {
@@ -162,6 +180,12 @@ impl UsageWorker {
                         window: reserved.admission.window,
                         tpm: reserved.admission.tpm,
                         usage: None,
+                        money: Money {
+                            reserved: reserved.cost_nano,
+                            actual: cost_nano,
+                            window: reserved.admission.budget.map_or(0, |b| b.window),
+                            team: None,
+                        },
                     };
                     let _ = self
                         .limits
@@ -169,17 +193,31 @@ impl UsageWorker {
                         .settle(tollgate_quota::new_batch_id(), &[local])
                         .await;
                 }
-                // Admitted without the shared store (`local` or `fail_open`): its quota is
-                // charged and the usage totals written once it is back, so the outage's usage
-                // is neither lost nor spent a second time.
+                // Admitted without the shared store (`local` or `fail_open`): its quota and
+                // budgets are charged and the usage totals written once it is back, so the
+                // outage's usage is neither lost nor spent a second time.
+                let team =
+                    (!a.team.is_empty() && self.limits.team_has_budget(&a.team)).then(|| {
+                        TeamCharge {
+                            team: a.team.clone(),
+                            end: ReservationEnd::None,
+                            window: ANY_WINDOW,
+                        }
+                    });
                 pending.push_back(Settlement {
                     consumer,
                     end: Default::default(),
                     reserved: 0,
                     actual,
-                    window: tollgate_quota::ANY_WINDOW,
+                    window: ANY_WINDOW,
                     tpm: None,
                     usage: delta,
+                    money: Money {
+                        reserved: 0,
+                        actual: cost_nano,
+                        window: ANY_WINDOW,
+                        team,
+                    },
                 });
             }
         }

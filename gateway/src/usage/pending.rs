@@ -70,6 +70,7 @@ mod tests {
             window: 0,
             tpm: None,
             usage: None,
+            money: Default::default(),
         }
     }
 

@@ -2,8 +2,8 @@
 //! decision for decision, with the reservation records of `tg:resv:{ID}:RID`.
 
 use super::{Inner, MemoryStore, UsageKey};
-use crate::Result;
 use crate::model::*;
+use crate::{BudgetAction, BudgetRefusal, BudgetUse, Result};
 
 #[derive(Clone, Copy)]
 pub(super) struct Bucket {
@@ -23,6 +23,9 @@ pub(super) enum Record {
         tokens: u64,
         window: u64,
         tpm: Option<u64>,
+        /// The cost debited from the budget, and its window (`None`: no budget).
+        cost: u64,
+        bwindow: Option<u64>,
         expires_us: u64,
     },
     Tombstone {
@@ -85,6 +88,19 @@ impl Inner {
             q.used = (q.used + delta).max(0);
         }
     }
+
+    /// The consumer's budget spend moved by `delta` (nano-units), as `settle.lua` does.
+    fn correct_money(&mut self, consumer: &str, delta: i64, bwindow: Option<u64>) {
+        let Some(w) = bwindow else { return };
+        if delta == 0 {
+            return;
+        }
+        if let Some(q) = self.spends.get_mut(consumer)
+            && (q.window == w || w == ANY_WINDOW)
+        {
+            q.used = (q.used + delta).max(0);
+        }
+    }
 }
 
 /// How long a reservation record or tombstone lives, in microseconds.
@@ -111,6 +127,7 @@ impl MemoryStore {
         if rec.is_none() && req.require_record {
             return Ok(Decision::UnknownConsumer);
         }
+        let budget = rec.and_then(|r| r.budget);
         let (team, tpm, quota, period) = match rec {
             Some(r) => {
                 if r.disabled {
@@ -154,6 +171,7 @@ impl MemoryStore {
                     tpm,
                     quota,
                     quota_period: period,
+                    budget: None,
                 }));
             }
             None => {}
@@ -174,6 +192,27 @@ impl MemoryStore {
                 retry_after_ms: (window_end - now_s).max(1) * 1000,
                 remaining_quota: q as i64 - used,
             });
+        }
+
+        // The budget: a spent budget outlasts any per-minute wait too.
+        let cost = req.cost_nano as i64;
+        let mut spent = 0;
+        let mut bwindow = None;
+        if let Some(b) = budget {
+            let (w, end) = window_bounds(b.period, now_s);
+            bwindow = Some((w, end));
+            spent = match g.spends.get(req.consumer) {
+                Some(q) if q.window == w => q.used,
+                _ => 0,
+            };
+            if b.action == BudgetAction::Block && spent + cost > b.limit_nano as i64 {
+                return Ok(Decision::BudgetExceeded(BudgetRefusal {
+                    retry_after_ms: (end - now_s).max(1) * 1000,
+                    remaining_nano: b.limit_nano as i64 - spent,
+                    limit_nano: b.limit_nano,
+                    period: b.period,
+                }));
+            }
         }
 
         let mut level = 0.0;
@@ -226,12 +265,32 @@ impl MemoryStore {
             );
             remaining_quota = Some(q as i64 - used - tokens);
         }
+        let mut budget_use = None;
+        if let (Some(b), Some((w, end))) = (budget, bwindow) {
+            g.spends.insert(
+                req.consumer.to_string(),
+                QuotaUse {
+                    window: w,
+                    used: spent + cost,
+                },
+            );
+            budget_use = Some(BudgetUse {
+                limit_nano: b.limit_nano,
+                spent_nano: spent + cost,
+                window: w,
+                window_end: end,
+                period: b.period,
+                action: b.action,
+            });
+        }
         g.put_record(
             (req.consumer.to_string(), req.id),
             Record::Live {
                 tokens: req.tokens,
                 window,
                 tpm,
+                cost: req.cost_nano,
+                bwindow: bwindow.map(|(w, _)| w),
                 expires_us: now_us + RECORD_TTL_US,
             },
         );
@@ -243,6 +302,7 @@ impl MemoryStore {
             tpm,
             quota,
             quota_period: period,
+            budget: budget_use,
         }))
     }
 
@@ -270,23 +330,30 @@ impl MemoryStore {
                         tokens,
                         window,
                         tpm,
+                        cost,
+                        bwindow,
                         ..
                     }) = g.reservations.get(&key).copied()
                     {
                         g.correct(&s.consumer, -(tokens as i64), tpm, window, now_us);
+                        g.correct_money(&s.consumer, -(cost as i64), bwindow);
                     }
                     g.put_record(key, tombstone);
                 }
                 ReservationEnd::None => {
                     let delta = s.actual as i64 - s.reserved as i64;
                     g.correct(&s.consumer, delta, s.tpm, s.window, now_us);
+                    let money = s.money.actual as i64 - s.money.reserved as i64;
+                    g.correct_money(&s.consumer, money, Some(s.money.window));
                 }
                 ReservationEnd::Settled { id, retried } => {
                     // Only a live record is corrected: settling it twice corrects it once.
                     let key = (s.consumer.clone(), id);
-                    if let Some(Record::Live { .. }) = g.reservations.get(&key) {
+                    if let Some(Record::Live { bwindow, .. }) = g.reservations.get(&key).copied() {
                         let delta = s.actual as i64 - s.reserved as i64;
                         g.correct(&s.consumer, delta, s.tpm, s.window, now_us);
+                        let money = s.money.actual as i64 - s.money.reserved as i64;
+                        g.correct_money(&s.consumer, money, bwindow);
                     }
                     if retried {
                         g.put_record(key, tombstone);
@@ -294,6 +361,9 @@ impl MemoryStore {
                         g.reservations.remove(&key);
                     }
                 }
+            }
+            if let Some(t) = &s.money.team {
+                g.settle_team(t, &s.money, now_us);
             }
             if let Some(u) = &s.usage {
                 let k = UsageKey {

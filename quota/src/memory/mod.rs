@@ -5,14 +5,16 @@
 //! - [`limits`] (this folder's `limits.rs`): reservations, settlements and their records, the
 //!   twins of `reserve.lua` and `settle.lua`.
 //! - [`breaker`]: circuits, the twins of the `breaker_*.lua` scripts.
+//! - [`budget`]: the team step and team settlements (twins of `team_*.lua`), alert claims.
 //!
 //! Everything is behind one short mutex, never held across an await.
 
 mod breaker;
+mod budget;
 mod limits;
 
 use crate::model::*;
-use crate::{Result, Store};
+use crate::{BudgetScope, Result, Store, TeamDecision, TeamRecord, TeamReserve};
 use breaker::Circuit;
 use limits::{Bucket, QuotaUse, Record};
 use parking_lot::Mutex;
@@ -65,6 +67,14 @@ struct Inner {
     reservations: HashMap<(String, u64), Record>,
     /// When each record was last written, oldest first, so expired ones are dropped.
     record_expiry: std::collections::VecDeque<(u64, (String, u64))>,
+    /// Consumers' budget spend (`tg:spend:{ID}`).
+    spends: HashMap<String, QuotaUse>,
+    /// Teams (`tg:team:{TEAM}`), their spend and their step's records.
+    teams: HashMap<String, TeamRecord>,
+    team_spends: HashMap<String, QuotaUse>,
+    team_records: HashMap<(String, u64), budget::TeamRec>,
+    /// Alert claims and when they expire (unix us).
+    alerts: HashMap<String, u64>,
 }
 
 /// A reservation the store remembers: what it debited, or a tombstone.
@@ -110,6 +120,8 @@ impl MemoryStore {
         let mut g = self.inner.lock();
         g.buckets.clear();
         g.quotas.clear();
+        g.spends.clear();
+        g.team_spends.clear();
     }
 }
 
@@ -234,6 +246,36 @@ impl Store for MemoryStore {
 
     fn breaker_events(&self) -> tokio::sync::broadcast::Receiver<BreakerState> {
         self.events.subscribe()
+    }
+
+    async fn reserve_team(&self, req: &TeamReserve<'_>) -> Result<TeamDecision> {
+        self.reserve_team_now(req)
+    }
+
+    async fn seed_team(&self, team: &TeamRecord) -> Result<bool> {
+        Ok(self.seed_team_now(team))
+    }
+
+    async fn put_team(&self, team: &TeamRecord) -> Result<()> {
+        self.put_team_now(team);
+        Ok(())
+    }
+
+    async fn get_team(&self, id: &str) -> Result<Option<TeamRecord>> {
+        Ok(self.inner.lock().teams.get(id).cloned())
+    }
+
+    async fn spend(&self, scope: BudgetScope, id: &str) -> Result<Option<(u64, i64)>> {
+        Ok(self.spend_now(scope, id))
+    }
+
+    async fn claim_alert(&self, name: &str, ttl_ms: u64) -> Result<bool> {
+        Ok(self.claim_alert_now(name, ttl_ms))
+    }
+
+    async fn release_alert(&self, name: &str) -> Result<()> {
+        self.release_alert_now(name);
+        Ok(())
     }
 
     async fn ping(&self) -> Result<()> {

@@ -3,7 +3,10 @@
 //! be is a [`Error::Protocol`] naming it, never a silently lifted limit).
 
 use crate::model::*;
-use crate::{Error, MAX_TRIP_MS, Result};
+use crate::{
+    Budget, BudgetAction, BudgetRefusal, BudgetUse, Error, MAX_TRIP_MS, Result, TeamDecision,
+    TeamRecord, nano_from_units, units_from_nano,
+};
 use redis::Cmd;
 use std::collections::HashMap;
 
@@ -27,7 +30,54 @@ pub(super) fn record_fields(c: &ConsumerRecord) -> Vec<(&'static str, String)> {
     f.push(("quota_period", c.quota_period.as_str().to_string()));
     f.push(("models", c.models.join(",")));
     f.push(("disabled", if c.disabled { "1" } else { "0" }.to_string()));
+    budget_fields(&mut f, c.budget.as_ref());
     f
+}
+
+/// The budget fields of a consumer or team hash (`budget` in currency units, as operators write
+/// it); none when there is no budget.
+pub(super) fn budget_fields(f: &mut Vec<(&'static str, String)>, b: Option<&Budget>) {
+    if let Some(b) = b {
+        f.push(("budget", units_from_nano(b.limit_nano as i64).to_string()));
+        f.push(("budget_period", b.period.as_str().to_string()));
+        f.push(("budget_action", b.action.as_str().to_string()));
+    }
+}
+
+/// The hash fields of a team record.
+pub(super) fn team_fields(t: &TeamRecord) -> Vec<(&'static str, String)> {
+    let mut f = Vec::new();
+    budget_fields(&mut f, t.budget.as_ref());
+    f
+}
+
+/// The budget of a consumer or team hash, strictly: an amount that is not one is an error
+/// naming the key, never a lifted budget.
+pub(super) fn decode_budget(key: &str, h: &HashMap<String, String>) -> Result<Option<Budget>> {
+    let Some(v) = h.get("budget").map(|s| s.trim()).filter(|s| !s.is_empty()) else {
+        return Ok(None);
+    };
+    let bad = |what: &str| Error::Protocol(format!("{key} {what}"));
+    let amount: f64 = v
+        .parse()
+        .ok()
+        .filter(|a: &f64| a.is_finite() && *a >= 0.0)
+        .ok_or_else(|| bad(&format!("budget is not an amount: {v}")))?;
+    let period = match h.get("budget_period").map(|s| s.trim()) {
+        None | Some("") => Period::Month,
+        Some(p) => {
+            Period::parse(p).ok_or_else(|| bad("budget_period is not hour|day|week|month"))?
+        }
+    };
+    let action = match h.get("budget_action").map(|s| s.trim()) {
+        None | Some("") => BudgetAction::Block,
+        Some(a) => BudgetAction::parse(a).ok_or_else(|| bad("budget_action is not block|alert"))?,
+    };
+    Ok(Some(Budget {
+        limit_nano: nano_from_units(amount),
+        period,
+        action,
+    }))
 }
 
 pub(super) fn parse_limit(id: &str, field: &str, v: Option<&String>) -> Result<Option<u64>> {
@@ -68,6 +118,7 @@ pub(super) fn decode_record(id: &str, h: HashMap<String, String>) -> Result<Cons
             .flatten()
             .collect(),
         disabled: matches!(h.get("disabled").map(|s| s.trim()), Some("1" | "true")),
+        budget: decode_budget(&format!("tg:consumer:{{{id}}}"), &h)?,
     })
 }
 
@@ -86,7 +137,7 @@ pub(super) fn decode_decision(v: &[String]) -> Result<Decision> {
     }
     let bad = || Error::Protocol(format!("reserve.lua returned {v:?}"));
     Ok(match v.first().map(String::as_str) {
-        Some("A") if v.len() == 8 => Decision::Admitted(Admission {
+        Some("A") if v.len() == 14 => Decision::Admitted(Admission {
             team: v[1].clone(),
             remaining_tpm: opt(&v[2])?,
             remaining_quota: opt(&v[3])?,
@@ -94,7 +145,15 @@ pub(super) fn decode_decision(v: &[String]) -> Result<Decision> {
             tpm: opt(&v[5])?,
             quota: opt(&v[6])?,
             quota_period: Period::parse(&v[7]).ok_or_else(bad)?,
+            budget: if v[8].is_empty() {
+                None
+            } else {
+                Some(budget_use(&v[8..14]).ok_or_else(bad)?)
+            },
         }),
+        Some("B") if v.len() == 5 => {
+            Decision::BudgetExceeded(budget_refusal(&v[1..5]).ok_or_else(bad)?)
+        }
         Some("R") if v.len() == 3 => Decision::RateLimited {
             retry_after_ms: num(&v[1])?,
             remaining_tpm: num(&v[2])?,
@@ -107,6 +166,41 @@ pub(super) fn decode_decision(v: &[String]) -> Result<Decision> {
         Some("D") => Decision::Disabled,
         Some("U") => Decision::UnknownConsumer,
         Some("C") => Decision::Cancelled,
+        _ => return Err(bad()),
+    })
+}
+
+/// `budget, spent, window, window_end, period, action` as the scripts answer them.
+fn budget_use(v: &[String]) -> Option<BudgetUse> {
+    Some(BudgetUse {
+        limit_nano: v[0].parse().ok()?,
+        spent_nano: v[1].parse().ok()?,
+        window: v[2].parse().ok()?,
+        window_end: v[3].parse().ok()?,
+        period: Period::parse(&v[4])?,
+        action: BudgetAction::parse(&v[5])?,
+    })
+}
+
+/// `retry_after_ms, remaining, budget, period` as the scripts answer them.
+fn budget_refusal(v: &[String]) -> Option<BudgetRefusal> {
+    Some(BudgetRefusal {
+        retry_after_ms: v[0].parse().ok()?,
+        remaining_nano: v[1].parse().ok()?,
+        limit_nano: v[2].parse().ok()?,
+        period: Period::parse(&v[3])?,
+    })
+}
+
+pub(super) fn decode_team_decision(v: &[String]) -> Result<TeamDecision> {
+    let bad = || Error::Protocol(format!("team_reserve.lua returned {v:?}"));
+    Ok(match v.first().map(String::as_str) {
+        Some("N") => TeamDecision::NoBudget,
+        Some("C") => TeamDecision::Cancelled,
+        Some("A") if v.len() == 7 => TeamDecision::Admitted(budget_use(&v[1..7]).ok_or_else(bad)?),
+        Some("B") if v.len() == 5 => {
+            TeamDecision::Exceeded(budget_refusal(&v[1..5]).ok_or_else(bad)?)
+        }
         _ => return Err(bad()),
     })
 }
@@ -163,6 +257,11 @@ mod tests {
             quota_period: Period::Week,
             models: vec!["m1".into(), "m2".into()],
             disabled: true,
+            budget: Some(Budget {
+                limit_nano: 12_345_000_000,
+                period: Period::Day,
+                action: BudgetAction::Alert,
+            }),
         };
         let h = record_fields(&rec)
             .into_iter()

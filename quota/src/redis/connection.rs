@@ -73,6 +73,8 @@ impl RedisStore {
                 breaker_probe: Script::new(BREAKER_PROBE_LUA),
                 breaker_close: Script::new(BREAKER_CLOSE_LUA),
                 heartbeat: Script::new(HEARTBEAT_LUA),
+                team_reserve: Script::new(TEAM_RESERVE_LUA),
+                team_settle: Script::new(TEAM_SETTLE_LUA),
                 client: client.clone(),
                 events: tokio::sync::broadcast::channel(1024).0,
                 listening: std::sync::atomic::AtomicBool::new(false),

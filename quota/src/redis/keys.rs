@@ -26,6 +26,37 @@ pub(super) fn quota_key(id: &str) -> String {
     format!("tg:quota:{{{id}}}")
 }
 
+/// A consumer's budget spend (`w`, `spent` in nano-units).
+pub(super) fn spend_key(id: &str) -> String {
+    format!("tg:spend:{{{id}}}")
+}
+
+/// A team's record (its budget), the admin hash.
+pub(super) fn team_key(team: &str) -> String {
+    format!("tg:team:{{{team}}}")
+}
+
+/// A team's budget spend (`w`, `spent` in nano-units).
+pub(super) fn team_spend_key(team: &str) -> String {
+    format!("tg:teamspend:{{{team}}}")
+}
+
+/// A team step's reservation record.
+pub(super) fn team_reservation_key(team: &str, reservation: u64) -> String {
+    format!("tg:tresv:{{{team}}}:{reservation:x}")
+}
+
+/// The applied-once marker of a settle batch's team corrections (a name of its own: a team and
+/// a consumer may share an id, and so a hash tag).
+pub(super) fn team_settled_key(team: &str, batch_id: u64) -> String {
+    format!("tg:tsettled:{{{team}}}:{batch_id:x}")
+}
+
+/// An alert's once-per-window claim.
+pub(super) fn alert_key(name: &str) -> String {
+    format!("tg:alert:{name}")
+}
+
 pub(super) fn reservation_key(id: &str, reservation: u64) -> String {
     format!("tg:resv:{{{id}}}:{reservation:x}")
 }

@@ -9,11 +9,13 @@
 //! - [`codec`]: script arguments and answers, consumer hashes, circuit rows.
 //! - [`settle`]: settle batches, pipelined per consumer.
 //! - [`scan`]: the usage report's read.
+//! - [`budget`]: the team step of a reservation, team records, budget spend, alert claims.
 //! - [`pubsub`]: circuit changes pushed to every replica.
 //!
 //! Connections are multiplexed and used round-robin: they beat a checkout pool here, since
 //! deadpool-redis PINGs on every checkout, which would double the round trips of the hot path.
 
+mod budget;
 mod codec;
 pub(crate) mod connection;
 mod keys;
@@ -24,7 +26,7 @@ mod settle;
 pub use keys::BREAKER_CHANNEL;
 
 use crate::model::*;
-use crate::{Error, Result, Store};
+use crate::{BudgetScope, Error, Result, Store, TeamDecision, TeamRecord, TeamReserve};
 use codec::*;
 use connection::{eval, evalsha};
 use keys::*;
@@ -43,6 +45,8 @@ const BREAKER_FAILURE_LUA: &str = include_str!("../../lua/breaker_failure.lua");
 const BREAKER_PROBE_LUA: &str = include_str!("../../lua/breaker_probe.lua");
 const BREAKER_CLOSE_LUA: &str = include_str!("../../lua/breaker_close.lua");
 const HEARTBEAT_LUA: &str = include_str!("../../lua/heartbeat.lua");
+const TEAM_RESERVE_LUA: &str = include_str!("../../lua/team_reserve.lua");
+const TEAM_SETTLE_LUA: &str = include_str!("../../lua/team_settle.lua");
 
 /// How to reach Redis and how long to wait for it.
 #[derive(Clone, Debug)]
@@ -93,6 +97,8 @@ struct Inner {
     breaker_probe: Script,
     breaker_close: Script,
     heartbeat: Script,
+    team_reserve: Script,
+    team_settle: Script,
     client: Client,
     /// Circuit changes from the pub/sub listener (started on first subscription).
     events: tokio::sync::broadcast::Sender<BreakerState>,
@@ -110,13 +116,14 @@ impl Store for RedisStore {
     }
 
     async fn reserve(&self, req: &ReserveRequest<'_>) -> Result<Decision> {
-        let (c, b, q, r) = (
+        let (c, b, q, r, m) = (
             consumer_key(req.consumer),
             bucket_key(req.consumer),
             quota_key(req.consumer),
             reservation_key(req.consumer, req.id),
+            spend_key(req.consumer),
         );
-        let mut cmd = evalsha(&self.inner.reserve, &[&c, &b, &q, &r]);
+        let mut cmd = evalsha(&self.inner.reserve, &[&c, &b, &q, &r, &m]);
         cmd.arg(req.model)
             .arg(req.tokens)
             .arg(if req.require_record { "1" } else { "0" });
@@ -124,7 +131,8 @@ impl Store for RedisStore {
         opt_arg(&mut cmd, req.defaults.quota);
         cmd.arg(req.defaults.quota_period.as_str())
             .arg(self.inner.opts.time_offset_ms)
-            .arg(crate::RESERVATION_TTL_MS);
+            .arg(crate::RESERVATION_TTL_MS)
+            .arg(req.cost_nano);
         let mut conn = self.conn();
         let run = eval(&mut conn, &self.inner.reserve, &cmd);
         let v: Vec<String> = if req.background {
@@ -322,6 +330,43 @@ impl Store for RedisStore {
             ));
         }
         rx
+    }
+
+    async fn reserve_team(&self, req: &TeamReserve<'_>) -> Result<TeamDecision> {
+        self.team_reserve(req).await
+    }
+
+    async fn seed_team(&self, team: &TeamRecord) -> Result<bool> {
+        self.team_seed(team).await
+    }
+
+    async fn put_team(&self, team: &TeamRecord) -> Result<()> {
+        self.team_put(team).await
+    }
+
+    async fn get_team(&self, id: &str) -> Result<Option<TeamRecord>> {
+        self.team_get(id).await
+    }
+
+    async fn spend(&self, scope: BudgetScope, id: &str) -> Result<Option<(u64, i64)>> {
+        self.read_spend(scope, id).await
+    }
+
+    async fn claim_alert(&self, name: &str, ttl_ms: u64) -> Result<bool> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(alert_key(name))
+            .arg("1")
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms.max(1));
+        let set: Option<String> = self.admin_cmd(cmd).await?;
+        Ok(set.is_some())
+    }
+
+    async fn release_alert(&self, name: &str) -> Result<()> {
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(alert_key(name));
+        self.admin_cmd(cmd).await
     }
 
     async fn ping(&self) -> Result<()> {

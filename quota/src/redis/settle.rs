@@ -1,12 +1,13 @@
 //! Settle batches: the settlements of a batch grouped per consumer (each consumer's
 //! corrections in order, its usage summed per day × team × model × backend), one
-//! `settle.lua` call per consumer, all in one pipeline. A call lost to NOSCRIPT is sent again
+//! `settle.lua` call per consumer, and one `team_settle.lua` call per team whose budget a
+//! settlement corrects, all in one pipeline. A call lost to NOSCRIPT is sent again
 //! alone after the script is loaded; a batch is applied once per id (`tg:settled:{ID}:<batch>`).
 
 use super::RedisStore;
 use super::codec::opt_arg;
 use super::connection::{evalsha, is_noscript};
-use super::keys::{bucket_key, quota_key, reservation_key, settled_key, usage_key};
+use super::keys::{bucket_key, quota_key, reservation_key, settled_key, spend_key, usage_key};
 use crate::Result;
 use crate::model::*;
 use redis::{Cmd, Value};
@@ -45,23 +46,27 @@ impl RedisStore {
                 groups.len() - 1
             });
             let g = &mut groups[i].1;
-            if s.actual != s.reserved || s.end != ReservationEnd::None {
+            if s.actual != s.reserved
+                || s.end != ReservationEnd::None
+                || s.money.actual != s.money.reserved
+            {
                 g.corrections.push(s);
             }
             if let Some(u) = &s.usage {
                 g.add_usage(u);
             }
         }
-        let cmds: Vec<Cmd> = groups
+        let mut cmds: Vec<Cmd> = groups
             .iter()
             .filter(|(_, g)| !(g.corrections.is_empty() && g.usage.is_empty()))
             .map(|(id, g)| self.settle_command(id, batch_id, g))
             .collect();
+        cmds.extend(self.team_settle_commands(batch_id, batch));
         if cmds.is_empty() {
             return Ok(());
         }
         let mut conn = self.conn();
-        let script = &self.inner.settle;
+        let scripts = [&self.inner.settle, &self.inner.team_settle];
         self.background(async move {
             let mut pending: Vec<&Cmd> = cmds.iter().collect();
             for attempt in 0..2 {
@@ -84,7 +89,9 @@ impl RedisStore {
                 if retry.is_empty() {
                     break;
                 }
-                script.load_async(&mut conn).await?;
+                for script in scripts {
+                    script.load_async(&mut conn).await?;
+                }
                 pending = retry;
             }
             Ok(())
@@ -95,7 +102,12 @@ impl RedisStore {
     /// The `settle.lua` call of one consumer's group (see the script's header for the layout).
     fn settle_command(&self, id: &str, batch_id: u64, g: &Group<'_>) -> Cmd {
         let retention = u64::from(self.inner.opts.usage_retention_days) * 86_400;
-        let mut keys = vec![bucket_key(id), quota_key(id), settled_key(id, batch_id)];
+        let mut keys = vec![
+            bucket_key(id),
+            quota_key(id),
+            settled_key(id, batch_id),
+            spend_key(id),
+        ];
         let mut days: Vec<u32> = Vec::new();
         for ((day, _), _) in &g.usage {
             if !days.contains(day) {
@@ -137,9 +149,15 @@ impl RedisStore {
             } else {
                 cmd.arg(s.window);
             }
+            cmd.arg(s.money.actual as i64 - s.money.reserved as i64);
+            if s.money.window == ANY_WINDOW {
+                cmd.arg("any");
+            } else {
+                cmd.arg(s.money.window);
+            }
         }
         for ((day, field), v) in &g.usage {
-            let k = 4 + days.iter().position(|d| d == day).unwrap_or(0);
+            let k = 5 + days.iter().position(|d| d == day).unwrap_or(0);
             cmd.arg(k).arg(field).arg(&v.to_array()[..]);
         }
         cmd

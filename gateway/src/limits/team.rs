@@ -1,0 +1,278 @@
+//! The team step: a team's budget is shared by all its consumers across the cluster, but a
+//! team's keys and a consumer's may live in different Redis Cluster slots, so no script may
+//! touch both. The consumer's reservation (`reserve.lua`: tokens, quota, its own budget) and
+//! the team's (`team_reserve.lua`: the team's budget) are two atomic steps, each exact in its
+//! own slot; when one refuses, the other is compensated (refunded through the usage worker,
+//! by its reservation id, so a refund applies once and a late copy debits nothing).
+//!
+//! The team step is taken only for teams with a budget: a team seen without one is skipped
+//! for [`TEAM_CACHE_MS`] (so an operator's new `tg:team:{T}` budget applies within that).
+//! When the team is known before the consumer's reservation answers (a JWT claim, the
+//! configuration, or this replica's last admission of the consumer), both steps go to the
+//! store at once: one round trip of latency.
+
+use super::reserve::budget_error;
+use super::{Limits, Placement, Reserved};
+use crate::error::Error;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tollgate_common::config::OnError;
+use tollgate_quota::{
+    BudgetScope, BudgetUse, Money, ReservationEnd, Settlement, Store, TeamCharge, TeamDecision,
+    TeamReserve,
+};
+
+/// How long a team seen without a budget skips the team step.
+pub const TEAM_CACHE_MS: u64 = 1_000;
+/// Teams (and consumers' teams) remembered before the memory starts over.
+const MAX_TEAMS: usize = 100_000;
+
+/// The team step of one request.
+#[derive(Clone, Debug)]
+pub struct TeamReserved {
+    pub team: String,
+    /// The team reservation's id (its record in the team's slot).
+    pub id: u64,
+    pub budget: BudgetUse,
+}
+
+#[derive(Default)]
+pub(super) struct Teams {
+    /// Team → (has a budget, when last seen, unix ms).
+    budgets: Mutex<HashMap<String, (bool, u64)>>,
+    /// Consumer → its team at its last admission (lets both steps go at once).
+    of_consumer: Mutex<HashMap<String, String>>,
+}
+
+impl Teams {
+    fn needs_step(&self, team: &str, now_ms: u64) -> bool {
+        match self.budgets.lock().get(team) {
+            Some((false, seen)) => now_ms.saturating_sub(*seen) >= TEAM_CACHE_MS,
+            _ => true,
+        }
+    }
+
+    fn saw(&self, team: &str, has_budget: bool, now_ms: u64) {
+        let mut m = self.budgets.lock();
+        if m.len() >= MAX_TEAMS {
+            m.clear();
+        }
+        m.insert(team.to_string(), (has_budget, now_ms));
+    }
+
+    /// Whether `team` had a budget when last seen (usage admitted without the store charges
+    /// it when it comes back).
+    pub(super) fn has_budget(&self, team: &str) -> bool {
+        self.budgets.lock().get(team).is_some_and(|(b, _)| *b)
+    }
+
+    fn team_of(&self, consumer: &str) -> Option<String> {
+        self.of_consumer.lock().get(consumer).cloned()
+    }
+
+    fn learn_team(&self, consumer: &str, team: &str) {
+        let mut m = self.of_consumer.lock();
+        if m.get(consumer).is_some_and(|t| t == team) {
+            return;
+        }
+        if m.len() >= MAX_TEAMS {
+            m.clear();
+        }
+        m.insert(consumer.to_string(), team.to_string());
+    }
+}
+
+impl Limits {
+    /// Reserves a request: the consumer's step (tokens, quota, its own budget) and, when its
+    /// team has a budget, the team's step. `team` is the caller's team when a token says it;
+    /// otherwise the store's record of the consumer decides.
+    pub async fn reserve(
+        self: &Arc<Self>,
+        consumer: &str,
+        model: &str,
+        tokens: u64,
+        cost_nano: u64,
+        require_record: bool,
+        team: Option<&str>,
+    ) -> Result<Reserved, Error> {
+        let now = self.clock.now_ms();
+        let guess = team
+            .map(str::to_string)
+            .or_else(|| self.teams.team_of(consumer))
+            .or_else(|| self.seeds.record(consumer).map(|r| r.team.clone()))
+            .filter(|t| !t.is_empty() && self.teams.needs_step(t, now));
+        let consumer_step =
+            self.reserve_consumer(consumer, model, tokens, cost_nano, require_record);
+        let (first, early) = match &guess {
+            Some(t) => {
+                let (c, t) = tokio::join!(consumer_step, self.team_step(t, cost_nano));
+                (c, Some((guess.clone().unwrap_or_default(), t)))
+            }
+            None => (consumer_step.await, None),
+        };
+        let mut reserved = match first {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some((t, Ok(Some(step)))) = early {
+                    self.compensate_team(consumer, &t, &step);
+                }
+                return Err(e);
+            }
+        };
+        let actual = team
+            .map(str::to_string)
+            .unwrap_or_else(|| reserved.admission.team.clone());
+        if team.is_none() && !actual.is_empty() {
+            self.teams.learn_team(consumer, &actual);
+        }
+        let step = match early {
+            Some((t, step)) if t == actual => step,
+            other => {
+                // The guess was wrong (the consumer moved team): undo it, take the right one.
+                if let Some((t, Ok(Some(step)))) = other {
+                    self.compensate_team(consumer, &t, &step);
+                }
+                if actual.is_empty() || !self.teams.needs_step(&actual, now) {
+                    return Ok(reserved);
+                }
+                self.team_step(&actual, cost_nano).await
+            }
+        };
+        match step {
+            Ok(step) => {
+                reserved.team = step;
+                Ok(reserved)
+            }
+            Err(e) => {
+                self.compensate(consumer, &reserved);
+                Err(e)
+            }
+        }
+    }
+
+    /// The team's step: `Ok(None)` when the team has no budget (or the store is unreachable
+    /// and the policy admits without it).
+    async fn team_step(&self, team: &str, cost_nano: u64) -> Result<Option<TeamReserved>, Error> {
+        let req = TeamReserve {
+            team,
+            cost_nano,
+            id: tollgate_quota::new_reservation_id(),
+            background: false,
+        };
+        let now = self.clock.now_ms();
+        match self.store.reserve_team(&req).await {
+            Ok(TeamDecision::NoBudget) => {
+                self.teams.saw(team, false, now);
+                Ok(None)
+            }
+            Ok(TeamDecision::Admitted(budget)) => {
+                self.teams.saw(team, true, now);
+                Ok(Some(TeamReserved {
+                    team: team.to_string(),
+                    id: req.id,
+                    budget,
+                }))
+            }
+            Ok(TeamDecision::Exceeded(r)) => {
+                self.teams.saw(team, true, now);
+                Err(budget_error(
+                    BudgetScope::Team,
+                    team,
+                    &r,
+                    &self.policy.currency,
+                ))
+            }
+            Ok(TeamDecision::Cancelled) => Err(Error::StoreUnavailable),
+            Err(e) => {
+                tracing::debug!(team, error = %e, "team step failed");
+                // It may still run when the store wakes: have it refunded.
+                self.abandoned.lock().push(team_refund(team, team, req.id));
+                match self.policy.on_error {
+                    OnError::Escrow | OnError::FailClosed => Err(Error::StoreUnavailable),
+                    OnError::Local | OnError::FailOpen => Ok(None),
+                }
+            }
+        }
+    }
+
+    /// Undoes a team step whose request was not admitted.
+    fn compensate_team(&self, consumer: &str, team: &str, step: &TeamReserved) {
+        self.abandoned
+            .lock()
+            .push(team_refund(consumer, team, step.id));
+    }
+
+    /// Undoes a consumer's reservation whose request was not admitted (its team refused).
+    pub(super) fn compensate(&self, consumer: &str, r: &Reserved) {
+        match (r.place, r.end) {
+            (Placement::Shared, ReservationEnd::Settled { id, .. }) => self.abandon(consumer, id),
+            // Served from a lease: give the tokens back to the store.
+            (Placement::Shared, ReservationEnd::None) => self.abandoned.lock().push(Settlement {
+                consumer: consumer.to_string(),
+                end: ReservationEnd::None,
+                reserved: r.tokens,
+                actual: 0,
+                window: r.admission.window,
+                tpm: r.admission.tpm,
+                usage: None,
+                money: Money::default(),
+            }),
+            (Placement::Local, _) => {
+                let s = Settlement {
+                    consumer: consumer.to_string(),
+                    end: ReservationEnd::None,
+                    reserved: r.tokens,
+                    actual: 0,
+                    window: r.admission.window,
+                    tpm: r.admission.tpm,
+                    usage: None,
+                    money: Money {
+                        reserved: r.cost_nano,
+                        actual: 0,
+                        window: r.admission.budget.map_or(0, |b| b.window),
+                        team: None,
+                    },
+                };
+                let _ = futures::FutureExt::now_or_never(
+                    self.local.settle(tollgate_quota::new_batch_id(), &[s]),
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// The consumer's team as this replica last saw it admitted.
+    pub fn known_team(&self, consumer: &str) -> Option<String> {
+        self.teams.team_of(consumer)
+    }
+
+    /// Whether usage admitted without the store should be charged to `team`'s budget once it
+    /// is back (the team had a budget when last seen).
+    pub fn team_has_budget(&self, team: &str) -> bool {
+        self.teams.has_budget(team)
+    }
+}
+
+/// A settlement that refunds a team step by its id (whatever it debited, if it ran).
+fn team_refund(consumer: &str, team: &str, id: u64) -> Settlement {
+    Settlement {
+        consumer: consumer.to_string(),
+        end: ReservationEnd::None,
+        reserved: 0,
+        actual: 0,
+        window: 0,
+        tpm: None,
+        usage: None,
+        money: Money {
+            reserved: 0,
+            actual: 0,
+            window: 0,
+            team: Some(TeamCharge {
+                team: team.to_string(),
+                end: ReservationEnd::Abandoned { id },
+                window: 0,
+            }),
+        },
+    }
+}
