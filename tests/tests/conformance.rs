@@ -13,9 +13,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tollgate_quota::{
-    Admission, BreakerFailure, ConsumerRecord, Decision, LimitDefaults, MAX_TRIP_MS, MemoryStore,
-    Period, RedisOpts, RedisStore, ReservationEnd, ReserveRequest, Settlement, Store, SystemClock,
-    UsageCounts, UsageDelta, UsageRow, new_batch_id, new_reservation_id, window_bounds,
+    ANY_WINDOW, Admission, BreakerFailure, Budget, BudgetAction, BudgetScope, ConsumerRecord,
+    Decision, LimitDefaults, MAX_TRIP_MS, MemoryStore, Money, Period, RedisOpts, RedisStore,
+    ReservationEnd, ReserveRequest, Settlement, Store, SystemClock, TeamCharge, TeamDecision,
+    TeamRecord, TeamReserve, UsageCounts, UsageDelta, UsageRow, new_batch_id, new_reservation_id,
+    window_bounds,
 };
 use tollgate_tests::redis::RedisServer;
 
@@ -141,6 +143,7 @@ async fn reserve_with<S: Store>(
         require_record,
         id: new_reservation_id(),
         background: false,
+        cost_nano: 0,
     };
     s.reserve(&req).await.expect("reserve")
 }
@@ -185,6 +188,7 @@ fn correction(id: &str, a: &Admission, reserved: u64, actual: u64) -> Settlement
         window: a.window,
         tpm: a.tpm,
         usage: None,
+        money: Default::default(),
     }
 }
 
@@ -323,6 +327,7 @@ async fn check_quota<S: Store>(s: &S) {
         window: tollgate_quota::ANY_WINDOW,
         tpm: None,
         usage: None,
+        money: Default::default(),
     };
     s.settle(new_batch_id(), std::slice::from_ref(&outage))
         .await
@@ -559,6 +564,7 @@ async fn check_seed<S: Store>(s: &S) {
         quota_period: Period::Week,
         models: vec!["m1".into(), "m2".into()],
         disabled: true,
+        budget: None,
     };
     s.put_consumer(&full).await.unwrap();
     assert_eq!(
@@ -595,6 +601,7 @@ async fn check_usage<S: Store>(s: &S) {
         window: 0,
         tpm: None,
         usage: Some(usage),
+        money: Default::default(),
     };
     s.settle(
         new_batch_id(),
@@ -756,6 +763,7 @@ async fn check_settle_once<S: Store>(s: &S) {
         window: 0,
         tpm: None,
         usage: Some(usage),
+        money: Default::default(),
     }];
     let id = new_batch_id();
     s.settle(id, &batch).await.unwrap();
@@ -779,6 +787,7 @@ async fn reserve_id<S: Store>(s: &S, consumer: &str, tokens: u64, id: u64) -> De
         require_record: true,
         id,
         background: false,
+        cost_nano: 0,
     };
     s.reserve(&req).await.expect("reserve")
 }
@@ -805,6 +814,7 @@ fn abandon(consumer: &str, id: u64) -> Settlement {
         window: 0,
         tpm: None,
         usage: None,
+        money: Default::default(),
     }
 }
 
@@ -1068,6 +1078,470 @@ async fn redis_only_heartbeat_counts_replicas() {
     assert_eq!(MemoryStore::new().heartbeat("x", 300).await.unwrap(), 1);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Budgets in money (issue 18): the consumer's budget in reserve.lua / settle.lua, the team step
+// in team_reserve.lua / team_settle.lua, alert claims.
+
+const UNIT: u64 = 1_000_000_000;
+
+fn with_budget(id: &str, units: u64, action: BudgetAction) -> ConsumerRecord {
+    ConsumerRecord {
+        budget: Some(Budget {
+            limit_nano: units * UNIT,
+            period: Period::Day,
+            action,
+        }),
+        ..consumer(id)
+    }
+}
+
+async fn reserve_cost<S: Store>(
+    s: &S,
+    id: &str,
+    tokens: u64,
+    cost_nano: u64,
+    rid: u64,
+) -> Decision {
+    let req = ReserveRequest {
+        consumer: id,
+        model: "gpt-4o",
+        tokens,
+        defaults: &NO_DEFAULTS,
+        require_record: true,
+        id: rid,
+        background: false,
+        cost_nano,
+    };
+    s.reserve(&req).await.expect("reserve")
+}
+
+fn money_settlement(id: &str, rid: u64, reserved: u64, actual: u64, a: &Admission) -> Settlement {
+    Settlement {
+        consumer: id.into(),
+        end: ReservationEnd::Settled {
+            id: rid,
+            retried: false,
+        },
+        reserved: 10,
+        actual: 10,
+        window: a.window,
+        tpm: a.tpm,
+        usage: None,
+        money: Money {
+            reserved,
+            actual,
+            window: a.budget.map_or(0, |b| b.window),
+            team: None,
+        },
+    }
+}
+
+/// A consumer's budget: debited with the reservation, refused (403-worthy) when the estimate
+/// does not fit, settled to the actual cost, refunded when abandoned; "alert" never refuses.
+async fn check_consumer_budget<S: Store>(s: &S) {
+    s.put_consumer(&with_budget("bud", 10, BudgetAction::Block))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.get_consumer("bud")
+            .await
+            .unwrap()
+            .unwrap()
+            .budget
+            .unwrap()
+            .limit_nano,
+        10 * UNIT,
+        "the budget round-trips through the record"
+    );
+    let r1 = new_reservation_id();
+    let a = admitted(reserve_cost(s, "bud", 10, 6 * UNIT, r1).await);
+    let b = a.budget.expect("a budget use");
+    assert_eq!((b.limit_nano, b.spent_nano), (10 * UNIT, 6 * UNIT as i64));
+    let (start, end) = window_bounds(Period::Day, b.window);
+    assert_eq!((b.window, b.window_end), (start, end));
+    // 6 + 5 > 10: refused, nothing debited.
+    match reserve_cost(s, "bud", 10, 5 * UNIT, new_reservation_id()).await {
+        Decision::BudgetExceeded(r) => {
+            assert_eq!(
+                (r.remaining_nano, r.limit_nano),
+                (4 * UNIT as i64, 10 * UNIT)
+            );
+            assert!(r.retry_after_ms > 0 && r.retry_after_ms <= 86_400_000);
+        }
+        other => panic!("expected BudgetExceeded, got {other:?}"),
+    }
+    // Settled to the actual cost (2 of the 6 reserved): 8 left.
+    s.settle(
+        new_batch_id(),
+        &[money_settlement("bud", r1, 6 * UNIT, 2 * UNIT, &a)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.spend(BudgetScope::Consumer, "bud").await.unwrap(),
+        Some((b.window, 2 * UNIT as i64))
+    );
+    let r2 = new_reservation_id();
+    let c = admitted(reserve_cost(s, "bud", 10, 8 * UNIT, r2).await);
+    assert_eq!(c.budget.unwrap().remaining_nano(), 0, "exactly the budget");
+    // Abandoned: the record's cost comes back.
+    s.settle(new_batch_id(), &[abandon("bud", r2)])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.spend(BudgetScope::Consumer, "bud").await.unwrap(),
+        Some((b.window, 2 * UNIT as i64))
+    );
+    // Settling a settled reservation again changes nothing.
+    s.settle(
+        new_batch_id(),
+        &[money_settlement("bud", r1, 6 * UNIT, 0, &a)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.spend(BudgetScope::Consumer, "bud")
+            .await
+            .unwrap()
+            .unwrap()
+            .1,
+        2 * UNIT as i64
+    );
+
+    // "alert": spends past the budget, never refuses.
+    s.put_consumer(&with_budget("loud", 1, BudgetAction::Alert))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        admitted(reserve_cost(s, "loud", 1, UNIT, new_reservation_id()).await);
+    }
+    let d = admitted(reserve_cost(s, "loud", 1, UNIT, new_reservation_id()).await);
+    assert_eq!(d.budget.unwrap().spent_nano, 4 * UNIT as i64);
+    assert_eq!(d.budget.unwrap().action, BudgetAction::Alert);
+    // No budget: nothing counted.
+    s.put_consumer(&consumer("free")).await.unwrap();
+    let e = admitted(reserve_cost(s, "free", 1, UNIT, new_reservation_id()).await);
+    assert_eq!(e.budget, None);
+    assert_eq!(s.spend(BudgetScope::Consumer, "free").await.unwrap(), None);
+}
+
+fn team_settlement(
+    team: &str,
+    end: ReservationEnd,
+    reserved: u64,
+    actual: u64,
+    window: u64,
+) -> Settlement {
+    Settlement {
+        consumer: "member".into(),
+        end: ReservationEnd::None,
+        reserved: 0,
+        actual: 0,
+        window: 0,
+        tpm: None,
+        usage: None,
+        money: Money {
+            reserved,
+            actual,
+            window: 0,
+            team: Some(TeamCharge {
+                team: team.into(),
+                end,
+                window,
+            }),
+        },
+    }
+}
+
+async fn reserve_team<S: Store>(s: &S, team: &str, cost_nano: u64, id: u64) -> TeamDecision {
+    let req = TeamReserve {
+        team,
+        cost_nano,
+        id,
+        background: false,
+    };
+    s.reserve_team(&req).await.expect("reserve_team")
+}
+
+/// The team step: no budget → NoBudget; a budget is debited atomically, refuses what does not
+/// fit, settles to the actual cost, is refunded once when abandoned (compensation), and a
+/// reservation id debits once.
+async fn check_team_budget<S: Store>(s: &S) {
+    assert_eq!(
+        reserve_team(s, "none", UNIT, new_reservation_id()).await,
+        TeamDecision::NoBudget
+    );
+    let team = TeamRecord {
+        id: "fin".into(),
+        budget: Some(Budget {
+            limit_nano: 10 * UNIT,
+            period: Period::Month,
+            action: BudgetAction::Block,
+        }),
+    };
+    assert!(s.seed_team(&team).await.unwrap());
+    assert!(
+        !s.seed_team(&TeamRecord {
+            budget: None,
+            ..team.clone()
+        })
+        .await
+        .unwrap()
+    );
+    assert_eq!(s.get_team("fin").await.unwrap(), Some(team.clone()));
+
+    let r1 = new_reservation_id();
+    let TeamDecision::Admitted(u) = reserve_team(s, "fin", 7 * UNIT, r1).await else {
+        panic!("admitted")
+    };
+    assert_eq!(u.spent_nano, 7 * UNIT as i64);
+    assert_eq!(
+        window_bounds(Period::Month, u.window),
+        (u.window, u.window_end)
+    );
+    // The same id again: no second debit.
+    let TeamDecision::Admitted(again) = reserve_team(s, "fin", 7 * UNIT, r1).await else {
+        panic!("replayed")
+    };
+    assert_eq!(again.spent_nano, 7 * UNIT as i64);
+    match reserve_team(s, "fin", 4 * UNIT, new_reservation_id()).await {
+        TeamDecision::Exceeded(r) => assert_eq!(r.remaining_nano, 3 * UNIT as i64),
+        other => panic!("expected Exceeded, got {other:?}"),
+    }
+    // Settled at 5 of 7.
+    let settle = team_settlement(
+        "fin",
+        ReservationEnd::Settled {
+            id: r1,
+            retried: false,
+        },
+        7 * UNIT,
+        5 * UNIT,
+        u.window,
+    );
+    s.settle(new_batch_id(), std::slice::from_ref(&settle))
+        .await
+        .unwrap();
+    s.settle(new_batch_id(), &[settle]).await.unwrap();
+    assert_eq!(
+        s.spend(BudgetScope::Team, "fin").await.unwrap(),
+        Some((u.window, 5 * UNIT as i64)),
+        "corrected once"
+    );
+    // Compensation: a team step whose consumer was refused is refunded, once.
+    let r2 = new_reservation_id();
+    assert!(matches!(
+        reserve_team(s, "fin", 5 * UNIT, r2).await,
+        TeamDecision::Admitted(_)
+    ));
+    let refund = team_settlement("fin", ReservationEnd::Abandoned { id: r2 }, 0, 0, 0);
+    s.settle(new_batch_id(), std::slice::from_ref(&refund))
+        .await
+        .unwrap();
+    s.settle(new_batch_id(), &[refund]).await.unwrap();
+    assert_eq!(
+        s.spend(BudgetScope::Team, "fin").await.unwrap().unwrap().1,
+        5 * UNIT as i64
+    );
+    assert_eq!(
+        reserve_team(s, "fin", UNIT, r2).await,
+        TeamDecision::Cancelled,
+        "a late copy debits nothing"
+    );
+    // An abandon that arrives before its reserve: the reserve debits nothing.
+    let r3 = new_reservation_id();
+    s.settle(
+        new_batch_id(),
+        &[team_settlement(
+            "fin",
+            ReservationEnd::Abandoned { id: r3 },
+            0,
+            0,
+            0,
+        )],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        reserve_team(s, "fin", UNIT, r3).await,
+        TeamDecision::Cancelled
+    );
+    // Usage admitted without the store is charged to whatever window the counter holds.
+    s.settle(
+        new_batch_id(),
+        &[team_settlement(
+            "fin",
+            ReservationEnd::None,
+            0,
+            UNIT,
+            ANY_WINDOW,
+        )],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.spend(BudgetScope::Team, "fin").await.unwrap().unwrap().1,
+        6 * UNIT as i64
+    );
+    // An operator's change applies to the next step.
+    s.put_team(&TeamRecord {
+        budget: Some(Budget {
+            limit_nano: 100 * UNIT,
+            period: Period::Month,
+            action: BudgetAction::Alert,
+        }),
+        ..team.clone()
+    })
+    .await
+    .unwrap();
+    let TeamDecision::Admitted(big) =
+        reserve_team(s, "fin", 200 * UNIT, new_reservation_id()).await
+    else {
+        panic!("alert mode never refuses")
+    };
+    assert_eq!(
+        (big.limit_nano, big.action),
+        (100 * UNIT, BudgetAction::Alert)
+    );
+    s.put_team(&TeamRecord {
+        id: "fin".into(),
+        budget: None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        reserve_team(s, "fin", UNIT, new_reservation_id()).await,
+        TeamDecision::NoBudget
+    );
+}
+
+/// Alert claims: one caller wins until the claim expires or is released.
+async fn check_alert_claims<S: Store>(s: &S) {
+    assert!(
+        s.claim_alert("t:budget:team:fin:0.5:1", 60_000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.claim_alert("t:budget:team:fin:0.5:1", 60_000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        s.claim_alert("t:budget:team:fin:0.8:1", 60_000)
+            .await
+            .unwrap()
+    );
+    s.release_alert("t:budget:team:fin:0.5:1").await.unwrap();
+    assert!(s.claim_alert("t:budget:team:fin:0.5:1", 200).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        s.claim_alert("t:budget:team:fin:0.5:1", 200).await.unwrap(),
+        "expired"
+    );
+}
+
+/// Concurrent team steps from many callers never pass the budget: exactly floor(budget/cost)
+/// are admitted.
+async fn check_team_concurrency<S: Store + Clone>(s: &S) {
+    s.put_team(&TeamRecord {
+        id: "race".into(),
+        budget: Some(Budget {
+            limit_nano: 25 * UNIT,
+            period: Period::Day,
+            action: BudgetAction::Block,
+        }),
+    })
+    .await
+    .unwrap();
+    let tasks: Vec<_> = (0..40)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { reserve_team(&s, "race", UNIT, new_reservation_id()).await })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        if matches!(t.await.unwrap(), TeamDecision::Admitted(_)) {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 25);
+    assert_eq!(
+        s.spend(BudgetScope::Team, "race").await.unwrap().unwrap().1,
+        25 * UNIT as i64
+    );
+}
+
+/// An operator's budget fields in Redis: `budget` in currency units, a bad value is an error
+/// naming the field, never a lifted budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_only_budget_fields() {
+    let env = RedisEnv::start();
+    let s = env.store(mid_hour()).await;
+    s.put_consumer(&consumer("ops")).await.unwrap();
+    let mut conn = redis::Client::open(env.server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg("tg:consumer:{ops}")
+        .arg("budget")
+        .arg("0.5")
+        .arg("budget_period")
+        .arg("week")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let a = admitted(reserve_cost(&s, "ops", 1, UNIT / 4, new_reservation_id()).await);
+    assert_eq!(a.budget.unwrap().limit_nano, UNIT / 2);
+    assert_eq!(a.budget.unwrap().period, Period::Week);
+    assert!(matches!(
+        reserve_cost(&s, "ops", 1, UNIT / 2, new_reservation_id()).await,
+        Decision::BudgetExceeded(_)
+    ));
+    let _: () = redis::cmd("HSET")
+        .arg("tg:consumer:{ops}")
+        .arg("budget")
+        .arg("lots")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let req = ReserveRequest {
+        consumer: "ops",
+        model: "gpt-4o",
+        tokens: 1,
+        defaults: &NO_DEFAULTS,
+        require_record: true,
+        id: new_reservation_id(),
+        background: false,
+        cost_nano: 1,
+    };
+    let err = s.reserve(&req).await.unwrap_err().to_string();
+    assert!(err.contains("budget"), "{err}");
+    let _: () = redis::cmd("HSET")
+        .arg("tg:team:{ops-team}")
+        .arg("budget")
+        .arg("2")
+        .arg("budget_action")
+        .arg("bogus")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let err = s
+        .reserve_team(&TeamReserve {
+            team: "ops-team",
+            cost_nano: 1,
+            id: 1,
+            background: false,
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("budget_action"), "{err}");
+}
+
 macro_rules! suite {
     ($( $(#[$doc:meta])* $check:ident($offset:expr) => $mem:ident, $redis:ident; )*) => {$(
         $(#[$doc])*
@@ -1135,6 +1609,14 @@ suite! {
     check_breaker(0) => memory_breaker, redis_breaker;
     /// Circuit durations are bounded: integer times at most a day ahead, states readable.
     check_breaker_bounds(0) => memory_breaker_bounds, redis_breaker_bounds;
+    /// A consumer's budget: debit, refusal, settle to the actual cost, refund; alert mode.
+    check_consumer_budget(mid_hour()) => memory_consumer_budget, redis_consumer_budget;
+    /// The team step: debit, refusal, settle, compensation, replays, admin changes.
+    check_team_budget(mid_hour()) => memory_team_budget, redis_team_budget;
+    /// Concurrent team steps never pass the budget.
+    check_team_concurrency(mid_hour()) => memory_team_concurrency, redis_team_concurrency;
+    /// Alert claims: once until expiry or release.
+    check_alert_claims(mid_hour()) => memory_alert_claims, redis_alert_claims;
 }
 
 suite_timed! {
@@ -1388,6 +1870,7 @@ async fn redis_only_operator_commands() {
         require_record: true,
         id: new_reservation_id(),
         background: false,
+        cost_nano: 0,
     };
     let err = s.reserve(&req).await.unwrap_err();
     assert!(err.to_string().contains("tpm"), "{err}");
