@@ -90,6 +90,7 @@ impl Leases {
         if let Some(l) = self.active.get_mut(key)
             && (l.expires_ms > now_ms || spend_expired)
             && l.left >= tokens
+            && l.admission.budget.is_none()
         {
             l.left -= tokens;
             let mut a = l.admission.clone();
@@ -97,7 +98,11 @@ impl Leases {
             a.remaining_quota = a.remaining_quota.map(|r| r + l.left as i64);
             return Take::Admitted(a);
         }
-        let busy = self.rates.get(&key.0).is_some_and(Rate::busy);
+        // A consumer with a budget never leases: each request's money is reserved on its own.
+        let busy = self
+            .rates
+            .get(&key.0)
+            .is_some_and(|r| r.busy() && r.admission.as_ref().is_none_or(|a| a.budget.is_none()));
         let ask = busy && self.asking.insert(key.clone());
         Take::Miss { ask }
     }
@@ -182,6 +187,7 @@ mod tests {
             tpm: Some(tpm),
             quota: Some(1_000_000),
             quota_period: Default::default(),
+            budget: None,
         }
     }
 
