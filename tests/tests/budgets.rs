@@ -1,0 +1,363 @@
+//! Budgets in money and alerts, with real processes: one `redis-server`, three gateway
+//! processes, a priced mock backend, clients spread over the three nodes, and a webhook
+//! receiver in the test that counts the alerts it gets. The money the backend actually served
+//! (its `/stats` tokens × the price) must respect a team's and a consumer's budget as if one
+//! process enforced them; `alert` mode never blocks; each threshold fires once per window
+//! across the cluster; a webhook that hangs does not slow requests.
+
+use axum::Router;
+use axum::routing::post;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tollgate_loadtest::mock::{MockOpts, count_prompt_tokens};
+use tollgate_tests::{Harness, Running, client, key_for};
+
+/// 1000 per 1M tokens: one token costs 0.001.
+const PRICE: &str = "price = { input_per_1m = 1000.0, output_per_1m = 1000.0 }";
+const PER_TOKEN: f64 = 0.001;
+
+fn body(max_tokens: u64) -> Value {
+    json!({"model": "gpt-4o", "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "What does a budget in money buy?"}]})
+}
+
+/// Statuses (and error codes) per node.
+type Counts = Arc<Mutex<BTreeMap<(usize, String), u64>>>;
+
+/// `clients` tasks per node and per key send requests until each was refused with 403, or
+/// `until`; counts `status` or `status code` per node.
+async fn hammer(h: &Running, keys: &[String], clients: usize, until: Instant) -> Counts {
+    let counts: Counts = Arc::default();
+    let mut tasks = Vec::new();
+    for node in 0..h.gateways.len() {
+        for key in keys {
+            for _ in 0..clients {
+                let url = format!("{}/v1/chat/completions", h.url(node));
+                let (key, counts, c) = (key.clone(), counts.clone(), client());
+                tasks.push(tokio::spawn(async move {
+                    while Instant::now() < until {
+                        let r = c.post(&url).bearer_auth(&key).json(&body(100)).send().await;
+                        let label = match r {
+                            Ok(r) => {
+                                let status = r.status().as_u16();
+                                let v: Value = r.json().await.unwrap_or(Value::Null);
+                                match v["error"]["code"].as_str() {
+                                    Some(code) => format!("{status} {code}"),
+                                    None => status.to_string(),
+                                }
+                            }
+                            Err(_) => "error".into(),
+                        };
+                        let refused = label.starts_with("403");
+                        *counts.lock().unwrap().entry((node, label)).or_default() += 1;
+                        if refused {
+                            break;
+                        }
+                    }
+                }));
+            }
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    counts
+}
+
+fn total(c: &Counts, label: &str) -> u64 {
+    c.lock()
+        .unwrap()
+        .iter()
+        .filter(|((_, l), _)| l == label)
+        .map(|(_, n)| n)
+        .sum()
+}
+
+/// The cost the backend really served, and the most one request can cost.
+async fn served_cost(h: &Running) -> (f64, f64) {
+    let stats = h.mock("m").stats().await.unwrap();
+    let one = (count_prompt_tokens(&body(100)) + 100) as f64 * PER_TOKEN;
+    (stats.total_tokens as f64 * PER_TOKEN, one)
+}
+
+/// Spend ≤ budget + one request, ≥ 90 % of it, and every node answered 403 budget_exceeded.
+async fn assert_exact(h: &Running, counts: &Counts, budget: f64) {
+    let (spent, one) = served_cost(h).await;
+    assert!(
+        spent <= budget + one,
+        "over-spent: {spent:.3} > {budget} + {one:.3}; {counts:?}"
+    );
+    assert!(
+        spent >= 0.9 * budget,
+        "under-spent: {spent:.3} of {budget}; {counts:?}"
+    );
+    for node in 0..3 {
+        let refused = counts
+            .lock()
+            .unwrap()
+            .get(&(node, "403 budget_exceeded".to_string()))
+            .copied()
+            .unwrap_or(0);
+        assert!(refused > 0, "node {node} never refused: {counts:?}");
+    }
+    let c = counts.lock().unwrap();
+    let other: Vec<_> = c
+        .iter()
+        .filter(|((_, l), _)| l != "200" && l != "403 budget_exceeded")
+        .collect();
+    assert!(other.is_empty(), "unexpected answers: {other:?}");
+}
+
+/// A team budget is shared by the team's consumers on every node: the money served stays
+/// within the budget plus one request, uses at least 90 % of it, then every node answers 403
+/// `budget_exceeded` (with the budget and currency in the message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn team_budget_holds_across_three_nodes() {
+    const BUDGET: f64 = 5.0;
+    let h = Harness::new()
+        .redis()
+        .backend("m", MockOpts::default(), PRICE)
+        .config(&format!(
+            "[pricing]\ncurrency = \"EUR\"\n[[teams]]\nid = \"finance\"\nbudget = {BUDGET}\n\
+             budget_period = \"month\"\nbudget_action = \"block\"\n"
+        ))
+        .consumer("app-1", "team = \"finance\"")
+        .consumer("app-2", "team = \"finance\"")
+        .gateways(3)
+        .start()
+        .await
+        .unwrap();
+    let keys = [key_for("app-1"), key_for("app-2")];
+    let counts = hammer(&h, &keys, 3, Instant::now() + Duration::from_secs(60)).await;
+    assert_exact(&h, &counts, BUDGET).await;
+    // What a team sees when it runs out.
+    let r = client()
+        .post(format!("{}/v1/chat/completions", h.url(1)))
+        .bearer_auth(key_for("app-2"))
+        .json(&body(100))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.headers().contains_key("retry-after"));
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "budget_exceeded");
+    assert_eq!(v["error"]["type"], "insufficient_quota");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("team budget of 5.00 EUR per month"), "{msg}");
+}
+
+/// A consumer's own budget holds the same way; a request admitted before shows what is left in
+/// `x-budget-remaining`, and `/metrics` carries the budget gauges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn consumer_budget_holds_across_three_nodes() {
+    const BUDGET: f64 = 3.0;
+    let h = Harness::new()
+        .redis()
+        .backend("m", MockOpts::default(), PRICE)
+        .config("[pricing]\ncurrency = \"EUR\"\n")
+        .consumer(
+            "app-1",
+            &format!("budget = {BUDGET}\nbudget_period = \"day\"\nbudget_action = \"block\""),
+        )
+        .gateways(3)
+        .start()
+        .await
+        .unwrap();
+    let r = client()
+        .post(format!("{}/v1/chat/completions", h.url(0)))
+        .bearer_auth(key_for("app-1"))
+        .json(&body(100))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let left: f64 = r.headers()["x-budget-remaining"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let one = (count_prompt_tokens(&body(100)) + 100) as f64 * PER_TOKEN;
+    assert!(
+        (left - (BUDGET - one)).abs() < 0.002,
+        "x-budget-remaining {left} after one request of at most {one}"
+    );
+    let metrics = client()
+        .get(format!("{}/metrics", h.url(0)))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "tollgate_budget_limit{scope=\"consumer\",id=\"app-1\",period=\"day\",currency=\"EUR\"} 3"
+        ),
+        "{metrics}"
+    );
+    let counts = hammer(
+        &h,
+        &[key_for("app-1")],
+        4,
+        Instant::now() + Duration::from_secs(60),
+    )
+    .await;
+    assert_exact(&h, &counts, BUDGET).await;
+}
+
+/// What the webhook receiver got.
+#[derive(Clone, Default)]
+struct Hook {
+    bodies: Arc<Mutex<Vec<Value>>>,
+    /// Requests that arrived (a hanging hook never answers them).
+    arrived: Arc<AtomicU64>,
+}
+
+impl Hook {
+    /// Starts a receiver; `hang` makes it take every request and never answer.
+    async fn start(hang: bool) -> (Hook, String) {
+        let hook = Hook::default();
+        let h = hook.clone();
+        let app = Router::new().route(
+            "/hook",
+            post(move |body: axum::Json<Value>| {
+                let h = h.clone();
+                async move {
+                    h.arrived.fetch_add(1, Ordering::SeqCst);
+                    if hang {
+                        std::future::pending::<()>().await;
+                    }
+                    h.bodies.lock().unwrap().push(body.0);
+                    "ok"
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (hook, url)
+    }
+
+    /// Calls per (event, scope, id, threshold).
+    fn counts(&self) -> BTreeMap<String, u64> {
+        let mut m = BTreeMap::new();
+        for b in self.bodies.lock().unwrap().iter() {
+            let k = format!(
+                "{} {} {} {}",
+                b["event"].as_str().unwrap_or("?"),
+                b["scope"].as_str().unwrap_or("-"),
+                b["id"].as_str().unwrap_or("-"),
+                b["threshold"]
+            );
+            *m.entry(k).or_default() += 1;
+        }
+        m
+    }
+}
+
+/// `alert` mode never blocks, and each threshold's webhook fires exactly once per window
+/// across three nodes (the receiver counts them), with a Slack- and Teams-compatible `text`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn alert_mode_never_blocks_and_thresholds_fire_once() {
+    let (hook, url) = Hook::start(false).await;
+    let h = Harness::new()
+        .redis()
+        .backend("m", MockOpts::default(), PRICE)
+        .config(&format!(
+            "[pricing]\ncurrency = \"EUR\"\n[[teams]]\nid = \"ops\"\nbudget = 1.0\n\
+             budget_action = \"alert\"\n[[alerts]]\nurl_env = \"HOOK_URL\"\nteams = [\"ops\"]\n\
+             thresholds = [0.5, 0.8, 1.0]\n"
+        ))
+        .env("HOOK_URL", &url)
+        .consumer("app-1", "team = \"ops\"")
+        .consumer("app-2", "team = \"ops\"")
+        .gateways(3)
+        .start()
+        .await
+        .unwrap();
+    // ~3x the budget, from every node at once: nothing is refused.
+    let keys = [key_for("app-1"), key_for("app-2")];
+    let counts = hammer(&h, &keys, 2, Instant::now() + Duration::from_secs(4)).await;
+    let (spent, _) = served_cost(&h).await;
+    assert!(spent > 2.0, "the load spent {spent:.3}: {counts:?}");
+    assert_eq!(
+        total(&counts, "200"),
+        counts.lock().unwrap().values().sum::<u64>(),
+        "alert mode never refuses: {counts:?}"
+    );
+    // Deliveries are off the request path: give them a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hook.bodies.lock().unwrap().len() < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let got = hook.counts();
+    let want: BTreeMap<String, u64> = ["0.5", "0.8", "1.0"]
+        .iter()
+        .map(|t| (format!("budget team ops {t}"), 1))
+        .collect();
+    assert_eq!(got, want, "{:?}", hook.bodies.lock().unwrap());
+    let text = hook.bodies.lock().unwrap()[0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(text.contains("team ops"), "{text}");
+    assert!(
+        !h.gateways.iter().any(|g| g.log_text().contains(&url)),
+        "the webhook URL is a secret and never logged"
+    );
+}
+
+/// A webhook that accepts and never answers does not slow requests: with a delivery timeout
+/// of 30 s, every request of a load that crosses many thresholds still answers within a
+/// second, while the hook holds deliveries open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hanging_webhook_does_not_slow_requests() {
+    let (hook, url) = Hook::start(true).await;
+    let thresholds: Vec<String> = (1..=40).map(|i| format!("{}", i as f64 / 40.0)).collect();
+    let h = Harness::new()
+        .redis()
+        .backend("m", MockOpts::default(), PRICE)
+        .config(&format!(
+            "[pricing]\ncurrency = \"EUR\"\n[[alerts]]\nurl = \"{url}\"\ntimeout_ms = 30000\n\
+             thresholds = [{}]\n",
+            thresholds.join(", ")
+        ))
+        .consumer(
+            "app-1",
+            "budget = 0.6\nbudget_action = \"alert\"\nquota = 4000\nquota_period = \"day\"",
+        )
+        .gateways(3)
+        .start()
+        .await
+        .unwrap();
+    let c = client();
+    let mut slowest = Duration::ZERO;
+    for i in 0..60 {
+        let started = Instant::now();
+        let r = c
+            .post(format!("{}/v1/chat/completions", h.url(i % 3)))
+            .bearer_auth(key_for("app-1"))
+            .json(&body(20))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let _ = r.bytes().await;
+        slowest = slowest.max(started.elapsed());
+        assert!(status == 200 || status == 403, "{status}");
+    }
+    assert!(
+        hook.arrived.load(Ordering::SeqCst) >= 10,
+        "the hook was called ({} times) and hangs",
+        hook.arrived.load(Ordering::SeqCst)
+    );
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a request waited on the webhook: {slowest:?}"
+    );
+}
