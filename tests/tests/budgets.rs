@@ -86,6 +86,7 @@ async fn served_cost(h: &Running) -> (f64, f64) {
 /// Spend ≤ budget + one request, ≥ 90 % of it, and every node answered 403 budget_exceeded.
 async fn assert_exact(h: &Running, counts: &Counts, budget: f64) {
     let (spent, one) = served_cost(h).await;
+    eprintln!("spent {spent:.3} of {budget} (one request <= {one:.3}): {counts:?}");
     assert!(
         spent <= budget + one,
         "over-spent: {spent:.3} > {budget} + {one:.3}; {counts:?}"
