@@ -149,6 +149,32 @@ async fn team_budget_holds_across_three_nodes() {
     assert_eq!(v["error"]["type"], "insufficient_quota");
     let msg = v["error"]["message"].as_str().unwrap();
     assert!(msg.contains("team budget of 5.00 EUR per month"), "{msg}");
+    // `tollgate usage` shows the budget, settled to what was served.
+    let (served, one) = served_cost(&h).await;
+    let mut report = Value::Null;
+    for _ in 0..50 {
+        report = h.usage("team").unwrap();
+        let spent = report["budgets"][0]["spent"].as_f64().unwrap_or(0.0);
+        if (spent - served).abs() < 0.01 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let b = &report["budgets"][0];
+    assert_eq!(
+        (b["scope"].as_str(), b["id"].as_str()),
+        (Some("team"), Some("finance")),
+        "{report}"
+    );
+    assert_eq!(
+        (b["budget"].as_f64(), b["currency"].as_str()),
+        (Some(BUDGET), Some("EUR"))
+    );
+    let spent = b["spent"].as_f64().unwrap();
+    assert!(
+        (spent - served).abs() < 0.01 && spent <= BUDGET + one,
+        "the budget settled to the cost served ({served:.3}): {report}"
+    );
 }
 
 /// A consumer's own budget holds the same way; a request admitted before shows what is left in

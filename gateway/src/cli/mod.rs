@@ -2,11 +2,12 @@
 //! `cache purge`, `cache stats`.
 //!
 //! - [`report`]: the usage report; [`ptu`]: PTU cost allocation; [`html`]: the report as one
-//!   self-contained HTML page.
+//!   self-contained HTML page; [`budgets`]: the budgets in the usage report.
 //! - [`cache`]: the answer cache's admin.
 //! - [`keys`]: key creation.
 //! - [`demo`]: the demo gateway.
 
+mod budgets;
 mod cache;
 mod demo;
 mod html;
@@ -221,7 +222,14 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             };
             let (rows, period) = read_usage(&config, since.as_deref(), until.as_deref()).await?;
             let ptus = PtuSpec::from_config(&config);
-            print!("{}", render_report(&rows, period, &ptus, by, format));
+            let report = render_report(&rows, period, &ptus, by, format);
+            let store = crate::server::connect_store(&config).await?;
+            let budgets = budgets::read_budgets(&config, &store).await?;
+            let currency = &config.pricing.currency;
+            print!(
+                "{}",
+                budgets::with_budgets(report, &budgets, currency, format)
+            );
         }
         Command::Cache { command } => match command {
             CacheCommand::Purge {

@@ -1,0 +1,124 @@
+//! The budgets part of `tollgate usage`: every configured team and consumer that has a budget
+//! (the store's record wins, as on the request path), with what its current window has spent
+//! and what is left, in the price currency.
+
+use super::Format;
+use tollgate_common::config::Config;
+use tollgate_quota::{AnyStore, Budget, BudgetScope, Store, units_from_nano, window_bounds};
+
+/// One budget as the report shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetRow {
+    pub scope: BudgetScope,
+    pub id: String,
+    pub budget: Budget,
+    /// Spent in the current window (reservations in flight included), nano-units.
+    pub spent_nano: i64,
+    /// Start of the current window (unix seconds).
+    pub window: u64,
+}
+
+/// Reads the budgets of the configured teams (and consumers' teams) and consumers.
+pub async fn read_budgets(config: &Config, store: &AnyStore) -> anyhow::Result<Vec<BudgetRow>> {
+    let now_s = crate::clock::now_ms() / 1000;
+    let mut teams: Vec<String> = config.teams.iter().map(|t| t.id.clone()).collect();
+    for c in &config.consumers {
+        let t = c.team.clone().unwrap_or_else(|| c.id.clone());
+        if !teams.contains(&t) {
+            teams.push(t);
+        }
+    }
+    let mut rows = Vec::new();
+    let mut add = async |scope, id: &str, budget: Option<Budget>| -> anyhow::Result<()> {
+        let Some(budget) = budget else { return Ok(()) };
+        let (window, _) = window_bounds(budget.period, now_s);
+        let spent_nano = match store.spend(scope, id).await? {
+            Some((w, spent)) if w == window => spent,
+            _ => 0,
+        };
+        rows.push(BudgetRow {
+            scope,
+            id: id.to_string(),
+            budget,
+            spent_nano,
+            window,
+        });
+        Ok(())
+    };
+    for t in &teams {
+        let budget = store.get_team(t).await?.and_then(|r| r.budget);
+        add(BudgetScope::Team, t, budget).await?;
+    }
+    for c in &config.consumers {
+        let budget = store.get_consumer(&c.id).await?.and_then(|r| r.budget);
+        add(BudgetScope::Consumer, &c.id, budget).await?;
+    }
+    Ok(rows)
+}
+
+/// Budgets as JSON values.
+pub fn budgets_json(rows: &[BudgetRow], currency: &str) -> serde_json::Value {
+    rows.iter()
+        .map(|r| {
+            let limit = units_from_nano(r.budget.limit_nano as i64);
+            let spent = units_from_nano(r.spent_nano);
+            serde_json::json!({
+                "scope": r.scope.as_str(), "id": r.id, "period": r.budget.period.as_str(),
+                "action": r.budget.action.as_str(), "currency": currency,
+                "budget": limit, "spent": spent, "remaining": limit - spent,
+                "window_start": chrono::DateTime::from_timestamp(r.window as i64, 0)
+                    .map(|d| d.to_rfc3339()).unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+/// The budgets section of the table report (empty when no budget is set).
+pub fn budgets_table(rows: &[BudgetRow], currency: &str) -> String {
+    if rows.is_empty() {
+        return String::new();
+    }
+    let w = rows
+        .iter()
+        .map(|r| r.id.len())
+        .chain([6])
+        .max()
+        .unwrap_or(8);
+    let mut out = format!(
+        "\nbudgets ({currency})\n{:<8}  {:<w$}  {:<6}  {:<5}  {:>14}  {:>14}  {:>14}\n",
+        "scope", "id", "period", "action", "budget", "spent", "remaining"
+    );
+    for r in rows {
+        let limit = units_from_nano(r.budget.limit_nano as i64);
+        let spent = units_from_nano(r.spent_nano);
+        out.push_str(&format!(
+            "{:<8}  {:<w$}  {:<6}  {:<5}  {:>14.2}  {:>14.4}  {:>14.4}\n",
+            r.scope.as_str(),
+            r.id,
+            r.budget.period.as_str(),
+            r.budget.action.as_str(),
+            limit,
+            spent,
+            limit - spent
+        ));
+    }
+    out
+}
+
+/// Adds the budgets to a usage report already rendered in `format` (CSV stays one table; the
+/// HTML page is left as it is).
+pub fn with_budgets(report: String, rows: &[BudgetRow], currency: &str, format: Format) -> String {
+    match format {
+        Format::Json => match serde_json::from_str::<serde_json::Value>(&report) {
+            Ok(mut doc) => {
+                doc["budgets"] = budgets_json(rows, currency);
+                let mut s = serde_json::to_string_pretty(&doc).unwrap_or(report);
+                s.push('\n');
+                s
+            }
+            Err(_) => report,
+        },
+        Format::Table => report + &budgets_table(rows, currency),
+        Format::Csv | Format::Html => report,
+    }
+}
