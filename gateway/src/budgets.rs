@@ -22,7 +22,6 @@ pub fn admitted(gw: &Gateway, consumer: &str, team: &str, r: &Reserved) -> Optio
         gw.alerts
             .budget(BudgetScope::Consumer, consumer, team, consumer, b);
         gw.telemetry
-            .metrics
             .budget(BudgetScope::Consumer, consumer, b, gw.alerts.currency());
         least = Some(b.remaining_nano());
     }
@@ -30,7 +29,6 @@ pub fn admitted(gw: &Gateway, consumer: &str, team: &str, r: &Reserved) -> Optio
         gw.alerts
             .budget(BudgetScope::Team, &t.team, &t.team, consumer, &t.budget);
         gw.telemetry
-            .metrics
             .budget(BudgetScope::Team, &t.team, &t.budget, gw.alerts.currency());
         let left = t.budget.remaining_nano();
         least = Some(least.map_or(left, |l| l.min(left)));

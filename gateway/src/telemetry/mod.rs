@@ -14,6 +14,7 @@ use crate::record::RequestRecord;
 use http::HeaderMap;
 use std::sync::Arc;
 use tollgate_common::TokenUsage;
+use tollgate_quota::{BudgetScope, BudgetUse, units_from_nano};
 
 /// Every telemetry sink.
 #[derive(Clone)]
@@ -61,6 +62,21 @@ impl Telemetry {
             ttft_ms = o.first_byte.map(|d| d.as_millis() as u64),
             "usage"
         );
+    }
+
+    /// A budget after an admission: gauges in `/metrics` and OTLP.
+    pub fn budget(&self, scope: BudgetScope, id: &str, b: &BudgetUse, currency: &str) {
+        self.metrics.budget(scope, id, b, currency);
+        if let Some(otel) = &self.otel {
+            otel.budget(
+                scope.as_str(),
+                id,
+                units_from_nano(b.limit_nano as i64),
+                units_from_nano(b.spent_nano),
+                b.period.as_str(),
+                currency,
+            );
+        }
     }
 
     /// Settlements dropped because the buffer was full.

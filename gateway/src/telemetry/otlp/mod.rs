@@ -26,7 +26,7 @@ use export::ExportClient;
 use http::HeaderMap;
 use opentelemetry::KeyValue;
 use opentelemetry::logs::{AnyValue, LogRecord as _, Logger as _, LoggerProvider as _, Severity};
-use opentelemetry::metrics::{Counter, Histogram, MeterProvider as _};
+use opentelemetry::metrics::{Counter, Gauge, Histogram, MeterProvider as _};
 use opentelemetry::propagation::TextMapPropagator as _;
 use opentelemetry::trace::{Span as _, SpanKind, Status, Tracer as _, TracerProvider as _};
 use opentelemetry_http::HeaderExtractor;
@@ -70,6 +70,11 @@ pub struct Otel {
     requests: Counter<u64>,
     /// `gen_ai.client.operation.duration`: request to end of response, seconds.
     duration: Histogram<f64>,
+    /// `tollgate.budget.limit`, `.spent`, `.remaining`: budgets by scope and id, in the price
+    /// currency, as this replica last saw them.
+    budget_limit: Gauge<f64>,
+    budget_spent: Gauge<f64>,
+    budget_remaining: Gauge<f64>,
     /// `gen_ai.server.time_to_first_token`: request to the backend's first response byte.
     ttft: Histogram<f64>,
 }
@@ -157,12 +162,47 @@ impl Otel {
                 .with_description("Time from request to the backend's first response byte")
                 .with_boundaries(SECONDS_BUCKETS.to_vec())
                 .build(),
+            budget_limit: meter
+                .f64_gauge("tollgate.budget.limit")
+                .with_description("Budget per window, in the price currency")
+                .build(),
+            budget_spent: meter
+                .f64_gauge("tollgate.budget.spent")
+                .with_description(
+                    "Budget spent in the current window (reservations in flight included)",
+                )
+                .build(),
+            budget_remaining: meter
+                .f64_gauge("tollgate.budget.remaining")
+                .with_description("Budget left in the current window")
+                .build(),
             tracer_provider,
             meter_provider,
             logger_provider,
         };
         tracing::info!(endpoint = base, "OTLP export on");
         Ok(Some(Arc::new(otel)))
+    }
+
+    /// A budget after an admission: the three gauges, by scope, id, period and currency.
+    pub fn budget(
+        &self,
+        scope: &'static str,
+        id: &str,
+        limit: f64,
+        spent: f64,
+        period: &'static str,
+        currency: &str,
+    ) {
+        let attrs = [
+            KeyValue::new("tollgate.budget.scope", scope),
+            KeyValue::new("tollgate.budget.id", id.to_string()),
+            KeyValue::new("tollgate.budget.period", period),
+            KeyValue::new("tollgate.currency", currency.to_string()),
+        ];
+        self.budget_limit.record(limit, &attrs);
+        self.budget_spent.record(spent, &attrs);
+        self.budget_remaining.record(limit - spent, &attrs);
     }
 
     /// Starts the request's span, continuing the client's `traceparent` when it has one.
