@@ -388,3 +388,50 @@ async fn a_hanging_webhook_does_not_slow_requests() {
         "a request waited on the webhook: {slowest:?}"
     );
 }
+
+/// Budgets reach OTLP as gauges (limit, spent, remaining by scope and id), like `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_gauges_reach_otlp() {
+    let rx = tollgate_tests::otlp::OtlpReceiver::start().await.unwrap();
+    let mut h = Harness::new()
+        .backend("m", MockOpts::default(), PRICE)
+        .config(&format!(
+            "[pricing]\ncurrency = \"EUR\"\n[telemetry]\notlp_endpoint = \"{}\"\n\
+             [[teams]]\nid = \"finance\"\nbudget = 2.0\nbudget_period = \"week\"\n",
+            rx.url()
+        ))
+        .consumer("app-1", "team = \"finance\"\nbudget = 1.0")
+        .start()
+        .await
+        .unwrap();
+    let r = client()
+        .post(format!("{}/v1/chat/completions", h.url(0)))
+        .bearer_auth(key_for("app-1"))
+        .json(&body(100))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let left: f64 = r.headers()["x-budget-remaining"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Metrics leave at the shutdown flush.
+    h.gateways[0].terminate().await.unwrap();
+    let point = |metric: &str, scope: &str| -> f64 {
+        rx.latest_points(metric)
+            .iter()
+            .find(|p| p.attributes["tollgate.budget.scope"] == scope)
+            .unwrap_or_else(|| panic!("{metric} {scope} missing: {:?}", rx.metric_names()))
+            .value
+    };
+    assert_eq!(point("tollgate.budget.limit", "consumer"), 1.0);
+    assert_eq!(point("tollgate.budget.limit", "team"), 2.0);
+    let remaining = point("tollgate.budget.remaining", "consumer");
+    assert!(
+        (remaining - left).abs() < 1e-6,
+        "{remaining} vs header {left}"
+    );
+    assert!(point("tollgate.budget.spent", "team") > 0.0);
+}
