@@ -435,3 +435,82 @@ async fn budget_gauges_reach_otlp() {
     );
     assert!(point("tollgate.budget.spent", "team") > 0.0);
 }
+
+/// Alerts also fire on a token quota crossing its thresholds and on a circuit opening (a PTU
+/// saturated, traffic failing over to PAYG): each once across three nodes, though every node
+/// sees the circuit open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quota_and_circuit_alerts_fire_once_across_three_nodes() {
+    let (hook, url) = Hook::start(false).await;
+    let h = Harness::new()
+        .redis()
+        .backend(
+            "ptu",
+            MockOpts {
+                tpm: Some(600),
+                ..MockOpts::default()
+            },
+            "priority = 1",
+        )
+        .backend(
+            "payg",
+            MockOpts::default(),
+            &format!("priority = 2\n{PRICE}"),
+        )
+        .config(&format!(
+            "[[alerts]]\nurl = \"{url}\"\nthresholds = [0.5]\n"
+        ))
+        .consumer("app-1", "quota = 3000\nquota_period = \"day\"")
+        .gateways(3)
+        .start()
+        .await
+        .unwrap();
+    let c = client();
+    let mut i = 0;
+    // Until half the quota is used (the PTU saturates long before).
+    while i < 200 {
+        let r = c
+            .post(format!("{}/v1/chat/completions", h.url(i % 3)))
+            .bearer_auth(key_for("app-1"))
+            .json(&body(20))
+            .send()
+            .await
+            .unwrap();
+        let left: u64 = r.headers()["x-quota-remaining-tokens"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let _ = r.bytes().await;
+        i += 1;
+        if left < 1200 {
+            break;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hook.bodies.lock().unwrap().len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let bodies = hook.bodies.lock().unwrap().clone();
+    let quota: Vec<_> = bodies.iter().filter(|b| b["event"] == "quota").collect();
+    assert_eq!(quota.len(), 1, "{bodies:?}");
+    assert_eq!(
+        (quota[0]["id"].as_str(), quota[0]["threshold"].as_f64()),
+        (Some("app-1"), Some(0.5))
+    );
+    let circuits: Vec<_> = bodies
+        .iter()
+        .filter(|b| b["event"] == "circuit" && b["backend"] == "ptu")
+        .collect();
+    let trips: std::collections::BTreeSet<u64> =
+        circuits.iter().filter_map(|b| b["trip"].as_u64()).collect();
+    assert!(!circuits.is_empty(), "the PTU's circuit opened: {bodies:?}");
+    assert_eq!(
+        trips.len(),
+        circuits.len(),
+        "one alert per trip: {bodies:?}"
+    );
+    assert!(circuits[0]["text"].as_str().unwrap().contains("ptu"));
+}
