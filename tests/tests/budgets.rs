@@ -514,3 +514,42 @@ async fn quota_and_circuit_alerts_fire_once_across_three_nodes() {
     );
     assert!(circuits[0]["text"].as_str().unwrap().contains("ptu"));
 }
+
+/// A replica that loses the store says so once: the store alert fires when requests find
+/// Redis gone (the store cannot deduplicate it, so each degraded replica sends its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_degradation_alert_fires_once() {
+    let (hook, url) = Hook::start(false).await;
+    let mut h = Harness::new()
+        .redis()
+        .backend("m", MockOpts::default(), "")
+        .config(&format!(
+            "[[alerts]]\nurl = \"{url}\"\nevents = [\"store\"]\n"
+        ))
+        .consumer("app-1", "")
+        .start()
+        .await
+        .unwrap();
+    h.redis.as_mut().unwrap().stop();
+    let c = client();
+    for _ in 0..10 {
+        let r = c
+            .post(format!("{}/v1/chat/completions", h.url(0)))
+            .bearer_auth(key_for("app-1"))
+            .json(&body(20))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503, "escrow without a lease answers 503");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hook.bodies.lock().unwrap().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let bodies = hook.bodies.lock().unwrap().clone();
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
+    assert_eq!(bodies[0]["event"], "store");
+    assert_eq!(bodies[0]["policy"], "escrow");
+}

@@ -9,6 +9,7 @@ use crate::limits::Limits;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc};
+use tollgate_common::config::OnError;
 use tollgate_quota::Store;
 
 /// Deliveries in flight at once; beyond, events wait in the queue (never a request).
@@ -106,8 +107,13 @@ pub async fn watch_store(alerts: Arc<Alerts>, limits: Arc<Limits>, replica: Stri
         tick.tick().await;
         let now = limits.degraded();
         if now && !was {
-            let policy = format!("{:?}", limits.policy.on_error).to_lowercase();
-            alerts.store_degraded(&replica, &policy);
+            let policy = match limits.policy.on_error {
+                OnError::Escrow => "escrow",
+                OnError::Local => "local",
+                OnError::FailOpen => "fail_open",
+                OnError::FailClosed => "fail_closed",
+            };
+            alerts.store_degraded(&replica, policy);
         }
         was = now;
     }
