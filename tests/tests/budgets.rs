@@ -294,11 +294,11 @@ async fn alert_mode_never_blocks_and_thresholds_fire_once() {
     let h = Harness::new()
         .redis()
         .backend("m", MockOpts::default(), PRICE)
-        .config(&format!(
+        .config(
             "[pricing]\ncurrency = \"EUR\"\n[[teams]]\nid = \"ops\"\nbudget = 1.0\n\
              budget_action = \"alert\"\n[[alerts]]\nurl_env = \"HOOK_URL\"\nteams = [\"ops\"]\n\
-             thresholds = [0.5, 0.8, 1.0]\n"
-        ))
+             thresholds = [0.5, 0.8, 1.0]\n",
+        )
         .env("HOOK_URL", &url)
         .consumer("app-1", "team = \"ops\"")
         .consumer("app-2", "team = \"ops\"")

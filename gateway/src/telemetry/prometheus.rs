@@ -17,10 +17,13 @@ use tollgate_quota::{BudgetScope, BudgetUse, units_from_nano};
 
 type Labels = Vec<(&'static str, String)>;
 
+/// A budget gauge row: (scope, id) → (limit, spent, period, currency).
+type BudgetRows = BTreeMap<(&'static str, String), (f64, f64, &'static str, String)>;
+
 pub struct Metrics {
     counters: Mutex<BTreeMap<(&'static str, Labels), u64>>,
     /// Budgets as this replica last saw them: (scope, id) → (limit, spent, period, currency).
-    budgets: Mutex<BTreeMap<(&'static str, String), (f64, f64, &'static str, String)>>,
+    budgets: Mutex<BudgetRows>,
     /// Request to end of response, by model and backend.
     duration: Histogram,
     /// Request to the backend's first response byte, by model and backend.
