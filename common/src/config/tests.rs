@@ -203,3 +203,55 @@ fn first_backend_name() -> String {
 fn first_backend_model() -> String {
     Config::from_toml(GOOD).unwrap().backends[0].models[0].clone()
 }
+
+/// Budgets and alerts: the issue's names parse; bad amounts, hourly budgets, alerts without a
+/// URL or with bad thresholds name their key, and a URL never shows in an error.
+#[test]
+fn budgets_and_alerts() {
+    let money = format!(
+        "{}[pricing]\ncurrency = \"EUR\"\n\
+         [[teams]]\nid = \"finance\"\nbudget = 500.0\nbudget_period = \"month\"\nbudget_action = \"alert\"\n\
+         [[alerts]]\nurl_env = \"HOOK\"\nteams = [\"finance\"]\nthresholds = [0.5, 0.8, 1.0]\n",
+        GOOD.replace(
+            "id = \"team-a\"",
+            "id = \"team-a\"\nbudget = 50.0\nbudget_period = \"day\"\nbudget_action = \"block\""
+        )
+    );
+    let c = Config::from_toml(&money).unwrap();
+    assert_eq!(c.pricing.currency, "EUR");
+    assert_eq!(c.teams[0].budget, Some(500.0));
+    assert_eq!(c.teams[0].budget_action, crate::BudgetAction::Alert);
+    assert_eq!(c.consumers[0].budget, Some(50.0));
+    assert_eq!(c.consumers[0].budget_period, crate::Period::Day);
+    assert_eq!(c.alerts[0].retries, 3);
+    assert_eq!(c.alerts[0].events.len(), 4);
+    for (from, to, path) in [
+        ("budget = 500.0", "budget = -1.0", "teams[0].budget"),
+        ("budget = 50.0", "budget = inf", "consumers[0].budget"),
+        (
+            "budget_period = \"month\"",
+            "budget_period = \"hour\"",
+            "teams[0].budget_period",
+        ),
+        (
+            "url_env = \"HOOK\"",
+            "url = \"ftp://secret-token@x\"",
+            "alerts[0].url",
+        ),
+        (
+            "url_env = \"HOOK\"",
+            "url = \"http://x/\"\nurl_env = \"HOOK\"",
+            "alerts[0].url",
+        ),
+        (
+            "thresholds = [0.5, 0.8, 1.0]",
+            "thresholds = [0.0]",
+            "alerts[0].thresholds",
+        ),
+        ("currency = \"EUR\"", "currency = \"€\"", "pricing.currency"),
+    ] {
+        let e = Config::from_toml(&money.replacen(from, to, 1)).unwrap_err();
+        assert_eq!(e.path, path, "{e}");
+        assert!(!e.message.contains("secret-token"), "{e}");
+    }
+}

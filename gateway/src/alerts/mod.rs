@@ -397,3 +397,6 @@ fn threshold_body(u: &Use<'_>, t: f64) -> serde_json::Value {
             .unwrap_or_default(),
     })
 }
+
+#[cfg(test)]
+mod tests;
