@@ -276,3 +276,7 @@ fn team_refund(consumer: &str, team: &str, id: u64) -> Settlement {
         },
     }
 }
+
+#[cfg(test)]
+#[path = "team_tests.rs"]
+mod tests;
