@@ -208,6 +208,7 @@ pub fn unreserved(team: &str) -> Reserved {
         place: Placement::Nowhere,
         end: ReservationEnd::None,
         team: None,
+        charge_team: None,
     }
 }
 

@@ -65,6 +65,9 @@ pub struct Reserved {
     pub cost_nano: u64,
     /// The team step, when the consumer's team has a budget.
     pub team: Option<TeamReserved>,
+    /// The team step was skipped (the store did not answer it in time): this team's budget,
+    /// if it has one, is charged the actual cost at settle.
+    pub charge_team: Option<String>,
     /// Made in this replica's fallback store (settle there too), or not made at all
     /// (`fail_open`: nothing to settle).
     pub place: Placement,

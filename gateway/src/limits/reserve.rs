@@ -46,6 +46,7 @@ impl Limits {
                     place: Placement::Shared,
                     end: ReservationEnd::None,
                     team: None,
+                    charge_team: None,
                 });
             }
             Take::Miss { ask } => ask,
@@ -309,6 +310,7 @@ impl Limits {
                         retried,
                     },
                     team: None,
+                    charge_team: None,
                 })
             }
             other => {
@@ -346,6 +348,7 @@ impl Limits {
                     place: Placement::Nowhere,
                     end: ReservationEnd::None,
                     team: None,
+                    charge_team: None,
                 });
             }
             OnError::Local => {
@@ -376,6 +379,7 @@ impl Limits {
                 place,
                 end: ReservationEnd::None,
                 team: None,
+                charge_team: None,
             }),
             other => refusal(other, req.consumer, req.model, &self.policy.currency),
         }

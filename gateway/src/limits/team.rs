@@ -37,6 +37,14 @@ pub struct TeamReserved {
     pub budget: BudgetUse,
 }
 
+/// What the team step did.
+enum TeamStep {
+    NoBudget,
+    Reserved(TeamReserved),
+    /// Not taken: the store did not answer in time (see [`Limits::team_step`]).
+    Skipped,
+}
+
 #[derive(Default)]
 pub(super) struct Teams {
     /// Team → (has a budget, when last seen, unix ms).
@@ -114,7 +122,7 @@ impl Limits {
         let mut reserved = match first {
             Ok(r) => r,
             Err(e) => {
-                if let Some((t, Ok(Some(step)))) = early {
+                if let Some((t, Ok(TeamStep::Reserved(step)))) = early {
                     self.compensate_team(consumer, &t, &step);
                 }
                 return Err(e);
@@ -130,7 +138,7 @@ impl Limits {
             Some((t, step)) if t == actual => step,
             other => {
                 // The guess was wrong (the consumer moved team): undo it, take the right one.
-                if let Some((t, Ok(Some(step)))) = other {
+                if let Some((t, Ok(TeamStep::Reserved(step)))) = other {
                     self.compensate_team(consumer, &t, &step);
                 }
                 if actual.is_empty() || !self.teams.needs_step(&actual, now) {
@@ -140,8 +148,13 @@ impl Limits {
             }
         };
         match step {
-            Ok(step) => {
-                reserved.team = step;
+            Ok(TeamStep::NoBudget) => Ok(reserved),
+            Ok(TeamStep::Reserved(step)) => {
+                reserved.team = Some(step);
+                Ok(reserved)
+            }
+            Ok(TeamStep::Skipped) => {
+                reserved.charge_team = Some(actual);
                 Ok(reserved)
             }
             Err(e) => {
@@ -151,9 +164,16 @@ impl Limits {
         }
     }
 
-    /// The team's step: `Ok(None)` when the team has no budget (or the store is unreachable
-    /// and the policy admits without it).
-    async fn team_step(&self, team: &str, cost_nano: u64) -> Result<Option<TeamReserved>, Error> {
+    /// The team's step. When the store does not answer in time, a team this replica knows to
+    /// have a budget is refused under `escrow` and `fail_closed` (no allowance of the team's
+    /// money was obtained before the fault); any other team is admitted without the step, its
+    /// cost charged to the team at settle (a slow link must not stop consumers whose team has
+    /// no budget).
+    async fn team_step(&self, team: &str, cost_nano: u64) -> Result<TeamStep, Error> {
+        if !self.try_shared() {
+            // The store failed moments ago: no call until it is retried.
+            return self.team_step_failed(team);
+        }
         let req = TeamReserve {
             team,
             cost_nano,
@@ -164,11 +184,11 @@ impl Limits {
         match self.store.reserve_team(&req).await {
             Ok(TeamDecision::NoBudget) => {
                 self.teams.saw(team, false, now);
-                Ok(None)
+                Ok(TeamStep::NoBudget)
             }
             Ok(TeamDecision::Admitted(budget)) => {
                 self.teams.saw(team, true, now);
-                Ok(Some(TeamReserved {
+                Ok(TeamStep::Reserved(TeamReserved {
                     team: team.to_string(),
                     id: req.id,
                     budget,
@@ -185,14 +205,20 @@ impl Limits {
             }
             Ok(TeamDecision::Cancelled) => Err(Error::StoreUnavailable),
             Err(e) => {
-                tracing::debug!(team, error = %e, "team step failed");
+                self.mark(true, "team step", Some(&e));
                 // It may still run when the store wakes: have it refunded.
                 self.abandoned.lock().push(team_refund(team, team, req.id));
-                match self.policy.on_error {
-                    OnError::Escrow | OnError::FailClosed => Err(Error::StoreUnavailable),
-                    OnError::Local | OnError::FailOpen => Ok(None),
-                }
+                self.team_step_failed(team)
             }
+        }
+    }
+
+    fn team_step_failed(&self, team: &str) -> Result<TeamStep, Error> {
+        match self.policy.on_error {
+            OnError::Escrow | OnError::FailClosed if self.teams.has_budget(team) => {
+                Err(Error::StoreUnavailable)
+            }
+            _ => Ok(TeamStep::Skipped),
         }
     }
 

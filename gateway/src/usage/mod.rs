@@ -159,14 +159,23 @@ impl UsageWorker {
                     reserved: reserved.cost_nano,
                     actual: cost_nano,
                     window: reserved.admission.budget.map_or(0, |b| b.window),
-                    team: reserved.team.as_ref().map(|t| TeamCharge {
-                        team: t.team.clone(),
-                        end: ReservationEnd::Settled {
-                            id: t.id,
-                            retried: false,
-                        },
-                        window: t.budget.window,
-                    }),
+                    team: match (&reserved.team, &reserved.charge_team) {
+                        (Some(t), _) => Some(TeamCharge {
+                            team: t.team.clone(),
+                            end: ReservationEnd::Settled {
+                                id: t.id,
+                                retried: false,
+                            },
+                            window: t.budget.window,
+                        }),
+                        // The team step was skipped: charge what was served, like an outage.
+                        (None, Some(team)) => Some(TeamCharge {
+                            team: team.clone(),
+                            end: ReservationEnd::None,
+                            window: ANY_WINDOW,
+                        }),
+                        (None, None) => None,
+                    },
                 },
             }),
             Placement::Local | Placement::Nowhere => {
