@@ -181,7 +181,7 @@ impl Limits {
             background: false,
         };
         let now = self.clock.now_ms();
-        match self.store.reserve_team(&req).await {
+        match self.hedged_team(&req).await {
             Ok(TeamDecision::NoBudget) => {
                 self.teams.saw(team, false, now);
                 Ok(TeamStep::NoBudget)
@@ -210,6 +210,38 @@ impl Limits {
                 self.abandoned.lock().push(team_refund(team, team, req.id));
                 self.team_step_failed(team)
             }
+        }
+    }
+
+    /// The team step with the hot deadline, sent once more (same id: it debits once) when it
+    /// is not answered within half of it, like the consumer's reserve: slow is not down.
+    async fn hedged_team(
+        &self,
+        req: &TeamReserve<'_>,
+    ) -> Result<TeamDecision, tollgate_quota::Error> {
+        let first = self.store.reserve_team(req);
+        tokio::pin!(first);
+        let first_failed = tokio::select! {
+            r = &mut first => match r {
+                Ok(d) => return Ok(d),
+                Err(_) => true,
+            },
+            _ = tokio::time::sleep(self.policy.timeout / 2) => false,
+        };
+        let second = self.store.reserve_team(req);
+        if first_failed {
+            return second.await;
+        }
+        tokio::pin!(second);
+        tokio::select! {
+            r = &mut first => match r {
+                Ok(d) => Ok(d),
+                Err(_) => second.await,
+            },
+            r = &mut second => match r {
+                Ok(d) => Ok(d),
+                Err(_) => first.await,
+            },
         }
     }
 
