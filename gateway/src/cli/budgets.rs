@@ -108,6 +108,9 @@ pub fn budgets_table(rows: &[BudgetRow], currency: &str) -> String {
 /// Adds the budgets to a usage report already rendered in `format` (CSV stays one table; the
 /// HTML page is left as it is).
 pub fn with_budgets(report: String, rows: &[BudgetRow], currency: &str, format: Format) -> String {
+    if rows.is_empty() {
+        return report;
+    }
     match format {
         Format::Json => match serde_json::from_str::<serde_json::Value>(&report) {
             Ok(mut doc) => {
