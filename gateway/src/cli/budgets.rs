@@ -112,14 +112,14 @@ pub fn with_budgets(report: String, rows: &[BudgetRow], currency: &str, format: 
         return report;
     }
     match format {
-        Format::Json => match serde_json::from_str::<serde_json::Value>(&report) {
-            Ok(mut doc) => {
-                doc["budgets"] = budgets_json(rows, currency);
-                let mut s = serde_json::to_string_pretty(&doc).unwrap_or(report);
-                s.push('\n');
-                s
+        // Spliced in before the document's last `}`: the report is kept byte for byte.
+        Format::Json => match report.trim_end().strip_suffix('}') {
+            Some(head) => {
+                let budgets = serde_json::to_string_pretty(&budgets_json(rows, currency))
+                    .unwrap_or_else(|_| "[]".into());
+                format!("{},\n  \"budgets\": {budgets}\n}}\n", head.trim_end())
             }
-            Err(_) => report,
+            None => report,
         },
         Format::Table => report + &budgets_table(rows, currency),
         Format::Csv | Format::Html => report,
