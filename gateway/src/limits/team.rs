@@ -205,7 +205,9 @@ impl Limits {
             }
             Ok(TeamDecision::Cancelled) => Err(Error::StoreUnavailable),
             Err(e) => {
-                self.mark(true, "team step", Some(&e));
+                // Not marked as a store failure: that would let this replica spend expired
+                // leases under escrow; the team step's own policy is `team_step_failed`.
+                tracing::debug!(team, error = %e, "team step got no answer");
                 // It may still run when the store wakes: have it refunded.
                 self.abandoned.lock().push(team_refund(team, team, req.id));
                 self.team_step_failed(team)
