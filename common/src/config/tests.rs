@@ -108,39 +108,6 @@ fn hardening_defaults_and_bounds() {
     assert_eq!(e.path, "backends[0].breaker.max_retry_after_ms");
 }
 
-/// Dimensions parse into named sources: the well-known end-user sources are `user`, others are
-/// named after their key or explicitly; bad specs name the entry.
-#[test]
-fn dimensions() {
-    let c = Config::from_toml(
-        "[telemetry]\ndimensions = [\"body:user\", \"header:X-User-Id\", \"jwt:sub\", \"header:x-app\", \"tenant=jwt:tid\"]\nprometheus_dimensions = [\"x-app\"]",
-    )
-    .unwrap();
-    let s = c.telemetry.dimension_sources().unwrap();
-    assert_eq!(s[0].name, "user");
-    assert_eq!(s[0].from, DimensionFrom::Body("user".into()));
-    assert_eq!(s[1].name, "user");
-    assert_eq!(s[1].from, DimensionFrom::Header("x-user-id".into()));
-    assert_eq!(s[2].from, DimensionFrom::Jwt("sub".into()));
-    assert_eq!(s[3].name, "x-app");
-    assert_eq!(s[4].name, "tenant");
-    assert_eq!(c.telemetry.dimension_names(), ["user", "x-app", "tenant"]);
-    assert_eq!(c.telemetry.dimension_cap, 1000);
-    for (bad, key) in [
-        ("dimensions = [\"cookie:x\"]", "telemetry.dimensions[0]"),
-        ("dimensions = [\"header:\"]", "telemetry.dimensions[0]"),
-        ("dimensions = [\"a b=header:x\"]", "telemetry.dimensions[0]"),
-        (
-            "dimensions = [\"body:user\"]\nprometheus_dimensions = [\"x-app\"]",
-            "telemetry.prometheus_dimensions",
-        ),
-        ("dimension_cap = 0", "telemetry.dimension_cap"),
-    ] {
-        let e = Config::from_toml(&format!("[telemetry]\n{bad}")).unwrap_err();
-        assert_eq!(e.path, key, "{bad}: {e}");
-    }
-}
-
 /// `[[cache]]` takes the names with their defaults (exact mode, vary by team, 0.05),
 /// and refuses a bad `vary_by`, a semantic cache without an embeddings backend that serves its
 /// model, a threshold outside 0..2 and a duplicate name, naming the key.

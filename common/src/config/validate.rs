@@ -210,38 +210,7 @@ impl Config {
                 ));
             }
         }
-        self.validate_dimensions()?;
         self.validate_money()
-    }
-
-    fn validate_dimensions(&self) -> Result<(), ConfigError> {
-        let t = &self.telemetry;
-        for (i, spec) in t.dimensions.iter().enumerate() {
-            DimensionSource::parse(spec)
-                .map_err(|e| ConfigError::new(format!("telemetry.dimensions[{i}]"), e))?;
-        }
-        let names = t.dimension_names();
-        if names.len() > 8 {
-            return Err(ConfigError::new(
-                "telemetry.dimensions",
-                "at most 8 distinct dimensions (each one multiplies the usage rows)",
-            ));
-        }
-        if t.dimension_cap == 0 || t.dimension_retention_days == 0 {
-            return Err(ConfigError::new(
-                "telemetry.dimension_cap",
-                "dimension_cap and dimension_retention_days must be > 0",
-            ));
-        }
-        for p in &t.prometheus_dimensions {
-            if !names.contains(p) {
-                return Err(ConfigError::new(
-                    "telemetry.prometheus_dimensions",
-                    format!("{p:?} is not a configured dimension ({names:?})"),
-                ));
-            }
-        }
-        Ok(())
     }
 }
 
