@@ -26,8 +26,8 @@ mod store;
 pub use budget::*;
 pub use memory::{Clock, MemoryStore, SystemClock};
 pub use model::*;
-pub use redis::{BREAKER_CHANNEL, RedisOpts, RedisStore};
-pub use store::{AnyStore, REDIS_URL_ENV, connect};
+pub use redis::{BREAKER_CHANNEL, Credentials, RedisOpts, RedisStore, Topology};
+pub use store::{AnyStore, REDIS_URL_ENV, REDIS_URLS_ENV, connect};
 
 use std::future::Future;
 

@@ -184,6 +184,15 @@ impl Sentinel {
             .with_context(|| format!("the sentinels name {port}, not one of ours"))
     }
 
+    /// The data node that is not the current master (the replica, unless killed).
+    pub fn replica(&self) -> anyhow::Result<&Node> {
+        let master = self.master_port()?;
+        self.data
+            .iter()
+            .find(|n| n.port() != master && n.pid().is_some())
+            .context("no live replica")
+    }
+
     /// Kills the current master with SIGKILL; returns its port.
     pub fn kill_master(&mut self) -> anyhow::Result<u16> {
         let port = self.master_port()?;

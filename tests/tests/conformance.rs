@@ -14,12 +14,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tollgate_quota::{
     ANY_WINDOW, Admission, BreakerFailure, Budget, BudgetAction, BudgetScope, ConsumerRecord,
-    Decision, LimitDefaults, MAX_TRIP_MS, MemoryStore, Money, Period, RedisOpts, RedisStore,
-    ReservationEnd, ReserveRequest, Settlement, Store, SystemClock, TeamCharge, TeamDecision,
-    TeamRecord, TeamReserve, UsageCounts, UsageDelta, UsageRow, new_batch_id, new_reservation_id,
-    window_bounds,
+    Credentials, Decision, LimitDefaults, MAX_TRIP_MS, MemoryStore, Money, Period, RedisOpts,
+    RedisStore, ReservationEnd, ReserveRequest, Settlement, Store, SystemClock, TeamCharge,
+    TeamDecision, TeamRecord, TeamReserve, Topology, UsageCounts, UsageDelta, UsageRow,
+    new_batch_id, new_reservation_id, window_bounds,
 };
 use tollgate_tests::redis::RedisServer;
+use tollgate_tests::sentinel::MASTER_NAME;
+use tollgate_tests::{Cluster, Flavor, Sentinel, Valkey};
 
 // ---------------------------------------------------------------------------------------------
 // Environments: how each store is made, with its clock shifted by `offset_ms`.
@@ -68,6 +70,65 @@ impl Env for RedisEnv {
         RedisStore::connect(&self.server.url(), test_opts(offset_ms))
             .await
             .expect("connect")
+    }
+}
+
+/// A 3-master, 3-replica Redis Cluster (Redis or Valkey), reached through its seed nodes.
+struct ClusterEnv {
+    cluster: Cluster,
+}
+
+impl Env for ClusterEnv {
+    type S = RedisStore;
+    async fn store(&self, offset_ms: i64) -> RedisStore {
+        RedisStore::open(
+            &Topology::Cluster(self.cluster.urls()),
+            &Credentials::default(),
+            RedisOpts {
+                confirm_writes: true,
+                ..test_opts(offset_ms)
+            },
+        )
+        .await
+        .expect("connect to the cluster")
+    }
+}
+
+/// A master, a replica and three sentinels (Redis or Valkey), reached through the sentinels.
+struct SentinelEnv {
+    group: Sentinel,
+}
+
+impl Env for SentinelEnv {
+    type S = RedisStore;
+    async fn store(&self, offset_ms: i64) -> RedisStore {
+        RedisStore::open(
+            &Topology::Sentinel {
+                sentinels: self.group.sentinel_urls(),
+                master_name: MASTER_NAME.into(),
+            },
+            &Credentials::default(),
+            RedisOpts {
+                confirm_writes: true,
+                ..test_opts(offset_ms)
+            },
+        )
+        .await
+        .expect("connect through the sentinels")
+    }
+}
+
+/// A standalone Valkey 8.1.
+struct ValkeyEnv {
+    server: Valkey,
+}
+
+impl Env for ValkeyEnv {
+    type S = RedisStore;
+    async fn store(&self, offset_ms: i64) -> RedisStore {
+        RedisStore::connect(&self.server.url(), test_opts(offset_ms))
+            .await
+            .expect("connect to valkey")
     }
 }
 
@@ -1636,6 +1697,115 @@ async fn memory_windows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_windows() {
     check_windows(&RedisEnv::start()).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The whole suite on one server of each other kind: Valkey, Redis Cluster and Sentinel (each
+// flavor). One topology per test (a cluster takes seconds to form), emptied between checks.
+
+/// Every check above against `env`, each on a fresh store (with its own clock offset) after
+/// `reset` emptied the data.
+async fn whole_suite<E: Env>(env: &E, reset: impl Fn()) {
+    macro_rules! run {
+        ($($check:ident($offset:expr);)*) => {$(
+            reset();
+            let started = Instant::now();
+            $check(&env.store($offset).await).await;
+            eprintln!("{} passed in {:?}", stringify!($check), started.elapsed());
+        )*};
+    }
+    macro_rules! run_timed {
+        ($($check:ident($offset:expr);)*) => {$(
+            reset();
+            let offset = $offset;
+            $check(&env.store(offset).await, offset).await;
+            eprintln!("{} passed", stringify!($check));
+        )*};
+    }
+    run! {
+        check_decisions(mid_hour());
+        check_burst(mid_hour());
+        check_refill(mid_hour());
+        check_oversized(mid_hour());
+        check_quota(mid_hour());
+        check_settle(mid_hour());
+        check_admin_change(mid_hour());
+        check_seed(mid_hour());
+        check_usage(mid_hour());
+        check_concurrency(mid_hour());
+        check_settle_once(mid_hour());
+        check_reservation_ids(mid_hour());
+        check_seed_marker(mid_hour());
+        check_breaker(0);
+        check_breaker_bounds(0);
+    }
+    run_timed! {
+        check_rollover(before_hour(1500));
+        check_settle_old_window(before_hour(1500));
+    }
+    reset();
+    check_windows(env).await;
+}
+
+/// `FLUSHALL` on every master of the cluster (replicas follow).
+fn flush_cluster(c: &Cluster) {
+    for m in c.masters().expect("cluster masters") {
+        let node = c.node(m.port).expect("master node");
+        assert_eq!(node.cli(&["FLUSHALL"]).unwrap(), "OK");
+    }
+}
+
+fn flush_sentinel_master(s: &Sentinel) {
+    assert_eq!(s.master().unwrap().cli(&["FLUSHALL"]).unwrap(), "OK");
+}
+
+/// The Lua scripts decide on Valkey 8 exactly as the memory store does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_whole_suite() {
+    let env = ValkeyEnv {
+        server: Valkey::start().expect("start valkey-server"),
+    };
+    whole_suite(&env, || {
+        env.server.cli(&["FLUSHALL"]).unwrap();
+    })
+    .await;
+}
+
+/// On a Redis Cluster (3 masters, 3 replicas) every script, pipeline, scan and the breaker
+/// channel work as on one server: keys spread over every master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_redis_whole_suite() {
+    let env = ClusterEnv {
+        cluster: Cluster::start(Flavor::Redis).expect("start a redis cluster"),
+    };
+    whole_suite(&env, || flush_cluster(&env.cluster)).await;
+}
+
+/// The same on a Valkey 8 cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_valkey_whole_suite() {
+    let env = ClusterEnv {
+        cluster: Cluster::start(Flavor::Valkey).expect("start a valkey cluster"),
+    };
+    whole_suite(&env, || flush_cluster(&env.cluster)).await;
+}
+
+/// Through Redis sentinels, the store behaves as on one server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_redis_whole_suite() {
+    let env = SentinelEnv {
+        group: Sentinel::start(Flavor::Redis).expect("start a sentinel group"),
+    };
+    whole_suite(&env, || flush_sentinel_master(&env.group)).await;
+}
+
+/// Through Valkey sentinels, the store behaves as on one server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_valkey_whole_suite() {
+    let env = SentinelEnv {
+        group: Sentinel::start(Flavor::Valkey).expect("start a valkey sentinel group"),
+    };
+    whole_suite(&env, || flush_sentinel_master(&env.group)).await;
 }
 
 // ---------------------------------------------------------------------------------------------

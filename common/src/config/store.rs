@@ -9,7 +9,30 @@ use serde::Deserialize;
 pub enum StoreKind {
     #[default]
     Memory,
+    /// One Redis (or Valkey) server at `url`.
     Redis,
+    /// A Redis Cluster reached through the seed nodes in `urls`.
+    RedisCluster,
+    /// The master that the sentinels in `sentinels` name for `master_name`, followed across
+    /// failovers.
+    RedisSentinel,
+}
+
+impl StoreKind {
+    /// Whether state is shared through some Redis (every kind but `memory`).
+    pub fn is_redis(self) -> bool {
+        self != StoreKind::Memory
+    }
+
+    /// The name used in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreKind::Memory => "memory",
+            StoreKind::Redis => "redis",
+            StoreKind::RedisCluster => "redis_cluster",
+            StoreKind::RedisSentinel => "redis_sentinel",
+        }
+    }
 }
 
 /// What a replica does while the shared store is unreachable or too slow.
@@ -31,8 +54,25 @@ pub enum OnError {
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     pub kind: StoreKind,
-    /// `redis://host:port/db` or `redis+unix:///path.sock`; `TOLLGATE_REDIS_URL` overrides.
+    /// `redis://host:port/db`, `rediss://…` (TLS) or `redis+unix:///path.sock` (kind `redis`);
+    /// `TOLLGATE_REDIS_URL` overrides.
     pub url: String,
+    /// Seed nodes of a Redis Cluster (kind `redis_cluster`); any live one finds the rest.
+    /// `TOLLGATE_REDIS_URLS` (comma-separated) overrides.
+    pub urls: Vec<String>,
+    /// Sentinels watching the master (kind `redis_sentinel`); `TOLLGATE_REDIS_URLS` overrides.
+    pub sentinels: Vec<String>,
+    /// The name the sentinels monitor the master under.
+    pub master_name: String,
+    /// The variable holding the sentinels' own password (`requirepass` of the sentinels).
+    pub sentinel_password_env: Option<String>,
+    /// ACL user of the data nodes (the password comes from `password_env`).
+    pub username: Option<String>,
+    /// The variable holding the data nodes' password (ACL user's, or `requirepass`).
+    pub password_env: Option<String>,
+    /// PEM file of the CA that signed the servers' certificates, for `rediss://` URLs that a
+    /// private CA signed (otherwise the system's roots are trusted).
+    pub ca_file: Option<std::path::PathBuf>,
     pub on_error: OnError,
     /// A store command slower than this counts as a store failure.
     pub timeout_ms: u64,
@@ -51,6 +91,13 @@ impl Default for StoreConfig {
         StoreConfig {
             kind: StoreKind::Memory,
             url: "redis://127.0.0.1:6379".into(),
+            urls: Vec::new(),
+            sentinels: Vec::new(),
+            master_name: "mymaster".into(),
+            sentinel_password_env: None,
+            username: None,
+            password_env: None,
+            ca_file: None,
             on_error: OnError::Escrow,
             timeout_ms: 50,
             pool_size: 4,
@@ -121,4 +168,53 @@ pub struct ConsumerConfig {
     pub budget_period: Period,
     #[serde(default)]
     pub budget_action: BudgetAction,
+}
+
+impl StoreConfig {
+    /// The URL shapes and required names of the chosen kind; errors name the key at fault.
+    pub(crate) fn validate(&self) -> Result<(), super::ConfigError> {
+        use super::ConfigError;
+        let tcp = |u: &str| u.starts_with("redis://") || u.starts_with("rediss://");
+        match self.kind {
+            StoreKind::Memory => {}
+            StoreKind::Redis => {
+                if !(tcp(&self.url)
+                    || self.url.starts_with("redis+unix://")
+                    || self.url.starts_with("unix://"))
+                {
+                    return Err(ConfigError::new(
+                        "store.url",
+                        "expected redis://, rediss:// or redis+unix:// URL",
+                    ));
+                }
+            }
+            StoreKind::RedisCluster | StoreKind::RedisSentinel => {
+                let (key, urls) = if self.kind == StoreKind::RedisCluster {
+                    ("store.urls", &self.urls)
+                } else {
+                    ("store.sentinels", &self.sentinels)
+                };
+                // Empty is allowed here: `TOLLGATE_REDIS_URLS` may supply them at start.
+                if let Some((i, _)) = urls.iter().enumerate().find(|(_, u)| !tcp(u)) {
+                    return Err(ConfigError::new(
+                        format!("{key}[{i}]"),
+                        "expected a redis:// or rediss:// URL",
+                    ));
+                }
+                if self.kind == StoreKind::RedisSentinel && self.master_name.trim().is_empty() {
+                    return Err(ConfigError::new(
+                        "store.master_name",
+                        "name the master the sentinels monitor",
+                    ));
+                }
+            }
+        }
+        if self.username.is_some() && self.password_env.is_none() {
+            return Err(ConfigError::new(
+                "store.username",
+                "an ACL user needs `password_env`",
+            ));
+        }
+        Ok(())
+    }
 }

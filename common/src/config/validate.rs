@@ -32,17 +32,7 @@ impl Config {
                 format!("at most {MAX_CONNECTIONS}"),
             ));
         }
-        if self.store.kind == StoreKind::Redis
-            && !(self.store.url.starts_with("redis://")
-                || self.store.url.starts_with("rediss://")
-                || self.store.url.starts_with("redis+unix://")
-                || self.store.url.starts_with("unix://"))
-        {
-            return Err(ConfigError::new(
-                "store.url",
-                "expected redis://, rediss:// or redis+unix:// URL",
-            ));
-        }
+        self.store.validate()?;
         if self.store.timeout_ms == 0 {
             return Err(ConfigError::new("store.timeout_ms", "must be > 0"));
         }
@@ -203,6 +193,23 @@ impl Config {
         let mut caches = HashSet::new();
         for (i, c) in self.cache.iter().enumerate() {
             c.check(i, &self.backends)?;
+            // The cache speaks to one server (its vector index lives on one node): on a
+            // cluster or behind sentinels it needs a server of its own.
+            if c.store_url.is_none()
+                && matches!(
+                    self.store.kind,
+                    StoreKind::RedisCluster | StoreKind::RedisSentinel
+                )
+            {
+                return Err(ConfigError::new(
+                    format!("cache[{i}].store_url"),
+                    format!(
+                        "with store.kind = {:?} a cache needs a store_url of one Redis server \
+                         (the cache does not run on a cluster or through sentinels yet)",
+                        self.store.kind.as_str()
+                    ),
+                ));
+            }
             if !caches.insert(c.name.as_str()) {
                 return Err(ConfigError::new(
                     format!("cache[{i}].name"),

@@ -113,6 +113,13 @@ impl Caches {
                         .unwrap_or_else(|_| config.store.url.clone()),
                 ),
                 (None, StoreKind::Memory) => None,
+                // Refused when the config is validated; stated again for the type checker.
+                (None, StoreKind::RedisCluster | StoreKind::RedisSentinel) => {
+                    anyhow::bail!(
+                        "cache[{i}].store_url: needed with store.kind = {:?}",
+                        config.store.kind.as_str()
+                    )
+                }
             };
             let store = match &store_url {
                 Some(u) => AnyCache::Redis(

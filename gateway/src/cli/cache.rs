@@ -18,6 +18,11 @@ fn store_of(config: &Config, c: &CacheConfig) -> anyhow::Result<AnyCache> {
              gateway to empty it",
             c.name
         ),
+        (None, StoreKind::RedisCluster | StoreKind::RedisSentinel) => anyhow::bail!(
+            "cache {:?} needs a store_url with store.kind = {:?}",
+            c.name,
+            config.store.kind.as_str()
+        ),
     };
     Ok(AnyCache::Redis(RedisCache::connect_lazy(
         &url,

@@ -5,7 +5,6 @@ use super::load_config;
 use crate::server;
 use rand::Rng;
 use std::path::Path;
-use tollgate_common::config::StoreKind;
 use tollgate_common::key_hash;
 use tollgate_quota::Store;
 
@@ -24,7 +23,7 @@ pub(super) async fn keys_create(consumer: &str, config: Option<&Path>) -> anyhow
     let hash = key_hash(&key);
     let config = config.map(load_config).transpose()?;
     match config {
-        Some(c) if c.store.kind == StoreKind::Redis => {
+        Some(c) if c.store.kind.is_redis() => {
             let store = server::connect_store(&c).await?;
             if store.get_consumer(consumer).await?.is_none() {
                 eprintln!(

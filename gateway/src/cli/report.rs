@@ -7,7 +7,7 @@ use super::ptu::{self, PtuSpec};
 use super::{By, Format};
 use crate::server;
 use anyhow::Context as _;
-use tollgate_common::config::{Config, StoreKind};
+use tollgate_common::config::Config;
 use tollgate_quota::{AnyStore, Store, UsageCounts, UsageRow};
 
 pub(super) fn parse_day(s: &str) -> anyhow::Result<u32> {
@@ -34,10 +34,10 @@ pub(super) async fn read_usage(
     since: Option<&str>,
     until: Option<&str>,
 ) -> anyhow::Result<(Vec<UsageRow>, Period)> {
-    if config.store.kind != StoreKind::Redis {
+    if !config.store.kind.is_redis() {
         anyhow::bail!(
             "usage totals are kept in the store; with store.kind = \"memory\" they live inside the \
-             running gateway (see its /metrics). Use store.kind = \"redis\" for the showback report."
+             running gateway (see its /metrics). Use a Redis store kind for the showback report."
         );
     }
     let today = tollgate_quota::day_of(crate::clock::now_ms() / 1000);

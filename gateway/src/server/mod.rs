@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tollgate_common::config::{AuthMode, Config, StoreKind};
+use tollgate_common::config::{AuthMode, Config};
 use tollgate_common::key_hash;
 use tollgate_common::{BudgetAction, Period};
 use tollgate_quota::{
@@ -181,7 +181,7 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
         currency: config.pricing.currency.as_str().into(),
     };
     let mut limits = Limits::new(store, policy, consumers.clone());
-    if config.store.kind == StoreKind::Redis && config.limits.lease {
+    if config.store.kind.is_redis() && config.limits.lease {
         limits = limits.with_leases();
     }
     for (rec, keys) in &consumers {
@@ -229,9 +229,10 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
         .context("building the HTTP client")?;
     let tokenizer = Tokenizer::load();
     let (usage_tx, usage_rx) = mpsc::unbounded_channel();
-    let key_ttl = match config.store.kind {
-        StoreKind::Memory => Duration::ZERO,
-        StoreKind::Redis => Duration::from_millis(config.limits.key_cache_ms),
+    let key_ttl = if config.store.kind.is_redis() {
+        Duration::from_millis(config.limits.key_cache_ms)
+    } else {
+        Duration::ZERO
     };
     let otel = Otel::start(&config.telemetry).context("telemetry")?;
     let telemetry = Telemetry {
@@ -245,7 +246,7 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
     };
     let flush_for = Duration::from_millis(config.server.shutdown_grace_ms.min(10_000));
     let usage = tokio::spawn(worker.run(usage_rx, flush_for));
-    let sweeper = (config.store.kind == StoreKind::Redis && config.limits.lease).then(|| {
+    let sweeper = (config.store.kind.is_redis() && config.limits.lease).then(|| {
         let limits = limits.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -257,11 +258,11 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
     });
     let replica = uuid::Uuid::new_v4().to_string();
     let alert_replica = replica.clone();
-    if config.store.kind == StoreKind::Redis {
+    if config.store.kind.is_redis() {
         // Know how many replicas share the limits before serving (the `local` policy's 1/N).
         limits.heartbeat(&replica).await;
     }
-    let heartbeat = (config.store.kind == StoreKind::Redis).then(|| {
+    let heartbeat = (config.store.kind.is_redis()).then(|| {
         let limits = limits.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -13,7 +13,6 @@ use axum::routing::{get, post};
 use http::HeaderMap;
 use std::collections::HashMap;
 use std::sync::Arc;
-use tollgate_common::config::StoreKind;
 use tollgate_quota::Store;
 
 fn model_route(op: Operation, azure_v1: bool) -> axum::routing::MethodRouter<Arc<Gateway>> {
@@ -86,10 +85,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
 
 async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
     use tollgate_common::config::OnError;
-    let kind = match gw.config.store.kind {
-        StoreKind::Memory => "memory",
-        StoreKind::Redis => "redis",
-    };
+    let kind = gw.config.store.kind.as_str();
     let store = &gw.config.store;
     let reachable = gw.limits.store.ping().await.is_ok();
     let seeded = gw.limits.seeds.done();

@@ -89,7 +89,12 @@ impl RedisStore {
     }
 
     /// The `team_settle.lua` calls of a batch: one per team, each team's corrections in order.
-    pub(super) fn team_settle_commands(&self, batch_id: u64, batch: &[Settlement]) -> Vec<Cmd> {
+    /// Each with the key that routes it (the team's slot).
+    pub(super) fn team_settle_commands(
+        &self,
+        batch_id: u64,
+        batch: &[Settlement],
+    ) -> Vec<(String, Cmd)> {
         let mut teams: Vec<(&str, Vec<&Settlement>)> = Vec::new();
         for s in batch {
             let Some(t) = &s.money.team else { continue };
@@ -135,7 +140,7 @@ impl RedisStore {
                 let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
                 let mut cmd = evalsha(&self.inner.team_settle, &keys);
                 cmd.arg(crate::RESERVATION_TTL_MS).arg(list.len()).arg(args);
-                cmd
+                (team_spend_key(team), cmd)
             })
             .collect()
     }

@@ -1,68 +1,63 @@
-//! Connections: multiplexed [`ConnectionManager`]s used round-robin (each reconnects on its own
-//! after a failure), the deadlines every operation runs under, scripts run with EVALSHA (and
+//! Connections: the pool's [`Conn`]s used round-robin (each reconnects, or follows the cluster
+//! or the sentinels, on its own after a failure), the deadlines every operation runs under, scripts run with EVALSHA (and
 //! loaded again on NOSCRIPT), and errors mapped to whose fault they are with every credential
 //! scrubbed from their text.
 
+use super::conn::Conn;
+use super::target::{self, Credentials, Topology};
 use super::*;
 use crate::{Error, Result};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, Cmd, ErrorKind, RedisError, Script, ServerErrorKind};
+use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind, Value};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 impl RedisStore {
-    /// Connects to `redis://host:port/db`, `redis+unix:///path.sock` or `unix:///path.sock`,
-    /// checks that the server answers and loads the scripts. Fails with
-    /// [`Error::Unavailable`] when it does not answer within `max(timeout, 2 s)`.
+    /// Connects to one server: `redis://host:port/db`, `rediss://…`, `redis+unix:///path.sock`
+    /// or `unix:///path.sock` (see [`open`](Self::open)).
     pub async fn connect(url: &str, opts: RedisOpts) -> Result<RedisStore> {
-        let store = Self::connect_lazy(url, opts)?;
-        let wait = store.inner.opts.timeout.max(Duration::from_secs(2));
-        let mut conn = store.conn();
-        let load = async {
-            redis::cmd("PING").query_async::<String>(&mut conn).await?;
-            for s in [&store.inner.reserve, &store.inner.settle, &store.inner.seed] {
-                s.load_async(&mut conn).await?;
-            }
-            Ok::<_, RedisError>(())
-        };
-        match tokio::time::timeout(wait, load).await {
-            Ok(r) => r.map_err(|e| store.error(e))?,
-            Err(_) => return Err(Error::Unavailable("no answer from redis".into())),
-        }
-        Ok(store)
+        Self::open(
+            &Topology::Single(url.to_string()),
+            &Credentials::default(),
+            opts,
+        )
+        .await
     }
 
-    /// Like [`connect`](Self::connect) but does not wait for the server: connections (and
-    /// scripts) are set up on first use, so a gateway can start while Redis is down. Fails
-    /// only on a malformed URL.
-    pub fn connect_lazy(url: &str, opts: RedisOpts) -> Result<RedisStore> {
-        let secrets = url_secrets(url);
-        let scrub = |msg: String| scrub(&secrets, msg);
-        let client = Client::open(url)
-            .map_err(|e| Error::Unavailable(scrub(format!("bad redis url: {e}"))))?;
-        let mut secrets = secrets.clone();
-        if let Some(p) = client.get_connection_info().redis_settings().password()
-            && !p.is_empty()
+    /// Connects to the deployment `topology` describes, checks that it answers and loads the
+    /// scripts (on every master of a cluster). Fails with [`Error::Unavailable`] when it does
+    /// not answer within `max(timeout, 2 s)`.
+    pub async fn open(
+        topology: &Topology,
+        creds: &Credentials,
+        opts: RedisOpts,
+    ) -> Result<RedisStore> {
+        let mut secrets: Vec<String> = match topology {
+            Topology::Single(u) => url_secrets(u),
+            Topology::Cluster(urls)
+            | Topology::Sentinel {
+                sentinels: urls, ..
+            } => urls.iter().flat_map(|u| url_secrets(u)).collect(),
+        };
+        secrets.extend(creds.secrets());
+        let scrubbed = |e: RedisError| Error::Unavailable(scrub(&secrets, e.to_string()));
+        let wait = opts.timeout.max(Duration::from_secs(2));
+        let connect_timeout = opts.timeout.max(Duration::from_secs(1));
+        let pool = match tokio::time::timeout(
+            wait,
+            target::open(topology, creds, opts.pool_size, connect_timeout),
+        )
+        .await
         {
-            secrets.push(p.to_string());
-        }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(opts.timeout.max(Duration::from_secs(1))))
-            .set_response_timeout(None)
-            // One quick retry: while Redis is down each call fails fast (the gateway falls
-            // back), and the next call after a failure starts a fresh reconnect.
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(20))
-            .set_max_delay(Duration::from_millis(200));
-        let conns = (0..opts.pool_size.max(1))
-            .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()))
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| Error::Unavailable(scrub(e.to_string())))?;
-        Ok(RedisStore {
+            Ok(r) => r.map_err(scrubbed)?,
+            Err(_) => return Err(Error::Unavailable("no answer from redis".into())),
+        };
+        secrets.extend(pool.url_passwords.iter().filter(|p| !p.is_empty()).cloned());
+        let store = RedisStore {
             inner: Arc::new(Inner {
-                conns,
+                conns: pool.conns,
+                settle_conn: pool.settle,
                 next: AtomicUsize::new(0),
                 opts,
                 secrets,
@@ -75,10 +70,11 @@ impl RedisStore {
                 heartbeat: Script::new(HEARTBEAT_LUA),
                 team_reserve: Script::new(TEAM_RESERVE_LUA),
                 team_settle: Script::new(TEAM_SETTLE_LUA),
-                client: client.clone(),
+                listen: pool.listen,
                 events: tokio::sync::broadcast::channel(1024).0,
                 listening: std::sync::atomic::AtomicBool::new(false),
                 failure_seq: AtomicUsize::new(0),
+                unconfirmed: parking_lot::Mutex::new(Vec::new()),
                 instance: format!(
                     "{}-{}",
                     std::process::id(),
@@ -88,10 +84,24 @@ impl RedisStore {
                         .unwrap_or(0)
                 ),
             }),
-        })
+        };
+        let mut conn = store.conn();
+        let load = async {
+            redis::cmd("PING").query_async::<Value>(&mut conn).await?;
+            // On a cluster `SCRIPT LOAD` goes to every master.
+            for s in [&store.inner.reserve, &store.inner.settle, &store.inner.seed] {
+                s.load_async(&mut conn).await?;
+            }
+            Ok::<_, RedisError>(())
+        };
+        match tokio::time::timeout(wait, load).await {
+            Ok(r) => r.map_err(|e| store.error(e))?,
+            Err(_) => return Err(Error::Unavailable("no answer from redis".into())),
+        }
+        Ok(store)
     }
 
-    pub(super) fn conn(&self) -> ConnectionManager {
+    pub(super) fn conn(&self) -> Conn {
         let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.conns.len();
         self.inner.conns[i].clone()
     }
@@ -190,7 +200,7 @@ pub(super) fn is_noscript(e: &RedisError) -> bool {
 /// Runs an EVALSHA; if the server lost its scripts (restart, `SCRIPT FLUSH`), loads the script
 /// and retries once.
 pub(super) async fn eval<T: redis::FromRedisValue>(
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     script: &Script,
     cmd: &Cmd,
 ) -> redis::RedisResult<T> {

@@ -17,22 +17,26 @@
 
 mod budget;
 mod codec;
+mod conn;
 pub(crate) mod connection;
 mod keys;
 mod pubsub;
 mod scan;
+mod sentinel;
 mod settle;
+mod target;
 
 pub use keys::BREAKER_CHANNEL;
+pub use target::{Credentials, Topology};
 
 use crate::model::*;
 use crate::{BudgetScope, Error, Result, Store, TeamDecision, TeamRecord, TeamReserve};
 use codec::*;
+use conn::{Conn, per_slot};
 use connection::{eval, evalsha};
 use keys::*;
 use pubsub::breaker_listener;
-use redis::aio::ConnectionManager;
-use redis::{Client, Script};
+use redis::Script;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -64,6 +68,12 @@ pub struct RedisOpts {
     pub time_offset_ms: i64,
     /// How long daily usage totals (`tg:usage:{ID}:YYYYMMDD`) are kept.
     pub usage_retention_days: u32,
+    /// Confirm every settle batch with `WAIT 1` and re-send unconfirmed ones (same batch id),
+    /// so a failover that promotes a replica loses no usage. On for cluster and sentinel
+    /// deployments; off for one server, which may have no replica to wait for.
+    pub confirm_writes: bool,
+    /// How long a settle batch waits for a replica's acknowledgement (off the request path).
+    pub confirm_timeout: Duration,
 }
 
 impl Default for RedisOpts {
@@ -74,18 +84,23 @@ impl Default for RedisOpts {
             pool_size: 16,
             time_offset_ms: 0,
             usage_retention_days: 400,
+            confirm_writes: false,
+            confirm_timeout: Duration::from_millis(100),
         }
     }
 }
 
-/// A [`Store`] in Redis (standalone; every script touches one hash slot, so it is Cluster-ready).
+/// A [`Store`] in Redis: one server, a Redis Cluster, or a Sentinel-managed master
+/// ([`Topology`]). Every script touches one hash slot, so every operation routes to one master.
 #[derive(Clone)]
 pub struct RedisStore {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    conns: Vec<ConnectionManager>,
+    conns: Vec<Conn>,
+    /// Settle batches and their `WAIT` only (see [`settle`]).
+    settle_conn: Conn,
     next: AtomicUsize,
     opts: RedisOpts,
     /// Credentials from the URL, scrubbed from every error message.
@@ -99,7 +114,11 @@ struct Inner {
     heartbeat: Script,
     team_reserve: Script,
     team_settle: Script,
-    client: Client,
+    /// Where the breaker listener subscribes.
+    listen: target::Listen,
+    /// Settle batches applied but not yet confirmed by a replica (`WAIT`), re-sent under
+    /// their ids until one is (see [`settle`]).
+    unconfirmed: parking_lot::Mutex<Vec<settle::Unconfirmed>>,
     /// Circuit changes from the pub/sub listener (started on first subscription).
     events: tokio::sync::broadcast::Sender<BreakerState>,
     listening: std::sync::atomic::AtomicBool,
@@ -160,15 +179,19 @@ impl Store for RedisStore {
         let mut conn = self.conn();
         let written: i64 = self.admin(eval(&mut conn, &self.inner.seed, &cmd)).await?;
         if !key_hashes.is_empty() {
-            let mut pipe = redis::pipe();
-            for h in key_hashes {
-                pipe.cmd("SET")
-                    .arg(api_key(h))
-                    .arg(&consumer.id)
-                    .arg("NX")
-                    .ignore();
+            // Key mappings live in many slots: one pipeline per slot on a cluster.
+            let sets = key_hashes
+                .iter()
+                .map(|h| {
+                    let key = api_key(h);
+                    let mut cmd = redis::cmd("SET");
+                    cmd.arg(&key).arg(&consumer.id).arg("NX");
+                    (key, cmd)
+                })
+                .collect();
+            for r in self.admin(per_slot(&conn, sets)).await? {
+                r.map_err(|e| self.error(e))?;
             }
-            self.admin(pipe.exec_async(&mut conn)).await?;
             // The marker only after the keys are written: a key the marker names but the store
             // lacks is a revoked key, never one that failed to be written.
             let cmd = redis::cmd("SADD")
@@ -294,19 +317,21 @@ impl Store for RedisStore {
             .admin(redis::cmd("TIME").query_async(&mut conn))
             .await?;
         let now_ms = secs * 1000 + micros / 1000;
-        let mut pipe = redis::pipe();
-        for b in backends {
-            pipe.cmd("HMGET")
-                .arg(breaker_key(b))
-                .arg("open_until")
-                .arg("trip");
-        }
+        let reads = backends
+            .iter()
+            .map(|b| {
+                let key = breaker_key(b);
+                let mut cmd = redis::cmd("HMGET");
+                cmd.arg(&key).arg("open_until").arg("trip");
+                (key, cmd)
+            })
+            .collect();
         // Read as text: one row this version could not have written must not fail the others.
-        let rows: Vec<(Option<String>, Option<String>)> = if backends.is_empty() {
-            Vec::new()
-        } else {
-            self.admin(pipe.query_async(&mut conn)).await?
-        };
+        let mut rows: Vec<(Option<String>, Option<String>)> = Vec::with_capacity(backends.len());
+        for r in self.admin(per_slot(&conn, reads)).await? {
+            let v = r.map_err(|e| self.error(e))?;
+            rows.push(redis::from_redis_value(v).map_err(|e| self.error(e.into()))?);
+        }
         Ok(backends
             .iter()
             .zip(rows)
@@ -325,7 +350,7 @@ impl Store for RedisStore {
         let rx = self.inner.events.subscribe();
         if !self.inner.listening.swap(true, Ordering::SeqCst) {
             tokio::spawn(breaker_listener(
-                self.inner.client.clone(),
+                self.inner.listen.clone(),
                 self.inner.events.clone(),
             ));
         }

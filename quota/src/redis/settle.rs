@@ -1,17 +1,53 @@
 //! Settle batches: the settlements of a batch grouped per consumer (each consumer's
 //! corrections in order, its usage summed per day × team × model × backend), one
 //! `settle.lua` call per consumer, and one `team_settle.lua` call per team whose budget a
-//! settlement corrects, all in one pipeline. A call lost to NOSCRIPT is sent again
-//! alone after the script is loaded; a batch is applied once per id (`tg:settled:{ID}:<batch>`).
+//! settlement corrects, all in one pipeline (one per slot on a cluster), on a connection of
+//! their own. A call lost to NOSCRIPT is sent again alone after the script is loaded; a batch
+//! is applied once per id (`tg:settled:{ID}:<batch>`).
+//!
+//! Redis replicates asynchronously: a batch a master acknowledged may die with it before its
+//! replica has it. With [`RedisOpts::confirm_writes`](super::RedisOpts) (cluster, sentinel)
+//! each send is followed by `WAIT 1 <confirm_timeout>`; batches no replica confirmed are kept
+//! and re-sent under the same id every second for 30 s, so a promoted replica that missed one
+//! applies it once, and one that had it ignores it.
 
 use super::RedisStore;
 use super::codec::opt_arg;
+use super::conn::per_slot;
 use super::connection::{evalsha, is_noscript};
 use super::keys::{bucket_key, quota_key, reservation_key, settled_key, spend_key, usage_key};
 use crate::Result;
 use crate::model::*;
-use redis::{Cmd, Value};
+use redis::Cmd;
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// How long an unconfirmed batch is re-sent: past any failover's promotion.
+const CONFIRM_FOR: Duration = Duration::from_secs(30);
+/// How often an unconfirmed batch is re-sent.
+const RESEND_EVERY: Duration = Duration::from_secs(1);
+/// Unconfirmed batches kept at most (the oldest go first).
+const MAX_UNCONFIRMED: usize = 10_000;
+
+/// A batch a master applied but no replica confirmed yet: its calls, re-sent under the same
+/// batch id (the `tg:settled` markers make a re-send to the same master a no-op, and one to a
+/// promoted replica that never got the batch applies it once).
+pub(crate) struct Unconfirmed {
+    cmds: Vec<(String, Cmd)>,
+    first: Instant,
+    resend_at: Instant,
+}
+
+impl Unconfirmed {
+    fn new(cmds: Vec<(String, Cmd)>) -> Unconfirmed {
+        let now = Instant::now();
+        Unconfirmed {
+            cmds,
+            first: now,
+            resend_at: now,
+        }
+    }
+}
 
 /// One consumer's part of a batch.
 #[derive(Default)]
@@ -56,47 +92,130 @@ impl RedisStore {
                 g.add_usage(u);
             }
         }
-        let mut cmds: Vec<Cmd> = groups
+        let mut cmds: Vec<(String, Cmd)> = groups
             .iter()
             .filter(|(_, g)| !(g.corrections.is_empty() && g.usage.is_empty()))
-            .map(|(id, g)| self.settle_command(id, batch_id, g))
+            .map(|(id, g)| (bucket_key(id), self.settle_command(id, batch_id, g)))
             .collect();
         cmds.extend(self.team_settle_commands(batch_id, batch));
-        if cmds.is_empty() {
+        let due = self.due_unconfirmed();
+        if cmds.is_empty() && due.is_empty() {
             return Ok(());
         }
-        let mut conn = self.conn();
-        let scripts = [&self.inner.settle, &self.inner.team_settle];
-        self.background(async move {
-            let mut pending: Vec<&Cmd> = cmds.iter().collect();
-            for attempt in 0..2 {
-                let mut pipe = redis::pipe();
-                for c in &pending {
-                    pipe.add_command((*c).clone());
-                }
-                let results: Vec<redis::RedisResult<Value>> =
-                    pipe.ignore_errors().query_async(&mut conn).await?;
-                let mut retry = Vec::new();
-                for (c, r) in pending.iter().zip(results) {
-                    match r {
-                        Ok(_) => {}
-                        // Only the calls that did not run are sent again: a retry never
-                        // applies a settlement twice.
-                        Err(e) if is_noscript(&e) && attempt == 0 => retry.push(*c),
-                        Err(e) => return Err(e),
-                    }
-                }
-                if retry.is_empty() {
-                    break;
-                }
-                for script in scripts {
-                    script.load_async(&mut conn).await?;
-                }
-                pending = retry;
+        let mut all = cmds.clone();
+        for u in &due {
+            all.extend(u.cmds.iter().cloned());
+        }
+        let sent = self.background(self.run_settle(all)).await;
+        if let Err(e) = sent {
+            // Nothing is lost: the caller retries its batch, and the re-sends wait their turn.
+            self.keep_unconfirmed(due);
+            return Err(e);
+        }
+        if self.inner.opts.confirm_writes {
+            let mut pending = due;
+            if !cmds.is_empty() {
+                pending.push(Unconfirmed::new(cmds));
             }
-            Ok(())
-        })
-        .await
+            if !self.confirmed().await {
+                self.keep_unconfirmed(pending);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends settle calls (one pipeline per slot on the settle connection); calls refused with
+    /// `NOSCRIPT` (a restarted or promoted server) are sent again, alone, once the script is
+    /// loaded.
+    async fn run_settle(&self, cmds: Vec<(String, Cmd)>) -> redis::RedisResult<()> {
+        let mut conn = self.inner.settle_conn.clone();
+        let mut pending = cmds;
+        for attempt in 0..2 {
+            let results = per_slot(&conn, pending.clone()).await?;
+            let mut retry = Vec::new();
+            for (c, r) in pending.into_iter().zip(results) {
+                match r {
+                    Ok(_) => {}
+                    // Only the calls that did not run are sent again: a retry never applies a
+                    // settlement twice.
+                    Err(e) if is_noscript(&e) && attempt == 0 => retry.push(c),
+                    Err(e) => return Err(e),
+                }
+            }
+            if retry.is_empty() {
+                return Ok(());
+            }
+            for script in [&self.inner.settle, &self.inner.team_settle] {
+                script.load_async(&mut conn).await?;
+            }
+            pending = retry;
+        }
+        Ok(())
+    }
+
+    /// `WAIT 1 <confirm_timeout>` on the settle connection: whether a replica of every master
+    /// acknowledged what this connection wrote (a failover can then not lose it).
+    async fn confirmed(&self) -> bool {
+        let mut conn = self.inner.settle_conn.clone();
+        let ms = self.inner.opts.confirm_timeout.as_millis() as u64;
+        let wait = redis::cmd("WAIT").arg(1).arg(ms).to_owned();
+        let r: Result<i64> = self.background(wait.query_async(&mut conn)).await;
+        matches!(r, Ok(n) if n >= 1)
+    }
+
+    /// The unconfirmed batches due for a re-send; drops (with a warning) those past
+    /// [`CONFIRM_FOR`].
+    fn due_unconfirmed(&self) -> Vec<Unconfirmed> {
+        let now = Instant::now();
+        let mut list = self.inner.unconfirmed.lock();
+        if list.is_empty() {
+            return Vec::new();
+        }
+        let before = list.len();
+        list.retain(|u| now.duration_since(u.first) < CONFIRM_FOR);
+        if list.len() < before {
+            tracing::warn!(
+                batches = before - list.len(),
+                "settle batches never confirmed by a replica (WAIT); no longer re-sent"
+            );
+        }
+        let (due, later): (Vec<_>, Vec<_>) = list.drain(..).partition(|u| u.resend_at <= now);
+        *list = later;
+        due
+    }
+
+    /// Keeps batches for a re-send, and makes sure one happens even when no new batch comes
+    /// (a background task re-sends every second until the list is empty).
+    fn keep_unconfirmed(&self, batches: Vec<Unconfirmed>) {
+        if batches.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut list = self.inner.unconfirmed.lock();
+        if list.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
+            let store = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(RESEND_EVERY).await;
+                    if store.inner.unconfirmed.lock().is_empty() {
+                        return;
+                    }
+                    let _ = store.settle_batch(crate::new_batch_id(), &[]).await;
+                }
+            });
+        }
+        for mut u in batches {
+            u.resend_at = now + RESEND_EVERY;
+            list.push(u);
+        }
+        let over = list.len().saturating_sub(MAX_UNCONFIRMED);
+        if over > 0 {
+            list.drain(..over);
+            tracing::warn!(
+                batches = over,
+                "too many unconfirmed settle batches; the oldest are no longer re-sent"
+            );
+        }
     }
 
     /// The `settle.lua` call of one consumer's group (see the script's header for the layout).

@@ -1,0 +1,220 @@
+//! A master failover loses no usage, on a Redis Cluster and under Sentinel, Redis and Valkey:
+//! a settle batch that a master acknowledged but its replica never received (the replica is
+//! frozen, then the master is killed) is confirmed by nobody (`WAIT 1`), re-sent under its
+//! batch id, and counted exactly once on the promoted replica; a batch the replica did receive
+//! is not counted twice. After the promotion the store serves the dead master's consumers
+//! again (scripts loaded anew on NOSCRIPT), with the state the replica had.
+
+use std::time::{Duration, Instant};
+use tollgate_quota::{
+    ConsumerRecord, Credentials, Decision, LimitDefaults, Period, RedisOpts, RedisStore,
+    ReservationEnd, ReserveRequest, Settlement, Store, Topology, UsageCounts, UsageDelta,
+    new_batch_id, new_reservation_id,
+};
+use tollgate_tests::sentinel::MASTER_NAME;
+use tollgate_tests::{Cluster, Flavor, Node, Sentinel};
+
+const DAY: u32 = 20260101;
+
+fn opts() -> RedisOpts {
+    RedisOpts {
+        timeout: Duration::from_secs(2),
+        pool_size: 2,
+        confirm_writes: true,
+        confirm_timeout: Duration::from_millis(100),
+        ..RedisOpts::default()
+    }
+}
+
+fn record(id: &str) -> ConsumerRecord {
+    ConsumerRecord {
+        id: id.into(),
+        quota: Some(1_000_000),
+        quota_period: Period::Month,
+        ..ConsumerRecord::default()
+    }
+}
+
+async fn reserve(s: &RedisStore, id: &str, tokens: u64) -> Decision {
+    let defaults = LimitDefaults::default();
+    s.reserve(&ReserveRequest {
+        consumer: id,
+        model: "gpt-4o",
+        tokens,
+        defaults: &defaults,
+        require_record: true,
+        id: new_reservation_id(),
+        background: false,
+        cost_nano: 0,
+    })
+    .await
+    .expect("reserve")
+}
+
+/// A batch of `requests` requests of usage for `id` (no correction).
+fn usage(id: &str, requests: u64) -> Settlement {
+    Settlement {
+        consumer: id.into(),
+        end: ReservationEnd::None,
+        reserved: 0,
+        actual: 0,
+        window: 0,
+        tpm: None,
+        money: Default::default(),
+        usage: Some(UsageDelta {
+            day: DAY,
+            team: "t".into(),
+            model: "gpt-4o".into(),
+            backend: "b".into(),
+            counts: UsageCounts {
+                requests,
+                ..UsageCounts::default()
+            },
+        }),
+    }
+}
+
+/// Requests counted for `id`, or `None` while the store cannot answer.
+async fn requests(s: &RedisStore, id: &str) -> Option<u64> {
+    let rows = s.usage(DAY, DAY).await.ok()?;
+    Some(
+        rows.iter()
+            .filter(|r| r.consumer == id)
+            .map(|r| r.counts.requests)
+            .sum(),
+    )
+}
+
+/// Waits until `id` shows `want` requests, then checks that it stays there (no double count
+/// from later re-sends).
+async fn expect_requests(s: &RedisStore, id: &str, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = requests(s, id).await;
+        if got == Some(want) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "usage of {id} after the failover: {got:?}, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(requests(s, id).await, Some(want), "counted twice");
+}
+
+/// Closes the master's links to its replicas (`CLIENT KILL TYPE replica`).
+fn cut_replication(master: &Node) {
+    let killed = master.cli(&["CLIENT", "KILL", "TYPE", "replica"]).unwrap();
+    assert_eq!(killed, "1", "one replica link closed");
+}
+
+async fn cluster_failover(flavor: Flavor) {
+    let mut cluster = Cluster::start(flavor).expect("start a cluster");
+    let s = RedisStore::open(
+        &Topology::Cluster(cluster.urls()),
+        &Credentials::default(),
+        opts(),
+    )
+    .await
+    .expect("connect");
+    let id = "failover";
+    s.put_consumer(&record(id)).await.unwrap();
+    assert!(matches!(reserve(&s, id, 1000).await, Decision::Admitted(_)));
+    s.settle(new_batch_id(), &[usage(id, 5)]).await.unwrap();
+    cluster.wait_in_sync().unwrap();
+
+    // The replica of this consumer's master stops acknowledging; the next batch reaches the
+    // master only.
+    let master = cluster
+        .master_of(&format!("tg:usage:{{{id}}}:{DAY}"))
+        .unwrap();
+    let replica_port = cluster
+        .topology()
+        .unwrap()
+        .into_iter()
+        .find(|n| n.master_id.as_deref() == Some(master.id.as_str()))
+        .expect("the master's replica")
+        .port;
+    let replica = cluster.node(replica_port).unwrap();
+    replica.pause().unwrap();
+    // Its replication link is cut while it cannot reconnect: nothing written from now on
+    // reaches it (a paused process would still find the bytes in its socket on resume).
+    cut_replication(cluster.node(master.port).unwrap());
+    s.settle(new_batch_id(), &[usage(id, 7)]).await.unwrap();
+    assert_eq!(requests(&s, id).await, Some(12), "the master applied it");
+    let killed = cluster.kill_master(master.port).unwrap();
+    cluster.node(replica_port).unwrap().resume().unwrap();
+    let promoted = cluster.wait_promotion(&killed).unwrap();
+    assert_eq!(promoted.port, replica_port);
+
+    // The promoted replica never had the second batch: the re-send brings it, once.
+    expect_requests(&s, id, 12).await;
+    // The dead master's consumer is served again, from the state the replica had: one
+    // reservation of 1000 (the second reserve below runs its script on a server that never
+    // loaded it).
+    let Decision::Admitted(a) = reserve(&s, id, 1).await else {
+        panic!("not admitted after the promotion")
+    };
+    assert_eq!(a.remaining_quota, Some(1_000_000 - 1000 - 1));
+}
+
+/// On a Redis Cluster, a batch only the dying master had is counted once after promotion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_redis_failover_loses_no_usage() {
+    cluster_failover(Flavor::Redis).await;
+}
+
+/// The same on a Valkey cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_valkey_failover_loses_no_usage() {
+    cluster_failover(Flavor::Valkey).await;
+}
+
+async fn sentinel_failover(flavor: Flavor) {
+    let mut group = Sentinel::start(flavor).expect("start a sentinel group");
+    let s = RedisStore::open(
+        &Topology::Sentinel {
+            sentinels: group.sentinel_urls(),
+            master_name: MASTER_NAME.into(),
+        },
+        &Credentials::default(),
+        opts(),
+    )
+    .await
+    .expect("connect");
+    let id = "failover";
+    s.put_consumer(&record(id)).await.unwrap();
+    assert!(matches!(reserve(&s, id, 1000).await, Decision::Admitted(_)));
+    s.settle(new_batch_id(), &[usage(id, 5)]).await.unwrap();
+    group.wait_in_sync().unwrap();
+
+    let replica_port = group.replica().unwrap().port();
+    group.replica().unwrap().pause().unwrap();
+    cut_replication(group.master().unwrap());
+    s.settle(new_batch_id(), &[usage(id, 7)]).await.unwrap();
+    assert_eq!(requests(&s, id).await, Some(12), "the master applied it");
+    let old = group.kill_master().unwrap();
+    group.node(replica_port).unwrap().resume().unwrap();
+    let new = group.wait_failover(old).unwrap();
+    assert_eq!(new, replica_port);
+
+    expect_requests(&s, id, 12).await;
+    let Decision::Admitted(a) = reserve(&s, id, 1).await else {
+        panic!("not admitted after the failover")
+    };
+    assert_eq!(a.remaining_quota, Some(1_000_000 - 1000 - 1));
+}
+
+/// Under Sentinel, the store follows the promoted master and loses no usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_redis_failover_loses_no_usage() {
+    sentinel_failover(Flavor::Redis).await;
+}
+
+/// The same with Valkey sentinels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_valkey_failover_loses_no_usage() {
+    sentinel_failover(Flavor::Valkey).await;
+}
