@@ -196,4 +196,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// A cheap round trip to tell whether the store is reachable.
     fn ping(&self) -> impl Future<Output = Result<()>> + Send;
+
+    /// The part of the store that holds a consumer's keys: its Redis Cluster slot, or 0 when
+    /// one server holds everything. A replica tracks reachability per part, so a master that
+    /// died puts only its own consumers under `on_error`.
+    fn consumer_partition(&self, _consumer: &str) -> u16 {
+        0
+    }
+
+    /// The part of the store that holds a key mapping (`tg:key:<hash>`), as above.
+    fn key_partition(&self, _key_sha256: &str) -> u16 {
+        0
+    }
 }

@@ -115,6 +115,12 @@ impl Store for AnyStore {
     async fn ping(&self) -> Result<()> {
         delegate!(self, s => s.ping().await)
     }
+    fn consumer_partition(&self, consumer: &str) -> u16 {
+        delegate!(self, s => s.consumer_partition(consumer))
+    }
+    fn key_partition(&self, key_sha256: &str) -> u16 {
+        delegate!(self, s => s.key_partition(key_sha256))
+    }
 }
 
 /// Connects the store `[store]` describes: the memory store, or Redis — one server at

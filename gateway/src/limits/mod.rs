@@ -194,13 +194,19 @@ impl Limits {
         }
     }
 
-    /// Whether to try the shared store now (always, unless it failed moments ago).
-    fn try_shared(&self) -> bool {
-        self.health.try_shared(self.clock.now_ms())
+    /// Whether to try partition `part` of the shared store now (always, unless it failed
+    /// moments ago).
+    fn try_shared(&self, part: u16) -> bool {
+        self.health.try_shared(part, self.clock.now_ms())
     }
 
-    fn mark(&self, failed: bool, what: &str, err: Option<&tollgate_quota::Error>) {
-        match self.health.mark(failed, self.clock.now_ms()) {
+    /// The partition (cluster slot) of a consumer's keys.
+    fn consumer_part(&self, consumer: &str) -> u16 {
+        self.store.consumer_partition(consumer)
+    }
+
+    fn mark(&self, part: u16, failed: bool, what: &str, err: Option<&tollgate_quota::Error>) {
+        match self.health.mark(part, failed, self.clock.now_ms()) {
             Some(Change::Degraded) => {
                 tracing::warn!(
                     error = %err.map(|e| e.to_string()).unwrap_or_default(),
@@ -226,14 +232,15 @@ impl Limits {
     /// clients would take as final.
     pub async fn lookup_key(&self, hex: &str) -> Result<Option<String>, Error> {
         let owner = self.seeds.owner(hex);
-        if self.try_shared() {
+        let part = self.store.key_partition(hex);
+        if self.try_shared(part) {
             match self.store.lookup_key(hex).await {
                 Ok(Some(found)) => {
-                    self.mark(false, "key lookup", None);
+                    self.mark(part, false, "key lookup", None);
                     return Ok(Some(found));
                 }
                 Ok(None) => {
-                    self.mark(false, "key lookup", None);
+                    self.mark(part, false, "key lookup", None);
                     let Some(owner) = owner else {
                         return Ok(None);
                     };
@@ -241,12 +248,12 @@ impl Limits {
                         Ok(true) => Ok(Some(owner.to_string())),
                         Ok(false) => Ok(None),
                         Err(e) => {
-                            self.mark(true, "key lookup", Some(&e));
+                            self.mark(part, true, "key lookup", Some(&e));
                             Err(Error::StoreUnavailable)
                         }
                     };
                 }
-                Err(e) => self.mark(true, "key lookup", Some(&e)),
+                Err(e) => self.mark(part, true, "key lookup", Some(&e)),
             }
         }
         match owner {

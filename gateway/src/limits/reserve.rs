@@ -33,7 +33,8 @@ impl Limits {
         let key: Key = (consumer.to_string(), model.to_string());
         // While the store is unreachable under escrow, what a lease still holds is spent even
         // past its age: it is debited in the store, and admin changes cannot be read anyway.
-        let escrow_degraded = self.degraded() && self.policy.on_error == OnError::Escrow;
+        let escrow_degraded = self.policy.on_error == OnError::Escrow
+            && self.health.degraded_in(self.consumer_part(consumer));
         let ask = match leases
             .lock()
             .take(&key, tokens, self.clock.now_ms(), escrow_degraded)
@@ -247,14 +248,15 @@ impl Limits {
             cost_nano,
         };
         let mut shared = None;
-        if self.try_shared() {
+        let part = self.consumer_part(consumer);
+        if self.try_shared(part) {
             match self.hedged(&req).await {
                 Ok((d, retried)) => {
-                    self.mark(false, "reserve", None);
+                    self.mark(part, false, "reserve", None);
                     shared = Some((d, retried));
                 }
                 Err(e) => {
-                    self.mark(true, "reserve", Some(&e));
+                    self.mark(part, true, "reserve", Some(&e));
                     // It may still run when the store wakes: have it refunded.
                     self.abandon(consumer, req.id);
                 }
@@ -273,13 +275,13 @@ impl Limits {
                 Ok(_) => match self.hedged(&again).await {
                     Ok((d, r)) => return self.decided(d, r, &again, tokens),
                     Err(e) => {
-                        self.mark(true, "reserve", Some(&e));
+                        self.mark(part, true, "reserve", Some(&e));
                         self.abandon(consumer, again.id);
                         return self.degraded_reserve(&again).await;
                     }
                 },
                 Err(e) => {
-                    self.mark(true, "seeding", Some(&e));
+                    self.mark(part, true, "seeding", Some(&e));
                     return Err(Error::StoreUnavailable);
                 }
             }

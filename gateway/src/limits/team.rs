@@ -170,7 +170,8 @@ impl Limits {
     /// cost charged to the team at settle (a slow link must not stop consumers whose team has
     /// no budget).
     async fn team_step(&self, team: &str, cost_nano: u64) -> Result<TeamStep, Error> {
-        if !self.try_shared() {
+        // The team's keys are tagged with its id, so they live in the slot of that id.
+        if !self.try_shared(self.consumer_part(team)) {
             // The store failed moments ago: no call until it is retried.
             return self.team_step_failed(team);
         }

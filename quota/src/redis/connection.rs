@@ -74,7 +74,7 @@ impl RedisStore {
                 events: tokio::sync::broadcast::channel(1024).0,
                 listening: std::sync::atomic::AtomicBool::new(false),
                 failure_seq: AtomicUsize::new(0),
-                unconfirmed: parking_lot::Mutex::new(Vec::new()),
+                confirm: parking_lot::Mutex::new(Default::default()),
                 instance: format!(
                     "{}-{}",
                     std::process::id(),

@@ -86,6 +86,29 @@ pub(super) fn settled_key(id: &str, batch_id: u64) -> String {
     format!("tg:settled:{{{id}}}:{batch_id:x}")
 }
 
+/// The Redis Cluster slot of `key`: CRC16 (XMODEM) of its `{hash tag}` when it has a
+/// non-empty one, else of the whole key, modulo 16384. A consumer id is its keys' hash tag, so
+/// `key_slot(id)` is the slot of every key of that consumer.
+pub(super) fn key_slot(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &key[open + 1..];
+        let close = rest.iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    let mut crc: u16 = 0;
+    for &b in tagged.unwrap_or(key) {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
 /// Parses `tg:usage:{ID}:YYYYMMDD` into (ID, day).
 pub(super) fn parse_usage_key(key: &str) -> Option<(&str, u32)> {
     let rest = key.strip_prefix("tg:usage:{")?;
@@ -119,5 +142,23 @@ mod tests {
             Some(("fin", "gpt|4o", "ptu-1", 4))
         );
         assert_eq!(parse_usage_field("fin|gpt-4o|ptu-1|bogus"), None);
+    }
+
+    /// Slots match what Redis answers to `CLUSTER KEYSLOT`; every key of a consumer shares
+    /// the slot of its id.
+    #[test]
+    fn slots() {
+        assert_eq!(key_slot(b"foo"), 12182);
+        assert_eq!(key_slot(b"{user1000}.following"), 3443);
+        assert_eq!(key_slot(b"{}foo"), 9500);
+        let id = "team-a";
+        for k in [
+            consumer_key(id),
+            bucket_key(id),
+            quota_key(id),
+            usage_key(id, 20260101),
+        ] {
+            assert_eq!(key_slot(k.as_bytes()), key_slot(id.as_bytes()), "{k}");
+        }
     }
 }

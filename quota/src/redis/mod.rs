@@ -118,7 +118,7 @@ struct Inner {
     listen: target::Listen,
     /// Settle batches applied but not yet confirmed by a replica (`WAIT`), re-sent under
     /// their ids until one is (see [`settle`]).
-    unconfirmed: parking_lot::Mutex<Vec<settle::Unconfirmed>>,
+    confirm: parking_lot::Mutex<settle::Confirm>,
     /// Circuit changes from the pub/sub listener (started on first subscription).
     events: tokio::sync::broadcast::Sender<BreakerState>,
     listening: std::sync::atomic::AtomicBool,
@@ -396,5 +396,21 @@ impl Store for RedisStore {
 
     async fn ping(&self) -> Result<()> {
         self.hot_cmd::<String>(redis::cmd("PING")).await.map(|_| ())
+    }
+
+    fn consumer_partition(&self, consumer: &str) -> u16 {
+        if self.inner.conns[0].is_cluster() {
+            key_slot(consumer.as_bytes())
+        } else {
+            0
+        }
+    }
+
+    fn key_partition(&self, key_sha256: &str) -> u16 {
+        if self.inner.conns[0].is_cluster() {
+            key_slot(api_key(key_sha256).as_bytes())
+        } else {
+            0
+        }
     }
 }

@@ -28,6 +28,22 @@ const CONFIRM_FOR: Duration = Duration::from_secs(30);
 const RESEND_EVERY: Duration = Duration::from_secs(1);
 /// Unconfirmed batches kept at most (the oldest go first).
 const MAX_UNCONFIRMED: usize = 10_000;
+/// Unconfirmed batches re-sent with one settle call at most.
+const RESEND_AT_ONCE: usize = 64;
+/// How long every `WAIT` must time out before settling stops waiting for replicas.
+const NO_REPLICA_AFTER: Duration = Duration::from_secs(2);
+/// How long settling then goes without `WAIT` before it tries again.
+const RECHECK_AFTER: Duration = Duration::from_secs(5);
+
+/// Settle batches no replica confirmed yet, and whether waiting for replicas is worth it.
+#[derive(Default)]
+pub(crate) struct Confirm {
+    list: Vec<Unconfirmed>,
+    /// Since when every `WAIT` timed out.
+    failing_since: Option<Instant>,
+    /// Until then no `WAIT` is sent (some master has no replica).
+    off_until: Option<Instant>,
+}
 
 /// A batch a master applied but no replica confirmed yet: its calls, re-sent under the same
 /// batch id (the `tg:settled` markers make a re-send to the same master a no-op, and one to a
@@ -113,11 +129,25 @@ impl RedisStore {
             return Err(e);
         }
         if self.inner.opts.confirm_writes {
+            let waiting = {
+                let c = self.inner.confirm.lock();
+                c.off_until.is_none_or(|t| Instant::now() >= t)
+            };
             let mut pending = due;
+            if !waiting {
+                // Some master has no replica to wait for, so none can be promoted with less
+                // than it has: new batches need no re-send; earlier unconfirmed ones are
+                // re-sent until they expire (a failover may be under way).
+                self.keep_unconfirmed(pending);
+                return Ok(());
+            }
             if !cmds.is_empty() {
                 pending.push(Unconfirmed::new(cmds));
             }
-            if !self.confirmed().await {
+            if self.confirmed().await {
+                self.inner.confirm.lock().failing_since = None;
+            } else {
+                self.no_confirmation();
                 self.keep_unconfirmed(pending);
             }
         }
@@ -163,11 +193,29 @@ impl RedisStore {
         matches!(r, Ok(n) if n >= 1)
     }
 
-    /// The unconfirmed batches due for a re-send; drops (with a warning) those past
-    /// [`CONFIRM_FOR`].
+    /// Every `WAIT` for [`NO_REPLICA_AFTER`] timed out: some master has no replica (a
+    /// promoted one, before its old master returns as a replica). Stop waiting for
+    /// [`RECHECK_AFTER`], so that settling does not slow down for nothing.
+    fn no_confirmation(&self) {
+        let now = Instant::now();
+        let mut c = self.inner.confirm.lock();
+        let since = *c.failing_since.get_or_insert(now);
+        if now.duration_since(since) >= NO_REPLICA_AFTER {
+            c.failing_since = None;
+            c.off_until = Some(now + RECHECK_AFTER);
+            tracing::warn!(
+                "no replica acknowledges settle batches (WAIT 1): a master has no replica; \
+                 usage written now would not survive its failover"
+            );
+        }
+    }
+
+    /// The unconfirmed batches due for a re-send (at most [`RESEND_AT_ONCE`]); drops (with a
+    /// warning) those past [`CONFIRM_FOR`].
     fn due_unconfirmed(&self) -> Vec<Unconfirmed> {
         let now = Instant::now();
-        let mut list = self.inner.unconfirmed.lock();
+        let mut confirm = self.inner.confirm.lock();
+        let list = &mut confirm.list;
         if list.is_empty() {
             return Vec::new();
         }
@@ -179,8 +227,18 @@ impl RedisStore {
                 "settle batches never confirmed by a replica (WAIT); no longer re-sent"
             );
         }
-        let (due, later): (Vec<_>, Vec<_>) = list.drain(..).partition(|u| u.resend_at <= now);
-        *list = later;
+        let mut due = Vec::new();
+        list.retain_mut(|u| {
+            if u.resend_at <= now && due.len() < RESEND_AT_ONCE {
+                due.push(Unconfirmed {
+                    cmds: std::mem::take(&mut u.cmds),
+                    ..*u
+                });
+                false
+            } else {
+                true
+            }
+        });
         due
     }
 
@@ -191,13 +249,14 @@ impl RedisStore {
             return;
         }
         let now = Instant::now();
-        let mut list = self.inner.unconfirmed.lock();
+        let mut confirm = self.inner.confirm.lock();
+        let list = &mut confirm.list;
         if list.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
             let store = self.clone();
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(RESEND_EVERY).await;
-                    if store.inner.unconfirmed.lock().is_empty() {
+                    if store.inner.confirm.lock().list.is_empty() {
                         return;
                     }
                     let _ = store.settle_batch(crate::new_batch_id(), &[]).await;
