@@ -1,5 +1,6 @@
 //! Three gateway processes on a Redis Cluster (3 masters, 3 replicas; Redis and Valkey), with
-//! `store.kind = "redis_cluster"`: many consumers whose keys spread over every master.
+//! `store.kind = "redis_cluster"`: many consumers whose keys spread over every master; and on
+//! a Sentinel group (`store.kind = "redis_sentinel"`) whose master is killed under load.
 //!
 //! - Quotas hold exactly under concurrent load on all three gateways (admitted ≤ Q + one
 //!   request, ≥ 0.9 Q, per consumer), while a slot range moves between masters
@@ -17,7 +18,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tollgate_loadtest::mock::{MockOpts, count_prompt_tokens};
-use tollgate_tests::{Cluster, ClusterNode, Flavor, Harness, Running, client, key_for, key_slot};
+use tollgate_tests::sentinel::MASTER_NAME;
+use tollgate_tests::{
+    Cluster, ClusterNode, Flavor, Harness, Running, Sentinel, client, key_for, key_slot,
+};
 
 const MAX_TOKENS: u64 = 40;
 
@@ -356,7 +360,11 @@ async fn master_killed_under_load(flavor: Flavor) {
         );
     }
 
-    // Every request the backend served is in the usage totals, once.
+    assert_usage_matches_backend(&h).await;
+}
+
+/// Every request the backend served is in `tollgate usage`, once (waits for the settles).
+async fn assert_usage_matches_backend(h: &Running) {
     let served = h.mock("m").stats().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -369,7 +377,7 @@ async fn master_killed_under_load(flavor: Flavor) {
         };
         let (requests, tokens) = (sum("requests"), sum("input_tokens") + sum("output_tokens"));
         if requests == served.ok && tokens == served.total_tokens {
-            break;
+            return;
         }
         assert!(
             Instant::now() < deadline,
@@ -391,4 +399,77 @@ async fn cluster_redis_master_killed_under_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_valkey_master_killed_under_load() {
     master_killed_under_load(Flavor::Valkey).await;
+}
+
+async fn sentinel_master_killed_under_load(flavor: Flavor) {
+    let mut group = Sentinel::start(flavor).expect("start a sentinel group");
+    let sentinels: Vec<String> = group
+        .sentinel_urls()
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect();
+    let ids: Vec<String> = (0..4).map(|i| format!("s{i}")).collect();
+    let mut h = Harness::new()
+        .store(&format!(
+            "kind = \"redis_sentinel\"\nsentinels = [{}]\nmaster_name = \"{MASTER_NAME}\"\n\
+             timeout_ms = 200\non_error = \"local\"",
+            sentinels.join(", ")
+        ))
+        .backend("m", MockOpts::default(), "")
+        .gateways(3);
+    for id in &ids {
+        h = h.consumer(id, "quota = 1000000000\nquota_period = \"day\"");
+    }
+    let h = h
+        .start()
+        .await
+        .expect("start gateways through the sentinels");
+    group.wait_in_sync().unwrap();
+    let started = Instant::now();
+    let load = hammer(&h, &ids, 1, started + Duration::from_secs(10), None);
+    let chaos = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let old = group.kill_master().unwrap();
+        let new = tokio::task::block_in_place(|| group.wait_failover(old)).unwrap();
+        (new, started.elapsed())
+    };
+    let (tally, (new, at)) = tokio::join!(load, chaos);
+    eprintln!("failed over to {new} after {at:?}: {tally:?}");
+    assert_eq!(
+        count(&tally, |s| s >= 500),
+        0,
+        "5xx during the failover: {tally:?}"
+    );
+    // The gateways follow the promoted master: an operator's change there applies everywhere.
+    let master = group.master().unwrap();
+    master
+        .cli(&[
+            "HSET",
+            &format!("tg:consumer:{{{}}}", ids[0]),
+            "disabled",
+            "1",
+        ])
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for g in 0..3 {
+        assert_eq!(
+            status_of(&h, g, &key_for(&ids[0])).await.status(),
+            403,
+            "gateway {g}"
+        );
+    }
+    assert_usage_matches_backend(&h).await;
+}
+
+/// SIGKILL of the Redis master under Sentinel, under load: no 5xx, the gateways follow the
+/// promoted replica, and usage equals the backend's counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sentinel_redis_master_killed_under_load() {
+    sentinel_master_killed_under_load(Flavor::Redis).await;
+}
+
+/// The same with Valkey sentinels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sentinel_valkey_master_killed_under_load() {
+    sentinel_master_killed_under_load(Flavor::Valkey).await;
 }
