@@ -7,8 +7,9 @@
 //!
 //! Redis replicates asynchronously: a batch a master acknowledged may die with it before its
 //! replica has it. With [`RedisOpts::confirm_writes`](super::RedisOpts) (cluster, sentinel)
-//! each send is followed by `WAIT 1 <confirm_timeout>`; batches no replica confirmed are kept
-//! and re-sent under the same id every second for 30 s, so a promoted replica that missed one
+//! every batch is kept until a `WAIT 1 <confirm_timeout>` sent after it (at most one every
+//! 50 ms, on every master) confirms it; batches no replica confirmed within a second are
+//! re-sent under the same id every second for 30 s, so a promoted replica that missed one
 //! applies it once, and one that had it ignores it.
 
 use super::RedisStore;
@@ -22,6 +23,8 @@ use redis::Cmd;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+/// `WAIT` at most this often: it covers every batch the connection wrote before it.
+const CONFIRM_EVERY: Duration = Duration::from_millis(50);
 /// How long an unconfirmed batch is re-sent: past any failover's promotion.
 const CONFIRM_FOR: Duration = Duration::from_secs(30);
 /// How often an unconfirmed batch is re-sent.
@@ -43,6 +46,8 @@ pub(crate) struct Confirm {
     failing_since: Option<Instant>,
     /// Until then no `WAIT` is sent (some master has no replica).
     off_until: Option<Instant>,
+    /// When the last `WAIT` was sent.
+    last_wait: Option<Instant>,
 }
 
 /// A batch a master applied but no replica confirmed yet: its calls, re-sent under the same
@@ -52,6 +57,8 @@ pub(crate) struct Unconfirmed {
     cmds: Vec<(String, Cmd)>,
     first: Instant,
     resend_at: Instant,
+    /// When the master last acknowledged it (a `WAIT` sent later covers it).
+    applied: Instant,
 }
 
 impl Unconfirmed {
@@ -61,6 +68,7 @@ impl Unconfirmed {
             cmds,
             first: now,
             resend_at: now,
+            applied: now,
         }
     }
 }
@@ -129,29 +137,48 @@ impl RedisStore {
             return Err(e);
         }
         if self.inner.opts.confirm_writes {
-            let waiting = {
-                let c = self.inner.confirm.lock();
-                c.off_until.is_none_or(|t| Instant::now() >= t)
-            };
-            let mut pending = due;
-            if !waiting {
-                // Some master has no replica to wait for, so none can be promoted with less
-                // than it has: new batches need no re-send; earlier unconfirmed ones are
-                // re-sent until they expire (a failover may be under way).
-                self.keep_unconfirmed(pending);
-                return Ok(());
-            }
-            if !cmds.is_empty() {
-                pending.push(Unconfirmed::new(cmds));
-            }
-            if self.confirmed().await {
-                self.inner.confirm.lock().failing_since = None;
-            } else {
-                self.no_confirmation();
-                self.keep_unconfirmed(pending);
-            }
+            self.confirm(cmds, due).await;
         }
         Ok(())
+    }
+
+    /// Keeps what was just applied until a replica confirms it: `WAIT 1` at most every
+    /// [`CONFIRM_EVERY`] (one `WAIT` covers everything the connection wrote before it).
+    async fn confirm(&self, cmds: Vec<(String, Cmd)>, due: Vec<Unconfirmed>) {
+        let now = Instant::now();
+        let (waiting, wait_now) = {
+            let mut c = self.inner.confirm.lock();
+            let waiting = c.off_until.is_none_or(|t| now >= t);
+            let wait_now = waiting
+                && c.last_wait
+                    .is_none_or(|t| now.duration_since(t) >= CONFIRM_EVERY);
+            if wait_now {
+                c.last_wait = Some(now);
+            }
+            (waiting, wait_now)
+        };
+        let mut pending = due;
+        // While some master has no replica to wait for, none can be promoted with less than
+        // it has: new batches need no re-send; earlier unconfirmed ones are re-sent until
+        // they expire (a failover may be under way).
+        if waiting && !cmds.is_empty() {
+            pending.push(Unconfirmed::new(cmds));
+        }
+        for u in &mut pending {
+            u.applied = now;
+        }
+        self.keep_unconfirmed(pending);
+        if !wait_now {
+            return;
+        }
+        if self.confirmed().await {
+            let mut c = self.inner.confirm.lock();
+            // Applied before the WAIT was sent, on the same connection: on a replica now.
+            c.list.retain(|u| u.applied > now);
+            c.failing_since = None;
+        } else {
+            self.no_confirmation();
+        }
     }
 
     /// Sends settle calls (one pipeline per slot on the settle connection); calls refused with
