@@ -222,3 +222,30 @@ fn budgets_and_alerts() {
         assert!(!e.message.contains("secret-token"), "{e}");
     }
 }
+
+/// The distributed store kinds parse with their keys; a bad seed URL, a sentinel group
+/// without a master name and an ACL user without a password name their key.
+#[test]
+fn store_kinds() {
+    let cluster = "[store]\nkind = \"redis_cluster\"\nurls = [\"redis://a:7000\", \"rediss://b:7000\"]\n\
+                   username = \"tg\"\npassword_env = \"PW\"\nca_file = \"/etc/ca.pem\"\n";
+    let c = Config::from_toml(&format!("{cluster}{GOOD}")).unwrap();
+    assert_eq!(c.store.kind, StoreKind::RedisCluster);
+    assert!(c.store.kind.is_redis());
+    assert_eq!(c.store.urls.len(), 2);
+    assert_eq!(c.store.username.as_deref(), Some("tg"));
+    let sentinel = "[store]\nkind = \"redis_sentinel\"\nsentinels = [\"redis://s:26379\"]\n\
+                    master_name = \"main\"\nsentinel_password_env = \"SPW\"\n";
+    let c = Config::from_toml(&format!("{sentinel}{GOOD}")).unwrap();
+    assert_eq!(c.store.kind.as_str(), "redis_sentinel");
+    assert_eq!(c.store.master_name, "main");
+    let bad_url = cluster.replace("rediss://b:7000", "http://b:7000");
+    let e = Config::from_toml(&format!("{bad_url}{GOOD}")).unwrap_err();
+    assert_eq!(e.path, "store.urls[1]");
+    let no_name = sentinel.replace("master_name = \"main\"", "master_name = \"\"");
+    let e = Config::from_toml(&format!("{no_name}{GOOD}")).unwrap_err();
+    assert_eq!(e.path, "store.master_name");
+    let no_pw = cluster.replace("password_env = \"PW\"\n", "");
+    let e = Config::from_toml(&format!("{no_pw}{GOOD}")).unwrap_err();
+    assert_eq!(e.path, "store.username");
+}
