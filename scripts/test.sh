@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs what the tests need and the machine lacks:
-# redis-server (the Redis tests start their own on free ports), chromium (the HTML report test) and the tests' Python venv
+# redis-server (the Redis tests start their own on free ports; with TLS for the TLS test), openssl, chromium (the HTML report test) and the tests' Python venv
 # (scripts/pyenv.sh: Valkey and RediSearch for the store-topology tests, the official openai
 # and MCP SDKs, kubernetes-validate; instant when already there).
 set -euo pipefail
@@ -11,6 +11,15 @@ if ! command -v redis-server >/dev/null 2>&1; then
     apt-get update -qq && apt-get install -y -qq redis-server
   else
     echo "redis-server is missing: sudo apt-get install -y redis-server" >&2
+    exit 1
+  fi
+fi
+# openssl makes the CA and server certificate of the TLS test (tests/tests/tls_acl.rs).
+if ! command -v openssl >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq openssl
+  else
+    echo "openssl is missing: sudo apt-get install -y openssl" >&2
     exit 1
   fi
 fi
