@@ -242,10 +242,20 @@ async fn cluster_valkey_limits_reshard_admin() {
 }
 
 /// A circuit tripped through gateway 0 (its only failure trips it) is open on gateways 1 and
-/// 2 at once: they never call the broken backend.
+/// 2 at once: they never call the broken backend (Redis cluster).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn cluster_breaker_trip_reaches_every_gateway() {
-    let cluster = Cluster::start(Flavor::Redis).expect("start a cluster");
+async fn cluster_redis_breaker_trip_reaches_every_gateway() {
+    breaker_trip_reaches_every_gateway(Flavor::Redis).await;
+}
+
+/// The same on a Valkey cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_valkey_breaker_trip_reaches_every_gateway() {
+    breaker_trip_reaches_every_gateway(Flavor::Valkey).await;
+}
+
+async fn breaker_trip_reaches_every_gateway(flavor: Flavor) {
+    let cluster = Cluster::start(flavor).expect("start a cluster");
     let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
     let h = Harness::new()
         .store(&format!(
