@@ -249,3 +249,19 @@ fn store_kinds() {
     let e = Config::from_toml(&format!("{no_pw}{GOOD}")).unwrap_err();
     assert_eq!(e.path, "store.username");
 }
+
+/// A cache on a cluster or sentinel store must name its own server (`store_url`).
+#[test]
+fn cache_on_a_cluster_needs_its_own_server() {
+    let cache = format!(
+        "[store]\nkind = \"redis_cluster\"\nurls = [\"redis://a:7000\"]\n{GOOD}\n\
+         [[cache]]\nname = \"c\"\n"
+    );
+    let e = Config::from_toml(&cache).unwrap_err();
+    assert_eq!(e.path, "cache[0].store_url", "{e}");
+    let ok = cache.replace(
+        "name = \"c\"\n",
+        "name = \"c\"\nstore_url = \"redis://cache:6379\"\n",
+    );
+    Config::from_toml(&ok).unwrap();
+}
