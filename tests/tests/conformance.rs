@@ -1738,6 +1738,10 @@ async fn whole_suite<E: Env>(env: &E, reset: impl Fn()) {
         check_seed_marker(mid_hour());
         check_breaker(0);
         check_breaker_bounds(0);
+        check_consumer_budget(mid_hour());
+        check_team_budget(mid_hour());
+        check_team_concurrency(mid_hour());
+        check_alert_claims(mid_hour());
     }
     run_timed! {
         check_rollover(before_hour(1500));
