@@ -34,4 +34,8 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 bash scripts/pyenv.sh
 
-cargo test --workspace "$@"
+# The 1,500-connection trickling scenario measures how fast the gateway closes connections; it
+# runs on its own, before the rest, because after the whole suite's connection churn it can miss
+# its bound on a 2-core machine (see the note in tests/tests/hardening.rs).
+cargo test -p tollgate-tests --test hardening "$@" -- trickling_clients_beyond_the_cap_make_room
+cargo test --workspace "$@" -- --skip trickling_clients_beyond_the_cap_make_room
