@@ -20,6 +20,8 @@
 //! - [`record`] — the per-request record handed from stage to stage.
 //! - [`usage`] — the meter, settle, cost and usage totals, off the request path.
 //! - [`telemetry`] — Prometheus at `/metrics`, OTLP spans, metrics and usage log records.
+//! - [`mcp`] — `/mcp` and `/mcp/{server}`: MCP tool traffic through the same auth, limits,
+//!   showback and traces (its own path, beside the model pipeline).
 //! - [`budgets`] — around the reservation: `x-budget-remaining`, budget gauges, thresholds.
 //! - [`alerts`] — webhooks for budgets, quotas, circuits and the store, off the request path.
 //! - [`gateway`] — the shared state every request reads.
@@ -42,6 +44,7 @@ pub mod error;
 pub mod estimate;
 pub mod gateway;
 pub mod limits;
+pub mod mcp;
 pub mod pipeline;
 pub mod proxy;
 pub mod record;

@@ -217,6 +217,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_mcp()?;
         self.validate_money()
     }
 }
