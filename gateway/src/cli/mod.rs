@@ -14,6 +14,7 @@ mod html;
 mod keys;
 mod ptu;
 mod report;
+mod tools;
 
 pub use demo::demo;
 pub use keys::new_key;
@@ -129,6 +130,10 @@ pub enum By {
     Day,
     /// PTU cost allocation to teams (backends with `monthly_cost`).
     Ptu,
+    /// MCP tool calls per server, consumer and team (calls, errors).
+    Server,
+    /// MCP tool calls per tool (and its server), consumer and team.
+    Tool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -220,6 +225,11 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 Some(p) => load_config(&p)?,
                 None => anyhow::bail!("--config FILE (or TOLLGATE_CONFIG) is required"),
             };
+            if matches!(by, By::Server | By::Tool) {
+                let (rows, _) = tools::read(&config, since.as_deref(), until.as_deref()).await?;
+                print!("{}", tools::render(&rows, by, format));
+                return Ok(ExitCode::SUCCESS);
+            }
             let (rows, period) = read_usage(&config, since.as_deref(), until.as_deref()).await?;
             let ptus = PtuSpec::from_config(&config);
             let report = render_report(&rows, period, &ptus, by, format);

@@ -121,13 +121,17 @@ impl ToolMetrics {
         }
     }
 
-    fn label(&self, server: &str, tool: &str) -> String {
-        let known = self
-            .listed
-            .lock()
-            .get(server)
-            .is_some_and(|s| s.contains(tool));
-        if known {
+    /// The label of `tool`: its name when the server listed it or it ran successfully (so it
+    /// exists; learnt up to [`MAX_TOOL_LABELS`]), else `other`.
+    fn label(&self, server: &str, tool: &str, ran: bool) -> String {
+        let mut g = self.listed.lock();
+        let Some(set) = g.get_mut(server) else {
+            return "other".into();
+        };
+        if ran && set.len() < MAX_TOOL_LABELS {
+            set.insert(tool.to_string());
+        }
+        if set.contains(tool) {
             tool.to_string()
         } else {
             "other".into()
@@ -135,7 +139,7 @@ impl ToolMetrics {
     }
 
     pub fn record(&self, server: &str, tool: &str, outcome: Outcome, secs: Option<f64>) {
-        let tool = self.label(server, tool);
+        let tool = self.label(server, tool, outcome == Outcome::Ok);
         *self
             .calls
             .lock()
@@ -244,7 +248,11 @@ impl Record {
             consumer: self.consumer.clone(),
             team: self.team.clone(),
             server: self.server.clone(),
-            tool: self.s.mcp.metrics.label(&self.server, &self.tool),
+            tool: self
+                .s
+                .mcp
+                .metrics
+                .label(&self.server, &self.tool, outcome == Outcome::Ok),
             calls: 1,
             errors: u64::from(outcome != Outcome::Ok),
         };

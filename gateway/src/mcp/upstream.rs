@@ -204,13 +204,17 @@ impl Upstream {
     }
 }
 
-/// A transport error's text without the URL (which names the upstream's address).
+/// What went wrong on the wire, without the URL (which names the upstream's address).
 fn without_url(e: &reqwest::Error) -> String {
-    let mut s = e.to_string();
-    if let Some(u) = e.url() {
-        s = s.replace(u.as_str(), "(upstream)");
+    if e.is_connect() {
+        "connection failed".into()
+    } else if e.is_timeout() {
+        "timed out".into()
+    } else if e.is_body() || e.is_decode() {
+        "its answer broke off".into()
+    } else {
+        "the request failed".into()
     }
-    s
 }
 
 /// The JSON messages of an SSE body: one per event with data (comments, pings and empty
