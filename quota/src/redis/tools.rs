@@ -73,8 +73,7 @@ impl RedisStore {
             let key = tool_usage_key(&r.consumer, r.day);
             let field = format!("{}|{}|{}", r.team, r.server, r.tool.replace('|', "_"));
             let mut pipe = redis::pipe();
-            pipe.atomic()
-                .hincr(&key, format!("{field}|calls"), r.calls)
+            pipe.hincr(&key, format!("{field}|calls"), r.calls)
                 .ignore()
                 .hincr(&key, format!("{field}|errors"), r.errors)
                 .ignore()
