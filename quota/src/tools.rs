@@ -63,3 +63,6 @@ pub struct ToolUsage {
     /// Calls that ended in an error (a JSON-RPC error, `isError`, an upstream fault).
     pub errors: u64,
 }
+
+/// (day, consumer, team, server, tool): what tool-call totals are kept by.
+pub(crate) type ToolUsageKey = (u32, String, String, String, String);

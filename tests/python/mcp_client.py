@@ -6,6 +6,7 @@ Prints one JSON object on stdout.
   hop    --urls U1,U2,.. --key K --tool T [--args JSON]    one session, each request to the next URL
   burst  --urls U1,U2,.. --key K --tool T --n N            N concurrent calls spread over the URLs
   sample --url U --key K --tool T [--args JSON]            answers the server's sampling request
+Every command takes --traceparent (sent on every request).
 """
 
 import argparse
@@ -25,11 +26,12 @@ warnings.simplefilter("ignore")
 
 
 def headers(a) -> dict:
+    h = {"traceparent": a.traceparent} if a.traceparent else {}
     if a.bearer:
-        return {"Authorization": f"Bearer {a.bearer}"}
-    if a.key:
-        return {"api-key": a.key}
-    return {}
+        h["Authorization"] = f"Bearer {a.bearer}"
+    elif a.key:
+        h["api-key"] = a.key
+    return h
 
 
 class Rotate(httpx2.AsyncBaseTransport):
@@ -98,6 +100,7 @@ async def main() -> None:
     p.add_argument("--tool")
     p.add_argument("--args", default="{}")
     p.add_argument("--n", type=int, default=1)
+    p.add_argument("--traceparent")
     a = p.parse_args()
     arguments = json.loads(a.args)
     out: dict = {}

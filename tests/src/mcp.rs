@@ -20,7 +20,11 @@ pub struct McpUpstream {
 impl McpUpstream {
     /// Starts `mcp_upstream.py --name NAME` and waits until it accepts connections.
     pub fn start(name: &str) -> anyhow::Result<McpUpstream> {
-        let port = crate::server::free_ports(1)?[0];
+        Self::start_on(name, crate::server::free_ports(1)?[0])
+    }
+
+    /// Starts it on `port` (a restart: the same address, none of the old sessions).
+    pub fn start_on(name: &str, port: u16) -> anyhow::Result<McpUpstream> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/mcp_upstream.py");
         let child = Command::new(pyenv::python()?)
             .arg(script)

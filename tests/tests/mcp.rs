@@ -751,3 +751,162 @@ async fn bad_input_gets_errors_with_bodies() {
     let unauth = http.post(&url).json(&init).send().await.unwrap();
     assert_eq!(unauth.status(), 401);
 }
+
+/// Each tool call is a span `execute_tool <tool>` continuing the client's trace with the GenAI
+/// and tollgate attributes; `/metrics` counts calls by server, tool and outcome (a refusal
+/// included) with a duration histogram; the OTLP metrics arrive at the collector.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_in_spans_and_metrics() {
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const PARENT: &str = "00f067aa0ba902b7";
+    let (t1, t2) = upstreams();
+    let rx = tollgate_tests::otlp::OtlpReceiver::start().await.unwrap();
+    let mut h = Harness::new()
+        .config(&servers(&t1, &t2, ""))
+        .config(&format!("[telemetry]\notlp_endpoint = \"{}\"\n", rx.url()))
+        .consumer(
+            "agent",
+            "team = \"ops\"\nmcp_tools = [\"t1.*\"]\ntool_calls_per_min = 1",
+        )
+        .env("T1_TOKEN", "t")
+        .env("T2_KEY", "k")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
+        .start()
+        .await
+        .expect("gateway");
+    let (key, base) = (key_for("agent"), h.url(0));
+    let tp = format!("00-{TRACE}-{PARENT}-01");
+    let args = r#"{"text":"traced"}"#;
+    let url = format!("{base}/mcp");
+    let ok = client(&[
+        "call",
+        "--url",
+        &url,
+        "--key",
+        &key,
+        "--tool",
+        "t1__echo",
+        "--args",
+        args,
+        "--traceparent",
+        &tp,
+    ])
+    .await;
+    assert_eq!(ok["result"]["text"], "t1:traced", "{ok}");
+    let refused = client(&[
+        "call", "--url", &url, "--key", &key, "--tool", "t1__echo", "--args", args,
+    ])
+    .await;
+    assert_eq!(refused["error"]["code"], -32029, "{refused}");
+
+    let text = tollgate_tests::metrics(&base).await;
+    let count = |outcome| {
+        tollgate_tests::metric_sum(
+            &text,
+            "tollgate_mcp_tool_calls_total",
+            &[("server", "t1"), ("tool", "echo"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!((count("ok"), count("refused")), (1, 1), "{text}");
+    assert_eq!(
+        tollgate_tests::metric_sum(
+            &text,
+            "tollgate_mcp_tool_call_duration_seconds_count",
+            &[("server", "t1")]
+        ),
+        1,
+        "{text}"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let span = loop {
+        if let Some(s) = rx
+            .spans()
+            .into_iter()
+            .find(|s| s.name == "execute_tool echo")
+        {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no tool span: {:?}", rx.spans());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(span.trace_id, TRACE, "continues the client's trace");
+    assert_eq!(span.parent_span_id, PARENT);
+    let attr = |k: &str| span.attributes.get(k).cloned().unwrap_or(Value::Null);
+    assert_eq!(attr("gen_ai.operation.name"), "execute_tool");
+    assert_eq!(attr("gen_ai.tool.name"), "echo");
+    assert_eq!(attr("mcp.server"), "t1");
+    assert_eq!(attr("tollgate.consumer"), "agent");
+    assert_eq!(attr("tollgate.team"), "ops");
+    assert_eq!(attr("tollgate.outcome"), "ok");
+
+    // OTLP metrics leave at the latest with the shutdown flush.
+    h.gateways[0].terminate().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !rx
+        .metric_names()
+        .iter()
+        .any(|m| m == "tollgate.mcp.tool_calls")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no tool-call metric: {:?}",
+            rx.metric_names()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An upstream that restarts (losing its sessions) under a live client session: the gateway
+/// initializes a new upstream session and sends the request again; the client notices nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_restart_renews_its_session() {
+    let (mut t1, t2) = upstreams();
+    let h = gateway(&t1, &t2).await;
+    let (key, url) = (key_for("agent"), format!("{}/mcp/t1", h.url(0)));
+    let http = tollgate_tests::client();
+    let post = |sid: Option<String>, body: Value| {
+        let (http, url, key) = (http.clone(), url.clone(), key.clone());
+        async move {
+            let mut req = http
+                .post(url)
+                .header("api-key", key)
+                .header("accept", "application/json, text/event-stream")
+                .json(&body);
+            if let Some(s) = sid {
+                req = req.header("mcp-session-id", s);
+            }
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let sid = resp
+                .headers()
+                .get("mcp-session-id")
+                .map(|v| v.to_str().unwrap().to_string());
+            (status, resp.text().await.unwrap(), sid)
+        }
+    };
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}});
+    let (status, _, sid) = post(None, init).await;
+    assert_eq!(status, 200);
+    let sid = sid.expect("a session id");
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    assert_eq!(post(Some(sid.clone()), initialized).await.0, 202);
+    let echo = |id: u64, text: &str| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": "echo", "arguments": {"text": text}}})
+    };
+    let (status, body, _) = post(Some(sid.clone()), echo(2, "before")).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("t1:before"), "{body}");
+
+    let port = t1.port;
+    t1.stop();
+    t1 = McpUpstream::start_on("t1", port).expect("t1 again");
+    let (status, body, _) = post(Some(sid.clone()), echo(3, "after")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("t1:after"), "renewed transparently: {body}");
+    let (_, body, _) = post(Some(sid), echo(4, "again")).await;
+    assert!(body.contains("t1:again"), "{body}");
+    assert_eq!(t1.stats().await["executed"], 2, "each call ran once");
+}

@@ -85,6 +85,9 @@ impl Outcome {
     }
 }
 
+/// A duration histogram: counts per bucket (cumulative), sum, count.
+type Buckets = ([u64; BUCKETS.len()], f64, u64);
+
 /// Tool-call counters and durations for `/metrics`. Labels come from configuration (servers)
 /// and from the tools upstreams listed (bounded per server), never from arbitrary input.
 pub struct ToolMetrics {
@@ -92,7 +95,7 @@ pub struct ToolMetrics {
     listed: Mutex<HashMap<String, HashSet<String>>>,
     calls: Mutex<BTreeMap<(String, String, &'static str), u64>>,
     /// Per server: bucket counts, sum, count.
-    durations: Mutex<BTreeMap<String, ([u64; BUCKETS.len()], f64, u64)>>,
+    durations: Mutex<BTreeMap<String, Buckets>>,
 }
 
 impl ToolMetrics {
@@ -369,7 +372,7 @@ pub async fn call(
         span,
         done: false,
     };
-    match u.post(&s.mcp.client, &carry, body).await {
+    match s.mcp.send(u, &carry, body).await {
         Ok(Some(reply)) => {
             let observe = Box::new(move |answer: &Value| {
                 let mut record = record;

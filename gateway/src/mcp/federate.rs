@@ -37,11 +37,12 @@ fn members<'a>(
         .collect()
 }
 
-fn carry<'a>(p: &'a UpstreamSession, headers: &HeaderMap) -> Carry<'a> {
+fn carry<'a>(sess: &'a Session, p: &'a UpstreamSession, headers: &HeaderMap) -> Carry<'a> {
     Carry {
         session: p.id.as_deref(),
         version: Some(p.version.as_str()),
         traceparent: headers.get("traceparent").cloned(),
+        capabilities: sess.capabilities.as_ref(),
     }
 }
 
@@ -103,6 +104,7 @@ pub async fn initialize(s: &McpState, who: &Who, id: Value, msg: &Message) -> Re
         version: version.clone(),
         upstreams,
         expires: now_ms() / 1000 + s.mcp.config.session_ttl_s,
+        capabilities: Some(msg["params"]["capabilities"].clone()).filter(|c| c.is_object()),
     };
     let result = json!({
         "protocolVersion": version,
@@ -128,7 +130,7 @@ pub async fn dispatch(
                 let lists = join_all(members(s, who, sess).into_iter().map(|(u, p)| {
                     let id = id.clone();
                     async move {
-                        let c = carry(p, headers);
+                        let c = carry(sess, p, headers);
                         (u, list_tools(s, who, u, &c, &id).await)
                     }
                 }))
@@ -153,7 +155,7 @@ pub async fn dispatch(
                 let body = Bytes::from(msg.to_string());
                 join_all(members(s, who, sess).into_iter().map(|(u, p)| {
                     let (body, id) = (body.clone(), id.clone());
-                    async move { exchange(s, u, &carry(p, headers), body, &id).await }
+                    async move { exchange(s, u, &carry(sess, p, headers), body, &id).await }
                 }))
                 .await;
                 json(jsonrpc::result(id, json!({})))
@@ -176,7 +178,7 @@ pub async fn dispatch(
             join_all(members(s, who, sess).into_iter().map(|(u, p)| {
                 let body = body.clone();
                 async move {
-                    if let Err(f) = u.post(&s.mcp.client, &carry(p, headers), body).await {
+                    if let Err(f) = s.mcp.send(u, &carry(sess, p, headers), body).await {
                         tracing::debug!(server = %u.name, fault = ?f, "notification not delivered");
                     }
                 }
@@ -198,14 +200,8 @@ pub async fn dispatch(
                 return super::serve::session_not_found();
             };
             msg["id"] = original;
-            match u
-                .post(
-                    &s.mcp.client,
-                    &carry(p, headers),
-                    Bytes::from(msg.to_string()),
-                )
-                .await
-            {
+            let body = Bytes::from(msg.to_string());
+            match s.mcp.send(u, &carry(sess, p, headers), body).await {
                 Ok(_) => StatusCode::ACCEPTED.into_response(),
                 Err(f) => fault_response(&u.name, f, Value::Null),
             }
@@ -241,7 +237,7 @@ async fn call(
         s,
         who,
         &u,
-        &carry(p, headers),
+        &carry(sess, p, headers),
         id,
         body,
         &tool,

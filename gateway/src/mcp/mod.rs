@@ -16,12 +16,14 @@
 //! - [`serve`]: the POST path of both routes. [`federate`]: what `/mcp` adds.
 //! - [`calls`]: `tools/call` — limits, outcome, metrics, usage, span.
 //! - [`streams`]: GET and DELETE. [`discovery`]: OAuth protected-resource metadata, 401s.
+//! - [`renew`]: upstream sessions renewed when an upstream lost them.
 
 pub mod calls;
 pub mod discovery;
 pub mod federate;
 pub mod glob;
 pub mod jsonrpc;
+pub mod renew;
 pub mod serve;
 pub mod session;
 pub mod streams;
@@ -69,6 +71,8 @@ pub struct Mcp {
     pub metrics: Arc<calls::ToolMetrics>,
     /// `auth.jwt.issuer` when JWTs are accepted: the protected resource's authorization server.
     pub issuer: Option<String>,
+    /// Upstream sessions replaced on this replica.
+    pub renewed: renew::Renewed,
 }
 
 impl Mcp {
@@ -140,6 +144,7 @@ impl Mcp {
             consumers,
             client,
             issuer,
+            renewed: renew::Renewed::default(),
         }))
     }
 

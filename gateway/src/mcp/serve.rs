@@ -21,6 +21,9 @@ use tokio::time::Instant;
 /// Most `tools/list` pages followed for one answer (a server that never stops paging).
 const MAX_PAGES: usize = 100;
 
+/// A request refused before its method: the whole answer (boxed: it is large).
+pub type Refusal = Box<Response>;
+
 /// Who is calling, with what the MCP routes need to know about them.
 pub struct Who {
     pub caller: Caller,
@@ -29,19 +32,19 @@ pub struct Who {
 }
 
 /// Origin, then the caller. The error is the whole answer (403, 401 with a challenge).
-pub async fn admit(s: &McpState, headers: &HeaderMap) -> Result<Who, Response> {
+pub async fn admit(s: &McpState, headers: &HeaderMap) -> Result<Who, Refusal> {
     if !super::origin_allowed(headers, &s.mcp.config.allowed_origins) {
-        return Err(http_error(
+        return Err(Box::new(http_error(
             StatusCode::FORBIDDEN,
             jsonrpc::error(Value::Null, jsonrpc::INVALID_REQUEST, "origin not allowed"),
-        ));
+        )));
     }
     let caller = match s.gw.auth.authenticate_mcp(headers, &s.gw.limits).await {
         Ok(c) => c,
-        Err(e) => return Err(super::discovery::challenge(s, headers, e)),
+        Err(e) => return Err(Box::new(super::discovery::challenge(s, headers, e))),
     };
     if let Some(e) = s.gw.limits.refused(&caller.consumer, None) {
-        return Err(e.into_response());
+        return Err(Box::new(e.into_response()));
     }
     let mut tools = s
         .mcp
@@ -73,22 +76,22 @@ pub fn session_of(
     headers: &HeaderMap,
     who: &Who,
     route: Option<&str>,
-) -> Result<Session, Response> {
+) -> Result<Session, Refusal> {
     let Some(id) = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()) else {
-        return Err(http_error(
+        return Err(Box::new(http_error(
             StatusCode::BAD_REQUEST,
             jsonrpc::error(
                 Value::Null,
                 jsonrpc::INVALID_REQUEST,
                 "Mcp-Session-Id header required",
             ),
-        ));
+        )));
     };
     match s.mcp.sealer.open(id, now_ms() / 1000) {
         Some(sess) if *sess.consumer == *who.caller.consumer && sess.route.as_deref() == route => {
             Ok(sess)
         }
-        _ => Err(session_not_found()),
+        _ => Err(Box::new(session_not_found())),
     }
 }
 
@@ -103,7 +106,7 @@ pub fn session_not_found() -> Response {
 pub async fn post(s: McpState, route: Option<String>, headers: HeaderMap, body: Body) -> Response {
     let who = match admit(&s, &headers).await {
         Ok(w) => w,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let upstream = match &route {
         Some(name) => match s.mcp.upstream(name) {
@@ -167,7 +170,7 @@ pub async fn post(s: McpState, route: Option<String>, headers: HeaderMap, body: 
     }
     let sess = match session_of(&s, &headers, &who, route.as_deref()) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let traceparent = headers.get("traceparent").cloned();
     match upstream {
@@ -191,7 +194,12 @@ async fn initialize_one(
             .get("mcp-protocol-version")
             .and_then(|v| v.to_str().ok()),
         traceparent: headers.get("traceparent").cloned(),
+        capabilities: None,
     };
+    let capabilities = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .map(|m| m["params"]["capabilities"].clone())
+        .filter(|c| c.is_object());
     let answer = match exchange(s, u, &carry, body, &id).await {
         Ok((answer, session)) => (answer, session),
         Err(f) => return json(f.to_jsonrpc(&u.name, id)),
@@ -213,6 +221,7 @@ async fn initialize_one(
             version,
         }],
         expires: now_ms() / 1000 + s.mcp.config.session_ttl_s,
+        capabilities,
     };
     with_session(json(answer), &s.mcp.sealer.seal(&sess))
 }
@@ -236,7 +245,7 @@ pub async fn exchange(
     let deadline = Instant::now() + u.timeout;
     let timeout = Fault::Timeout(u.timeout.as_millis() as u64);
     let run = async {
-        let reply = u.post(&s.mcp.client, carry, body).await?;
+        let reply = s.mcp.send(u, carry, body).await?;
         let Some(mut reply) = reply else {
             return Err(Fault::Garbage("no answer to a request".into()));
         };
@@ -307,6 +316,7 @@ async fn one(
         session: up.and_then(|x| x.id.as_deref()),
         version: up.map(|x| x.version.as_str()),
         traceparent,
+        capabilities: sess.capabilities.as_ref(),
     };
     match msg {
         Message::Request { id, method, msg } => match method.as_str() {
@@ -325,14 +335,14 @@ async fn one(
                 }
                 super::calls::call(s, who, u, &carry, id, body, &tool, false, headers).await
             }
-            _ => match u.post(&s.mcp.client, &carry, body).await {
+            _ => match s.mcp.send(u, &carry, body).await {
                 Ok(Some(reply)) => relay(reply, id, u, None, false),
                 Ok(None) => json(Fault::Garbage("no answer".into()).to_jsonrpc(&u.name, id)),
                 Err(f) => fault_response(&u.name, f, id),
             },
         },
         Message::Notification { .. } | Message::Response { .. } => {
-            match u.post(&s.mcp.client, &carry, body).await {
+            match s.mcp.send(u, &carry, body).await {
                 Ok(_) => StatusCode::ACCEPTED.into_response(),
                 Err(f) => fault_response(&u.name, f, Value::Null),
             }

@@ -47,6 +47,9 @@ pub struct Session {
     /// Unix seconds after which the id is refused.
     #[serde(rename = "e")]
     pub expires: u64,
+    /// The client's `initialize` capabilities, to renew an upstream session with.
+    #[serde(rename = "k", default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<serde_json::Value>,
 }
 
 impl Session {
@@ -135,6 +138,7 @@ mod tests {
                 version: "2025-06-18".into(),
             }],
             expires: 1_000,
+            capabilities: Some(serde_json::json!({"sampling": {}})),
         }
     }
 

@@ -17,12 +17,12 @@ async fn opened(
     s: &McpState,
     route: Option<&str>,
     headers: &HeaderMap,
-) -> Result<(Who, Session), Response> {
+) -> Result<(Who, Session), super::serve::Refusal> {
     let who = admit(s, headers).await?;
     if let Some(r) = route
         && (s.mcp.upstream(r).is_none() || !who.tools.allow.reaches(r))
     {
-        return Err(session_not_found());
+        return Err(Box::new(session_not_found()));
     }
     let sess = session_of(s, headers, &who, route)?;
     Ok((who, sess))
@@ -32,7 +32,7 @@ async fn opened(
 pub async fn get(s: McpState, route: Option<String>, headers: HeaderMap) -> Response {
     let (who, sess) = match opened(&s, route.as_deref(), &headers).await {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let wrap = route.is_none();
     let members: Vec<_> = sess
@@ -41,14 +41,18 @@ pub async fn get(s: McpState, route: Option<String>, headers: HeaderMap) -> Resp
         .filter(|p| who.tools.allow.reaches(&p.server))
         .filter_map(|p| s.mcp.upstream(&p.server).map(|u| (u.clone(), p.clone())))
         .collect();
-    let client = &s.mcp.client;
+    let mcp = &*s.mcp;
     let opened = join_all(members.iter().map(|(u, p)| async move {
+        let renewed =
+            p.id.as_deref()
+                .and_then(|id| mcp.renewed.current(&u.name, id));
         let carry = Carry {
-            session: p.id.as_deref(),
+            session: renewed.as_deref().or(p.id.as_deref()),
             version: Some(p.version.as_str()),
             traceparent: None,
+            capabilities: None,
         };
-        (u.name.clone(), u.get(client, &carry).await)
+        (u.name.clone(), u.get(&mcp.client, &carry).await)
     }))
     .await;
     let mut streams = Vec::new();
@@ -111,16 +115,21 @@ pub async fn get(s: McpState, route: Option<String>, headers: HeaderMap) -> Resp
 pub async fn delete(s: McpState, route: Option<String>, headers: HeaderMap) -> Response {
     let (_, sess) = match opened(&s, route.as_deref(), &headers).await {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
+    let mcp = &*s.mcp;
     join_all(sess.upstreams.iter().filter_map(|p| {
-        let u = s.mcp.upstream(&p.server)?.clone();
-        let client = s.mcp.client.clone();
+        let u = mcp.upstream(&p.server)?.clone();
+        let client = mcp.client.clone();
         Some(async move {
+            let renewed =
+                p.id.as_deref()
+                    .and_then(|id| mcp.renewed.current(&u.name, id));
             let carry = Carry {
-                session: p.id.as_deref(),
+                session: renewed.as_deref().or(p.id.as_deref()),
                 version: Some(p.version.as_str()),
                 traceparent: None,
+                capabilities: None,
             };
             if carry.session.is_some() {
                 u.delete(&client, &carry).await;

@@ -69,6 +69,8 @@ pub struct Carry<'a> {
     pub session: Option<&'a str>,
     pub version: Option<&'a str>,
     pub traceparent: Option<HeaderValue>,
+    /// The client's capabilities, to initialize a replacement session with ([`super::renew`]).
+    pub capabilities: Option<&'a Value>,
 }
 
 impl Upstream {

@@ -80,7 +80,7 @@ struct Inner {
     /// MCP tool calls per consumer (`tg:toolrate:{ID}`, `tg:toolquota:{ID}`).
     tool_use: HashMap<String, tools::ToolUse>,
     /// Tool-call totals by (day, consumer, team, server, tool): (calls, errors).
-    tool_totals: HashMap<(u32, String, String, String, String), (u64, u64)>,
+    tool_totals: HashMap<crate::tools::ToolUsageKey, (u64, u64)>,
 }
 
 /// A reservation the store remembers: what it debited, or a tombstone.

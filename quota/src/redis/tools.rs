@@ -100,7 +100,7 @@ impl RedisStore {
         until: u32,
     ) -> Result<Vec<crate::ToolUsage>> {
         use std::collections::BTreeMap;
-        let mut rows: BTreeMap<(u32, String, String, String, String), (u64, u64)> = BTreeMap::new();
+        let mut rows: BTreeMap<crate::tools::ToolUsageKey, (u64, u64)> = BTreeMap::new();
         for key in self.scan_all("tg:toolusage:*").await? {
             let Some((consumer, day)) = key
                 .strip_prefix("tg:toolusage:{")
