@@ -859,6 +859,7 @@ async fn tool_calls_in_spans_and_metrics() {
 
 /// An upstream that restarts (losing its sessions) under a live client session: the gateway
 /// initializes a new upstream session and sends the request again; the client notices nothing.
+/// DELETE then ends the session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_restart_renews_its_session() {
     let (mut t1, t2) = upstreams();
@@ -906,7 +907,19 @@ async fn upstream_restart_renews_its_session() {
     let (status, body, _) = post(Some(sid.clone()), echo(3, "after")).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("t1:after"), "renewed transparently: {body}");
-    let (_, body, _) = post(Some(sid), echo(4, "again")).await;
+    let (_, body, _) = post(Some(sid.clone()), echo(4, "again")).await;
     assert!(body.contains("t1:again"), "{body}");
     assert_eq!(t1.stats().await["executed"], 2, "each call ran once");
+
+    // DELETE ends it: this replica answers 404 for the id afterwards.
+    let deleted = http
+        .delete(&url)
+        .header("api-key", &key)
+        .header("mcp-session-id", &sid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+    assert_eq!(post(Some(sid), echo(5, "gone")).await.0, 404);
+    assert_eq!(t1.stats().await["executed"], 2);
 }

@@ -11,18 +11,36 @@ use bytes::Bytes;
 use futures::StreamExt;
 use parking_lot::Mutex;
 use serde_json::{Value, json};
+use sha2::Digest as _;
 use std::collections::HashMap;
 
 /// Renewals remembered per replica before the map starts over.
 const MAX_RENEWED: usize = 10_000;
 
-/// Old upstream session id → the one that replaced it, per server.
+/// Old upstream session id → the one that replaced it, per server; and the client sessions
+/// ended (DELETE) through this replica.
 #[derive(Default)]
 pub struct Renewed {
     map: Mutex<HashMap<(String, String), String>>,
+    ended: Mutex<std::collections::HashSet<[u8; 32]>>,
 }
 
 impl Renewed {
+    /// Marks a client session id as ended on this replica (its later requests get 404 here).
+    pub fn end(&self, session_id: &str) {
+        let mut g = self.ended.lock();
+        if g.len() >= MAX_RENEWED {
+            g.clear();
+        }
+        g.insert(sha2::Sha256::digest(session_id.as_bytes()).into());
+    }
+
+    /// Whether the client session id was ended through this replica.
+    pub fn ended(&self, session_id: &str) -> bool {
+        let digest: [u8; 32] = sha2::Sha256::digest(session_id.as_bytes()).into();
+        self.ended.lock().contains(&digest)
+    }
+
     /// The upstream session id to use for `id` on `server`.
     pub fn current(&self, server: &str, id: &str) -> Option<String> {
         self.map

@@ -87,6 +87,9 @@ pub fn session_of(
             ),
         )));
     };
+    if s.mcp.renewed.ended(id) {
+        return Err(Box::new(session_not_found()));
+    }
     match s.mcp.sealer.open(id, now_ms() / 1000) {
         Some(sess) if *sess.consumer == *who.caller.consumer && sess.route.as_deref() == route => {
             Ok(sess)

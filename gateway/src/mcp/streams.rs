@@ -109,9 +109,9 @@ pub async fn get(s: McpState, route: Option<String>, headers: HeaderMap) -> Resp
         .into_response()
 }
 
-/// `DELETE /mcp` and `DELETE /mcp/{server}`: every upstream session of it is ended. The sealed
-/// id itself cannot be revoked; its upstreams answer 404 for it from now on, and so does the
-/// gateway.
+/// `DELETE /mcp` and `DELETE /mcp/{server}`: every upstream session of it is ended, and this
+/// replica answers 404 for the id from now on. The sealed id is not revoked cluster-wide:
+/// another replica would start new upstream sessions for it until it expires.
 pub async fn delete(s: McpState, route: Option<String>, headers: HeaderMap) -> Response {
     let (_, sess) = match opened(&s, route.as_deref(), &headers).await {
         Ok(x) => x,
@@ -137,5 +137,8 @@ pub async fn delete(s: McpState, route: Option<String>, headers: HeaderMap) -> R
         })
     }))
     .await;
+    if let Some(id) = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()) {
+        mcp.renewed.end(id);
+    }
     StatusCode::OK.into_response()
 }
