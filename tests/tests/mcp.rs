@@ -165,7 +165,32 @@ async fn allow_list_hides_tools() {
     ])
     .await;
     assert_eq!(single["error"]["code"], -32602, "{single}");
-    assert_eq!(t1.stats().await["executed"], 0, "the upstream never ran it");
+    let single_missing = client(&[
+        "call",
+        "--url",
+        &format!("{base}/mcp/t1"),
+        "--key",
+        &key,
+        "--tool",
+        "no_such_tool",
+    ])
+    .await;
+    assert_eq!(
+        single["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace("secret", "X"),
+        single_missing["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace("no_such_tool", "X"),
+        "per server too: {single} {single_missing}"
+    );
+    assert_eq!(
+        t1.stats().await["executed"],
+        0,
+        "the upstream never ran either"
+    );
 
     // No allow-list: the server does not exist for this caller.
     let resp = tollgate_tests::client()

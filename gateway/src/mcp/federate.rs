@@ -9,10 +9,10 @@
 
 use super::json;
 use super::jsonrpc::{self, Message};
-use super::serve::{Who, exchange, fault_response, list_tools, with_session};
+use super::serve::{Who, exchange, fault_response, with_session};
 use super::session::{Session, UpstreamSession};
 use super::upstream::{Carry, Upstream};
-use super::{McpState, VERSIONS, glob};
+use super::{McpState, VERSIONS};
 use crate::clock::now_ms;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -131,7 +131,7 @@ pub async fn dispatch(
                     let id = id.clone();
                     async move {
                         let c = carry(sess, p, headers);
-                        (u, list_tools(s, who, u, &c, &id).await)
+                        (u, super::tools::list(s, who, u, &c, &id).await)
                     }
                 }))
                 .await;
@@ -225,12 +225,14 @@ async fn call(
     let target = name.split_once(SEP).and_then(|(server, tool)| {
         let p = sess.upstream(server)?;
         let u = s.mcp.upstream(server)?;
-        (glob::any(&u.tools, tool) && who.tools.allow.allows(server, tool))
-            .then(|| (u.clone(), p, tool.to_string()))
+        Some((u.clone(), p, tool.to_string()))
     });
     let Some((u, p, tool)) = target else {
         return json(super::calls::unknown_tool(id, &name));
     };
+    if !super::tools::callable(s, who, &u, &carry(sess, p, headers), &tool).await {
+        return json(super::calls::unknown_tool(id, &name));
+    }
     msg["params"]["name"] = Value::String(tool.clone());
     let body = Bytes::from(msg.to_string());
     super::calls::call(

@@ -17,6 +17,7 @@
 //! - [`calls`]: `tools/call` — limits, outcome, metrics, usage, span.
 //! - [`streams`]: GET and DELETE. [`discovery`]: OAuth protected-resource metadata, 401s.
 //! - [`renew`]: upstream sessions renewed when an upstream lost them.
+//! - [`tools`]: tool lists (pages, filters) and which tools exist.
 
 pub mod calls;
 pub mod discovery;
@@ -27,6 +28,7 @@ pub mod renew;
 pub mod serve;
 pub mod session;
 pub mod streams;
+pub mod tools;
 pub mod upstream;
 
 use crate::credentials::Credential;
@@ -73,6 +75,8 @@ pub struct Mcp {
     pub issuer: Option<String>,
     /// Upstream sessions replaced on this replica.
     pub renewed: renew::Renewed,
+    /// The tools each upstream offers, as last read.
+    pub known: tools::Known,
 }
 
 impl Mcp {
@@ -145,6 +149,7 @@ impl Mcp {
             client,
             issuer,
             renewed: renew::Renewed::default(),
+            known: tools::Known::default(),
         }))
     }
 

@@ -6,7 +6,7 @@
 use super::jsonrpc::{self, Message};
 use super::session::{Session, UpstreamSession};
 use super::upstream::{Carry, Fault, Reply, Upstream, sse_event};
-use super::{McpState, VERSIONS, glob, http_error, json};
+use super::{McpState, VERSIONS, http_error, json};
 use crate::auth::Caller;
 use crate::clock::now_ms;
 use axum::body::Body;
@@ -17,9 +17,6 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use tokio::time::Instant;
-
-/// Most `tools/list` pages followed for one answer (a server that never stops paging).
-const MAX_PAGES: usize = 100;
 
 /// A request refused before its method: the whole answer (boxed: it is large).
 pub type Refusal = Box<Response>;
@@ -265,43 +262,6 @@ pub async fn exchange(
         .unwrap_or(Err(timeout))
 }
 
-/// Every page of `tools/list` from one upstream, filtered by its `tools` globs and the
-/// caller's allow-list. `Err`: the upstream's error answer or a fault.
-pub async fn list_tools(
-    s: &McpState,
-    who: &Who,
-    u: &Upstream,
-    carry: &Carry<'_>,
-    id: &Value,
-) -> Result<Vec<Value>, Result<Value, Fault>> {
-    let mut tools = Vec::new();
-    let mut cursor: Option<Value> = None;
-    for _ in 0..MAX_PAGES {
-        let mut req = json!({"jsonrpc": "2.0", "id": id, "method": "tools/list"});
-        if let Some(c) = cursor.take() {
-            req["params"] = json!({"cursor": c});
-        }
-        let body = Bytes::from(req.to_string());
-        let (answer, _) = exchange(s, u, carry, body, id).await.map_err(Err)?;
-        if answer.get("error").is_some() {
-            return Err(Ok(answer));
-        }
-        let result = &answer["result"];
-        for t in result["tools"].as_array().into_iter().flatten() {
-            let name = t["name"].as_str().unwrap_or_default();
-            if glob::any(&u.tools, name) && who.tools.allow.allows(&u.name, name) {
-                tools.push(t.clone());
-            }
-        }
-        match result.get("nextCursor") {
-            Some(c) if !c.is_null() => cursor = Some(c.clone()),
-            _ => break,
-        }
-    }
-    s.mcp.metrics.listed(&u.name, &tools);
-    Ok(tools)
-}
-
 /// A method on `/mcp/{server}`.
 #[allow(clippy::too_many_arguments)]
 async fn one(
@@ -323,7 +283,7 @@ async fn one(
     };
     match msg {
         Message::Request { id, method, msg } => match method.as_str() {
-            "tools/list" => match list_tools(s, who, u, &carry, &id).await {
+            "tools/list" => match super::tools::list(s, who, u, &carry, &id).await {
                 Ok(tools) => json(jsonrpc::result(id, json!({"tools": tools}))),
                 Err(Ok(answer)) => json(answer),
                 Err(Err(f)) => fault_response(&u.name, f, id),
@@ -333,7 +293,7 @@ async fn one(
                     .as_str()
                     .unwrap_or_default()
                     .to_string();
-                if !(glob::any(&u.tools, &tool) && who.tools.allow.allows(&u.name, &tool)) {
+                if !super::tools::callable(s, who, u, &carry, &tool).await {
                     return json(super::calls::unknown_tool(id, &tool));
                 }
                 super::calls::call(s, who, u, &carry, id, body, &tool, false, headers).await
