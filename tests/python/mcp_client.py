@@ -6,6 +6,7 @@ Prints one JSON object on stdout.
   hop    --urls U1,U2,.. --key K --tool T [--args JSON]    one session, each request to the next URL
   burst  --urls U1,U2,.. --key K --tool T --n N            N concurrent calls spread over the URLs
   sample --url U --key K --tool T [--args JSON]            answers the server's sampling request
+  listen --url U --key K --tool T [--args JSON]            calls, then waits for a log notification
 Every command takes --traceparent (sent on every request).
 """
 
@@ -139,6 +140,21 @@ async def main() -> None:
         out["refused"] = len(refused)
         out["refusals"] = refused[:3]
         out["others"] = [r for r in results if "result" in r and r["result"]["is_error"]][:3]
+    elif a.cmd == "listen":
+        logs: list = []
+        got = asyncio.Event()
+
+        async def on_log(params) -> None:
+            logs.append({"level": params.level, "data": params.data, "logger": params.logger})
+            got.set()
+
+        async with client(a.url, a, logging_callback=on_log, mode="legacy") as c:
+            out = await call(c, a.tool, arguments)
+            try:
+                await asyncio.wait_for(got.wait(), 10)
+            except asyncio.TimeoutError:
+                pass
+        out["logs"] = logs
     elif a.cmd == "sample":
 
         async def sampling(context, params: types.CreateMessageRequestParams):

@@ -3,7 +3,8 @@ over streamable HTTP on 127.0.0.1:PORT/mcp.
 
 Tools: echo (names the server), add, secret (to test allow-lists), count (counts executions,
 for exact limit checks), whoami (the credential headers this request carried), ask (asks the
-client to sample: a server-to-client request), slow (sleeps). GET /stats returns the number
+client to sample: a server-to-client request), announce (a log message on the server's own GET
+stream), slow (sleeps). GET /stats returns the number
 of executed tool calls and every Authorization / api-key value it was sent.
 """
 
@@ -86,6 +87,14 @@ async def ask(question: str, ctx: Context) -> str:
         related_request_id=ctx.request_id,
     )
     return f"sampled:{result.content.text}"
+
+
+@server.tool()
+async def announce(text: str, ctx: Context) -> str:
+    """Sends a log message outside this request (on the server's own GET stream)."""
+    seen(ctx)
+    await ctx.session.send_log_message(level="warning", data=text, logger=args.name)
+    return "announced"
 
 
 @server.tool()

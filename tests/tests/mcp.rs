@@ -61,7 +61,9 @@ async fn lists_and_calls_tools_per_server_and_federated() {
     let one = client(&["tools", "--url", &format!("{base}/mcp/t1"), "--key", &key]).await;
     assert_eq!(
         tools(&one),
-        ["add", "ask", "count", "echo", "secret", "slow", "whoami"]
+        [
+            "add", "announce", "ask", "count", "echo", "secret", "slow", "whoami"
+        ]
     );
     assert_eq!(
         one["server"], "t1",
@@ -78,7 +80,7 @@ async fn lists_and_calls_tools_per_server_and_federated() {
     assert!(all.contains(&"t1__secret".to_string()), "{all:?}");
     assert!(all.contains(&"t2__add".to_string()), "{all:?}");
     assert!(!all.contains(&"t2__secret".to_string()), "{all:?}");
-    assert_eq!(all.len(), 10, "{all:?}");
+    assert_eq!(all.len(), 11, "{all:?}");
 
     let args = r#"{"text":"hi"}"#;
     for (url, tool, want) in [
@@ -313,7 +315,7 @@ async fn session_moves_between_replicas() {
         r#"{"text":"hop"}"#,
     ])
     .await;
-    assert_eq!(tools(&r).len(), 10, "{r}");
+    assert_eq!(tools(&r).len(), 11, "{r}");
     for c in r["calls"].as_array().unwrap() {
         assert_eq!(c["result"]["text"], "t1:hop", "{r}");
     }
@@ -947,4 +949,36 @@ async fn upstream_restart_renews_its_session() {
     assert_eq!(deleted.status(), 200);
     assert_eq!(post(Some(sid), echo(5, "gone")).await.0, 404);
     assert_eq!(t1.stats().await["executed"], 2);
+}
+
+/// A notification an upstream sends outside any request (on its own GET stream) reaches the
+/// client: relayed on `/mcp/{server}`, merged from every member on `/mcp`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_stream_notifications_reach_the_client() {
+    let (t1, t2) = upstreams();
+    let h = gateway(&t1, &t2).await;
+    let (key, base) = (key_for("agent"), h.url(0));
+    for (url, tool) in [
+        (format!("{base}/mcp/t1"), "announce"),
+        (format!("{base}/mcp"), "t1__announce"),
+    ] {
+        let r = client(&[
+            "listen",
+            "--url",
+            &url,
+            "--key",
+            &key,
+            "--tool",
+            tool,
+            "--args",
+            r#"{"text":"maintenance at noon"}"#,
+        ])
+        .await;
+        assert_eq!(r["result"]["text"], "announced", "{url}: {r}");
+        assert_eq!(
+            r["logs"],
+            json!([{"level": "warning", "data": "maintenance at noon", "logger": "t1"}]),
+            "{url}: {r}"
+        );
+    }
 }
