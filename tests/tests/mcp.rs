@@ -530,20 +530,58 @@ async fn tool_usage_in_the_report() {
     );
 }
 
-/// An upstream that is down, or slower than its `timeout_ms`, gives a JSON-RPC error naming the
-/// server within the timeout: never a hang.
+/// An upstream that is down, slower than its `timeout_ms`, or answers something that is not
+/// MCP gives a JSON-RPC error naming the server within the timeout: never a hang.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_down_or_slow_is_a_jsonrpc_error_in_time() {
     let (t1, mut t2) = upstreams();
+    // An upstream that answers HTML: not MCP.
+    let junk = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let junk_addr = junk.local_addr().unwrap();
+    tokio::spawn(async move {
+        let app = axum::Router::new().fallback(|| async {
+            (
+                [(http::header::CONTENT_TYPE, "text/html")],
+                "<html>oops</html>",
+            )
+        });
+        axum::serve(junk, app).await
+    });
     let h = Harness::new()
         .config(&servers(&t1, &t2, "timeout_ms = 1500"))
-        .consumer("agent", "mcp_tools = [\"t1.*\", \"t2.*\"]")
+        .config(&format!(
+            "[[mcp_servers]]\nname = \"junk\"\nurl = \"http://{junk_addr}/mcp\"\n"
+        ))
+        .consumer("agent", "mcp_tools = [\"t1.*\", \"t2.*\", \"junk.*\"]")
         .env("T1_TOKEN", "t")
         .env("T2_KEY", "k")
         .start()
         .await
         .expect("gateway");
     let (key, base) = (key_for("agent"), h.url(0));
+    let garbage = client(&[
+        "call",
+        "--url",
+        &format!("{base}/mcp/junk"),
+        "--key",
+        &key,
+        "--tool",
+        "x",
+    ])
+    .await;
+    assert_eq!(garbage["error"]["code"], -32000, "{garbage}");
+    let message = garbage["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("junk") && message.contains("unreadable"),
+        "{garbage}"
+    );
+    // On /mcp the junk server is left out; the others work.
+    let listed = client(&["tools", "--url", &format!("{base}/mcp"), "--key", &key]).await;
+    assert!(
+        tools(&listed).iter().all(|t| !t.starts_with("junk__")),
+        "{listed}"
+    );
+    assert!(tools(&listed).contains(&"t1__echo".to_string()), "{listed}");
     let started = Instant::now();
     let slow = client(&[
         "call",

@@ -390,3 +390,56 @@ pub async fn call(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Outcomes: JSON-RPC errors, `isError` results, the gateway's upstream faults, success.
+    #[test]
+    fn outcomes() {
+        let ok = json!({"jsonrpc": "2.0", "id": 1, "result": {"content": []}});
+        let tool_error = json!({"jsonrpc": "2.0", "id": 1, "result": {"isError": true}});
+        let rpc_error = jsonrpc::error(json!(1), jsonrpc::INVALID_PARAMS, "bad");
+        let fault = super::super::upstream::Fault::Timeout(5).to_jsonrpc("t1", json!(1));
+        assert_eq!(Outcome::of(&ok), Outcome::Ok);
+        assert_eq!(Outcome::of(&tool_error), Outcome::Error);
+        assert_eq!(Outcome::of(&rpc_error), Outcome::Error);
+        assert_eq!(Outcome::of(&fault), Outcome::UpstreamError);
+    }
+
+    /// Tool labels stay bounded: listed or successfully run tools by name, others `other`.
+    #[test]
+    fn labels_are_bounded() {
+        let m = ToolMetrics {
+            listed: Mutex::new([("t1".to_string(), HashSet::new())].into()),
+            calls: Mutex::default(),
+            durations: Mutex::default(),
+        };
+        m.listed("t1", &[json!({"name": "search"})]);
+        m.record("t1", "search", Outcome::Error, Some(0.02));
+        m.record("t1", "made-up", Outcome::Error, None);
+        m.record("t1", "ran", Outcome::Ok, Some(0.2));
+        m.record("nope", "x", Outcome::Ok, None);
+        let text = m.render();
+        for line in [
+            "tollgate_mcp_tool_calls_total{server=\"t1\",tool=\"search\",outcome=\"error\"} 1",
+            "tollgate_mcp_tool_calls_total{server=\"t1\",tool=\"other\",outcome=\"error\"} 1",
+            "tollgate_mcp_tool_calls_total{server=\"t1\",tool=\"ran\",outcome=\"ok\"} 1",
+            "tollgate_mcp_tool_calls_total{server=\"nope\",tool=\"other\",outcome=\"ok\"} 1",
+            "tollgate_mcp_tool_call_duration_seconds_bucket{server=\"t1\",le=\"0.025\"} 1",
+            "tollgate_mcp_tool_call_duration_seconds_count{server=\"t1\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} not in\n{text}");
+        }
+        for _ in 0..MAX_TOOL_LABELS + 10 {
+            m.record(
+                "t1",
+                &format!("n{}", m.calls.lock().len()),
+                Outcome::Ok,
+                None,
+            );
+        }
+        assert!(m.listed.lock()["t1"].len() <= MAX_TOOL_LABELS);
+    }
+}
