@@ -121,6 +121,9 @@ local count = 0
 if per_min then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now_us - 60000000)
   count = redis.call('ZCARD', KEYS[2])
+  if per_min == 0 then
+    return {'R', '60000', '0'}
+  end
   if count >= per_min then
     -- The call that leaves the window first is the (count - per_min + 1)th oldest.
     local oldest = redis.call('ZRANGE', KEYS[2], count - per_min, count - per_min, 'WITHSCORES')

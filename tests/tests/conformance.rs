@@ -854,7 +854,15 @@ async fn check_tool_calls<S: Store>(s: &S) {
         }
         other => panic!("expected RateLimited, got {other:?}"),
     }
-    // A raised limit applies at once; the refused call was not counted.
+    // A limit of 0 refuses every call for a minute.
+    assert_eq!(
+        tool_call(s, "tools", Some(0), None, true).await,
+        ToolDecision::RateLimited {
+            retry_after_ms: 60_000,
+            limit: 0
+        }
+    );
+    // A raised limit applies at once; the refused calls were not counted.
     assert_eq!(
         tool_call(s, "tools", Some(5), None, true).await,
         ToolDecision::Admitted {

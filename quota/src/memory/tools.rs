@@ -50,6 +50,12 @@ impl MemoryStore {
                 u.recent.pop_front();
             }
             count = u.recent.len() as u64;
+            if m == 0 {
+                return ToolDecision::RateLimited {
+                    retry_after_ms: TOOL_WINDOW_US / 1000,
+                    limit: 0,
+                };
+            }
             if count >= m {
                 let oldest = u.recent[(count - m) as usize];
                 let leaves = (oldest + TOOL_WINDOW_US).saturating_sub(now_us);
