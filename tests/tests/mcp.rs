@@ -791,6 +791,10 @@ async fn bad_input_gets_errors_with_bodies() {
     assert!(b["error"]["message"].is_string(), "{b}");
     let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}});
+    // Odd shapes of a valid message never break the gateway.
+    let odd = json!({"jsonrpc": "2.0", "id": 9, "method": "initialize", "params": 5});
+    let (s, b, _) = post(odd.to_string().into_bytes(), None).await;
+    assert_eq!(s, 200, "{b}");
     let (s, _, _) = post(init.to_string().into_bytes(), Some("https://evil.example")).await;
     assert_eq!(s, 403);
     let (s, b, sid) = post(init.to_string().into_bytes(), Some("http://localhost:3000")).await;

@@ -66,6 +66,9 @@ pub async fn initialize(s: &McpState, who: &Who, id: Value, msg: &Message) -> Re
         VERSIONS[VERSIONS.len() - 1].to_string()
     };
     let mut init = msg.clone();
+    if !init["params"].is_object() {
+        init["params"] = json!({});
+    }
     init["params"]["protocolVersion"] = Value::String(version.clone());
     let body = Bytes::from(init.to_string());
     let reached: Vec<&Arc<Upstream>> = s
