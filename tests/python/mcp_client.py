@@ -7,6 +7,7 @@ Prints one JSON object on stdout.
   burst  --urls U1,U2,.. --key K --tool T --n N            N concurrent calls spread over the URLs
   sample --url U --key K --tool T [--args JSON]            answers the server's sampling request
   listen --url U --key K --tool T [--args JSON]            calls, then waits for a log notification
+  resources --url U --key K                               lists resources and prompts, reads the first
 Every command takes --traceparent (sent on every request).
 """
 
@@ -140,6 +141,16 @@ async def main() -> None:
         out["refused"] = len(refused)
         out["refusals"] = refused[:3]
         out["others"] = [r for r in results if "result" in r and r["result"]["is_error"]][:3]
+    elif a.cmd == "resources":
+        async with client(a.url, a) as c:
+            out["resources"] = sorted(str(r.uri) for r in (await c.list_resources()).resources)
+            out["prompts"] = sorted(p.name for p in (await c.list_prompts()).prompts)
+            if out["resources"]:
+                read = await c.read_resource(out["resources"][0])
+                out["read"] = [getattr(x, "text", None) for x in read.contents]
+            if out["prompts"]:
+                got = await c.get_prompt(out["prompts"][0], {"who": "ada"})
+                out["prompt"] = [m.content.text for m in got.messages]
     elif a.cmd == "listen":
         logs: list = []
         got = asyncio.Event()

@@ -4,7 +4,7 @@ over streamable HTTP on 127.0.0.1:PORT/mcp.
 Tools: echo (names the server), add, secret (to test allow-lists), count (counts executions,
 for exact limit checks), whoami (the credential headers this request carried), ask (asks the
 client to sample: a server-to-client request), announce (a log message on the server's own GET
-stream), slow (sleeps). GET /stats returns the number
+stream), slow (sleeps). A resource memo://notes and a prompt greet(who). GET /stats returns the number
 of executed tool calls and every Authorization / api-key value it was sent.
 """
 
@@ -103,6 +103,18 @@ async def slow(ms: int, ctx: Context) -> str:
     seen(ctx)
     await asyncio.sleep(ms / 1000)
     return "done"
+
+
+@server.resource("memo://notes")
+def notes() -> str:
+    """This server's notes."""
+    return f"{args.name} notes"
+
+
+@server.prompt()
+def greet(who: str) -> str:
+    """A greeting prompt."""
+    return f"{args.name} greets {who}"
 
 
 @server.custom_route("/stats", methods=["GET"])

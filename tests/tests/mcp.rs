@@ -1024,3 +1024,27 @@ async fn server_stream_notifications_reach_the_client() {
         );
     }
 }
+
+/// Resources and prompts pass through `/mcp/{server}`; `/mcp` federates tools only and lists
+/// none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resources_and_prompts_pass_through_per_server() {
+    let (t1, t2) = upstreams();
+    let h = gateway(&t1, &t2).await;
+    let (key, base) = (key_for("agent"), h.url(0));
+    let one = client(&[
+        "resources",
+        "--url",
+        &format!("{base}/mcp/t2"),
+        "--key",
+        &key,
+    ])
+    .await;
+    assert_eq!(one["resources"], json!(["memo://notes"]), "{one}");
+    assert_eq!(one["read"], json!(["t2 notes"]), "{one}");
+    assert_eq!(one["prompts"], json!(["greet"]), "{one}");
+    assert_eq!(one["prompt"], json!(["t2 greets ada"]), "{one}");
+    let all = client(&["resources", "--url", &format!("{base}/mcp"), "--key", &key]).await;
+    assert_eq!(all["resources"], json!([]), "{all}");
+    assert_eq!(all["prompts"], json!([]), "{all}");
+}
