@@ -68,7 +68,8 @@ pub struct Mcp {
     pub upstreams: Vec<Arc<Upstream>>,
     pub sealer: Sealer,
     pub config: McpConfig,
-    pub consumers: HashMap<String, ConsumerTools>,
+    /// Shared with each request (no copy of the allow-list per call).
+    pub consumers: HashMap<String, Arc<ConsumerTools>>,
     pub client: reqwest::Client,
     pub metrics: Arc<calls::ToolMetrics>,
     /// `auth.jwt.issuer` when JWTs are accepted: the protected resource's authorization server.
@@ -124,7 +125,7 @@ impl Mcp {
                     period: c.quota_period,
                     team: c.team.clone(),
                 };
-                (c.id.clone(), t)
+                (c.id.clone(), Arc::new(t))
             })
             .collect();
         let client = reqwest::Client::builder()

@@ -25,7 +25,7 @@ pub type Refusal = Box<Response>;
 pub struct Who {
     pub caller: Caller,
     pub team: String,
-    pub tools: super::ConsumerTools,
+    pub tools: Arc<super::ConsumerTools>,
 }
 
 /// Origin, then the caller. The error is the whole answer (403, 401 with a challenge).
@@ -52,7 +52,10 @@ pub async fn admit(s: &McpState, headers: &HeaderMap) -> Result<Who, Refusal> {
     if !s.mcp.consumers.contains_key(&*caller.consumer)
         && let Some(claimed) = caller.jwt.as_ref().and_then(|j| j.tools.as_ref())
     {
-        tools.allow = super::glob::AllowList::new(claimed);
+        tools = Arc::new(super::ConsumerTools {
+            allow: super::glob::AllowList::new(claimed),
+            ..Default::default()
+        });
     }
     let team = caller
         .team
