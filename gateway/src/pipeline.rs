@@ -183,11 +183,13 @@ async fn serve(
     let reserved = match gw
         .limits
         .reserve(
-            &caller.consumer,
-            &req.model,
-            estimate,
-            cost_nano,
-            caller.require_record,
+            crate::limits::Ask {
+                consumer: &caller.consumer,
+                model: &req.model,
+                tokens: estimate,
+                cost_nano,
+                require_record: caller.require_record,
+            },
             caller.team.as_deref(),
         )
         .await

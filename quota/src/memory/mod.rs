@@ -72,7 +72,7 @@ struct Inner {
     /// Teams (`tg:team:{TEAM}`), their spend and their step's records.
     teams: HashMap<String, TeamRecord>,
     team_spends: HashMap<String, QuotaUse>,
-    team_records: HashMap<(String, u64), budget::TeamRec>,
+    team_records: HashMap<(String, u64), (budget::TeamRec, u64)>,
     /// Alert claims and when they expire (unix us).
     alerts: HashMap<String, u64>,
 }
