@@ -5,8 +5,9 @@
 //! It is also where one backend's answer is kept from exhausting a replica ([`Bounds`]): a
 //! silence longer than `timeouts.idle_ms`, a response that outlasts `timeouts.max_response_ms`
 //! or outgrows `server.max_response_bytes`, or a server-sent event longer than
-//! `server.max_sse_event_bytes` ends the body — a stream with an OpenAI-style error event, a
-//! JSON body with a cut the client's HTTP library reports. Usage the backend reports beyond
+//! `server.max_sse_event_bytes` ends the body, and so does a backend whose body fails mid-way:
+//! a stream with an OpenAI-style error event after the events that arrived, a JSON body with a
+//! cut the client's HTTP library reports. Usage the backend reports beyond
 //! [`MAX_REPORTED_TOKENS`](super::scan::MAX_REPORTED_TOKENS) is not believed: the gateway counts the request itself.
 
 use super::scan::{EventTooLong, Mode};
@@ -150,12 +151,11 @@ impl Stream for Tap {
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    this.done = true;
-                    this.recorder = None;
-                    tracing::warn!(error = %e, "backend response body failed mid-way");
-                    // Dropping the meter settles what was seen; the client sees the stream cut.
-                    this.meter.take();
-                    return Poll::Ready(Some(Err(std::io::Error::other("backend stream failed"))));
+                    tracing::debug!(error = %e, "backend response body failed mid-way");
+                    // A stream ends with an error event after what arrived, so that the
+                    // events already received reach the client whatever the timing (a body
+                    // error makes hyper drop the connection, unflushed bytes with it).
+                    return this.cut("the backend's response failed before it ended");
                 }
                 Poll::Ready(None) => {
                     this.done = true;
@@ -178,13 +178,7 @@ impl Stream for Tap {
                             return this
                                 .cut("the backend response took longer than the gateway allows");
                         }
-                        this.done = true;
-                        this.recorder = None;
-                        tracing::warn!("backend response idle timeout");
-                        this.meter.take();
-                        return Poll::Ready(Some(Err(std::io::Error::other(
-                            "backend idle timeout",
-                        ))));
+                        return this.cut("the backend was silent longer than the gateway allows");
                     }
                     return Poll::Pending;
                 }
