@@ -249,7 +249,7 @@ async fn serve(
                 None => headers,
             };
             let fwd = Forward {
-                client: &gw.client,
+                client: &gw.upstream,
                 breakers: &gw.breakers,
                 req: &req,
                 headers,

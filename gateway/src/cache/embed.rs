@@ -55,7 +55,7 @@ impl Embedder {
             body["model"] = json!(b.deployment(&self.model));
         }
         let mut req = client
-            .post(url)
+            .post(url.to_string())
             .header(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),

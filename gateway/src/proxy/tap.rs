@@ -15,6 +15,8 @@ use crate::cache::Recorder;
 use crate::usage::Meter;
 use bytes::Bytes;
 use futures::Stream;
+use http_body::Body as _;
+use hyper::body::Incoming;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -35,7 +37,7 @@ pub struct Bounds {
 /// The response body on its way to the client: backend bytes in, the same bytes out (less a
 /// hidden usage chunk), usage recorded, [`Bounds`] enforced, settled when it ends or drops.
 pub struct Tap {
-    inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    inner: Incoming,
     bounds: Bounds,
     /// Fires at the next silence limit or at the deadline, whichever comes first (one timer).
     timer: Pin<Box<tokio::time::Sleep>>,
@@ -51,14 +53,14 @@ pub struct Tap {
 
 impl Tap {
     pub fn new(
-        inner: impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
+        inner: Incoming,
         mode: Mode,
         meter: Meter,
         bounds: Bounds,
         recorder: Option<Recorder>,
     ) -> Tap {
         Tap {
-            inner: Box::pin(inner),
+            inner,
             timer: Box::pin(tokio::time::sleep_until(
                 (tokio::time::Instant::now() + bounds.idle).min(bounds.deadline),
             )),
@@ -117,8 +119,12 @@ impl Stream for Tap {
             if this.done {
                 return Poll::Ready(None);
             }
-            match this.inner.as_mut().poll_next(cx) {
-                Poll::Ready(Some(Ok(chunk))) => {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    // Trailers carry nothing the gateway reads.
+                    let Ok(chunk) = frame.into_data() else {
+                        continue;
+                    };
                     let next = tokio::time::Instant::now() + this.bounds.idle;
                     this.timer.as_mut().reset(next.min(this.bounds.deadline));
                     this.received = this.received.saturating_add(chunk.len() as u64);

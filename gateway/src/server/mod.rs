@@ -312,6 +312,7 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
         limits,
         routes,
         breakers,
+        upstream: crate::proxy::upstream(connect_ms),
         client,
         telemetry,
         tokenizer,
