@@ -1,6 +1,7 @@
 //! What tests send and read: one request-body builder ([`chat`]), requests to a running
 //! cluster ([`Running::chat`], [`Running::post`]), and its metrics read the way a scraper
-//! reads them ([`Running::metrics`], [`Running::wait_for_tokens`], [`eventually`]).
+//! reads them ([`Running::metrics`], [`Running::wait_for_tokens`], [`eventually`]), and the
+//! numbers in its response headers ([`header`]).
 
 use crate::{Running, client, key_for};
 use serde_json::{Value, json};
@@ -150,6 +151,19 @@ impl Running {
             metrics(&base).await
         );
     }
+}
+
+/// Response header `name` parsed as a `T` (a number, usually); panics when it is missing or
+/// does not parse.
+pub fn header<T: std::str::FromStr>(r: &reqwest::Response, name: &str) -> T {
+    let text = r
+        .headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header: {:?}", r.headers()))
+        .to_str()
+        .unwrap_or_else(|e| panic!("{name} is not text: {e}"));
+    text.parse()
+        .unwrap_or_else(|_| panic!("{name}: {text:?} does not parse"))
 }
 
 /// Sum of a Prometheus counter over the series whose labels contain every `want` pair.
