@@ -129,6 +129,16 @@ impl Running {
         self.post(0, consumer, CHAT, body).await
     }
 
+    /// GETs `path` on gateway `gateway` with `headers` and parses the answer as JSON.
+    pub async fn get_json(&self, gateway: usize, path: &str, headers: &[(&str, &str)]) -> Value {
+        let mut req = client().get(format!("{}{path}", self.url(gateway)));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let r = req.send().await.expect("request to the gateway");
+        r.json().await.expect("a JSON answer")
+    }
+
     /// Gateway `gateway`'s `/metrics` text.
     pub async fn metrics(&self, gateway: usize) -> String {
         metrics(&self.url(gateway)).await

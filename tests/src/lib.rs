@@ -89,6 +89,12 @@ impl Mock {
             .json()
             .await?)
     }
+
+    /// The body of the last request this backend got; panics when it got none.
+    pub async fn last_body(&self) -> serde_json::Value {
+        let stats = self.stats().await.expect("mock stats");
+        stats.last_request.expect("a request reached the mock").body
+    }
 }
 
 impl Drop for Mock {
