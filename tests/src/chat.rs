@@ -176,6 +176,20 @@ pub fn header<T: std::str::FromStr>(r: &reqwest::Response, name: &str) -> T {
         .unwrap_or_else(|_| panic!("{name}: {text:?} does not parse"))
 }
 
+/// Asserts that a load against a token quota of `quota` was served `served` tokens, at most
+/// `most` (no over-admission) and at least `least_tenths` tenths of the quota (no
+/// under-admission); `context` ends both messages.
+pub fn assert_served(served: u64, quota: u64, most: u64, least_tenths: u64, context: &str) {
+    assert!(
+        served <= most,
+        "over-admitted: served {served} against a quota of {quota} (at most {most}): {context}"
+    );
+    assert!(
+        served * 10 >= quota * least_tenths,
+        "under-admitted: served {served} of {quota}: {context}"
+    );
+}
+
 /// Sum of a Prometheus counter over the series whose labels contain every `want` pair.
 pub fn metric_sum(text: &str, name: &str, want: &[(&str, &str)]) -> u64 {
     text.lines()

@@ -38,7 +38,9 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tollgate_loadtest::mock::{self, MockOpts, Stats};
 
-pub use chat::{CHAT, Chat, PROMPT, chat, eventually, header, metric_sum, metric_value, metrics};
+pub use chat::{
+    CHAT, Chat, PROMPT, assert_served, chat, eventually, header, metric_sum, metric_value, metrics,
+};
 pub use cluster::{Cluster, ClusterNode, key_slot};
 pub use redis::RedisServer;
 pub use sentinel::Sentinel;
