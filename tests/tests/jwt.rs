@@ -394,15 +394,9 @@ async fn required_and_per_model_claims() {
             401
         );
     }
-    let models: Value = client()
-        .get(format!("{}/v1/models", h.url(0)))
-        .header("authorization", &reader)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = h
+        .get_json(0, "/v1/models", &[("authorization", &reader)])
+        .await;
     let ids: Vec<&str> = models["data"]
         .as_array()
         .unwrap()
