@@ -1,0 +1,169 @@
+//! Sending a prepared request upstream and turning the answer into a tool result: the
+//! credential injected last (no argument can replace it), the whole exchange bounded by
+//! `timeout_ms`, the body read up to `max_response_bytes` and cut there, redirects answered as
+//! errors (the client never follows them).
+
+use super::ToolResult;
+use super::operations::is_json;
+use super::request::Prepared;
+use crate::credentials::Credential;
+use http::{HeaderValue, StatusCode, header};
+use serde_json::Value;
+use std::time::Duration;
+
+/// What one exchange needs besides the request.
+pub struct Limits {
+    pub timeout: Duration,
+    pub max_response_bytes: usize,
+    /// Whether the tool declares an `outputSchema` (a JSON object body is then also
+    /// `structuredContent`).
+    pub structured: bool,
+}
+
+/// Sends `req` and shapes the answer; every failure is an error result, never a panic or a
+/// hang past `limits.timeout`.
+pub async fn send(
+    client: &reqwest::Client,
+    credential: &Credential,
+    req: Prepared,
+    limits: &Limits,
+) -> ToolResult {
+    let ms = limits.timeout.as_millis();
+    match tokio::time::timeout(limits.timeout, exchange(client, credential, req, limits)).await {
+        Ok(result) => result,
+        Err(_) => ToolResult::error(
+            None,
+            format!("the upstream did not answer within {ms} ms (timed out)"),
+        ),
+    }
+}
+
+async fn exchange(
+    client: &reqwest::Client,
+    credential: &Credential,
+    req: Prepared,
+    limits: &Limits,
+) -> ToolResult {
+    let mut headers = req.headers;
+    headers.insert(
+        header::ACCEPT,
+        HeaderValue::from_static("application/json, */*;q=0.5"),
+    );
+    match credential {
+        Credential::None => {}
+        Credential::Header(name, value) => {
+            headers.insert(*name, value.clone());
+        }
+        Credential::Token(p) => match p.header().await {
+            Ok(v) => {
+                headers.insert(header::AUTHORIZATION, v);
+            }
+            Err(_) => {
+                return ToolResult::error(None, "the upstream credential is not available".into());
+            }
+        },
+    }
+    let mut builder = client.request(req.method, req.url).headers(headers);
+    if let Some(body) = req.body {
+        builder = builder.body(body);
+    }
+    let mut resp = match builder.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            // reqwest's message names the URL without credentials (they go in headers).
+            let what = if e.is_connect() {
+                "could not connect to the upstream"
+            } else {
+                "the request to the upstream failed"
+            };
+            return ToolResult::error(None, format!("{what}: {}", e.without_url()));
+        }
+    };
+    let status = resp.status();
+    let json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(is_json);
+    let location = resp
+        .headers()
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let mut body = Vec::new();
+    let mut cut = false;
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = limits.max_response_bytes - body.len();
+                if chunk.len() > room {
+                    body.extend_from_slice(&chunk[..room]);
+                    cut = true;
+                    break;
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(e) => {
+                return ToolResult::error(
+                    Some(status.as_u16()),
+                    format!("the upstream's answer broke off: {}", e.without_url()),
+                );
+            }
+        }
+    }
+    drop(resp);
+    shape(status, json, location, body, cut, limits)
+}
+
+/// The tool result of an answer that arrived (possibly cut).
+fn shape(
+    status: StatusCode,
+    json: bool,
+    location: Option<String>,
+    body: Vec<u8>,
+    cut: bool,
+    limits: &Limits,
+) -> ToolResult {
+    let mut text = String::from_utf8_lossy(&body).into_owned();
+    if cut {
+        text.push_str(&format!(
+            "\n[response cut at {} bytes: the upstream sent more than the gateway passes on]",
+            limits.max_response_bytes
+        ));
+    }
+    let code = Some(status.as_u16());
+    let reason = status.canonical_reason().unwrap_or("");
+    if status.is_redirection() {
+        let to = location.map(|l| format!(" to {l}")).unwrap_or_default();
+        return ToolResult::error(
+            code,
+            format!(
+                "HTTP {} {reason}: the upstream redirected{to}; redirects are not followed",
+                status.as_u16()
+            ),
+        );
+    }
+    if status.is_client_error() || status.is_server_error() {
+        return ToolResult::error(code, format!("HTTP {} {reason}: {text}", status.as_u16()));
+    }
+    if !status.is_success() {
+        return ToolResult::error(
+            code,
+            format!("HTTP {} {reason}: unexpected status", status.as_u16()),
+        );
+    }
+    let structured = if json && !cut && limits.structured {
+        serde_json::from_slice::<Value>(&body)
+            .ok()
+            .filter(Value::is_object)
+    } else {
+        None
+    };
+    ToolResult {
+        is_error: false,
+        status: code,
+        text,
+        structured,
+    }
+}
