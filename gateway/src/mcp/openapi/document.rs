@@ -35,6 +35,7 @@ pub enum Version {
 }
 
 /// A parsed document.
+#[derive(Debug)]
 pub struct Document {
     pub root: Value,
     pub version: Version,

@@ -271,7 +271,7 @@ impl OpenApiTools {
         &self.spec
     }
 
-    /// The tools in MCP's `Tool` shape, in document order.
+    /// The tools in MCP's `Tool` shape, by path (sorted), then method.
     pub fn list(&self) -> Vec<Value> {
         self.catalog().tools.values().map(Tool::to_mcp).collect()
     }

@@ -86,6 +86,7 @@ impl Tool {
 }
 
 /// The selected operations as tools, and the warnings about those skipped.
+#[derive(Debug)]
 pub struct Built {
     pub tools: Vec<Tool>,
     pub warnings: Vec<String>,

@@ -1,1 +1,17 @@
-//! Unit tests of the OpenAPI → MCP conversion.
+//! Unit tests of the OpenAPI → MCP conversion, one file per module.
+
+mod document;
+mod names;
+mod operations;
+mod request;
+mod validate;
+
+use super::document::Document;
+
+/// A document from YAML text that must parse.
+fn doc(yaml: &str) -> Document {
+    match Document::parse(yaml, false) {
+        Ok(d) => d,
+        Err(p) => panic!("test document does not parse: {} {}", p.at, p.what),
+    }
+}
