@@ -53,6 +53,7 @@ async fn serve(State(log): State<Log>, req: Request) -> Response {
             json(StatusCode::CREATED, order)
         }
         ("GET", "/orders/404") => json(StatusCode::NOT_FOUND, json!({"error": "no such order"})),
+        ("GET", "/orders/misshapen") => json(StatusCode::OK, json!({"id": "misshapen"})),
         ("GET", p) if p.starts_with("/orders/") => json(
             StatusCode::OK,
             json!({"id": &p["/orders/".len()..], "status": "shipped"}),
@@ -251,6 +252,27 @@ async fn not_found_is_an_error_result() {
     );
     assert_eq!(r.to_mcp()["isError"], true);
     assert!(r.to_mcp().get("structuredContent").is_none());
+}
+
+/// A 2xx answer that breaks the operation's declared response schema is an error result
+/// naming what is wrong (an MCP client would reject its structured content).
+#[tokio::test]
+async fn an_answer_outside_its_response_schema_is_an_error() {
+    let (_orders, tools) = setup().await;
+    let r = tools
+        .call("getOrder", json!({"id": "misshapen"}))
+        .await
+        .unwrap();
+    assert!(r.is_error);
+    assert_eq!(r.status, Some(200));
+    assert!(r.text.contains("status: required"), "{}", r.text);
+    assert!(r.structured.is_none());
+    let ok = tools.call("getOrder", json!({"id": "o-9"})).await.unwrap();
+    assert!(!ok.is_error, "{ok:?}");
+    assert_eq!(
+        ok.structured,
+        Some(json!({"id": "o-9", "status": "shipped"}))
+    );
 }
 
 /// A traversal argument stays one encoded segment of the template; `..` itself is refused

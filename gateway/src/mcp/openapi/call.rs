@@ -6,18 +6,19 @@
 use super::ToolResult;
 use super::operations::is_json;
 use super::request::Prepared;
+use super::validate::validate;
 use crate::credentials::Credential;
 use http::{HeaderValue, StatusCode, header};
 use serde_json::Value;
 use std::time::Duration;
 
 /// What one exchange needs besides the request.
-pub struct Limits {
+pub struct Limits<'a> {
     pub timeout: Duration,
     pub max_response_bytes: usize,
-    /// Whether the tool declares an `outputSchema` (a JSON object body is then also
-    /// `structuredContent`).
-    pub structured: bool,
+    /// The tool's `outputSchema`: a successful answer must then be a JSON object that fits it
+    /// (MCP clients check `structuredContent` against it), else the result is an error.
+    pub output_schema: Option<&'a Value>,
 }
 
 /// Sends `req` and shapes the answer; every failure is an error result, never a panic or a
@@ -26,7 +27,7 @@ pub async fn send(
     client: &reqwest::Client,
     credential: &Credential,
     req: Prepared,
-    limits: &Limits,
+    limits: &Limits<'_>,
 ) -> ToolResult {
     let ms = limits.timeout.as_millis();
     match tokio::time::timeout(limits.timeout, exchange(client, credential, req, limits)).await {
@@ -42,7 +43,7 @@ async fn exchange(
     client: &reqwest::Client,
     credential: &Credential,
     req: Prepared,
-    limits: &Limits,
+    limits: &Limits<'_>,
 ) -> ToolResult {
     let mut headers = req.headers;
     headers.insert(
@@ -123,7 +124,7 @@ fn shape(
     location: Option<String>,
     body: Vec<u8>,
     cut: bool,
-    limits: &Limits,
+    limits: &Limits<'_>,
 ) -> ToolResult {
     let mut text = String::from_utf8_lossy(&body).into_owned();
     if cut {
@@ -153,17 +154,38 @@ fn shape(
             format!("HTTP {} {reason}: unexpected status", status.as_u16()),
         );
     }
-    let structured = if json && !cut && limits.structured {
-        serde_json::from_slice::<Value>(&body)
-            .ok()
-            .filter(Value::is_object)
-    } else {
-        None
+    let Some(schema) = limits.output_schema else {
+        return ToolResult {
+            is_error: false,
+            status: code,
+            text,
+            structured: None,
+        };
     };
+    // The upstream promised an object of this schema; an answer that breaks the promise is
+    // its error (a client would reject the result), passed on as text.
+    let object = (json && !cut)
+        .then(|| serde_json::from_slice::<Value>(&body).ok())
+        .flatten()
+        .filter(Value::is_object);
+    let Some(object) = object else {
+        return ToolResult::error(
+            code,
+            format!(
+                "the upstream's answer is not the JSON object its response schema declares: {text}"
+            ),
+        );
+    };
+    if let Err(why) = validate(schema, &object) {
+        return ToolResult::error(
+            code,
+            format!("the upstream's answer does not fit its response schema ({why}): {text}"),
+        );
+    }
     ToolResult {
         is_error: false,
         status: code,
         text,
-        structured,
+        structured: Some(object),
     }
 }

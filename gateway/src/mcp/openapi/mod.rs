@@ -297,7 +297,7 @@ impl OpenApiTools {
         let limits = call::Limits {
             timeout: Duration::from_millis(self.spec.timeout_ms),
             max_response_bytes: self.spec.max_response_bytes,
-            structured: t.output_schema.is_some(),
+            output_schema: t.output_schema.as_ref(),
         };
         Ok(call::send(&self.client, &self.credential, prepared, &limits).await)
     }

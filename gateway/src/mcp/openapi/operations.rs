@@ -156,8 +156,18 @@ pub fn build(
             if !names::selected(patterns, &selector) {
                 continue;
             }
-            let tool = match operation(doc, op, shared, method, path, name, &at, credential_header)
-            {
+            let tool = match operation(
+                doc,
+                op,
+                shared,
+                Site {
+                    method,
+                    path,
+                    at: &at,
+                },
+                name,
+                credential_header,
+            ) {
                 Ok(t) => t,
                 Err(Refusal::Skip(why)) => {
                     built
@@ -179,17 +189,23 @@ pub fn build(
     Ok(built)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Where an operation sits: its method, path template and JSON pointer.
+#[derive(Clone, Copy)]
+struct Site<'a> {
+    method: &'a str,
+    path: &'a str,
+    at: &'a str,
+}
+
 fn operation(
     doc: &Document,
     op: &Map<String, Value>,
     shared: Option<&Value>,
-    method: &str,
-    path: &str,
+    site: Site<'_>,
     name: String,
-    at: &str,
     credential_header: Option<&str>,
 ) -> Result<Tool, Refusal> {
+    let Site { method, path, at } = site;
     let mut properties = Map::new();
     let mut required = Vec::new();
     let mut params: Vec<Param> = Vec::new();
@@ -304,15 +320,18 @@ fn operation(
     })
 }
 
+/// A parameter object and its pointer.
+type Located<'a> = (&'a Map<String, Value>, String);
+
 /// The path item's parameters overlaid with the operation's (same name and location: the
 /// operation's wins), each with its pointer.
 fn merged_params<'a>(
     shared: Option<&'a Value>,
     own: Option<&'a Value>,
     at: &str,
-) -> Result<Vec<(&'a Map<String, Value>, String)>, Problem> {
+) -> Result<Vec<Located<'a>>, Problem> {
     let item_at = at.rsplit_once('/').map_or(at, |(item, _)| item);
-    let mut out: Vec<(&Map<String, Value>, String)> = Vec::new();
+    let mut out: Vec<Located<'a>> = Vec::new();
     for (list, list_at) in [(shared, item_at), (own, at)] {
         let Some(list) = list else { continue };
         let Value::Array(list) = list else {

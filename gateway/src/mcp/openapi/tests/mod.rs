@@ -1,6 +1,7 @@
 //! Unit tests of the OpenAPI → MCP conversion, one file per module.
 
 mod document;
+mod load;
 mod names;
 mod operations;
 mod request;
