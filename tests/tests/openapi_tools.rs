@@ -5,119 +5,13 @@
 //! what the service saw: paths, queries, bodies, the injected key, traversal attempts, refused
 //! arguments, errors, redirects, timeouts and the response cap.
 
-use axum::body::{Body, to_bytes};
-use axum::extract::{Request, State};
-use axum::response::{IntoResponse, Response};
-use http::{HeaderMap, HeaderValue, StatusCode};
+mod openapi_support;
+
+use openapi_support::{KEY, Orders, api_key, document, setup, spec};
 use serde_json::{Value, json};
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tollgate::credentials::Credential;
 use tollgate::mcp::openapi::{InvalidParams, OpenApiSpec, OpenApiTools};
-
-const KEY: &str = "orders-upstream-key-123";
-
-/// One request as the service saw it.
-#[derive(Clone, Debug)]
-struct Seen {
-    method: String,
-    /// The path exactly as sent (not decoded).
-    path: String,
-    query: Option<String>,
-    headers: HeaderMap,
-    body: String,
-}
-
-type Log = Arc<Mutex<Vec<Seen>>>;
-
-/// The orders service: records, then answers by raw path.
-async fn serve(State(log): State<Log>, req: Request) -> Response {
-    let (parts, body) = req.into_parts();
-    let body = to_bytes(body, 1 << 20).await.unwrap_or_default();
-    let path = parts.uri.path().to_string();
-    log.lock().unwrap().push(Seen {
-        method: parts.method.to_string(),
-        path: path.clone(),
-        query: parts.uri.query().map(str::to_string),
-        headers: parts.headers.clone(),
-        body: String::from_utf8_lossy(&body).into_owned(),
-    });
-    let json = |status: StatusCode, v: Value| (status, axum::Json(v)).into_response();
-    match (parts.method.as_str(), path.as_str()) {
-        ("GET", "/orders") => json(StatusCode::OK, json!([{"id": "o-1", "status": "open"}])),
-        ("POST", "/orders") => {
-            let mut order: Value = serde_json::from_slice(&body).unwrap_or(json!({}));
-            order["id"] = json!("o-2");
-            order["status"] = json!("open");
-            json(StatusCode::CREATED, order)
-        }
-        ("GET", "/orders/404") => json(StatusCode::NOT_FOUND, json!({"error": "no such order"})),
-        ("GET", "/orders/misshapen") => json(StatusCode::OK, json!({"id": "misshapen"})),
-        ("GET", p) if p.starts_with("/orders/") => json(
-            StatusCode::OK,
-            json!({"id": &p["/orders/".len()..], "status": "shipped"}),
-        ),
-        ("GET", "/moved") => {
-            (StatusCode::FOUND, [(http::header::LOCATION, "/admin")]).into_response()
-        }
-        ("GET", "/slow") => std::future::pending().await,
-        ("GET", "/export") => {
-            // 4 MiB in 64 KiB chunks, more than any test's cap.
-            let chunks = (0..64).map(|_| Ok::<_, std::io::Error>(vec![b'x'; 64 * 1024]));
-            Response::builder()
-                .header("content-type", "text/plain")
-                .body(Body::from_stream(futures::stream::iter(chunks)))
-                .unwrap()
-        }
-        ("GET", "/admin") => "the admin page".into_response(),
-        _ => StatusCode::NOT_FOUND.into_response(),
-    }
-}
-
-struct Orders {
-    url: String,
-    log: Log,
-}
-
-impl Orders {
-    async fn start() -> Orders {
-        let log: Log = Arc::default();
-        let app = axum::Router::new().fallback(serve).with_state(log.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        Orders { url, log }
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.log.lock().unwrap().clone()
-    }
-}
-
-fn document() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/orders-openapi.yaml")
-}
-
-fn api_key() -> Credential {
-    let mut v = HeaderValue::from_static(KEY);
-    v.set_sensitive(true);
-    Credential::Header("x-api-key", v)
-}
-
-fn spec(orders: &Orders) -> OpenApiSpec {
-    let mut s = OpenApiSpec::new("orders", document());
-    s.base_url = Some(orders.url.clone());
-    s.timeout_ms = 500;
-    s.max_response_bytes = 64 * 1024;
-    s
-}
-
-async fn setup() -> (Orders, OpenApiTools) {
-    let orders = Orders::start().await;
-    let tools = OpenApiTools::new(spec(&orders), api_key()).expect("the document loads");
-    (orders, tools)
-}
 
 /// The selected operations are listed in MCP's Tool shape with their schemas; multipart is
 /// skipped with a warning naming it.
