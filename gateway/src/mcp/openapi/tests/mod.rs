@@ -5,6 +5,7 @@ mod load;
 mod names;
 mod operations;
 mod request;
+mod schema;
 mod validate;
 
 use super::document::Document;
