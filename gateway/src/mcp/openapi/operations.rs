@@ -183,6 +183,11 @@ pub fn build(
                     format!("{label} and {first} both become the tool {:?}", tool.name),
                 ));
             }
+            if op.contains_key("servers") || item.contains_key("servers") {
+                built.warnings.push(format!(
+                    "operation {label} declares its own servers; its calls go to the base URL"
+                ));
+            }
             built.tools.push(tool);
         }
     }

@@ -199,7 +199,7 @@ paths:
 }
 
 /// A parameter named `body` beside a body, and a template placeholder nobody declares, skip
-/// the operation rather than guess.
+/// the operation rather than guess; an operation with its own `servers` is kept with a warning.
 #[test]
 fn ambiguous_operations_are_skipped() {
     let d = doc(r#"
@@ -213,9 +213,18 @@ paths:
       responses: {}
   /y/{id}:
     get: { operationId: undeclared, responses: {} }
+  /z:
+    servers: [{ url: "https://elsewhere.example" }]
+    get: { operationId: elsewhere, responses: {} }
 "#);
     let b = build(&d, &all(), None).unwrap();
-    assert!(b.tools.is_empty());
+    let names: Vec<&str> = b.tools.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["elsewhere"], "its own servers only warn");
+    assert!(
+        b.warnings[2].contains("elsewhere") && b.warnings[2].contains("own servers"),
+        "{:?}",
+        b.warnings
+    );
     assert!(
         b.warnings[0].contains("clash") && b.warnings[0].contains("\"body\""),
         "{:?}",
