@@ -9,9 +9,11 @@ mod openapi_support;
 
 use openapi_support::{KEY, Orders, api_key, document, setup, spec};
 use serde_json::{Value, json};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tollgate::credentials::Credential;
+use tollgate::credentials::{Credential, Timing, TokenProvider, TokenSource};
 use tollgate::mcp::openapi::{InvalidParams, OpenApiSpec, OpenApiTools};
+use tollgate_common::Secret;
 
 /// The selected operations are listed in MCP's Tool shape with their schemas; multipart is
 /// skipped with a warning naming it.
@@ -358,4 +360,46 @@ async fn reload_swaps_and_a_broken_document_names_its_pointer() {
         e.contains("/servers/0/url") && e.contains("relative"),
         "{e}"
     );
+}
+
+/// An OAuth2 client-credentials token is fetched and sent as `Authorization: Bearer`; when the
+/// upstream refuses it (401), the call is an error and the next call carries a new token.
+#[tokio::test]
+async fn an_oauth2_token_is_injected_and_renewed_after_a_401() {
+    let orders = Orders::start().await;
+    let source = TokenSource::Oauth2 {
+        token_url: format!("{}/token", orders.url),
+        client_id: "tollgate".into(),
+        client_secret: Secret::new("client-secret-456"),
+        scope: None,
+    };
+    let timing = Timing {
+        min_interval: Duration::from_millis(10),
+        ..Timing::default()
+    };
+    let provider = Arc::new(TokenProvider::new("orders", source, timing));
+    let tools = OpenApiTools::new(spec(&orders), Credential::Token(provider)).unwrap();
+    let refused = tools
+        .call("getOrder", json!({"id": "reject"}))
+        .await
+        .unwrap();
+    assert!(
+        refused.is_error && refused.status == Some(401),
+        "{refused:?}"
+    );
+    let again = tools
+        .call("getOrder", json!({"id": "reject"}))
+        .await
+        .unwrap();
+    assert!(!again.is_error, "{again:?}");
+
+    let seen = orders.seen();
+    let sent: Vec<&str> = seen
+        .iter()
+        .filter(|s| s.path == "/orders/reject")
+        .map(|s| s.headers["authorization"].to_str().unwrap())
+        .collect();
+    assert_eq!(sent, ["Bearer tok-1", "Bearer tok-2"]);
+    assert_eq!(seen.iter().filter(|s| s.path == "/token").count(), 2);
+    assert!(seen.iter().all(|s| s.headers.get("x-api-key").is_none()));
 }

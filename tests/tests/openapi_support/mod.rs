@@ -32,14 +32,23 @@ async fn serve(State(log): State<Log>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let body = to_bytes(body, 1 << 20).await.unwrap_or_default();
     let path = parts.uri.path().to_string();
-    log.lock().unwrap().push(Seen {
-        method: parts.method.to_string(),
-        path: path.clone(),
-        query: parts.uri.query().map(str::to_string),
-        headers: parts.headers.clone(),
-        body: String::from_utf8_lossy(&body).into_owned(),
-    });
+    // An OAuth2 token endpoint: the n-th fetch gets `tok-n`.
+    let fetches = {
+        let mut log = log.lock().unwrap();
+        log.push(Seen {
+            method: parts.method.to_string(),
+            path: path.clone(),
+            query: parts.uri.query().map(str::to_string),
+            headers: parts.headers.clone(),
+            body: String::from_utf8_lossy(&body).into_owned(),
+        });
+        log.iter().filter(|s| s.path == "/token").count()
+    };
     let json = |status: StatusCode, v: Value| (status, axum::Json(v)).into_response();
+    let bearer = parts
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
     match (parts.method.as_str(), path.as_str()) {
         ("GET", "/orders") => json(StatusCode::OK, json!([{"id": "o-1", "status": "open"}])),
         ("POST", "/orders") => {
@@ -47,6 +56,13 @@ async fn serve(State(log): State<Log>, req: Request) -> Response {
             order["id"] = json!("o-2");
             order["status"] = json!("open");
             json(StatusCode::CREATED, order)
+        }
+        ("POST", "/token") => json(
+            StatusCode::OK,
+            json!({"access_token": format!("tok-{fetches}"), "expires_in": 3600, "token_type": "Bearer"}),
+        ),
+        ("GET", "/orders/reject") if bearer == Some("Bearer tok-1") => {
+            json(StatusCode::UNAUTHORIZED, json!({"error": "token refused"}))
         }
         ("GET", "/orders/404") => json(StatusCode::NOT_FOUND, json!({"error": "no such order"})),
         ("GET", "/orders/misshapen") => json(StatusCode::OK, json!({"id": "misshapen"})),

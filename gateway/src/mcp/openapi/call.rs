@@ -46,6 +46,7 @@ async fn exchange(
     limits: &Limits<'_>,
 ) -> ToolResult {
     let mut headers = req.headers;
+    let mut sent_token = None;
     headers.insert(
         header::ACCEPT,
         HeaderValue::from_static("application/json, */*;q=0.5"),
@@ -55,14 +56,18 @@ async fn exchange(
         Credential::Header(name, value) => {
             headers.insert(*name, value.clone());
         }
-        Credential::Token(p) => match p.header().await {
-            Ok(v) => {
-                headers.insert(header::AUTHORIZATION, v);
-            }
-            Err(_) => {
+        Credential::Token(p) => {
+            // Idempotent: the refresh task starts with the first call that needs it.
+            let token = match p.start() {
+                Ok(()) => p.header().await.ok(),
+                Err(_) => None,
+            };
+            let Some(v) = token else {
                 return ToolResult::error(None, "the upstream credential is not available".into());
-            }
-        },
+            };
+            headers.insert(header::AUTHORIZATION, v.clone());
+            sent_token = Some(v);
+        }
     }
     let mut builder = client.request(req.method, req.url).headers(headers);
     if let Some(body) = req.body {
@@ -81,6 +86,12 @@ async fn exchange(
         }
     };
     let status = resp.status();
+    if let (StatusCode::UNAUTHORIZED, Credential::Token(p), Some(sent)) =
+        (status, credential, &sent_token)
+    {
+        // The upstream refused the token: the provider fetches a new one for the next call.
+        p.rejected(sent);
+    }
     let json = resp
         .headers()
         .get(header::CONTENT_TYPE)

@@ -262,6 +262,15 @@ impl OpenApiTools {
         Ok(fresh)
     }
 
+    /// [`reload`](Self::reload) off the async runtime (the file is read and parsed on a
+    /// blocking thread): what a SIGHUP handler calls.
+    pub async fn reload_async(self: &Arc<Self>) -> anyhow::Result<Arc<Catalog>> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.reload())
+            .await
+            .context("the reload task failed")?
+    }
+
     /// The catalog in use now (a cheap clone of an `Arc`).
     pub fn catalog(&self) -> Arc<Catalog> {
         self.current.read().clone()
