@@ -1,9 +1,10 @@
 //! OpenAPI → MCP over real sockets: a small orders REST service (axum, in this process, on a
 //! free port) described by deploy/examples/orders-openapi.yaml records every request it gets
 //! (method, raw path, query, headers, body). The document is loaded through
-//! `tollgate::mcp::openapi` with an `x-api-key` credential, and tool calls are checked against
-//! what the service saw: paths, queries, bodies, the injected key, traversal attempts, refused
-//! arguments, errors, redirects, timeouts and the response cap.
+//! `tollgate::mcp::openapi` with an `x-api-key` credential (an OAuth2 token from the service's
+//! own token endpoint in one test), and tool calls are checked against what the service saw:
+//! paths, queries, bodies, the injected credential, traversal attempts, refused arguments,
+//! errors, redirects, timeouts, the response cap and reloads.
 
 mod openapi_support;
 

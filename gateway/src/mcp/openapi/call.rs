@@ -76,7 +76,7 @@ async fn exchange(
     let mut resp = match builder.send().await {
         Ok(r) => r,
         Err(e) => {
-            // reqwest's message names the URL without credentials (they go in headers).
+            // Without the URL: its query carries the caller's arguments.
             let what = if e.is_connect() {
                 "could not connect to the upstream"
             } else {
