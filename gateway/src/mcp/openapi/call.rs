@@ -4,8 +4,8 @@
 //! errors (the client never follows them).
 
 use super::ToolResult;
-use super::operations::is_json;
 use super::request::Prepared;
+use super::schema::is_json;
 use super::validate::validate;
 use crate::credentials::Credential;
 use http::{HeaderValue, StatusCode, header};

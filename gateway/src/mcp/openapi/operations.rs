@@ -10,7 +10,7 @@
 
 use super::document::{Document, Problem, escape};
 use super::names;
-use super::schema::{described, is_object, json_schema};
+use super::schema::{described, is_json, json_schema, output_schema};
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
 
@@ -47,6 +47,9 @@ pub enum In {
 pub struct Param {
     pub name: String,
     pub location: In,
+    /// A query array as one `name=value` pair per item (`form`, `explode: true`, the default)
+    /// or as one pair with the items joined by `,` (`explode: false`).
+    pub explode: bool,
 }
 
 /// One tool: what `tools/list` shows and what `tools/call` needs.
@@ -264,12 +267,30 @@ fn operation(
         let schema = json_schema(p.get("schema").unwrap_or(&json!({})), doc.version);
         let schema = described(schema, p.get("description").and_then(Value::as_str));
         properties.insert(pname.to_string(), schema);
+        // The serialization styles built: `form` for the query, `simple` for path and header.
+        let plain = if location == In::Query {
+            "form"
+        } else {
+            "simple"
+        };
+        if let Some(style) = p.get("style").and_then(Value::as_str)
+            && style != plain
+        {
+            return Err(Refusal::Skip(format!(
+                "parameter {pname:?} uses style {style:?} (only {plain:?} is supported here)"
+            )));
+        }
+        let explode = p
+            .get("explode")
+            .and_then(Value::as_bool)
+            .unwrap_or(location == In::Query);
         if location == In::Path || p.get("required") == Some(&Value::Bool(true)) {
             required.push(Value::String(pname.to_string()));
         }
         params.push(Param {
             name: pname.to_string(),
             location,
+            explode,
         });
     }
     for placeholder in placeholders(path) {
@@ -382,17 +403,6 @@ fn json_body(rb: &Value) -> Result<(String, Value), Refusal> {
     }
 }
 
-/// `application/json`, `application/merge-patch+json`, with or without parameters.
-pub fn is_json(media: &str) -> bool {
-    let m = media
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
-}
-
 fn description(op: &Map<String, Value>, method: &str, path: &str) -> String {
     let text = |k: &str| {
         op.get(k)
@@ -406,27 +416,4 @@ fn description(op: &Map<String, Value>, method: &str, path: &str) -> String {
         (None, Some(d)) => d.to_string(),
         (None, None) => format!("{} {path}", method.to_uppercase()),
     }
-}
-
-/// The schema of the first 2xx JSON response (`200`..`299` in order, then `2XX`), when it
-/// describes an object.
-fn output_schema(doc: &Document, op: &Map<String, Value>) -> Option<Value> {
-    let responses = op.get("responses")?.as_object()?;
-    let mut codes: Vec<&String> = responses
-        .keys()
-        .filter(|c| {
-            c.len() == 3 && c.starts_with('2') && c[1..].bytes().all(|b| b.is_ascii_digit())
-        })
-        .collect();
-    codes.sort();
-    codes.extend(responses.keys().filter(|c| c.eq_ignore_ascii_case("2XX")));
-    for code in codes {
-        let content = responses[code].get("content").and_then(Value::as_object);
-        let Some((_, media)) = content.and_then(|c| c.iter().find(|(m, _)| is_json(m))) else {
-            continue;
-        };
-        let schema = json_schema(media.get("schema")?, doc.version);
-        return is_object(&schema).then_some(schema);
-    }
-    None
 }

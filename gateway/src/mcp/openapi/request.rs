@@ -1,5 +1,6 @@
 //! A tool call's arguments into the parts of the HTTP request: the URL (path parameters
-//! percent-encoded as one path segment each, query parameters form-style with arrays repeated),
+//! percent-encoded as one path segment each, query parameters form-style with arrays repeated
+//! or, with `explode: false`, joined by `,`),
 //! the header parameters and the JSON body. Nothing here can leave the templated path: every
 //! byte of a path value outside `[A-Za-z0-9-._~]` is encoded (`/` as `%2F`), a value made only
 //! of dots is refused (URL parsers treat `%2E%2E` as `..`), and the URL, once parsed, must have
@@ -40,8 +41,12 @@ pub fn prepare(base: &str, tool: &Tool, args: &Map<String, Value>) -> Result<Pre
         match p.location {
             In::Path => {}
             In::Query => match v {
-                Value::Array(items) => {
+                Value::Array(items) if p.explode => {
                     pairs.extend(items.iter().map(|i| (p.name.as_str(), text(i))));
+                }
+                Value::Array(items) => {
+                    let joined = items.iter().map(text).collect::<Vec<_>>().join(",");
+                    pairs.push((p.name.as_str(), joined));
                 }
                 other => pairs.push((p.name.as_str(), text(other))),
             },

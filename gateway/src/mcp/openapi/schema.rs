@@ -1,8 +1,9 @@
 //! OpenAPI schema objects (already `$ref`-free) into the JSON Schema MCP tools carry: 3.0's
 //! `nullable` and boolean `exclusiveMinimum`/`exclusiveMaximum` become their JSON Schema forms,
-//! and the OpenAPI-only keywords (`discriminator`, `xml`, `externalDocs`) are dropped.
+//! and the OpenAPI-only keywords (`discriminator`, `xml`, `externalDocs`) are dropped. Also
+//! which media types are JSON, and which response schema is a tool's output schema.
 
-use super::document::Version;
+use super::document::{Document, Version};
 use serde_json::{Map, Value, json};
 
 /// The keywords whose value is one schema.
@@ -123,4 +124,38 @@ pub fn described(mut schema: Value, description: Option<&str>) -> Value {
         m.insert("description".into(), Value::String(d.to_string()));
     }
     schema
+}
+
+/// `application/json`, `application/merge-patch+json`, with or without parameters.
+pub fn is_json(media: &str) -> bool {
+    let m = media
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+}
+
+/// The schema of the first 2xx JSON response (`200`..`299` in order, then `2XX`), when it
+/// describes an object.
+pub fn output_schema(doc: &Document, op: &Map<String, Value>) -> Option<Value> {
+    let responses = op.get("responses")?.as_object()?;
+    let mut codes: Vec<&String> = responses
+        .keys()
+        .filter(|c| {
+            c.len() == 3 && c.starts_with('2') && c[1..].bytes().all(|b| b.is_ascii_digit())
+        })
+        .collect();
+    codes.sort();
+    codes.extend(responses.keys().filter(|c| c.eq_ignore_ascii_case("2XX")));
+    for code in codes {
+        let content = responses[code].get("content").and_then(Value::as_object);
+        let Some((_, media)) = content.and_then(|c| c.iter().find(|(m, _)| is_json(m))) else {
+            continue;
+        };
+        let schema = json_schema(media.get("schema")?, doc.version);
+        return is_object(&schema).then_some(schema);
+    }
+    None
 }

@@ -44,6 +44,11 @@ paths:
       requestBody:
         content: { multipart/form-data: { schema: { type: object } } }
       responses: {}
+  /search:
+    get:
+      operationId: search
+      parameters: [{ name: filter, in: query, style: deepObject, schema: { type: object } }]
+      responses: {}
   /session:
     get:
       operationId: whoami
@@ -141,7 +146,7 @@ fn schemas_are_built() {
     );
 }
 
-/// Multipart bodies and cookie parameters are skipped with a warning naming the operation.
+/// Multipart bodies, cookie parameters and unsupported styles are skipped with a warning naming the operation.
 #[test]
 fn unsupported_shapes_are_skipped_with_warnings() {
     let b = build(&doc(ORDERS), &all(), None).unwrap();
@@ -150,7 +155,12 @@ fn unsupported_shapes_are_skipped_with_warnings() {
             .iter()
             .all(|t| t.name != "upload" && t.name != "whoami")
     );
-    assert_eq!(b.warnings.len(), 2, "{:?}", b.warnings);
+    assert_eq!(b.warnings.len(), 3, "{:?}", b.warnings);
+    assert!(
+        b.warnings
+            .iter()
+            .any(|w| w.contains("(search)") && w.contains("deepObject"))
+    );
     assert!(
         b.warnings
             .iter()

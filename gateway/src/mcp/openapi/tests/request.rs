@@ -54,18 +54,22 @@ paths:
         - { name: id, in: path, required: true, schema: { type: string } }
         - { name: tag, in: query, schema: { type: array, items: { type: string } } }
         - { name: dry run, in: query, schema: { type: boolean } }
+        - { name: ids, in: query, explode: false, schema: { type: array, items: { type: integer } } }
         - { name: x-tenant, in: header, schema: { type: string } }
       requestBody: { content: { application/json: { schema: { type: object } } } }
       responses: {}
 "#);
     let b = build(&d, &["*".into()], None).unwrap();
     let a = args(
-        json!({"id": "a/b", "tag": ["x", "y&z"], "dry run": true, "x-tenant": "t1", "body": {"n": 1}}),
+        json!({"id": "a/b", "tag": ["x", "y&z"], "dry run": true, "ids": [1, 2], "x-tenant": "t1", "body": {"n": 1}}),
     );
     let p = prepare("http://127.0.0.1:9/api", &b.tools[0], &a).unwrap();
     assert_eq!(p.method, http::Method::POST);
     assert_eq!(p.url.path(), "/api/orders/a%2Fb/items");
-    assert_eq!(p.url.query(), Some("tag=x&tag=y%26z&dry+run=true"));
+    assert_eq!(
+        p.url.query(),
+        Some("tag=x&tag=y%26z&dry+run=true&ids=1%2C2")
+    );
     assert_eq!(p.headers["x-tenant"], "t1");
     assert_eq!(p.headers["content-type"], "application/json");
     assert_eq!(p.body.as_deref(), Some(br#"{"n":1}"#.as_slice()));
