@@ -404,3 +404,19 @@ async fn an_oauth2_token_is_injected_and_renewed_after_a_401() {
     assert_eq!(seen.iter().filter(|s| s.path == "/token").count(), 2);
     assert!(seen.iter().all(|s| s.headers.get("x-api-key").is_none()));
 }
+
+/// An upstream that is down gives an error result at once, not a hang or a panic.
+#[tokio::test]
+async fn an_unreachable_upstream_is_an_error_result() {
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let mut s = OpenApiSpec::new("orders", document());
+    s.base_url = Some(format!("http://{addr}"));
+    let tools = OpenApiTools::new(s, api_key()).unwrap();
+    let r = tools.call("getOrder", json!({"id": "1"})).await.unwrap();
+    assert!(r.is_error);
+    assert_eq!(r.status, None);
+    assert!(r.text.contains("could not connect"), "{}", r.text);
+    assert!(!r.text.contains(KEY));
+}
