@@ -16,6 +16,7 @@
 //! - [`limits`] — the reservation against the shared store, leases, the failure policy.
 //! - [`routing`] — backends, priority groups and weights, circuits and their sharing.
 //! - [`credentials`] — backend credentials (keys, OAuth2 and managed-identity tokens).
+//! - [`mcp`] — agents' tool traffic: REST APIs exported as tools (OpenAPI → MCP).
 //! - [`proxy`] — forwarding with failover; the response tap that reads usage.
 //! - [`record`] — the per-request record handed from stage to stage.
 //! - [`usage`] — the meter, settle, cost and usage totals, off the request path.
@@ -42,6 +43,7 @@ pub mod error;
 pub mod estimate;
 pub mod gateway;
 pub mod limits;
+pub mod mcp;
 pub mod pipeline;
 pub mod proxy;
 pub mod record;
