@@ -18,6 +18,7 @@
 //! - [`credentials`] — backend credentials (keys, OAuth2 and managed-identity tokens).
 //! - [`proxy`] — forwarding with failover; the response tap that reads usage.
 //! - [`record`] — the per-request record handed from stage to stage.
+//! - [`dimensions`] — `[telemetry] dimensions`: the end user, the app; read at admission.
 //! - [`usage`] — the meter, settle, cost and usage totals, off the request path.
 //! - [`telemetry`] — Prometheus at `/metrics`, OTLP spans, metrics and usage log records.
 //! - [`budgets`] — around the reservation: `x-budget-remaining`, budget gauges, thresholds.
@@ -38,6 +39,7 @@ pub mod cli;
 pub mod clock;
 pub mod connections;
 pub mod credentials;
+pub mod dimensions;
 pub mod error;
 pub mod estimate;
 pub mod gateway;
