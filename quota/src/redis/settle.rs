@@ -75,6 +75,9 @@ impl Unconfirmed {
     }
 }
 
+/// (day, dimension, value, team) of a dimension counter.
+type DimKey<'a> = (u32, &'a str, &'a str, &'a str);
+
 /// One consumer's part of a batch.
 #[derive(Default)]
 struct Group<'a> {
@@ -82,7 +85,7 @@ struct Group<'a> {
     /// Usage per (day, `team|model|backend`).
     usage: Vec<((u32, String), UsageCounts)>,
     /// Usage per (day, dimension, value, team), and the cap and retention (days) to keep.
-    dims: Vec<((u32, &'a str, &'a str, &'a str), UsageCounts)>,
+    dims: Vec<(DimKey<'a>, UsageCounts)>,
     dim_policy: (u32, u32),
 }
 
