@@ -77,7 +77,7 @@ pub fn budgets_section(h: &mut String, budgets: &[BudgetRow], now_s: u64) {
              <polyline fill=\"none\" stroke=\"#4e79a7\" stroke-width=\"3\" points=\"0,{ht} {nx:.1},{sy:.1}\"/>\
              <polyline fill=\"none\" stroke=\"#4e79a7\" stroke-dasharray=\"6 4\" points=\"{nx:.1},{sy:.1} {w},{py:.1}\"/></svg>\
              <p>spent <b class=\"spent\">{spent_c}</b> of <b class=\"budget\">{budget_c}</b>; \
-             projected by {end}: <b class=\"projected{cls}\">{projected_c}</b></p></div>",
+             projected by the end of {end}: <b class=\"projected{cls}\">{projected_c}</b></p></div>",
             id = esc(&r.id),
             period = r.budget.period.as_str(),
             budget = Burn::text(b.budget),
@@ -91,7 +91,7 @@ pub fn budgets_section(h: &mut String, budgets: &[BudgetRow], now_s: u64) {
             spent_c = format!("{:.2}", b.spent),
             budget_c = format!("{:.2}", b.budget),
             projected_c = format!("{:.2}", b.projected),
-            end = chrono::DateTime::from_timestamp(b.window_end as i64, 0)
+            end = chrono::DateTime::from_timestamp(b.window_end as i64 - 1, 0)
                 .map(|d| d.format("%Y-%m-%d").to_string())
                 .unwrap_or_default(),
             cls = if over { " over" } else { "" },

@@ -129,7 +129,7 @@ pub fn render_with(rows: &[UsageRow], period: Period, ptus: &[PtuSpec], extra: &
 
 const STYLE: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}\
 h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em}\
-#summary{display:flex;gap:1em}.card{border:1px solid #ddd;border-radius:6px;padding:.8em 1.2em}\
+#summary,#savings{display:flex;gap:1em}.card{border:1px solid #ddd;border-radius:6px;padding:.8em 1.2em}\
 .card b{display:block;font-size:1.5em}.card span{color:#666}\
 table{border-collapse:collapse;margin:.5em 0}td,th{padding:.25em .8em;border-bottom:1px solid #eee;text-align:right}\
 td:first-child,th:first-child{text-align:left}.legend span{display:inline-block;margin-right:1em}\
