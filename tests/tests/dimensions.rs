@@ -160,3 +160,59 @@ async fn usage_by_user_matches_the_backend_with_an_other_bucket() {
     assert_eq!(web, 5);
     assert!(!m.contains("dimension=\"user\"") && !m.contains("\"u1\""));
 }
+
+/// On the memory store too, an allow-listed dimension reaches `/metrics` with at most
+/// `dimension_cap` values, the rest labelled `other`; requests without the header carry none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_dimension_labels_are_capped() {
+    let h = tollgate_tests::Harness::new()
+        .backend("m", MockOpts::default(), "")
+        .consumer("app-a", "")
+        .config(
+            "[telemetry]\ndimensions = [\"header:x-app\", \"body:user\"]\ndimension_cap = 2\n\
+             prometheus_dimensions = [\"x-app\"]",
+        )
+        .start_in_process()
+        .await;
+    for app in ["a", "b", "c", "a", "d", ""] {
+        let mut req = client()
+            .post(format!("{}/v1/chat/completions", h.url(0)))
+            .bearer_auth(key_for("app-a"));
+        if !app.is_empty() {
+            req = req.header("x-app", app);
+        }
+        let body = chat(5).set("user", json!(format!("user-{app}"))).json();
+        let r = req.json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let _ = r.bytes().await;
+    }
+    let count = |m: &str, v: &str| {
+        metric_sum(
+            m,
+            "tollgate_dimension_requests_total",
+            &[("dimension", "x-app"), ("value", v)],
+        )
+    };
+    let ok = eventually(Duration::from_secs(10), || async {
+        let m = h.metrics(0).await;
+        count(&m, "a") + count(&m, "b") + count(&m, "other") == 5
+    })
+    .await;
+    let m = h.metrics(0).await;
+    assert!(ok, "{m}");
+    assert_eq!(
+        (count(&m, "a"), count(&m, "b"), count(&m, "other")),
+        (2, 1, 2)
+    );
+    assert_eq!(count(&m, "c") + count(&m, "d"), 0);
+    assert!(
+        !m.contains("user-"),
+        "the user dimension is not allow-listed"
+    );
+    let tokens = metric_sum(
+        &m,
+        "tollgate_dimension_tokens_total",
+        &[("dimension", "x-app"), ("type", "output")],
+    );
+    assert_eq!(tokens, 25, "5 requests of 5 output tokens");
+}

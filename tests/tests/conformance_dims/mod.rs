@@ -158,3 +158,24 @@ pub async fn check_dimension_cap_concurrency<S: Store + Clone>(s: &S) {
     assert_eq!(kept, cap as usize, "{rows:#?}");
     assert_eq!(other, 24 - u64::from(cap));
 }
+
+/// The per-dimension key carries the dimension retention as its TTL, not the usage one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_only_dims_expire() {
+    use tollgate_quota::{RedisOpts, RedisStore};
+    let server = tollgate_tests::redis::RedisServer::start().expect("start redis-server");
+    let s = RedisStore::connect(&server.url(), RedisOpts::default())
+        .await
+        .expect("connect");
+    let one = dim_settlement("ttl", DAY, &[("user", "u1")], 1, 10);
+    s.settle(new_batch_id(), &[one]).await.unwrap();
+    let pttl: i64 = server
+        .cli(&["PTTL", &format!("tg:dims:{{ttl}}:{DAY}")])
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        pttl > 34 * 86_400_000 && pttl <= 35 * 86_400_000,
+        "dims PTTL {pttl}"
+    );
+}
