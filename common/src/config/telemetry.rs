@@ -58,9 +58,6 @@ pub struct Dimension {
 /// The sources that all mean the end user: the dimension `user`.
 const USER_SOURCES: [&str; 3] = ["body:user", "header:x-user-id", "jwt:sub"];
 
-/// The value that stands for every value past the cap.
-pub const OTHER_VALUE: &str = "other";
-
 impl TelemetryConfig {
     /// The configured dimensions, in order (several may share a name: the first present wins).
     pub fn parsed_dimensions(&self) -> Result<Vec<Dimension>, ConfigError> {
