@@ -23,7 +23,13 @@ impl Dims {
     /// Adds one request's usage under each of its dimension values.
     pub(super) fn add(&mut self, consumer: &str, u: &UsageDelta) {
         let Some(d) = &u.dims else { return };
-        let day = self.days.entry((consumer.to_string(), u.day)).or_default();
+        let key = (consumer.to_string(), u.day);
+        if !self.days.contains_key(&key) {
+            // A new day: forget the days past the retention, as their keys' TTL does in Redis.
+            let oldest = first_kept_day(u.day, d.retention_days);
+            self.days.retain(|(_, day), _| *day >= oldest);
+        }
+        let day = self.days.entry(key).or_default();
         for (dim, value) in &d.values {
             let kept = day.kept.entry(dim.clone()).or_default();
             let value = if value == OTHER_DIM_VALUE
@@ -60,5 +66,53 @@ impl Dims {
                 counts,
             })
             .collect()
+    }
+}
+
+/// The first `YYYYMMDD` still kept on `day` with `retention_days` of retention.
+fn first_kept_day(day: u32, retention_days: u32) -> u32 {
+    let Some(date) =
+        chrono::NaiveDate::from_ymd_opt((day / 10_000) as i32, day / 100 % 100, day % 100)
+    else {
+        return 0;
+    };
+    let first = date - chrono::Days::new(u64::from(retention_days.max(1)) - 1);
+    use chrono::Datelike;
+    first.year() as u32 * 10_000 + first.month() * 100 + first.day()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delta(day: u32, user: &str) -> UsageDelta {
+        UsageDelta {
+            day,
+            team: "t".into(),
+            counts: UsageCounts {
+                requests: 1,
+                ..Default::default()
+            },
+            dims: Some(DimUsage {
+                values: vec![("user".into(), user.into())],
+                cap: 10,
+                retention_days: 35,
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Days past the retention are forgotten once a new day is written, like expired keys.
+    #[test]
+    fn old_days_expire() {
+        assert_eq!(first_kept_day(20260305, 35), 20260130);
+        assert_eq!(first_kept_day(20260101, 1), 20260101);
+        let mut d = Dims::default();
+        d.add("c", &delta(20260101, "a"));
+        d.add("c", &delta(20260204, "b"));
+        assert_eq!(d.rows(0, 99999999).len(), 2, "34 days apart: both kept");
+        d.add("c", &delta(20260205, "c"));
+        let days: Vec<u32> = d.rows(0, 99999999).iter().map(|r| r.day).collect();
+        assert_eq!(days, [20260204, 20260205]);
     }
 }
