@@ -19,6 +19,7 @@
 //! - [`mcp`] — agents' tool traffic: REST APIs exported as tools (OpenAPI → MCP).
 //! - [`proxy`] — forwarding with failover; the response tap that reads usage.
 //! - [`record`] — the per-request record handed from stage to stage.
+//! - [`dimensions`] — `[telemetry] dimensions`: the end user, the app; read at admission.
 //! - [`usage`] — the meter, settle, cost and usage totals, off the request path.
 //! - [`telemetry`] — Prometheus at `/metrics`, OTLP spans, metrics and usage log records.
 //! - [`budgets`] — around the reservation: `x-budget-remaining`, budget gauges, thresholds.
@@ -39,6 +40,7 @@ pub mod cli;
 pub mod clock;
 pub mod connections;
 pub mod credentials;
+pub mod dimensions;
 pub mod error;
 pub mod estimate;
 pub mod gateway;

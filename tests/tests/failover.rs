@@ -70,6 +70,7 @@ fn usage(id: &str, requests: u64) -> Settlement {
                 requests,
                 ..UsageCounts::default()
             },
+            dims: None,
         }),
     }
 }

@@ -75,6 +75,8 @@ pub struct Identity {
     pub team: Option<String>,
     /// Models of `model_claims` whose claims this token does not carry.
     pub models_denied: Vec<String>,
+    /// The token's claims, for `jwt:CLAIM` dimensions (`[telemetry] dimensions`).
+    pub claims: Map<String, Value>,
 }
 
 impl Identity {
@@ -257,6 +259,7 @@ impl JwtAuth {
                 consumer,
                 team,
                 models_denied,
+                claims,
             },
             exp,
         ))

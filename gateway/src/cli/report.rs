@@ -75,6 +75,8 @@ pub fn render_report(
         By::Backend => ("backend", |r| r.backend.clone()),
         By::Day => ("day", |r| fmt_day(r.day)),
         By::Ptu => return ptu::render(&ptu::allocate(ptus, rows, period), format),
+        // Dimensions have rows of their own (`Store::dimension_usage`): see `super::dims`.
+        By::Dimension(_) => return String::new(),
     };
     render_usage(rows, label, key, format)
 }
@@ -198,7 +200,7 @@ pub fn fmt_cost(pico: u128) -> String {
 }
 
 /// A CSV field, quoted when it holds a separator, a quote or a line break.
-fn csv_field(v: &str) -> String {
+pub(super) fn csv_field(v: &str) -> String {
     if v.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", v.replace('"', "\"\""))
     } else {

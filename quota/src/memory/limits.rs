@@ -369,6 +369,7 @@ impl MemoryStore {
                     backend: u.backend.clone(),
                 };
                 g.usage.entry(k).or_default().add(&u.counts);
+                g.dims.add(&s.consumer, u);
             }
         }
         Ok(())

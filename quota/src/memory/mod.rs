@@ -6,11 +6,13 @@
 //!   twins of `reserve.lua` and `settle.lua`.
 //! - [`breaker`]: circuits, the twins of the `breaker_*.lua` scripts.
 //! - [`budget`]: the team step and team settlements (twins of `team_*.lua`), alert claims.
+//! - [`dims`]: per-dimension usage with its cap (the twin of the `dims` part of `settle.lua`).
 //!
 //! Everything is behind one short mutex, never held across an await.
 
 mod breaker;
 mod budget;
+mod dims;
 mod limits;
 
 use crate::model::*;
@@ -60,6 +62,8 @@ struct Inner {
     buckets: HashMap<String, Bucket>,
     quotas: HashMap<String, QuotaUse>,
     usage: HashMap<UsageKey, UsageCounts>,
+    /// Per-dimension usage (`tg:dims:{ID}:YYYYMMDD`).
+    dims: dims::Dims,
     /// Key hashes seeded from configuration, per consumer (`tg:seedkeys:{ID}`).
     seeded_keys: HashMap<String, std::collections::HashSet<String>>,
     seeded: bool,
@@ -222,6 +226,10 @@ impl Store for MemoryStore {
             ))
         });
         Ok(rows)
+    }
+
+    async fn dimension_usage(&self, since: u32, until: u32) -> Result<Vec<DimRow>> {
+        Ok(self.inner.lock().dims.rows(since, until))
     }
 
     async fn heartbeat(&self, _replica: &str, _ttl_ms: u64) -> Result<u32> {
