@@ -77,6 +77,8 @@ pub fn render_report(
         By::Ptu => return ptu::render(&ptu::allocate(ptus, rows, period), format),
         // Tool calls have their own totals (`super::tools`); the token report has none.
         By::Server | By::Tool => ("model", |r| r.model.clone()),
+        // Dimensions have rows of their own (`Store::dimension_usage`): see `super::dims`.
+        By::Dimension(_) => return String::new(),
     };
     render_usage(rows, label, key, format)
 }

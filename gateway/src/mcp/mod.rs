@@ -18,12 +18,14 @@
 //! - [`streams`]: GET and DELETE. [`discovery`]: OAuth protected-resource metadata, 401s.
 //! - [`renew`]: upstream sessions renewed when an upstream lost them.
 //! - [`tools`]: tool lists (pages, filters) and which tools exist.
+//! - [`openapi`]: a REST API described by an OpenAPI document, as tools.
 
 pub mod calls;
 pub mod discovery;
 pub mod federate;
 pub mod glob;
 pub mod jsonrpc;
+pub mod openapi;
 pub mod renew;
 pub mod serve;
 pub mod session;
