@@ -41,7 +41,7 @@ impl Secrets {
         let mut plain = Vec::new();
         for b in &config.backends {
             let var = match &b.auth {
-                BackendAuth::ApiKey { key_env } => Some(key_env),
+                BackendAuth::ApiKey { key_env, .. } => Some(key_env),
                 BackendAuth::Bearer { token_env } => Some(token_env),
                 BackendAuth::Oauth2ClientCredentials {
                     client_secret_env, ..

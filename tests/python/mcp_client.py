@@ -1,7 +1,7 @@
 """The official MCP Python SDK as a client of the tollgate MCP gateway (tests/tests/mcp.rs).
 Prints one JSON object on stdout.
 
-  tools  --url U [--key K | --bearer T]                   the tool names listed
+  tools  --url U [--key K | --bearer T]                   the tool names listed, their schemas
   call   --url U [--key K | --bearer T] --tool T [--args JSON]
   hop    --urls U1,U2,.. --key K --tool T [--args JSON]    one session, each request to the next URL
   burst  --urls U1,U2,.. --key K --tool T --n N            N concurrent calls spread over the URLs
@@ -108,7 +108,9 @@ async def main() -> None:
     out: dict = {}
     if a.cmd == "tools":
         async with client(a.url, a) as c:
-            out["tools"] = sorted(t.name for t in (await c.list_tools()).tools)
+            listed = (await c.list_tools()).tools
+            out["tools"] = sorted(t.name for t in listed)
+            out["schemas"] = {t.name: t.input_schema for t in listed}
             out["server"] = c.session.server_info.name if c.session.server_info else None
     elif a.cmd == "call":
         try:

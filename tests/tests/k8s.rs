@@ -227,7 +227,7 @@ fn secrets_reach_every_env_the_config_names() {
     wanted.extend(config.consumers.iter().filter_map(|c| c.key_env.clone()));
     for b in &config.backends {
         match &b.auth {
-            BackendAuth::ApiKey { key_env } => wanted.push(key_env.clone()),
+            BackendAuth::ApiKey { key_env, .. } => wanted.push(key_env.clone()),
             BackendAuth::Bearer { token_env } => wanted.push(token_env.clone()),
             BackendAuth::Oauth2ClientCredentials {
                 client_secret_env, ..

@@ -68,6 +68,10 @@ pub enum BackendAuth {
     None,
     ApiKey {
         key_env: String,
+        /// The header the key is sent in; unset = the backend's usual one (`api-key` for
+        /// Azure and MCP servers, `Authorization: Bearer` for OpenAI-style backends).
+        #[serde(default)]
+        header: Option<String>,
     },
     Bearer {
         token_env: String,

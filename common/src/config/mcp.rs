@@ -7,14 +7,29 @@ use super::{BackendAuth, Config, ConfigError};
 use serde::Deserialize;
 use std::collections::HashSet;
 
-/// One upstream MCP server over streamable HTTP.
+/// One upstream: an MCP server over streamable HTTP (`url`), or a REST API described by an
+/// OpenAPI document whose operations become tools (`openapi`, docs/OPENAPI.md). Exactly one of
+/// the two is set.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct McpServerConfig {
     /// The `{server}` of `/mcp/{server}` and the prefix of its tools on `/mcp` (`name__tool`).
     pub name: String,
     /// The server's MCP endpoint, e.g. `http://127.0.0.1:9100/mcp`.
-    pub url: String,
+    #[serde(default)]
+    pub url: Option<String>,
+    /// An OpenAPI 3.0/3.1 document (JSON or YAML file) whose operations are served as tools.
+    #[serde(default)]
+    pub openapi: Option<String>,
+    /// With `openapi`: where requests go, replacing the document's `servers[0].url`.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// With `openapi`: which operations become tools (globs on the `operationId`).
+    #[serde(default = "all_tools")]
+    pub operations: Vec<String>,
+    /// With `openapi`: the most of a response body passed on (the rest is cut with a note).
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
     /// The credential the gateway sends it (the client's never is).
     #[serde(default)]
     pub auth: BackendAuth,
@@ -28,6 +43,10 @@ pub struct McpServerConfig {
 
 fn all_tools() -> Vec<String> {
     vec!["*".into()]
+}
+
+fn default_max_response_bytes() -> usize {
+    1024 * 1024
 }
 
 fn default_timeout_ms() -> u64 {
@@ -88,20 +107,37 @@ impl Config {
                     format!("duplicate MCP server {:?}", s.name),
                 ));
             }
-            let parsed = s.url.parse::<http::Uri>().ok();
-            if !parsed.as_ref().is_some_and(|u| {
-                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
-            }) {
-                return Err(ConfigError::new(
-                    at("url"),
-                    "expected an http:// or https:// URL",
-                ));
+            match (&s.url, &s.openapi) {
+                (Some(url), None) => check_url(url, &at("url"))?,
+                (None, Some(doc)) => {
+                    if doc.is_empty() {
+                        return Err(ConfigError::new(at("openapi"), "empty path"));
+                    }
+                    if let Some(b) = &s.base_url {
+                        check_url(b, &at("base_url"))?;
+                    }
+                }
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::new(
+                        at("openapi"),
+                        "set either url (an MCP server) or openapi (a REST API), not both",
+                    ));
+                }
+                (None, None) => {
+                    return Err(ConfigError::new(
+                        at("url"),
+                        "set url (an MCP server) or openapi (a REST API described by OpenAPI)",
+                    ));
+                }
             }
-            if parsed.is_some_and(|u| u.authority().is_some_and(|a| a.as_str().contains('@'))) {
-                return Err(ConfigError::new(
-                    at("url"),
-                    "credentials in the URL are not allowed; use `auth`",
-                ));
+            if s.url.is_some() && s.base_url.is_some() {
+                return Err(ConfigError::new(at("base_url"), "only with openapi"));
+            }
+            if s.operations.iter().any(|t| t.is_empty()) {
+                return Err(ConfigError::new(at("operations"), "empty pattern"));
+            }
+            if s.max_response_bytes == 0 {
+                return Err(ConfigError::new(at("max_response_bytes"), "must be > 0"));
             }
             if s.timeout_ms == 0 {
                 return Err(ConfigError::new(at("timeout_ms"), "must be > 0"));
@@ -128,4 +164,22 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// An absolute http(s) URL without credentials.
+fn check_url(url: &str, at: &str) -> Result<(), ConfigError> {
+    let parsed = url.parse::<http::Uri>().ok();
+    if !parsed
+        .as_ref()
+        .is_some_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some())
+    {
+        return Err(ConfigError::new(at, "expected an http:// or https:// URL"));
+    }
+    if parsed.is_some_and(|u| u.authority().is_some_and(|a| a.as_str().contains('@'))) {
+        return Err(ConfigError::new(
+            at,
+            "credentials in the URL are not allowed; use `auth`",
+        ));
+    }
+    Ok(())
 }

@@ -50,8 +50,20 @@ impl Credential {
         };
         match auth {
             BackendAuth::None => Ok(Credential::None),
-            BackendAuth::ApiKey { key_env } => {
+            BackendAuth::ApiKey {
+                key_env,
+                header: custom,
+            } => {
                 let key = env(key_env)?;
+                if let Some(h) = custom {
+                    let h = h.to_ascii_lowercase();
+                    if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                        anyhow::bail!("{at}.auth.header: {h:?} is not a valid header name");
+                    }
+                    // Built once per configured server at start: the name lives as long as
+                    // the process.
+                    return header(Box::leak(h.into_boxed_str()), key.expose().to_string());
+                }
                 match api {
                     BackendApi::Azure => header("api-key", key.expose().to_string()),
                     BackendApi::Openai => {

@@ -372,6 +372,11 @@ pub async fn call(
         span,
         done: false,
     };
+    if let Some(rest) = &u.rest {
+        let answer = super::rest::call(rest, id, &body, tool).await;
+        record.finish(Outcome::of(&answer));
+        return json(answer);
+    }
     match s.mcp.send(u, &carry, body).await {
         Ok(Some(reply)) => {
             let observe = Box::new(move |answer: &Value| {

@@ -78,8 +78,13 @@ pub async fn initialize(s: &McpState, who: &Who, id: Value, msg: &Message) -> Re
         .filter(|u| who.tools.allow.reaches(&u.name))
         .collect();
     let answers = join_all(reached.iter().map(|u| {
-        let (body, id) = (body.clone(), id.clone());
+        let (body, id, version) = (body.clone(), id.clone(), version.clone());
         async move {
+            if u.rest.is_some() {
+                // A REST API: no upstream session; the gateway speaks for it.
+                let answer = json!({"result": {"protocolVersion": version}});
+                return (u, Ok((answer, None)));
+            }
             let carry = Carry::default();
             (u, exchange(s, u, &carry, body, &id).await)
         }

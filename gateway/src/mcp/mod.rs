@@ -18,7 +18,8 @@
 //! - [`streams`]: GET and DELETE. [`discovery`]: OAuth protected-resource metadata, 401s.
 //! - [`renew`]: upstream sessions renewed when an upstream lost them.
 //! - [`tools`]: tool lists (pages, filters) and which tools exist.
-//! - [`openapi`]: a REST API described by an OpenAPI document, as tools.
+//! - [`openapi`]: a REST API described by an OpenAPI document, as tools. [`rest`]: such an
+//!   API as an upstream the gateway answers for (`[[mcp_servers]]` with `openapi`).
 
 pub mod calls;
 pub mod discovery;
@@ -27,6 +28,7 @@ pub mod glob;
 pub mod jsonrpc;
 pub mod openapi;
 pub mod renew;
+pub mod rest;
 pub mod serve;
 pub mod session;
 pub mod streams;
@@ -92,12 +94,17 @@ impl Mcp {
             if let Credential::Token(p) = &credential {
                 p.start().map_err(|e| anyhow::anyhow!("{at}.auth: {e}"))?;
             }
+            let rest = match &s.openapi {
+                Some(doc) => Some(Arc::new(rest::load(s, doc, credential.clone())?)),
+                None => None,
+            };
             upstreams.push(Arc::new(Upstream {
                 name: s.name.clone(),
-                url: s.url.clone(),
+                url: s.url.clone().unwrap_or_default(),
                 tools: s.tools.clone(),
                 timeout: Duration::from_millis(s.timeout_ms),
                 credential,
+                rest,
             }));
         }
         let sealer = match &config.mcp.session_key_env {

@@ -152,6 +152,9 @@ pub async fn post(s: McpState, route: Option<String>, headers: HeaderMap, body: 
         }
         if method == "initialize" {
             return match &upstream {
+                Some(u) if u.rest.is_some() => {
+                    super::rest::initialize(&s, &who, u, id.clone(), &msg)
+                }
                 Some(u) => initialize_one(&s, &who, u, id.clone(), body, &headers).await,
                 None => super::federate::initialize(&s, &who, id.clone(), &msg).await,
             };
@@ -177,6 +180,7 @@ pub async fn post(s: McpState, route: Option<String>, headers: HeaderMap, body: 
     };
     let traceparent = headers.get("traceparent").cloned();
     match upstream {
+        Some(u) if u.rest.is_some() => super::rest::one(&s, &who, &u, msg, body, &headers).await,
         Some(u) => one(&s, &who, &sess, &u, msg, body, traceparent, &headers).await,
         None => super::federate::dispatch(&s, &who, &sess, msg, &headers).await,
     }

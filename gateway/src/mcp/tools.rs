@@ -49,6 +49,9 @@ async fn fetch(
     carry: &Carry<'_>,
     id: &Value,
 ) -> Result<Vec<Value>, Result<Value, Fault>> {
+    if let Some(rest) = &u.rest {
+        return Ok(rest.list());
+    }
     let mut tools = Vec::new();
     let mut cursor: Option<Value> = None;
     for _ in 0..MAX_PAGES {
@@ -104,6 +107,9 @@ pub async fn callable(
 ) -> bool {
     if !(glob::any(&u.tools, tool) && who.tools.allow.allows(&u.name, tool)) {
         return false;
+    }
+    if let Some(rest) = &u.rest {
+        return rest.catalog().tools.contains_key(tool);
     }
     if let Some(known) = s.mcp.known.exists(&u.name, tool) {
         return known;

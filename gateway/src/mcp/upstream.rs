@@ -5,11 +5,13 @@
 //! bounded in size.
 
 use super::jsonrpc;
+use super::openapi::OpenApiTools;
 use crate::credentials::Credential;
 use bytes::{Bytes, BytesMut};
 use futures::stream::{BoxStream, StreamExt};
 use http::{HeaderMap, HeaderValue};
 use serde_json::Value;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The largest SSE event or JSON body taken from an upstream.
@@ -61,6 +63,9 @@ pub struct Upstream {
     pub tools: Vec<String>,
     pub timeout: Duration,
     pub credential: Credential,
+    /// Set for a REST API exported from its OpenAPI document (`openapi`): the gateway answers
+    /// for it ([`super::rest`]); there is no MCP endpoint, `url` is empty.
+    pub rest: Option<Arc<OpenApiTools>>,
 }
 
 /// What the gateway carries to an upstream besides the message.
@@ -108,6 +113,9 @@ impl Upstream {
         carry: &Carry<'_>,
         body: Bytes,
     ) -> Result<Option<Reply>, Fault> {
+        if self.rest.is_some() {
+            return Err(Fault::Garbage("a REST API, not an MCP server".into()));
+        }
         let headers = self.headers(carry).await?;
         let req = client
             .post(&self.url)
@@ -130,6 +138,9 @@ impl Upstream {
         client: &reqwest::Client,
         carry: &Carry<'_>,
     ) -> Result<Option<Reply>, Fault> {
+        if self.rest.is_some() {
+            return Ok(None);
+        }
         let headers = self.headers(carry).await?;
         let req = client
             .get(&self.url)
@@ -146,6 +157,9 @@ impl Upstream {
 
     /// Ends the upstream session (DELETE); a failure only logs.
     pub async fn delete(&self, client: &reqwest::Client, carry: &Carry<'_>) {
+        if self.rest.is_some() {
+            return;
+        }
         let Ok(headers) = self.headers(carry).await else {
             return;
         };

@@ -1,6 +1,9 @@
 //! The orders REST service of the OpenAPI tests: an axum app on a free port that records every
 //! request (method, raw path, query, headers, body) and answers by raw path, plus the spec and
-//! credential the tests load deploy/examples/orders-openapi.yaml with.
+//! credential the tests load deploy/examples/orders-openapi.yaml with. Shared by
+//! openapi_tools.rs (the core in process) and openapi_mcp.rs (through a gateway), each using
+//! part of it.
+#![allow(dead_code)]
 
 use axum::body::{Body, to_bytes};
 use axum::extract::{Request, State};
