@@ -250,3 +250,34 @@ async fn rest_api_served_as_mcp_tools() {
     assert_eq!(row["team"], "ops", "{row}");
     assert_eq!(row["errors"], 2, "the 404 and the invalid arguments: {row}");
 }
+
+/// A broken document fails start-up, the error naming the file and the JSON pointer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_document_fails_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("orders-broken.yaml");
+    let text = std::fs::read_to_string(document()).unwrap();
+    let text = text.replacen(
+        "$ref: \"#/components/schemas/NewOrder\"",
+        "$ref: \"#/components/schemas/Nope\"",
+        1,
+    );
+    std::fs::write(&broken, text).unwrap();
+    let server = format!(
+        "[[mcp_servers]]\nname = \"orders\"\nopenapi = \"{}\"\nbase_url = \"http://127.0.0.1:9\"\n",
+        broken.display()
+    );
+    let e = Harness::new()
+        .config(&server)
+        .consumer("agent", "mcp_tools = [\"orders.*\"]")
+        .start()
+        .await
+        .err()
+        .expect("start-up fails");
+    let e = format!("{e:#}");
+    assert!(e.contains("orders-broken.yaml"), "{e}");
+    assert!(
+        e.contains("/paths/~1orders/post/requestBody"),
+        "the JSON pointer: {e}"
+    );
+}

@@ -304,3 +304,48 @@ fn mcp_servers_are_checked() {
     let e = Config::from_toml(&format!("{GOOD}{mcp}tools_x = []\n")).unwrap_err();
     assert!(e.path.starts_with("mcp_servers"), "{e}");
 }
+
+/// `[[mcp_servers]]` with `openapi` (issue 16): the issue's example parses (an `api_key` in a
+/// named header); exactly one of `url` and `openapi`; `base_url` checked; errors name the key.
+#[test]
+fn openapi_servers_are_checked() {
+    let rest = "[[mcp_servers]]\nname = \"orders\"\nopenapi = \"deploy/orders-openapi.json\"\n\
+                base_url = \"http://127.0.0.1:9200\"\n\
+                auth = { type = \"api_key\", header = \"x-api-key\", key_env = \"ORDERS_KEY\" }\n\
+                operations = [\"*\"]\ntimeout_ms = 10000\n";
+    let c = Config::from_toml(&format!("{GOOD}{rest}")).unwrap();
+    let s = &c.mcp_servers[0];
+    assert_eq!(s.openapi.as_deref(), Some("deploy/orders-openapi.json"));
+    assert_eq!(s.url, None);
+    assert_eq!(s.operations, ["*"]);
+    assert_eq!(s.max_response_bytes, 1024 * 1024);
+    assert!(matches!(
+        &s.auth,
+        BackendAuth::ApiKey { header: Some(h), .. } if h == "x-api-key"
+    ));
+    for (toml, key) in [
+        (
+            rest.replace("openapi = ", "url = \"http://x/mcp\"\nopenapi = "),
+            "mcp_servers[0].openapi",
+        ),
+        (
+            rest.replace("openapi = \"deploy/orders-openapi.json\"\n", ""),
+            "mcp_servers[0].url",
+        ),
+        (
+            rest.replace("http://127.0.0.1:9200", "ftp://x"),
+            "mcp_servers[0].base_url",
+        ),
+        (
+            rest.replace("[\"*\"]", "[\"\"]"),
+            "mcp_servers[0].operations",
+        ),
+        (
+            format!("{rest}max_response_bytes = 0\n"),
+            "mcp_servers[0].max_response_bytes",
+        ),
+    ] {
+        let e = Config::from_toml(&format!("{GOOD}{toml}")).unwrap_err();
+        assert_eq!(e.path, key, "{toml}: {e}");
+    }
+}
