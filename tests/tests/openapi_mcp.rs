@@ -281,3 +281,77 @@ async fn broken_document_fails_start_up() {
         "the JSON pointer: {e}"
     );
 }
+
+/// SIGHUP reads the document again: a changed document changes the tools; a broken one
+/// leaves them as they were and the gateway keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_document() {
+    let orders = Orders::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let doc = dir.path().join("orders.yaml");
+    let original = std::fs::read_to_string(document()).unwrap();
+    std::fs::write(&doc, &original).unwrap();
+    let server = format!(
+        "[[mcp_servers]]\nname = \"orders\"\nopenapi = \"{}\"\nbase_url = \"{}\"\n",
+        doc.display(),
+        orders.url
+    );
+    let h = Harness::new()
+        .config(&server)
+        .consumer("agent", "mcp_tools = [\"orders.*\"]")
+        .start()
+        .await
+        .expect("gateway");
+    let (key, url) = (key_for("agent"), format!("{}/mcp/orders", h.url(0)));
+    let pid = h.gateways[0].pid().expect("a process").to_string();
+    let names = || async {
+        let v = client(&["tools", "--url", &url, "--key", &key]).await;
+        v["tools"].clone()
+    };
+    assert!(
+        names()
+            .await
+            .as_array()
+            .unwrap()
+            .contains(&json!("getOrder"))
+    );
+    let hup = || {
+        let ok = std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -HUP");
+    };
+
+    std::fs::write(
+        &doc,
+        original.replace("operationId: getOrder", "operationId: fetchOrder"),
+    )
+    .unwrap();
+    hup();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let renamed = loop {
+        let n = names().await;
+        if n.as_array().unwrap().contains(&json!("fetchOrder")) || Instant::now() > deadline {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        renamed.as_array().unwrap().contains(&json!("fetchOrder")),
+        "{renamed}"
+    );
+    assert!(
+        !renamed.as_array().unwrap().contains(&json!("getOrder")),
+        "{renamed}"
+    );
+
+    std::fs::write(&doc, "openapi: [not, a, document").unwrap();
+    hup();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(names().await, renamed, "a broken document keeps the tools");
+    let got = call(&url, &key, "fetchOrder", json!({"id": "o-3"})).await;
+    assert_eq!(got["result"]["is_error"], false, "{got}");
+    assert_eq!(orders.seen().last().unwrap().path, "/orders/o-3");
+}

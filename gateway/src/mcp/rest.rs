@@ -43,6 +43,50 @@ pub fn load(
     Ok(tools)
 }
 
+/// On SIGHUP every OpenAPI document is read again, off the runtime; a document that no
+/// longer loads leaves its server's tools as they were, with an error logged.
+pub fn reload_on_sighup(mcp: &super::Mcp) {
+    let apis: Vec<(String, Arc<OpenApiTools>)> = mcp
+        .upstreams
+        .iter()
+        .filter_map(|u| Some((u.name.clone(), u.rest.clone()?)))
+        .collect();
+    if apis.is_empty() {
+        return;
+    }
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGHUP handler: OpenAPI documents load at start only");
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                for (name, api) in &apis {
+                    match api.reload_async().await {
+                        Ok(c) => {
+                            for w in &c.warnings {
+                                tracing::warn!(server = %name, "{w}");
+                            }
+                            tracing::info!(server = %name, tools = c.tools.len(), "OpenAPI document reloaded");
+                        }
+                        Err(e) => tracing::error!(
+                            server = %name, error = %format!("{e:#}"),
+                            "OpenAPI document not reloaded; the previous tools stay"
+                        ),
+                    }
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    drop(apis);
+}
+
 /// The protocol version answered to a client asking for `requested`.
 pub fn negotiate(requested: Option<&str>) -> String {
     match requested {

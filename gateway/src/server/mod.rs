@@ -325,6 +325,7 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
     });
     // The MCP routes hold their own state beside the gateway's (`mcp` reads the gateway).
     let mcp = crate::mcp::Mcp::build(&gw.config)?;
+    crate::mcp::rest::reload_on_sighup(&mcp);
     let metrics_mcp = mcp.metrics.clone();
     Ok((
         router(gw.clone(), Some(metrics_mcp)).merge(crate::mcp::router(gw.clone(), mcp)),
