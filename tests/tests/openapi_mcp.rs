@@ -115,6 +115,33 @@ async fn rest_api_served_as_mcp_tools() {
     );
     assert!(seen[0].headers.get("authorization").is_none());
 
+    // The key as `Authorization: Bearer` to the gateway: not forwarded either.
+    let bearer = client(&[
+        "call",
+        "--url",
+        &one,
+        "--bearer",
+        &key,
+        "--tool",
+        "getOrder",
+        "--args",
+        r#"{"id":"o-8"}"#,
+    ])
+    .await;
+    assert_eq!(bearer["result"]["is_error"], false, "{bearer}");
+    let seen = orders.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[1].headers["x-api-key"], KEY);
+    assert!(
+        seen[1].headers.get("authorization").is_none(),
+        "the client's Authorization stays"
+    );
+    let sent = format!("{:?}", seen[1].headers);
+    assert!(
+        !sent.contains(&key),
+        "the client's key reached the API: {sent}"
+    );
+
     // A query parameter and a JSON body.
     let listed = call(&one, &key, "listOrders", json!({"status": "open"})).await;
     assert_eq!(listed["result"]["is_error"], false, "{listed}");
@@ -131,14 +158,14 @@ async fn rest_api_served_as_mcp_tools() {
         "{created}"
     );
     let seen = orders.seen();
-    assert_eq!(seen.len(), 3, "{seen:?}");
-    assert_eq!(seen[1].path, "/orders");
-    assert_eq!(seen[1].query.as_deref(), Some("status=open"));
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert_eq!(seen[2].path, "/orders");
+    assert_eq!(seen[2].query.as_deref(), Some("status=open"));
     assert_eq!(
-        (seen[2].method.as_str(), seen[2].path.as_str()),
+        (seen[3].method.as_str(), seen[3].path.as_str()),
         ("POST", "/orders")
     );
-    let body: Value = serde_json::from_str(&seen[2].body).unwrap();
+    let body: Value = serde_json::from_str(&seen[3].body).unwrap();
     assert_eq!(body, json!({"item": "pen", "qty": 2}));
 
     // A 404 is a tool error; a traversal attempt stays inside the template.
@@ -151,8 +178,8 @@ async fn rest_api_served_as_mcp_tools() {
     let escape = call(&one, &key, "getOrder", json!({"id": "../admin"})).await;
     assert_eq!(escape["result"]["is_error"], false, "{escape}");
     let seen = orders.seen();
-    assert_eq!(seen.len(), 5, "{seen:?}");
-    assert_eq!(seen[4].path, "/orders/..%2Fadmin");
+    assert_eq!(seen.len(), 6, "{seen:?}");
+    assert_eq!(seen[5].path, "/orders/..%2Fadmin");
     assert!(seen.iter().all(|s| s.path != "/admin"));
 
     // Invalid arguments: -32602 and no request at all.
@@ -164,7 +191,7 @@ async fn rest_api_served_as_mcp_tools() {
         let bad = call(&one, &key, tool, args.clone()).await;
         assert_eq!(bad["error"]["code"], -32602, "{tool} {args}: {bad}");
     }
-    assert_eq!(orders.seen().len(), 5, "invalid arguments sent nothing");
+    assert_eq!(orders.seen().len(), 6, "invalid arguments sent nothing");
 
     // Federated: `orders__getOrder` among the tools, callable.
     let fed = format!("{base}/mcp");
@@ -223,8 +250,8 @@ async fn rest_api_served_as_mcp_tools() {
         "only admitted calls reach it"
     );
 
-    // Usage: the calls by tool. The agent's getOrder: o-7, 404, ../admin, o-9 and the call
-    // refused for its arguments = 5 calls, 2 errors. The limited caller's refused call is not
+    // Usage: the calls by tool. The agent's getOrder: o-7, o-8, 404, ../admin, o-9 and the
+    // call refused for its arguments = 6 calls, 2 errors. The limited caller's refused call is not
     // a call.
     let deadline = Instant::now() + Duration::from_secs(10);
     let row = loop {
@@ -241,7 +268,7 @@ async fn rest_api_served_as_mcp_tools() {
             .flatten()
             .any(|r| r["tool"] == "getOrder" && r["consumer"] == "limited" && r["calls"] == 2);
         match row {
-            Some(r) if r["calls"] == 5 && limited => break r,
+            Some(r) if r["calls"] == 6 && limited => break r,
             r if Instant::now() > deadline => panic!("getOrder rows not as expected: {r:?} {v}"),
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }

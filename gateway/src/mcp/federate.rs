@@ -161,7 +161,8 @@ pub async fn dispatch(
             "tools/call" => call(s, who, sess, id, msg, headers).await,
             "logging/setLevel" => {
                 let body = Bytes::from(msg.to_string());
-                join_all(members(s, who, sess).into_iter().map(|(u, p)| {
+                let mcp_members = members(s, who, sess).into_iter();
+                join_all(mcp_members.filter(|(u, _)| u.rest.is_none()).map(|(u, p)| {
                     let (body, id) = (body.clone(), id.clone());
                     async move { exchange(s, u, &carry(sess, p, headers), body, &id).await }
                 }))
@@ -183,7 +184,8 @@ pub async fn dispatch(
         // has it acts and the others ignore it), `roots/list_changed`: to every member.
         Message::Notification { msg, .. } => {
             let body = Bytes::from(msg.to_string());
-            join_all(members(s, who, sess).into_iter().map(|(u, p)| {
+            let mcp_members = members(s, who, sess).into_iter();
+            join_all(mcp_members.filter(|(u, _)| u.rest.is_none()).map(|(u, p)| {
                 let body = body.clone();
                 async move {
                     if let Err(f) = s.mcp.send(u, &carry(sess, p, headers), body).await {
