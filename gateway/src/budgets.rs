@@ -2,12 +2,14 @@
 //! `x-budget-remaining` header, the budget gauges, and the thresholds handed to [`alerts`]
 //! (compared here, delivered off the request path).
 
+use crate::alerts::Use;
 use crate::auth::Caller;
 use crate::error::Error;
 use crate::gateway::Gateway;
 use crate::limits::Reserved;
 use http::HeaderValue;
-use tollgate_quota::{BudgetScope, units_from_nano};
+use tollgate_common::config::AlertEvent;
+use tollgate_quota::{BudgetScope, Period, units_from_nano};
 
 /// After an admission: alerts for thresholds crossed, gauges, and the header value (the least
 /// left of the consumer's and the team's budgets, in currency units).
@@ -47,8 +49,7 @@ pub fn refused(gw: &Gateway, caller: &Caller, e: &Error) {
         .clone()
         .or_else(|| gw.limits.known_team(consumer))
         .unwrap_or_default();
-    let now = crate::clock::now_ms();
-    match e {
+    let (event, scope, id, limit, unit, period, retry_after_ms) = match e {
         Error::BudgetExceeded {
             scope,
             id,
@@ -56,22 +57,39 @@ pub fn refused(gw: &Gateway, caller: &Caller, e: &Error) {
             period,
             retry_after_ms,
             ..
-        } => {
-            let team = if *scope == "team" { id.as_str() } else { &team };
-            gw.alerts.budget_spent(
-                scope,
-                id,
-                team,
-                consumer,
-                *limit,
-                period,
-                *retry_after_ms,
-                now,
-            );
-        }
-        Error::QuotaExceeded { retry_after_ms } => {
-            gw.alerts.quota_spent(consumer, &team, *retry_after_ms, now);
-        }
-        _ => {}
-    }
+        } => (
+            AlertEvent::Budget,
+            *scope,
+            id.as_str(),
+            *limit,
+            gw.alerts.currency(),
+            Period::parse(period),
+            *retry_after_ms,
+        ),
+        // A spent token quota says neither its size nor its period.
+        Error::QuotaExceeded { retry_after_ms } => (
+            AlertEvent::Quota,
+            "consumer",
+            consumer,
+            0.0,
+            "tokens",
+            None,
+            *retry_after_ms,
+        ),
+        _ => return,
+    };
+    let team = if scope == "team" { id } else { &team };
+    let u = Use {
+        event,
+        scope,
+        id,
+        team,
+        consumer,
+        used: 0.0,
+        limit,
+        unit,
+        period,
+        window_end: 0,
+    };
+    gw.alerts.refused(u, retry_after_ms, crate::clock::now_ms());
 }

@@ -20,6 +20,9 @@ pub struct Gateway {
     pub auth: Auth,
     pub routes: Routes,
     pub breakers: Arc<Breakers>,
+    /// Forwards requests to backends (hyper's client: [`crate::proxy::upstream`]).
+    pub upstream: crate::proxy::Upstream,
+    /// For the calls off the request path: embeddings for the cache, JWKS, webhooks.
     pub client: reqwest::Client,
     pub telemetry: Telemetry,
     pub tokenizer: Tokenizer,

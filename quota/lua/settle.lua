@@ -8,6 +8,8 @@
 -- KEYS[4]    tg:spend:{ID}            hash: w (budget window start, unix s), spent (nano-units)
 -- KEYS[5..]  tg:usage:{ID}:YYYYMMDD   hash: "<team>|<model>|<backend>|<metric>" -> integer
 --            tg:resv:{ID}:RID         reservation records (see reserve.lua)
+--            tg:dims:{ID}:YYYYMMDD    hash: "<dim>|<value>|<team>|<metric>" -> integer, and
+--                                     "#v|<dim>|<value>" (a value kept), "#n|<dim>" (how many)
 -- ARGV[1]    milliseconds added to Redis TIME (a test hook; 0 in production)
 -- ARGV[2]    usage retention in seconds (EXPIRE of every usage key written)
 -- ARGV[3]    n, the number of corrections that follow
@@ -24,6 +26,8 @@
 -- then m x   KEYS index of the usage key, "<team>|<model>|<backend>", in, out, cached, req, cost,
 --            saved, savedcost (the last two: tokens and cost a cache hit saved; written only
 --            when not 0)
+-- then, optionally, "dims", cap, retention in seconds, and k x: KEYS index of the dims key,
+--            dimension, value, team, in, out, cached, req, cost, saved, savedcost
 --
 -- Returns n, or -1 when this batch was applied before (a retry after a lost reply).
 --
@@ -33,7 +37,9 @@
 -- window; the budget's spend likewise by the cost delta in its own window. Usage counters only grow (HINCRBY), and every key written carries a TTL. A batch is
 -- applied at most once: a caller that lost the reply retries with the same batch id. A
 -- reservation with a record is corrected at most once (while the record lives), and never
--- after a tombstone.
+-- after a tombstone. A dimension keeps at most `cap` distinct values per consumer and day
+-- (the "#n" count only grows while below it, atomically with the check): any later value is
+-- counted as "other", on every replica alike.
 
 local function int(x)
   return string.format('%d', x)
@@ -125,7 +131,7 @@ for _ = 1, n do
   end
 end
 
-while i + 8 <= #ARGV do
+while i + 8 <= #ARGV and ARGV[i] ~= 'dims' do
   local key = KEYS[tonumber(ARGV[i])]
   local prefix = ARGV[i + 1]
   redis.call('HINCRBY', key, prefix .. '|in', ARGV[i + 2])
@@ -141,5 +147,33 @@ while i + 8 <= #ARGV do
   end
   redis.call('EXPIRE', key, retention)
   i = i + 9
+end
+
+if ARGV[i] == 'dims' then
+  local cap = tonumber(ARGV[i + 1])
+  local dim_retention = ARGV[i + 2]
+  local metrics = {'in', 'out', 'cached', 'req', 'cost', 'saved', 'savedcost'}
+  i = i + 3
+  while i + 10 <= #ARGV do
+    local key = KEYS[tonumber(ARGV[i])]
+    local dim = ARGV[i + 1]
+    local value = ARGV[i + 2]
+    if value ~= 'other' and redis.call('HEXISTS', key, '#v|' .. dim .. '|' .. value) == 0 then
+      if (tonumber(redis.call('HGET', key, '#n|' .. dim)) or 0) < cap then
+        redis.call('HSET', key, '#v|' .. dim .. '|' .. value, '1')
+        redis.call('HINCRBY', key, '#n|' .. dim, 1)
+      else
+        value = 'other'
+      end
+    end
+    local prefix = dim .. '|' .. value .. '|' .. ARGV[i + 3] .. '|'
+    for j = 1, 7 do
+      if j <= 5 or ARGV[i + 3 + j] ~= '0' then
+        redis.call('HINCRBY', key, prefix .. metrics[j], ARGV[i + 3 + j])
+      end
+    end
+    redis.call('EXPIRE', key, dim_retention)
+    i = i + 11
+  end
 end
 return n

@@ -56,6 +56,28 @@ pub struct Budget {
     pub action: BudgetAction,
 }
 
+impl Budget {
+    /// The refusal of a blocking budget that `cost` would take past its limit (`spent` so far
+    /// in the window ending at `window_end`, unix s), as `reserve.lua` and `team_reserve.lua`
+    /// decide it; `None` when the cost fits or the budget only alerts.
+    pub fn refuse(
+        &self,
+        spent: i64,
+        cost: i64,
+        window_end: u64,
+        now_s: u64,
+    ) -> Option<BudgetRefusal> {
+        (self.action == BudgetAction::Block && spent + cost > self.limit_nano as i64).then(|| {
+            BudgetRefusal {
+                retry_after_ms: window_end.saturating_sub(now_s).max(1) * 1000,
+                remaining_nano: self.limit_nano as i64 - spent,
+                limit_nano: self.limit_nano,
+                period: self.period,
+            }
+        })
+    }
+}
+
 /// A budget as a reservation left it: the spend includes this reservation's estimate (and every
 /// other reservation in flight), so it is what may be spent at most once they settle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

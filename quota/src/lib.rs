@@ -124,6 +124,13 @@ pub trait Store: Send + Sync + 'static {
     /// Daily usage totals for `since..=until` (days as `YYYYMMDD`).
     fn usage(&self, since: u32, until: u32) -> impl Future<Output = Result<Vec<UsageRow>>> + Send;
 
+    /// Per-dimension usage rows for `since..=until` (see [`DimUsage`]).
+    fn dimension_usage(
+        &self,
+        since: u32,
+        until: u32,
+    ) -> impl Future<Output = Result<Vec<DimRow>>> + Send;
+
     /// Registers `replica` as alive for `ttl_ms` and returns how many replicas are alive
     /// (at least 1). Replicas use the count to share a limit while the store is unreachable.
     fn heartbeat(&self, replica: &str, ttl_ms: u64) -> impl Future<Output = Result<u32>> + Send;

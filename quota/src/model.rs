@@ -236,6 +236,38 @@ pub struct UsageDelta {
     pub model: String,
     pub backend: String,
     pub counts: UsageCounts,
+    /// The request's dimension values (`[telemetry] dimensions`), counted per value too.
+    pub dims: Option<DimUsage>,
+}
+
+/// The dimension values of a request's usage, and how the store keeps them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DimUsage {
+    /// (dimension, value): names of letters, digits and `-_.@`; values without `|` or
+    /// control characters, at most [`MAX_DIM_VALUE`] bytes.
+    pub values: Vec<(String, String)>,
+    /// Distinct values kept per dimension, consumer and day; the rest count as
+    /// [`OTHER_DIM_VALUE`].
+    pub cap: u32,
+    /// How long a day's rows are kept.
+    pub retention_days: u32,
+}
+
+/// The longest dimension value kept (bytes).
+pub const MAX_DIM_VALUE: usize = 128;
+
+/// What values past a dimension's cap are counted as.
+pub const OTHER_DIM_VALUE: &str = "other";
+
+/// One row of the per-dimension usage: a consumer's usage on a day under one value.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DimRow {
+    pub day: u32,
+    pub consumer: String,
+    pub team: String,
+    pub dimension: String,
+    pub value: String,
+    pub counts: UsageCounts,
 }
 
 /// One row of the daily usage totals.

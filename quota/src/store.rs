@@ -2,9 +2,9 @@
 //! gateway and the CLI hold one type whatever the store, and every operation dispatches to it.
 
 use crate::{
-    BreakerFailure, BreakerState, BudgetScope, ConsumerRecord, Credentials, Decision, Error,
-    MemoryStore, RedisOpts, RedisStore, ReserveRequest, Result, Settlement, Store, TeamDecision,
-    TeamRecord, TeamReserve, Topology, UsageRow,
+    BreakerFailure, BreakerState, BudgetScope, ConsumerRecord, Credentials, Decision, DimRow,
+    Error, MemoryStore, RedisOpts, RedisStore, ReserveRequest, Result, Settlement, Store,
+    TeamDecision, TeamRecord, TeamReserve, Topology, UsageRow,
 };
 use std::time::Duration;
 use tollgate_common::config::{StoreConfig, StoreKind, secret_from_env};
@@ -68,6 +68,9 @@ impl Store for AnyStore {
     }
     async fn usage(&self, since: u32, until: u32) -> Result<Vec<UsageRow>> {
         delegate!(self, s => s.usage(since, until).await)
+    }
+    async fn dimension_usage(&self, since: u32, until: u32) -> Result<Vec<DimRow>> {
+        delegate!(self, s => s.dimension_usage(since, until).await)
     }
     async fn heartbeat(&self, replica: &str, ttl_ms: u64) -> Result<u32> {
         delegate!(self, s => s.heartbeat(replica, ttl_ms).await)

@@ -5,10 +5,11 @@ Usage: python3 cache_sdk.py BASE_URL KEY
 Prints one line per check and exits non-zero on the first failure.
 """
 
-import sys
 import time
 
 from openai import OpenAI
+
+from sdk_checks import Checks, run
 
 
 def until_hit(call):
@@ -22,10 +23,8 @@ def until_hit(call):
         time.sleep(0.05)
 
 
-def main() -> int:
-    base, key = sys.argv[1], sys.argv[2]
+def main(base: str, key: str, checks: Checks) -> None:
     oai = OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
-    checks = 0
 
     msgs = [{"role": "user", "content": "What does the premium plan include?"}]
     raw = oai.chat.completions.with_raw_response.create(model="gpt-4o", messages=msgs, max_tokens=8)
@@ -37,8 +36,7 @@ def main() -> int:
     assert hit.choices[0].message.content == first.choices[0].message.content, hit
     assert hit.usage.completion_tokens == first.usage.completion_tokens, hit
     assert hit.id != first.id
-    checks += 1
-    print("chat hit ok")
+    checks.passed("chat hit ok")
 
     for include_usage in (False, True):
         extra = {"stream_options": {"include_usage": True}} if include_usage else {}
@@ -53,8 +51,7 @@ def main() -> int:
         else:
             assert not usage, usage
         assert chunks[-1 if not include_usage else -2].choices[0].finish_reason == first.choices[0].finish_reason
-        checks += 1
-        print("chat stream hit ok, include_usage", include_usage)
+        checks.passed("chat stream hit ok, include_usage", include_usage)
 
     raw = oai.responses.with_raw_response.create(model="gpt-4o", input="Name three colours.", max_output_tokens=8)
     first = raw.parse()
@@ -68,8 +65,7 @@ def main() -> int:
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert text == first.output_text, (text, first.output_text)
     assert events[-1].type == "response.completed" and events[-1].response.usage.output_tokens == first.usage.output_tokens
-    checks += 1
-    print("responses hit ok (json and stream)")
+    checks.passed("responses hit ok (json and stream)")
 
     raw = oai.completions.with_raw_response.create(model="gpt-4o", prompt="Once upon a time", max_tokens=6)
     first = raw.parse()
@@ -79,12 +75,8 @@ def main() -> int:
     assert hit.choices[0].text == first.choices[0].text, hit
     chunks = list(oai.completions.create(model="gpt-4o", prompt="Once upon a time", max_tokens=6, stream=True))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == first.choices[0].text
-    checks += 1
-    print("completions hit ok (json and stream)")
-
-    print(f"{checks} checks passed")
-    return 0
+    checks.passed("completions hit ok (json and stream)")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -4,15 +4,13 @@ Usage: python3 sdk_compat.py BASE_URL KEY
 Prints one line per check and exits non-zero on the first failure.
 """
 
-import sys
-
 import openai
 from openai import AzureOpenAI, OpenAI
 
+from sdk_checks import Checks, run
 
-def main() -> int:
-    base, key = sys.argv[1], sys.argv[2]
-    checks = 0
+
+def main(base: str, key: str, checks: Checks) -> None:
 
     oai = OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
     r = oai.chat.completions.create(
@@ -20,8 +18,7 @@ def main() -> int:
     )
     assert r.choices[0].message.content, r
     assert r.usage.completion_tokens == 5, r.usage
-    checks += 1
-    print("openai chat non-stream ok", r.usage.prompt_tokens, r.usage.completion_tokens)
+    checks.passed("openai chat non-stream ok", r.usage.prompt_tokens, r.usage.completion_tokens)
 
     chunks = list(
         oai.chat.completions.create(
@@ -31,8 +28,7 @@ def main() -> int:
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip(), chunks
     assert all(c.usage is None for c in chunks), "usage chunk leaked to a client that did not ask"
-    checks += 1
-    print("openai chat stream ok", repr(text))
+    checks.passed("openai chat stream ok", repr(text))
 
     chunks = list(
         oai.chat.completions.create(
@@ -45,21 +41,18 @@ def main() -> int:
     )
     usage = [c.usage for c in chunks if c.usage]
     assert len(usage) == 1 and usage[0].completion_tokens == 6, chunks[-1]
-    checks += 1
-    print("openai chat stream include_usage ok")
+    checks.passed("openai chat stream include_usage ok")
 
     e = oai.embeddings.create(model="text-embedding-3-small", input=["a b c", "d"])
     assert len(e.data) == 2 and e.usage.prompt_tokens > 0, e
-    checks += 1
-    print("openai embeddings ok")
+    checks.passed("openai embeddings ok")
 
     az = AzureOpenAI(azure_endpoint=base, api_key=key, api_version="2024-10-21", max_retries=0)
     r = az.chat.completions.create(
         model="gpt-4o", messages=[{"role": "user", "content": "Hi Azure"}], max_tokens=4
     )
     assert r.usage.completion_tokens == 4, r
-    checks += 1
-    print("azure chat non-stream ok")
+    checks.passed("azure chat non-stream ok")
 
     chunks = list(
         az.chat.completions.create(
@@ -68,13 +61,11 @@ def main() -> int:
     )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip(), chunks
-    checks += 1
-    print("azure chat stream ok", repr(text))
+    checks.passed("azure chat stream ok", repr(text))
 
     e = az.embeddings.create(model="text-embedding-3-small", input="hello")
     assert len(e.data) == 1, e
-    checks += 1
-    print("azure embeddings ok")
+    checks.passed("azure embeddings ok")
 
     for client in (
         OpenAI(base_url=f"{base}/v1", api_key="wrong-key", max_retries=0),
@@ -87,8 +78,7 @@ def main() -> int:
             assert "wrong-key" not in str(err)
         else:
             raise AssertionError("a bad key was accepted")
-    checks += 1
-    print("bad key raises AuthenticationError ok")
+    checks.passed("bad key raises AuthenticationError ok")
 
     try:
         oai.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
@@ -96,12 +86,8 @@ def main() -> int:
         assert err.code == "model_not_found", err
     else:
         raise AssertionError("unknown model accepted")
-    checks += 1
-    print("unknown model raises NotFoundError ok")
-
-    print(f"{checks} checks passed")
-    return 0
+    checks.passed("unknown model raises NotFoundError ok")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -1,6 +1,7 @@
 //! What tests send and read: one request-body builder ([`chat`]), requests to a running
 //! cluster ([`Running::chat`], [`Running::post`]), and its metrics read the way a scraper
-//! reads them ([`Running::metrics`], [`Running::wait_for_tokens`], [`eventually`]).
+//! reads them ([`Running::metrics`], [`Running::wait_for_tokens`], [`eventually`]), and the
+//! numbers in its response headers ([`header`]).
 
 use crate::{Running, client, key_for};
 use serde_json::{Value, json};
@@ -128,6 +129,16 @@ impl Running {
         self.post(0, consumer, CHAT, body).await
     }
 
+    /// GETs `path` on gateway `gateway` with `headers` and parses the answer as JSON.
+    pub async fn get_json(&self, gateway: usize, path: &str, headers: &[(&str, &str)]) -> Value {
+        let mut req = client().get(format!("{}{path}", self.url(gateway)));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let r = req.send().await.expect("request to the gateway");
+        r.json().await.expect("a JSON answer")
+    }
+
     /// Gateway `gateway`'s `/metrics` text.
     pub async fn metrics(&self, gateway: usize) -> String {
         metrics(&self.url(gateway)).await
@@ -150,6 +161,33 @@ impl Running {
             metrics(&base).await
         );
     }
+}
+
+/// Response header `name` parsed as a `T` (a number, usually); panics when it is missing or
+/// does not parse.
+pub fn header<T: std::str::FromStr>(r: &reqwest::Response, name: &str) -> T {
+    let text = r
+        .headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header: {:?}", r.headers()))
+        .to_str()
+        .unwrap_or_else(|e| panic!("{name} is not text: {e}"));
+    text.parse()
+        .unwrap_or_else(|_| panic!("{name}: {text:?} does not parse"))
+}
+
+/// Asserts that a load against a token quota of `quota` was served `served` tokens, at most
+/// `most` (no over-admission) and at least `least_tenths` tenths of the quota (no
+/// under-admission); `context` ends both messages.
+pub fn assert_served(served: u64, quota: u64, most: u64, least_tenths: u64, context: &str) {
+    assert!(
+        served <= most,
+        "over-admitted: served {served} against a quota of {quota} (at most {most}): {context}"
+    );
+    assert!(
+        served * 10 >= quota * least_tenths,
+        "under-admitted: served {served} of {quota}: {context}"
+    );
 }
 
 /// Sum of a Prometheus counter over the series whose labels contain every `want` pair.

@@ -39,7 +39,9 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tollgate_loadtest::mock::{self, MockOpts, Stats};
 
-pub use chat::{CHAT, Chat, PROMPT, chat, eventually, metric_sum, metric_value, metrics};
+pub use chat::{
+    CHAT, Chat, PROMPT, assert_served, chat, eventually, header, metric_sum, metric_value, metrics,
+};
 pub use cluster::{Cluster, ClusterNode, key_slot};
 pub use redis::RedisServer;
 pub use sentinel::Sentinel;
@@ -89,6 +91,12 @@ impl Mock {
             .await?
             .json()
             .await?)
+    }
+
+    /// The body of the last request this backend got; panics when it got none.
+    pub async fn last_body(&self) -> serde_json::Value {
+        let stats = self.stats().await.expect("mock stats");
+        stats.last_request.expect("a request reached the mock").body
     }
 }
 

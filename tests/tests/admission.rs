@@ -6,7 +6,7 @@
 
 use serde_json::{Value, json};
 use tollgate_loadtest::mock::{MockOpts, count_prompt_tokens};
-use tollgate_tests::{Harness, Running, client, key_for};
+use tollgate_tests::{Harness, Running, client, header, key_for};
 
 /// `n` function definitions that OpenAI renders to about 40 tokens each.
 fn tools(n: usize) -> Value {
@@ -24,6 +24,15 @@ fn tools(n: usize) -> Value {
         })
         .collect();
     Value::Array(fs)
+}
+
+/// One default mock backend `m` and `consumers` (id, TOML), started in process.
+async fn with_m(consumers: &[(&str, &str)]) -> Running {
+    let mut h = Harness::new().backend("m", MockOpts::default(), "");
+    for (id, toml) in consumers {
+        h = h.consumer(id, toml);
+    }
+    h.start_in_process().await
 }
 
 async fn post(h: &Running, consumer: &str, body: &Value) -> reqwest::Response {
@@ -88,11 +97,7 @@ async fn tool_definitions_count_against_limits() {
 /// cost, 1,445 tokens each) do not fit a 2,000-token quota; one does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn images_count_against_limits() {
-    let h = Harness::new()
-        .backend("m", MockOpts::default(), "")
-        .consumer("img", "quota = 2000\nquota_period = \"day\"")
-        .start_in_process()
-        .await;
+    let h = with_m(&[("img", "quota = 2000\nquota_period = \"day\"")]).await;
     let image = json!({"type": "image_url", "image_url": {"url": "https://example.com/a.png"}});
     let body = |n: usize| {
         let mut parts = vec![json!({"type": "text", "text": "What is in these?"})];
@@ -105,11 +110,7 @@ async fn images_count_against_limits() {
     let r = post(&h, "img", &body(1)).await;
     assert_eq!(r.status(), 200);
     // What is left reflects the whole estimate, not the text alone.
-    let left: u64 = r.headers()["x-quota-remaining-tokens"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let left: u64 = header(&r, "x-quota-remaining-tokens");
     assert!(left <= 2000 - 1445, "{left}");
 }
 
@@ -118,11 +119,7 @@ async fn images_count_against_limits() {
 /// deep nesting, messages that are not objects.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unclassifiable_prompts_are_refused() {
-    let h = Harness::new()
-        .backend("m", MockOpts::default(), "")
-        .consumer("odd", "quota = 100000\nquota_period = \"day\"")
-        .start_in_process()
-        .await;
+    let h = with_m(&[("odd", "quota = 100000\nquota_period = \"day\"")]).await;
     let big = "tokens ".repeat(20_000);
     let mut deep = json!("x");
     for _ in 0..200 {
@@ -172,23 +169,16 @@ async fn uncapped_answers_are_capped_at_the_reservation() {
     let sent = &stats.last_request.unwrap().body;
     assert_eq!(sent["max_completion_tokens"], 500, "{sent}");
     // Completions and responses get their own field.
-    let c = client();
-    let r = c
-        .post(format!("{}/v1/responses", h.url(0)))
-        .bearer_auth(key_for("free"))
-        .json(&json!({"model": "gpt-4o-mini", "input": "hi"}))
-        .send()
-        .await
-        .unwrap();
+    let r = h
+        .post(
+            0,
+            "free",
+            "/v1/responses",
+            json!({"model": "gpt-4o-mini", "input": "hi"}),
+        )
+        .await;
     assert_eq!(r.status(), 200);
-    let sent = h
-        .mock("m")
-        .stats()
-        .await
-        .unwrap()
-        .last_request
-        .unwrap()
-        .body;
+    let sent = h.mock("m").last_body().await;
     assert_eq!(sent["max_output_tokens"], 500, "{sent}");
     // A client's own limit is left as it is.
     let r = post(
@@ -198,14 +188,7 @@ async fn uncapped_answers_are_capped_at_the_reservation() {
     )
     .await;
     assert_eq!(r.status(), 200);
-    let sent = h
-        .mock("m")
-        .stats()
-        .await
-        .unwrap()
-        .last_request
-        .unwrap()
-        .body;
+    let sent = h.mock("m").last_body().await;
     assert_eq!(sent["max_tokens"], 7);
     assert!(sent.get("max_completion_tokens").is_none(), "{sent}");
 }
@@ -251,12 +234,11 @@ async fn cut_stream_is_settled_from_the_whole_estimate() {
 /// consumer with quota left is tokenized as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spent_quota_is_refused_before_tokenizing() {
-    let h = Harness::new()
-        .backend("m", MockOpts::default(), "")
-        .consumer("spent", "quota = 100\nquota_period = \"day\"")
-        .consumer("fine", "")
-        .start_in_process()
-        .await;
+    let h = with_m(&[
+        ("spent", "quota = 100\nquota_period = \"day\""),
+        ("fine", ""),
+    ])
+    .await;
     let tokenized = || async {
         tollgate_tests::metric_value(
             &tollgate_tests::metrics(&h.url(0)).await,

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tollgate_loadtest::mock::{MockOpts, count_prompt_tokens};
-use tollgate_tests::{Harness, Running, client, key_for};
+use tollgate_tests::{CHAT, Harness, Running, client, header, key_for};
 
 /// 1000 per 1M tokens: one token costs 0.001.
 const PRICE: &str = "price = { input_per_1m = 1000.0, output_per_1m = 1000.0 }";
@@ -24,18 +24,37 @@ fn body(max_tokens: u64) -> Value {
         "messages": [{"role": "user", "content": "What does a budget in money buy?"}]})
 }
 
+/// `h` with `app-1` and `app-2` in team `team`, started on three gateways.
+async fn two_of_team(h: Harness, team: &str) -> Running {
+    let toml = format!("team = \"{team}\"");
+    h.consumer("app-1", &toml)
+        .consumer("app-2", &toml)
+        .gateways(3)
+        .start()
+        .await
+        .unwrap()
+}
+
+/// `x-budget-remaining` on one request of `app-1` (`body(100)`, gateway 0), which is served.
+async fn budget_left_after_one(h: &Running) -> f64 {
+    let r = h.post(0, "app-1", CHAT, body(100)).await;
+    assert_eq!(r.status(), 200);
+    header(&r, "x-budget-remaining")
+}
+
 /// Statuses (and error codes) per node.
 type Counts = Arc<Mutex<BTreeMap<(usize, String), u64>>>;
 
-/// `clients` tasks per node and per key send requests until each was refused with 403, or
-/// `until`; counts `status` or `status code` per node.
-async fn hammer(h: &Running, keys: &[String], clients: usize, until: Instant) -> Counts {
+/// `clients` tasks per node and per consumer send requests until each was refused with 403,
+/// or for `time`; counts `status` or `status code` per node.
+async fn hammer(h: &Running, consumers: &[&str], clients: usize, time: Duration) -> Counts {
+    let until = Instant::now() + time;
     let counts: Counts = Arc::default();
     let mut tasks = Vec::new();
     for node in 0..h.gateways.len() {
-        for key in keys {
+        for key in consumers.iter().map(|id| key_for(id)) {
             for _ in 0..clients {
-                let url = format!("{}/v1/chat/completions", h.url(node));
+                let url = format!("{}{CHAT}", h.url(node));
                 let (key, counts, c) = (key.clone(), counts.clone(), client());
                 tasks.push(tokio::spawn(async move {
                     while Instant::now() < until {
@@ -118,30 +137,21 @@ async fn assert_exact(h: &Running, counts: &Counts, budget: f64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn team_budget_holds_across_three_nodes() {
     const BUDGET: f64 = 5.0;
-    let h = Harness::new()
-        .redis()
-        .backend("m", MockOpts::default(), PRICE)
-        .config(&format!(
-            "[pricing]\ncurrency = \"EUR\"\n[[teams]]\nid = \"finance\"\nbudget = {BUDGET}\n\
-             budget_period = \"month\"\nbudget_action = \"block\"\n"
-        ))
-        .consumer("app-1", "team = \"finance\"")
-        .consumer("app-2", "team = \"finance\"")
-        .gateways(3)
-        .start()
-        .await
-        .unwrap();
-    let keys = [key_for("app-1"), key_for("app-2")];
-    let counts = hammer(&h, &keys, 3, Instant::now() + Duration::from_secs(60)).await;
+    let h = two_of_team(
+        Harness::new()
+            .redis()
+            .backend("m", MockOpts::default(), PRICE)
+            .config(&format!(
+                "[pricing]\ncurrency = \"EUR\"\n[[teams]]\nid = \"finance\"\nbudget = {BUDGET}\n\
+                 budget_period = \"month\"\nbudget_action = \"block\"\n"
+            )),
+        "finance",
+    )
+    .await;
+    let counts = hammer(&h, &["app-1", "app-2"], 3, Duration::from_secs(60)).await;
     assert_exact(&h, &counts, BUDGET).await;
     // What a team sees when it runs out.
-    let r = client()
-        .post(format!("{}/v1/chat/completions", h.url(1)))
-        .bearer_auth(key_for("app-2"))
-        .json(&body(100))
-        .send()
-        .await
-        .unwrap();
+    let r = h.post(1, "app-2", CHAT, body(100)).await;
     assert_eq!(r.status(), 403);
     assert!(r.headers().contains_key("retry-after"));
     let v: Value = r.json().await.unwrap();
@@ -194,45 +204,20 @@ async fn consumer_budget_holds_across_three_nodes() {
         .start()
         .await
         .unwrap();
-    let r = client()
-        .post(format!("{}/v1/chat/completions", h.url(0)))
-        .bearer_auth(key_for("app-1"))
-        .json(&body(100))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let left: f64 = r.headers()["x-budget-remaining"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let left = budget_left_after_one(&h).await;
     let one = (count_prompt_tokens(&body(100)) + 100) as f64 * PER_TOKEN;
     assert!(
         (left - (BUDGET - one)).abs() < 0.002,
         "x-budget-remaining {left} after one request of at most {one}"
     );
-    let metrics = client()
-        .get(format!("{}/metrics", h.url(0)))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = h.metrics(0).await;
     assert!(
         metrics.contains(
             "tollgate_budget_limit{scope=\"consumer\",id=\"app-1\",period=\"day\",currency=\"EUR\"} 3"
         ),
         "{metrics}"
     );
-    let counts = hammer(
-        &h,
-        &[key_for("app-1")],
-        4,
-        Instant::now() + Duration::from_secs(60),
-    )
-    .await;
+    let counts = hammer(&h, &["app-1"], 4, Duration::from_secs(60)).await;
     assert_exact(&h, &counts, BUDGET).await;
 }
 
@@ -269,6 +254,15 @@ impl Hook {
         (hook, url)
     }
 
+    /// Waits (up to 10 s) until `n` calls arrived, then `more` for any that should not come.
+    async fn wait_for(&self, n: usize, more: Duration) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.bodies.lock().unwrap().len() < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(more).await;
+    }
+
     /// Calls per (event, scope, id, threshold).
     fn counts(&self) -> BTreeMap<String, u64> {
         let mut m = BTreeMap::new();
@@ -291,24 +285,21 @@ impl Hook {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn alert_mode_never_blocks_and_thresholds_fire_once() {
     let (hook, url) = Hook::start(false).await;
-    let h = Harness::new()
-        .redis()
-        .backend("m", MockOpts::default(), PRICE)
-        .config(
-            "[pricing]\ncurrency = \"EUR\"\n[[teams]]\nid = \"ops\"\nbudget = 1.0\n\
-             budget_action = \"alert\"\n[[alerts]]\nurl_env = \"HOOK_URL\"\nteams = [\"ops\"]\n\
-             thresholds = [0.5, 0.8, 1.0]\n",
-        )
-        .env("HOOK_URL", &url)
-        .consumer("app-1", "team = \"ops\"")
-        .consumer("app-2", "team = \"ops\"")
-        .gateways(3)
-        .start()
-        .await
-        .unwrap();
+    let h = two_of_team(
+        Harness::new()
+            .redis()
+            .backend("m", MockOpts::default(), PRICE)
+            .config(
+                "[pricing]\ncurrency = \"EUR\"\n[[teams]]\nid = \"ops\"\nbudget = 1.0\n\
+                 budget_action = \"alert\"\n[[alerts]]\nurl_env = \"HOOK_URL\"\nteams = [\"ops\"]\n\
+                 thresholds = [0.5, 0.8, 1.0]\n",
+            )
+            .env("HOOK_URL", &url),
+        "ops",
+    )
+    .await;
     // ~3x the budget, from every node at once: nothing is refused.
-    let keys = [key_for("app-1"), key_for("app-2")];
-    let counts = hammer(&h, &keys, 2, Instant::now() + Duration::from_secs(4)).await;
+    let counts = hammer(&h, &["app-1", "app-2"], 2, Duration::from_secs(4)).await;
     let (spent, _) = served_cost(&h).await;
     assert!(spent > 2.0, "the load spent {spent:.3}: {counts:?}");
     assert_eq!(
@@ -317,11 +308,7 @@ async fn alert_mode_never_blocks_and_thresholds_fire_once() {
         "alert mode never refuses: {counts:?}"
     );
     // Deliveries are off the request path: give them a moment.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while hook.bodies.lock().unwrap().len() < 3 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    hook.wait_for(3, Duration::from_secs(2)).await;
     let got = hook.counts();
     let want: BTreeMap<String, u64> = ["0.5", "0.8", "1.0"]
         .iter()
@@ -362,17 +349,10 @@ async fn a_hanging_webhook_does_not_slow_requests() {
         .start()
         .await
         .unwrap();
-    let c = client();
     let mut slowest = Duration::ZERO;
     for i in 0..60 {
         let started = Instant::now();
-        let r = c
-            .post(format!("{}/v1/chat/completions", h.url(i % 3)))
-            .bearer_auth(key_for("app-1"))
-            .json(&body(20))
-            .send()
-            .await
-            .unwrap();
+        let r = h.post(i % 3, "app-1", CHAT, body(20)).await;
         let status = r.status();
         let _ = r.bytes().await;
         slowest = slowest.max(started.elapsed());
@@ -404,19 +384,7 @@ async fn budget_gauges_reach_otlp() {
         .start()
         .await
         .unwrap();
-    let r = client()
-        .post(format!("{}/v1/chat/completions", h.url(0)))
-        .bearer_auth(key_for("app-1"))
-        .json(&body(100))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let left: f64 = r.headers()["x-budget-remaining"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let left = budget_left_after_one(&h).await;
     // Metrics leave at the shutdown flush.
     h.gateways[0].terminate().await.unwrap();
     let point = |metric: &str, scope: &str| -> f64 {
@@ -465,22 +433,11 @@ async fn quota_and_circuit_alerts_fire_once_across_three_nodes() {
         .start()
         .await
         .unwrap();
-    let c = client();
     let mut i = 0;
     // Until half the quota is used (the PTU saturates long before).
     while i < 200 {
-        let r = c
-            .post(format!("{}/v1/chat/completions", h.url(i % 3)))
-            .bearer_auth(key_for("app-1"))
-            .json(&body(20))
-            .send()
-            .await
-            .unwrap();
-        let left: u64 = r.headers()["x-quota-remaining-tokens"]
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let r = h.post(i % 3, "app-1", CHAT, body(20)).await;
+        let left: u64 = header(&r, "x-quota-remaining-tokens");
         assert_eq!(r.status(), 200);
         let _ = r.bytes().await;
         i += 1;
@@ -488,11 +445,7 @@ async fn quota_and_circuit_alerts_fire_once_across_three_nodes() {
             break;
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while hook.bodies.lock().unwrap().len() < 2 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    hook.wait_for(2, Duration::from_secs(2)).await;
     let bodies = hook.bodies.lock().unwrap().clone();
     let quota: Vec<_> = bodies.iter().filter(|b| b["event"] == "quota").collect();
     assert_eq!(quota.len(), 1, "{bodies:?}");
@@ -531,23 +484,12 @@ async fn store_degradation_alert_fires_once() {
         .await
         .unwrap();
     h.redis.as_mut().unwrap().stop();
-    let c = client();
     for _ in 0..10 {
-        let r = c
-            .post(format!("{}/v1/chat/completions", h.url(0)))
-            .bearer_auth(key_for("app-1"))
-            .json(&body(20))
-            .send()
-            .await
-            .unwrap();
+        let r = h.post(0, "app-1", CHAT, body(20)).await;
         assert_eq!(r.status(), 503, "escrow without a lease answers 503");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while hook.bodies.lock().unwrap().is_empty() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    hook.wait_for(1, Duration::from_secs(1)).await;
     let bodies = hook.bodies.lock().unwrap().clone();
     assert_eq!(bodies.len(), 1, "{bodies:?}");
     assert_eq!(bodies[0]["event"], "store");

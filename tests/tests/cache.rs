@@ -8,9 +8,7 @@
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use tollgate_loadtest::mock::MockOpts;
-use tollgate_tests::{
-    Harness, RedisServer, Running, Valkey, client, eventually, key_for, metric_sum, metrics,
-};
+use tollgate_tests::{Harness, RedisServer, Running, Valkey, client, key_for, metric_sum, metrics};
 
 /// The harness's chat body with a system message and this user prompt.
 fn chat(prompt: &str) -> Value {
@@ -87,6 +85,16 @@ async fn mock_requests(h: &Running, name: &str) -> u64 {
     h.mock(name).stats().await.unwrap().requests
 }
 
+/// `h` with a default mock backend `ptu`, consumer `app` of team `support` and the
+/// `cache` TOML, started in process.
+async fn support_app(h: Harness, cache: &str) -> Running {
+    h.backend("ptu", MockOpts::default(), "")
+        .consumer("app", "team = \"support\"")
+        .config(cache)
+        .start_in_process()
+        .await
+}
+
 const EXACT: &str = "[[cache]]\nname = \"faq\"\nttl_s = 60\n";
 
 /// An identical request (whitespace aside) is answered from the cache without reaching the
@@ -94,12 +102,7 @@ const EXACT: &str = "[[cache]]\nname = \"faq\"\nttl_s = 60\n";
 /// streamed miss is stored once complete and served to a JSON client.
 #[tokio::test]
 async fn exact_hits_replay_json_and_streams() {
-    let h = Harness::new()
-        .backend("ptu", MockOpts::default(), "")
-        .consumer("app", "team = \"support\"")
-        .config(EXACT)
-        .start_in_process()
-        .await;
+    let h = support_app(Harness::new(), EXACT).await;
     let base = h.url(0);
     let first = post(&base, "app", &chat("How do I reset my password?"), &[]).await;
     assert_eq!(first.status(), 200);
@@ -177,12 +180,7 @@ async fn exact_hits_replay_json_and_streams() {
 /// or system message is another entry; the entry expires after `ttl_s`.
 #[tokio::test]
 async fn what_is_never_served_or_stored() {
-    let h = Harness::new()
-        .backend("ptu", MockOpts::default(), "")
-        .consumer("app", "team = \"support\"")
-        .config("[[cache]]\nname = \"faq\"\nttl_s = 2\n")
-        .start_in_process()
-        .await;
+    let h = support_app(Harness::new(), "[[cache]]\nname = \"faq\"\nttl_s = 2\n").await;
     let base = h.url(0);
     let body = chat("Where is my parcel?");
     // no-store: answered, not kept.
@@ -190,12 +188,7 @@ async fn what_is_never_served_or_stored() {
     assert_eq!(cache_header(&r), "miss");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(cache_header(&post(&base, "app", &body, &[]).await), "miss");
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            cache_header(&post(&base, "app", &body, &[]).await) == "hit"
-        })
-        .await
-    );
+    until_hit(&base, "app", &body).await;
     // no-cache: the backend answers although an entry exists.
     let before = mock_requests(&h, "ptu").await;
     let r = post(&base, "app", &body, &[("cache-control", "no-cache")]).await;
@@ -254,12 +247,7 @@ async fn teams_never_share_entries() {
     let base = h.url(0);
     let body = chat("What is the refund policy?");
     assert_eq!(cache_header(&post(&base, "a1", &body, &[]).await), "miss");
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            cache_header(&post(&base, "a2", &body, &[]).await) == "hit"
-        })
-        .await
-    );
+    until_hit(&base, "a2", &body).await;
     // Alpha's entry is there (a2 hit it), yet beta's first ask goes to the backend.
     let before = mock_requests(&h, "ptu").await;
     assert_eq!(cache_header(&post(&base, "b1", &body, &[]).await), "miss");
@@ -489,13 +477,7 @@ async fn purge_and_stats_from_the_cli() {
 /// next request after 250 ms is refused, not answered from the cache.
 #[tokio::test]
 async fn hits_follow_admin_changes_within_250_ms() {
-    let h = Harness::new()
-        .redis()
-        .backend("ptu", MockOpts::default(), "")
-        .consumer("app", "team = \"support\"")
-        .config(EXACT)
-        .start_in_process()
-        .await;
+    let h = support_app(Harness::new().redis(), EXACT).await;
     let base = h.url(0);
     let q = chat("Is there a student discount?");
     post(&base, "app", &q, &[]).await;

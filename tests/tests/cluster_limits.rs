@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tollgate_loadtest::mock::{MockOpts, count_prompt_tokens};
-use tollgate_tests::{Harness, Running, chat, client, key_for};
+use tollgate_tests::{CHAT, Harness, Running, assert_served, chat, client, key_for};
 
 mod parking_lot_shim {
     pub type Mutex<T> = std::sync::Mutex<T>;
@@ -27,6 +27,17 @@ async fn shared(consumer: &str, toml: &str, gateways: usize) -> Running {
         .redis()
         .backend("m", MockOpts::default(), "")
         .consumer(consumer, toml)
+        .gateways(gateways)
+        .start()
+        .await
+        .unwrap()
+}
+
+/// [`shared`] on `h`'s Redis, with `on_error = "local"` in `[store]`.
+async fn local_fallback(h: Harness, consumer: &str, toml: &str, gateways: usize) -> Running {
+    h.backend("m", MockOpts::default(), "")
+        .consumer(consumer, toml)
+        .store("on_error = \"local\"")
         .gateways(gateways)
         .start()
         .await
@@ -115,16 +126,7 @@ async fn quota_is_exact_across_three_nodes() {
     let per_request = count_prompt_tokens(&body(100)) + 100;
     let served = h.mock("m").stats().await.unwrap();
     assert_eq!(served.ok, total(&counts, 200), "{counts:?}");
-    assert!(
-        served.total_tokens <= Q + per_request,
-        "over-admitted: {} > {Q}",
-        served.total_tokens
-    );
-    assert!(
-        served.total_tokens * 10 >= Q * 9,
-        "under-admitted: {} of {Q}",
-        served.total_tokens
-    );
+    assert_served(served.total_tokens, Q, Q + per_request, 9, "");
     // Every node was held to the one shared quota (which node wins the last tokens is chance).
     for node in 0..3 {
         assert!(
@@ -212,15 +214,7 @@ async fn live_hset_applies_on_every_node() {
 /// active, and the nodes return to the shared store when Redis is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_outage_local_fallback_and_recovery() {
-    let mut h = Harness::new()
-        .persistent_redis()
-        .backend("m", MockOpts::default(), "")
-        .consumer("o", "tpm = 10000000")
-        .store("on_error = \"local\"")
-        .gateways(3)
-        .start()
-        .await
-        .unwrap();
+    let mut h = local_fallback(Harness::new().persistent_redis(), "o", "tpm = 10000000", 3).await;
     let until = Instant::now() + Duration::from_secs(6);
     let key = key_for("o");
     let load = {
@@ -244,16 +238,8 @@ async fn redis_outage_local_fallback_and_recovery() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     h.redis.as_mut().unwrap().stop();
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let c = client();
     for i in 0..3 {
-        let v: serde_json::Value = c
-            .get(format!("{}/readyz", h.url(i)))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = h.get_json(i, "/readyz", &[]).await;
         assert_eq!(v["mode"], "fallback_local", "node {i}: {v}");
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -270,30 +256,12 @@ async fn redis_outage_local_fallback_and_recovery() {
         "{statuses:?}"
     );
     for i in 0..3 {
-        let url = h.url(i);
-        let ok = tollgate_tests::eventually(Duration::from_secs(5), || {
-            let (c, url) = (c.clone(), url.clone());
-            async move {
-                let v: serde_json::Value = c
-                    .get(format!("{url}/readyz"))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                v["mode"] == "shared"
-            }
+        let ok = tollgate_tests::eventually(Duration::from_secs(5), || async {
+            h.get_json(i, "/readyz", &[]).await["mode"] == "shared"
         })
         .await;
         assert!(ok, "node {i} did not return to the shared store");
-        let r = c
-            .post(format!("{url}/v1/chat/completions"))
-            .bearer_auth(key_for("o"))
-            .json(&body(5))
-            .send()
-            .await
-            .unwrap();
+        let r = h.post(i, "o", CHAT, body(5)).await;
         assert_eq!(
             r.status(),
             200,
@@ -365,15 +333,7 @@ async fn leases_save_round_trips_and_honour_admin_changes() {
 /// also serves during the outage).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn empty_redis_after_restart_is_reseeded() {
-    let mut h = Harness::new()
-        .redis()
-        .backend("m", MockOpts::default(), "")
-        .consumer("seeded", "tpm = 100000")
-        .store("on_error = \"local\"")
-        .gateways(1)
-        .start()
-        .await
-        .unwrap();
+    let mut h = local_fallback(Harness::new().redis(), "seeded", "tpm = 100000", 1).await;
     let c = client();
     let url = format!("{}/v1/chat/completions", h.url(0));
     let ok = |c: reqwest::Client, url: String| async move {

@@ -20,6 +20,9 @@ use tollgate_quota::{
     UsageCounts, UsageDelta, UsageRow, new_batch_id, new_reservation_id, window_bounds,
 };
 use tollgate_tests::redis::RedisServer;
+
+mod conformance_dims;
+use conformance_dims::{check_dimension_cap_concurrency, check_dimensions};
 use tollgate_tests::sentinel::MASTER_NAME;
 use tollgate_tests::{Cluster, Flavor, Sentinel, Valkey};
 
@@ -653,6 +656,7 @@ async fn check_usage<S: Store>(s: &S) {
             saved_tokens: output,
             saved_cost_pico: output * 3,
         },
+        dims: None,
     };
     let settle = |id: &str, usage| Settlement {
         consumer: id.into(),
@@ -968,6 +972,7 @@ async fn check_settle_once<S: Store>(s: &S) {
             cost_pico: 7,
             ..UsageCounts::default()
         },
+        dims: None,
     };
     let batch = vec![Settlement {
         consumer: "once".into(),
@@ -1835,6 +1840,10 @@ suite! {
     check_tool_calls(mid_hour()) => memory_tool_calls, redis_tool_calls;
     /// Concurrent tool calls never pass the rolling-minute limit.
     check_tool_concurrency(mid_hour()) => memory_tool_concurrency, redis_tool_concurrency;
+    /// Per-dimension usage rows, their cap and its `other` bucket.
+    check_dimensions(mid_hour()) => memory_dimensions, redis_dimensions;
+    /// The dimension cap holds under concurrent settles.
+    check_dimension_cap_concurrency(mid_hour()) => memory_dimension_cap, redis_dimension_cap;
 }
 
 suite_timed! {
@@ -1901,6 +1910,8 @@ async fn whole_suite<E: Env>(env: &E, reset: impl Fn()) {
         check_alert_claims(mid_hour());
         check_tool_calls(mid_hour());
         check_tool_concurrency(mid_hour());
+        check_dimensions(mid_hour());
+        check_dimension_cap_concurrency(mid_hour());
     }
     run_timed! {
         check_rollover(before_hour(1500));

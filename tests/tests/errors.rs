@@ -7,7 +7,7 @@ use http_body_util::BodyExt as _;
 use serde_json::{Value, json};
 use tollgate_common::{Config, key_hash};
 use tollgate_loadtest::mock::MockOpts;
-use tollgate_tests::Mock;
+use tollgate_tests::{CHAT, Mock};
 use tower::ServiceExt as _;
 
 const KEY: &str = "tg-secret-key-alpha";
@@ -92,6 +92,23 @@ fn chat(model: &str, max_tokens: u64) -> String {
         .prompt("hello there")
         .json()
         .to_string()
+}
+
+/// A chat completion for `model` with `max_tokens` as `key`, answered by `router`.
+async fn chat_as(
+    router: &axum::Router,
+    key: &str,
+    model: &str,
+    max_tokens: u64,
+) -> (StatusCode, http::HeaderMap, Value, String) {
+    call(router, post(CHAT, Some(key), chat(model, max_tokens))).await
+}
+
+/// Header `name` of an answer, parsed (a number).
+fn number<T: std::str::FromStr>(h: &http::HeaderMap, name: &str) -> T {
+    let text = h[name].to_str().unwrap();
+    text.parse()
+        .unwrap_or_else(|_| panic!("{name}: {text:?} does not parse"))
 }
 
 /// Sends `req` and checks the answer is `status` with an OpenAI-shaped error `code`/`kind`.
@@ -182,11 +199,7 @@ async fn unauthenticated_is_401() {
     )
     .await;
     let wrong = "tg-secret-wrong-key-zzz";
-    let (s, _, _, text) = call(
-        &router,
-        post("/v1/chat/completions", Some(wrong), chat("gpt-4o", 5)),
-    )
-    .await;
+    let (s, _, _, text) = chat_as(&router, wrong, "gpt-4o", 5).await;
     assert_eq!(s, 401);
     assert!(!text.contains(wrong));
     let req = Request::post("/v1/chat/completions")
@@ -291,49 +304,21 @@ async fn body_too_large_is_413() {
 async fn limits_answer_429_and_403() {
     let (c, _m) = config("").await;
     let (router, _gw, _bg) = tollgate::app(c).await.unwrap();
-    let (s, h, _, text) = call(
-        &router,
-        post(
-            "/v1/chat/completions",
-            Some(LIMITED_KEY),
-            chat("gpt-4o", 60),
-        ),
-    )
-    .await;
+    let (s, h, _, text) = chat_as(&router, LIMITED_KEY, "gpt-4o", 60).await;
     assert_eq!(s, 200, "{text}");
-    let remaining: i64 = h["x-ratelimit-remaining-tokens"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let remaining: i64 = number(&h, "x-ratelimit-remaining-tokens");
     assert!(remaining < 40, "{remaining}");
-    let (s, h, v, text) = call(
-        &router,
-        post(
-            "/v1/chat/completions",
-            Some(LIMITED_KEY),
-            chat("gpt-4o", 60),
-        ),
-    )
-    .await;
+    let (s, h, v, text) = chat_as(&router, LIMITED_KEY, "gpt-4o", 60).await;
     assert_eq!(s, 429, "{text}");
     assert_error(&v, &text, "rate_limit_exceeded", "rate_limit_error");
-    let ms: u64 = h["retry-after-ms"].to_str().unwrap().parse().unwrap();
-    let secs: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+    let ms: u64 = number(&h, "retry-after-ms");
+    let secs: u64 = number(&h, "retry-after");
     assert!(ms > 0 && secs == ms.div_ceil(1000), "{ms} {secs}");
 
-    let (s, h, _, text) = call(
-        &router,
-        post("/v1/chat/completions", Some(QUOTA_KEY), chat("gpt-4o", 30)),
-    )
-    .await;
+    let (s, h, _, text) = chat_as(&router, QUOTA_KEY, "gpt-4o", 30).await;
     assert_eq!(s, 200, "{text}");
     assert!(h.contains_key("x-quota-remaining-tokens"));
-    let (s, _, v, text) = call(
-        &router,
-        post("/v1/chat/completions", Some(QUOTA_KEY), chat("gpt-4o", 30)),
-    )
-    .await;
+    let (s, _, v, text) = chat_as(&router, QUOTA_KEY, "gpt-4o", 30).await;
     assert_eq!(s, 403, "{text}");
     assert_error(&v, &text, "quota_exceeded", "insufficient_quota");
 }
@@ -370,11 +355,7 @@ timeouts = {{ connect_ms = 500, first_byte_ms = 300, idle_ms = 300 }}
     );
     let (c, _m) = config(&extra).await;
     let (router, gw, _bg) = tollgate::app(c).await.unwrap();
-    let (s, _, v, text) = call(
-        &router,
-        post("/v1/chat/completions", Some(KEY), chat("dead-model", 5)),
-    )
-    .await;
+    let (s, _, v, text) = chat_as(&router, KEY, "dead-model", 5).await;
     assert_eq!(s, 502, "{text}");
     assert_error(&v, &text, "bad_gateway", "api_error");
     assert!(
@@ -382,11 +363,7 @@ timeouts = {{ connect_ms = 500, first_byte_ms = 300, idle_ms = 300 }}
         "error names the backend address: {text}"
     );
     let started = std::time::Instant::now();
-    let (s, _, v, text) = call(
-        &router,
-        post("/v1/chat/completions", Some(KEY), chat("hang-model", 5)),
-    )
-    .await;
+    let (s, _, v, text) = chat_as(&router, KEY, "hang-model", 5).await;
     assert_eq!(s, 504, "{text}");
     assert_error(&v, &text, "gateway_timeout", "api_error");
     assert!(started.elapsed() < std::time::Duration::from_secs(3));

@@ -55,12 +55,12 @@ async fn reserve(s: &RedisStore, id: &str, tokens: u64) -> Decision {
 fn usage(id: &str, requests: u64) -> Settlement {
     Settlement {
         consumer: id.into(),
+        money: Default::default(),
         end: ReservationEnd::None,
         reserved: 0,
         actual: 0,
         window: 0,
         tpm: None,
-        money: Default::default(),
         usage: Some(UsageDelta {
             day: DAY,
             team: "t".into(),
@@ -70,6 +70,7 @@ fn usage(id: &str, requests: u64) -> Settlement {
                 requests,
                 ..UsageCounts::default()
             },
+            dims: None,
         }),
     }
 }
@@ -109,45 +110,111 @@ fn cut_replication(master: &Node) {
     let killed = master.cli(&["CLIENT", "KILL", "TYPE", "replica"]).unwrap();
     assert_eq!(killed, "1", "one replica link closed");
 }
+/// The ports of a master and of its replica that [`Servers::freeze_replica`] froze.
+#[derive(Clone, Copy)]
+struct Frozen {
+    master: u16,
+    replica: u16,
+}
 
-async fn cluster_failover(flavor: Flavor) {
-    let mut cluster = Cluster::start(flavor).expect("start a cluster");
-    let s = RedisStore::open(
-        &Topology::Cluster(cluster.urls()),
-        &Credentials::default(),
-        opts(),
-    )
-    .await
-    .expect("connect");
+/// What the scenario does to the servers behind the store: a Redis Cluster or a Sentinel group.
+trait Servers {
+    fn topology(&self) -> Topology;
+    fn wait_in_sync(&self);
+    /// Pauses the replica of the master that holds `key` and closes that master's replication
+    /// links: nothing written from now on reaches the replica.
+    fn freeze_replica(&mut self, key: &str) -> Frozen;
+    /// Kills the frozen master, resumes its replica and waits for a promotion; returns the
+    /// promoted master's port.
+    fn fail_over(&mut self, frozen: Frozen) -> u16;
+}
+
+impl Servers for Cluster {
+    fn topology(&self) -> Topology {
+        Topology::Cluster(self.urls())
+    }
+
+    fn wait_in_sync(&self) {
+        Cluster::wait_in_sync(self).unwrap();
+    }
+
+    fn freeze_replica(&mut self, key: &str) -> Frozen {
+        let master = self.master_of(key).unwrap();
+        let replica = self
+            .topology()
+            .unwrap()
+            .into_iter()
+            .find(|n| n.master_id.as_deref() == Some(master.id.as_str()))
+            .expect("the master's replica")
+            .port;
+        self.node(replica).unwrap().pause().unwrap();
+        // Its replication link is cut while it cannot reconnect: nothing written from now on
+        // reaches it (a paused process would still find the bytes in its socket on resume).
+        cut_replication(self.node(master.port).unwrap());
+        Frozen {
+            master: master.port,
+            replica,
+        }
+    }
+
+    fn fail_over(&mut self, frozen: Frozen) -> u16 {
+        let killed = self.kill_master(frozen.master).unwrap();
+        self.node(frozen.replica).unwrap().resume().unwrap();
+        self.wait_promotion(&killed).unwrap().port
+    }
+}
+
+impl Servers for Sentinel {
+    fn topology(&self) -> Topology {
+        Topology::Sentinel {
+            sentinels: self.sentinel_urls(),
+            master_name: MASTER_NAME.into(),
+        }
+    }
+
+    fn wait_in_sync(&self) {
+        Sentinel::wait_in_sync(self).unwrap();
+    }
+
+    /// (One master, one replica: `key` does not choose.)
+    fn freeze_replica(&mut self, _key: &str) -> Frozen {
+        let replica = self.replica().unwrap().port();
+        self.replica().unwrap().pause().unwrap();
+        let master = self.master().unwrap();
+        cut_replication(master);
+        Frozen {
+            master: master.port(),
+            replica,
+        }
+    }
+
+    fn fail_over(&mut self, frozen: Frozen) -> u16 {
+        let old = self.kill_master().unwrap();
+        assert_eq!(old, frozen.master, "the frozen master was killed");
+        self.node(frozen.replica).unwrap().resume().unwrap();
+        self.wait_failover(old).unwrap()
+    }
+}
+
+/// The scenario on either kind of servers: a batch that only the master got is counted once
+/// on the promoted replica, which then serves the consumer from the state it had.
+async fn failover_loses_no_usage(mut servers: impl Servers) {
+    let s = RedisStore::open(&servers.topology(), &Credentials::default(), opts())
+        .await
+        .expect("connect");
     let id = "failover";
     s.put_consumer(&record(id)).await.unwrap();
     assert!(matches!(reserve(&s, id, 1000).await, Decision::Admitted(_)));
     s.settle(new_batch_id(), &[usage(id, 5)]).await.unwrap();
-    cluster.wait_in_sync().unwrap();
+    servers.wait_in_sync();
 
     // The replica of this consumer's master stops acknowledging; the next batch reaches the
     // master only.
-    let master = cluster
-        .master_of(&format!("tg:usage:{{{id}}}:{DAY}"))
-        .unwrap();
-    let replica_port = cluster
-        .topology()
-        .unwrap()
-        .into_iter()
-        .find(|n| n.master_id.as_deref() == Some(master.id.as_str()))
-        .expect("the master's replica")
-        .port;
-    let replica = cluster.node(replica_port).unwrap();
-    replica.pause().unwrap();
-    // Its replication link is cut while it cannot reconnect: nothing written from now on
-    // reaches it (a paused process would still find the bytes in its socket on resume).
-    cut_replication(cluster.node(master.port).unwrap());
+    let frozen = servers.freeze_replica(&format!("tg:usage:{{{id}}}:{DAY}"));
     s.settle(new_batch_id(), &[usage(id, 7)]).await.unwrap();
     assert_eq!(requests(&s, id).await, Some(12), "the master applied it");
-    let killed = cluster.kill_master(master.port).unwrap();
-    cluster.node(replica_port).unwrap().resume().unwrap();
-    let promoted = cluster.wait_promotion(&killed).unwrap();
-    assert_eq!(promoted.port, replica_port);
+    let promoted = servers.fail_over(frozen);
+    assert_eq!(promoted, frozen.replica);
 
     // The promoted replica never had the second batch: the re-send brings it, once.
     expect_requests(&s, id, 12).await;
@@ -155,7 +222,7 @@ async fn cluster_failover(flavor: Flavor) {
     // reservation of 1000 (the second reserve below runs its script on a server that never
     // loaded it).
     let Decision::Admitted(a) = reserve(&s, id, 1).await else {
-        panic!("not admitted after the promotion")
+        panic!("not admitted after the failover")
     };
     assert_eq!(a.remaining_quota, Some(1_000_000 - 1000 - 1));
 }
@@ -163,58 +230,23 @@ async fn cluster_failover(flavor: Flavor) {
 /// On a Redis Cluster, a batch only the dying master had is counted once after promotion.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_redis_failover_loses_no_usage() {
-    cluster_failover(Flavor::Redis).await;
+    failover_loses_no_usage(Cluster::start(Flavor::Redis).expect("start a cluster")).await;
 }
 
 /// The same on a Valkey cluster.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_valkey_failover_loses_no_usage() {
-    cluster_failover(Flavor::Valkey).await;
-}
-
-async fn sentinel_failover(flavor: Flavor) {
-    let mut group = Sentinel::start(flavor).expect("start a sentinel group");
-    let s = RedisStore::open(
-        &Topology::Sentinel {
-            sentinels: group.sentinel_urls(),
-            master_name: MASTER_NAME.into(),
-        },
-        &Credentials::default(),
-        opts(),
-    )
-    .await
-    .expect("connect");
-    let id = "failover";
-    s.put_consumer(&record(id)).await.unwrap();
-    assert!(matches!(reserve(&s, id, 1000).await, Decision::Admitted(_)));
-    s.settle(new_batch_id(), &[usage(id, 5)]).await.unwrap();
-    group.wait_in_sync().unwrap();
-
-    let replica_port = group.replica().unwrap().port();
-    group.replica().unwrap().pause().unwrap();
-    cut_replication(group.master().unwrap());
-    s.settle(new_batch_id(), &[usage(id, 7)]).await.unwrap();
-    assert_eq!(requests(&s, id).await, Some(12), "the master applied it");
-    let old = group.kill_master().unwrap();
-    group.node(replica_port).unwrap().resume().unwrap();
-    let new = group.wait_failover(old).unwrap();
-    assert_eq!(new, replica_port);
-
-    expect_requests(&s, id, 12).await;
-    let Decision::Admitted(a) = reserve(&s, id, 1).await else {
-        panic!("not admitted after the failover")
-    };
-    assert_eq!(a.remaining_quota, Some(1_000_000 - 1000 - 1));
+    failover_loses_no_usage(Cluster::start(Flavor::Valkey).expect("start a cluster")).await;
 }
 
 /// Under Sentinel, the store follows the promoted master and loses no usage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_redis_failover_loses_no_usage() {
-    sentinel_failover(Flavor::Redis).await;
+    failover_loses_no_usage(Sentinel::start(Flavor::Redis).expect("start a sentinel group")).await;
 }
 
 /// The same with Valkey sentinels.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_valkey_failover_loses_no_usage() {
-    sentinel_failover(Flavor::Valkey).await;
+    failover_loses_no_usage(Sentinel::start(Flavor::Valkey).expect("start a sentinel group")).await;
 }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tollgate_loadtest::mock::{MockOpts, count_prompt_tokens};
 use tollgate_tests::latency::LatencyProxy;
-use tollgate_tests::{Harness, Running, chat, client, key_for};
+use tollgate_tests::{Harness, Running, assert_served, chat, client, key_for};
 
 fn body() -> Value {
     chat(40).json()
@@ -117,16 +117,8 @@ fn quota_used(h: &Running, consumer: &str) -> u64 {
 async fn assert_exact(h: &Running, consumer: &str, q: u64, counts: &Counts) {
     let served = h.mock("m").stats().await.unwrap();
     let counts = counts.lock().unwrap().clone();
-    assert!(
-        served.total_tokens <= q + 3 * per_request(),
-        "served {} against a quota of {q}: {counts:?}",
-        served.total_tokens
-    );
-    assert!(
-        served.total_tokens * 10 >= q * 8,
-        "served only {} of {q}: {counts:?}",
-        served.total_tokens
-    );
+    let context = format!("{counts:?}");
+    assert_served(served.total_tokens, q, q + 3 * per_request(), 8, &context);
     assert_eq!(
         counts.get(&200).copied().unwrap_or(0),
         served.ok,

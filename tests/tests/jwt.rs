@@ -394,15 +394,9 @@ async fn required_and_per_model_claims() {
             401
         );
     }
-    let models: Value = client()
-        .get(format!("{}/v1/models", h.url(0)))
-        .header("authorization", &reader)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = h
+        .get_json(0, "/v1/models", &[("authorization", &reader)])
+        .await;
     let ids: Vec<&str> = models["data"]
         .as_array()
         .unwrap()
@@ -532,4 +526,46 @@ async fn jwks_from_a_file() {
             .0,
         401
     );
+}
+
+/// `jwt:sub` is the `user` dimension of a request whose body names no user (seen through the
+/// allow-listed Prometheus label); a body `user` wins over the claim.
+#[tokio::test]
+async fn the_token_subject_is_the_user_dimension() {
+    let jwks = Jwks::start(300).await;
+    let h = gateway(
+        &jwks,
+        "jwt",
+        "",
+        "[telemetry]\ndimensions = [\"body:user\", \"jwt:sub\"]\nprometheus_dimensions = [\"user\"]",
+    )
+    .await;
+    let mut c = claims();
+    c["sub"] = json!("subject-42");
+    let t = sign(&KEYS.rsa, Algorithm::RS256, &c);
+    assert_eq!(bearer(&h, &t).await.0, 200);
+    let mut body = chat();
+    body["user"] = json!("from-body");
+    let r = client()
+        .post(format!("{}/v1/chat/completions", h.url(0)))
+        .bearer_auth(&t)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let base = h.url(0);
+    let users = |m: &str, v: &str| {
+        metric_sum(
+            m,
+            "tollgate_dimension_requests_total",
+            &[("dimension", "user"), ("value", v)],
+        )
+    };
+    let ok = eventually(Duration::from_secs(5), || async {
+        let m = metrics(&base).await;
+        users(&m, "subject-42") == 1 && users(&m, "from-body") == 1
+    })
+    .await;
+    assert!(ok, "{}", metrics(&base).await);
 }

@@ -52,7 +52,8 @@ async fn spans_metrics_and_usage_logs_reach_the_collector() {
         )
         .consumer("team-a", "team = \"finance\"")
         .config(&format!(
-            "[telemetry]\notlp_endpoint = \"{}\"\nservice_name = \"tollgate-e2e\"",
+            "[telemetry]\notlp_endpoint = \"{}\"\nservice_name = \"tollgate-e2e\"\n\
+             dimensions = [\"body:user\", \"header:x-app\"]",
             rx.url()
         ))
         // Spans and logs leave within 200 ms; metrics only at the shutdown flush.
@@ -65,12 +66,15 @@ async fn spans_metrics_and_usage_logs_reach_the_collector() {
     let url = format!("{}/v1/chat/completions", h.url(0));
     let key = key_for("team-a");
 
-    // 1. A traced, non-streamed request to the PTU backend.
+    // 1. A traced, non-streamed request to the PTU backend, naming its user and app.
+    let mut first = chat("gpt-4o", false, 9);
+    first["user"] = "alice".into();
     let resp = c
         .post(&url)
         .bearer_auth(&key)
         .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
-        .json(&chat("gpt-4o", false, 9))
+        .header("x-app", "web")
+        .json(&first)
         .send()
         .await
         .unwrap();
@@ -146,6 +150,8 @@ async fn spans_metrics_and_usage_logs_reach_the_collector() {
     assert_eq!(a["tollgate.consumer"], "team-a");
     assert_eq!(a["tollgate.team"], "finance");
     assert_eq!(a["tollgate.backend"], "ptu");
+    assert_eq!(a["tollgate.dimension.user"], "alice");
+    assert_eq!(a["tollgate.dimension.x-app"], "web");
     assert_eq!(a["http.response.status_code"], 200);
     assert_eq!(
         a["gen_ai.usage.input_tokens"],
@@ -181,6 +187,10 @@ async fn spans_metrics_and_usage_logs_reach_the_collector() {
         .expect("the streamed span");
     assert_eq!(streamed.attributes["gen_ai.provider.name"], "openai");
     assert_eq!(streamed.attributes["gen_ai.usage.output_tokens"], 5);
+    assert!(
+        !streamed.attributes.contains_key("tollgate.dimension.user"),
+        "a request without a user has no user dimension"
+    );
 
     // SIGTERM flushes the rest: metrics (no periodic export has run yet) and logs.
     h.gateways[0].terminate().await.unwrap();
@@ -204,6 +214,8 @@ async fn spans_metrics_and_usage_logs_reach_the_collector() {
     assert_eq!(la["team"], "finance");
     assert_eq!(la["model"], "gpt-4o");
     assert_eq!(la["backend"], "ptu");
+    assert_eq!(la["dimension.user"], "alice");
+    assert_eq!(la["dimension.x-app"], "web");
     assert_eq!(la["priority"], 1);
     assert_eq!(la["trace_id"], CLIENT_TRACE);
     assert_eq!(la["status"], 200);

@@ -9,11 +9,21 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tollgate_loadtest::mock::{MockOpts, count_prompt_tokens};
-use tollgate_tests::{Harness, chat, client, key_for};
+use tollgate_tests::{Harness, Running, chat, client, header, key_for};
 use tollgate_tests::{eventually, metric_sum, metrics};
 
 fn body(max_tokens: u64, stream: bool) -> Value {
     chat(max_tokens).stream(stream).json()
+}
+
+/// `first` (the backends at priority 1) followed by a default `payg` backend at priority 2,
+/// with consumer `a`, started in process.
+async fn before_payg(first: Harness) -> Running {
+    first
+        .backend("payg", MockOpts::default(), "priority = 2")
+        .consumer("a", "")
+        .start_in_process()
+        .await
 }
 
 const BREAKER: &str = "breaker = { failures = 3, window_ms = 10000, trip_ms = 5000, statuses = [429, 500, 502, 503, 504], accept_retry_after = true }";
@@ -163,16 +173,12 @@ async fn refused_connections_fail_over_and_trip() {
 /// A backend that hangs: the first-byte timeout moves the request on, fast.
 #[tokio::test]
 async fn hanging_backend_times_out_and_fails_over() {
-    let h = Harness::new()
-        .backend_with(
-            "hang",
-            "priority = 1\ntimeouts = { connect_ms = 500, first_byte_ms = 300, idle_ms = 1000 }",
-            |m| m.hang = true,
-        )
-        .backend("payg", MockOpts::default(), "priority = 2")
-        .consumer("a", "")
-        .start_in_process()
-        .await;
+    let h = before_payg(Harness::new().backend_with(
+        "hang",
+        "priority = 1\ntimeouts = { connect_ms = 500, first_byte_ms = 300, idle_ms = 1000 }",
+        |m| m.hang = true,
+    ))
+    .await;
     let started = Instant::now();
     let r = h.chat("a", &body(3, false)).await;
     assert_eq!(r.status(), 200);
@@ -188,14 +194,10 @@ async fn hanging_backend_times_out_and_fails_over() {
 /// backend gets nothing, and the tokens already streamed are settled.
 #[tokio::test]
 async fn mid_stream_failure_is_not_retried_and_settles() {
-    let h = Harness::new()
-        .backend_with("flaky", "priority = 1", |m| {
-            m.fail_mid_stream_after = Some(3)
-        })
-        .backend("payg", MockOpts::default(), "priority = 2")
-        .consumer("a", "")
-        .start_in_process()
-        .await;
+    let h = before_payg(Harness::new().backend_with("flaky", "priority = 1", |m| {
+        m.fail_mid_stream_after = Some(3)
+    }))
+    .await;
     let r = h.chat("a", &body(20, true)).await;
     assert_eq!(r.status(), 200);
     let mut s = r.bytes_stream();
@@ -237,37 +239,15 @@ async fn all_tripped_is_503_with_retry_after() {
         .consumer("a", "")
         .start_in_process()
         .await;
-    let c = client();
-    let url = format!("{}/v1/chat/completions", h.url(0));
-    let r = c
-        .post(&url)
-        .bearer_auth(key_for("a"))
-        .json(&body(3, false))
-        .send()
-        .await
-        .unwrap();
+    let r = h.chat("a", &body(3, false)).await;
     assert_eq!(r.status(), 502);
     let ok = eventually(Duration::from_secs(2), || async {
-        let r = c
-            .post(&url)
-            .bearer_auth(key_for("a"))
-            .json(&body(3, false))
-            .send()
-            .await
-            .unwrap();
+        let r = h.chat("a", &body(3, false)).await;
         if r.status() != 503 {
             return false;
         }
-        let secs: u64 = r.headers()["retry-after"]
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap();
-        let ms: u64 = r.headers()["retry-after-ms"]
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let secs: u64 = header(&r, "retry-after");
+        let ms: u64 = header(&r, "retry-after-ms");
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["error"]["code"], "service_unavailable");
         (7..=8).contains(&secs) && ms > 6_000 && ms <= 8_000
@@ -285,14 +265,12 @@ async fn all_tripped_is_503_with_retry_after() {
 /// group before it ever answers 429.
 #[tokio::test]
 async fn spill_before_the_ptu_is_full() {
-    let h = Harness::new()
-        .backend_with("ptu", "priority = 1\nspill_utilization = 0.5", |m| {
-            m.tpm = Some(6_000)
-        })
-        .backend("payg", MockOpts::default(), "priority = 2")
-        .consumer("a", "")
-        .start_in_process()
-        .await;
+    let h = before_payg(Harness::new().backend_with(
+        "ptu",
+        "priority = 1\nspill_utilization = 0.5",
+        |m| m.tpm = Some(6_000),
+    ))
+    .await;
     for _ in 0..60 {
         let r = h.chat("a", &body(80, false)).await;
         assert_eq!(r.status(), 200);

@@ -170,17 +170,7 @@ async fn html_report_renders_in_a_browser() {
         !html.contains("http://") && !html.contains("https://") && !html.contains("<script"),
         "the report must be self-contained"
     );
-    let dir = tempfile::tempdir().unwrap();
-    let page = dir.path().join("report.html");
-    std::fs::write(&page, &html).unwrap();
-    let png = dir.path().join("report.png");
-    let out = tollgate_tests::pyenv::run_script(
-        "render_page.py",
-        vec![page.display().to_string(), png.display().to_string()],
-    )
-    .await
-    .unwrap();
-    let r: Value = serde_json::from_str(&out).unwrap();
+    let r = render(&html).await;
     let dom = r["dom"].as_str().unwrap();
     for team in ["red", "blue"] {
         assert!(
@@ -211,4 +201,147 @@ async fn html_report_renders_in_a_browser() {
     assert!(dom.contains("id=\"spend-per-day\""));
     assert!(r["colors"].as_u64().unwrap() > 5, "a blank screenshot: {r}");
     assert!(r["ink"].as_f64().unwrap() > 0.01, "a blank screenshot: {r}");
+}
+
+/// `html` rendered in headless Chromium: the DOM after layout, and the screenshot's colours
+/// and ink (see `tests/python/render_page.py`).
+async fn render(html: &str) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let page = dir.path().join("report.html");
+    std::fs::write(&page, html).unwrap();
+    let png = dir.path().join("report.png");
+    let out = tollgate_tests::pyenv::run_script(
+        "render_page.py",
+        vec![page.display().to_string(), png.display().to_string()],
+    )
+    .await
+    .unwrap();
+    serde_json::from_str(&out).unwrap()
+}
+
+/// With team budgets, an answer cache and the `user` dimension, the rendered page holds each
+/// team's budget burn-down with the JSON report's budget and spend (and its projection, which
+/// moves with the clock between the two runs, within a percent), the cache's savings equal to
+/// the JSON report's, and the top users.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn html_report_shows_budgets_savings_and_users() {
+    let h = Harness::new()
+        .redis()
+        .backend(
+            "payg",
+            MockOpts::default(),
+            "price = { input_per_1m = 2.5, output_per_1m = 10.0 }",
+        )
+        .consumer("red-app", "team = \"red\"")
+        .consumer("blue-app", "team = \"blue\"")
+        .config(
+            "[[teams]]\nid = \"red\"\nbudget = 1000.0\nbudget_period = \"month\"\n\
+             [[teams]]\nid = \"blue\"\nbudget = 5.0\nbudget_period = \"week\"\n\
+             [[cache]]\nname = \"faq\"\nttl_s = 600\n\
+             [telemetry]\ndimensions = [\"body:user\"]\n",
+        )
+        .start()
+        .await
+        .unwrap();
+    for (who, user, n) in [
+        ("red-app", "alice", 40),
+        ("red-app", "bob", 41),
+        ("blue-app", "carol", 42),
+    ] {
+        let r = h
+            .chat(who, chat(n).set("user", serde_json::json!(user)))
+            .await;
+        assert_eq!(r.status(), 200);
+        let _ = r.bytes().await;
+    }
+    // The same question again until the cache answers it (its answer is stored off the path).
+    let again = chat(42).set("user", serde_json::json!("carol"));
+    let mut sent = 3;
+    let hit = tollgate_tests::eventually(std::time::Duration::from_secs(10), || {
+        sent += 1;
+        let again = again.clone();
+        let h = &h;
+        async move {
+            let r = h.chat("blue-app", again).await;
+            let hit = r
+                .headers()
+                .get("x-tollgate-cache")
+                .is_some_and(|v| v == "hit");
+            let _ = r.bytes().await;
+            hit
+        }
+    })
+    .await;
+    assert!(hit, "the cache never answered");
+    let report = settled(&h, sent).await;
+    let total = &report["total"];
+    let saved_tokens = total["saved_tokens"].as_u64().unwrap();
+    assert!(saved_tokens > 0, "{report}");
+    let budgets = report["budgets"]
+        .as_array()
+        .expect("budgets in the JSON report");
+
+    let html = h
+        .usage_args(&[
+            "--since",
+            "2000-01-01",
+            "--until",
+            "2999-12-31",
+            "--format",
+            "html",
+        ])
+        .unwrap();
+    let r = render(&html).await;
+    let dom = r["dom"].as_str().unwrap();
+    for b in budgets.iter().filter(|b| b["scope"] == "team") {
+        let id = b["id"].as_str().unwrap();
+        let head = format!(
+            "data-team=\"{id}\" data-budget=\"{}\" data-spent=\"{}\" data-projected=\"",
+            b["budget"], b["spent"]
+        );
+        let at = dom.find(&head).unwrap_or_else(|| panic!("{head} missing"));
+        let rest = &dom[at + head.len()..];
+        let shown: f64 = rest[..rest.find('"').unwrap()].parse().unwrap();
+        let want = b["projected"].as_f64().unwrap();
+        assert!(
+            (shown - want).abs() <= want.abs() * 0.01 + 0.01,
+            "{id}: projected {shown} vs {want}"
+        );
+        assert!(shown >= b["spent"].as_f64().unwrap());
+    }
+    assert!(dom.contains("data-team=\"red\" data-budget=\"1000.0\""));
+    assert!(dom.contains(&format!("<b id=\"saved-tokens\">{saved_tokens}</b>")));
+    assert!(
+        dom.contains(&format!(
+            "id=\"saved-cost\" data-exact=\"{}\"",
+            total["saved_cost_exact"].as_str().unwrap()
+        )),
+        "saved cost"
+    );
+    for user in ["alice", "bob", "carol"] {
+        assert!(dom.contains(&format!("data-user=\"{user}\"")), "{user}");
+    }
+    assert!(r["ink"].as_f64().unwrap() > 0.01, "a blank screenshot: {r}");
+    // CSV carries the same budgets.
+    let csv = h
+        .usage_args(&[
+            "--since",
+            "2000-01-01",
+            "--until",
+            "2999-12-31",
+            "--by",
+            "team",
+            "--format",
+            "csv",
+        ])
+        .unwrap();
+    let red = csv
+        .lines()
+        .find(|l| l.starts_with("team,red,"))
+        .expect("red's budget row");
+    let red_json = budgets.iter().find(|b| b["id"] == "red").unwrap();
+    assert!(
+        red.contains(&format!(",{},{},", red_json["budget"], red_json["spent"])),
+        "{red}"
+    );
 }

@@ -33,6 +33,7 @@ impl Config {
             ));
         }
         self.store.validate()?;
+        self.telemetry.validate()?;
         if self.store.timeout_ms == 0 {
             return Err(ConfigError::new("store.timeout_ms", "must be > 0"));
         }

@@ -165,34 +165,16 @@ impl Alerts {
         });
     }
 
-    /// A budget that refused a request: every threshold up to 100 % is crossed.
-    #[allow(clippy::too_many_arguments)]
-    pub fn budget_spent(
-        &self,
-        scope: &str,
-        id: &str,
-        team: &str,
-        consumer: &str,
-        limit: f64,
-        period: &str,
-        retry_after_ms: u64,
-        now_ms: u64,
-    ) {
+    /// A limit that refused a request: every threshold up to 100 % is crossed (`used` is
+    /// taken as `limit`), in the window that ends when the refusal says to retry.
+    pub fn refused(&self, u: Use<'_>, retry_after_ms: u64, now_ms: u64) {
         if self.is_empty() {
             return;
         }
-        let period = Period::parse(period);
         self.observe(&Use {
-            event: AlertEvent::Budget,
-            scope,
-            id,
-            team,
-            consumer,
-            used: limit,
-            limit,
-            unit: &self.currency,
-            period,
+            used: u.limit,
             window_end: window_end_after(now_ms, retry_after_ms),
+            ..u
         });
     }
 
@@ -220,25 +202,6 @@ impl Alerts {
             unit: "tokens",
             period: Some(period),
             window_end: window_bounds(period, window).1,
-        });
-    }
-
-    /// A consumer's token quota that refused a request.
-    pub fn quota_spent(&self, consumer: &str, team: &str, retry_after_ms: u64, now_ms: u64) {
-        if self.is_empty() {
-            return;
-        }
-        self.observe(&Use {
-            event: AlertEvent::Quota,
-            scope: "consumer",
-            id: consumer,
-            team,
-            consumer,
-            used: 0.0,
-            limit: 0.0,
-            unit: "tokens",
-            period: None,
-            window_end: window_end_after(now_ms, retry_after_ms),
         });
     }
 

@@ -79,6 +79,8 @@ pub struct Identity {
     pub mcp_only: bool,
     /// MCP tool patterns from `tools_claim` (a list of strings, or one space-separated string).
     pub tools: Option<Vec<String>>,
+    /// The token's claims, for `jwt:CLAIM` dimensions (`[telemetry] dimensions`).
+    pub claims: Map<String, Value>,
 }
 
 impl Identity {
@@ -286,6 +288,7 @@ impl JwtAuth {
                 models_denied,
                 mcp_only,
                 tools,
+                claims,
             },
             exp,
         ))

@@ -55,7 +55,7 @@ impl Embedder {
             body["model"] = json!(b.deployment(&self.model));
         }
         let mut req = client
-            .post(url)
+            .post(url.to_string())
             .header(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
@@ -123,6 +123,7 @@ pub(super) async fn embed(
         prompt_tokens: e.tokens,
         started: Instant::now(),
         trace_id: String::new(),
+        dims: Vec::new(),
     };
     let mut meter = Meter::new(shared.usage_tx.clone(), admitted, None);
     let o = meter.observed();

@@ -3,11 +3,13 @@
 //! mailed, attached to a ticket or opened offline. The numbers are those of the JSON and CSV
 //! reports: the same rows, the same exact costs.
 
+use super::budgets::BudgetRow;
+use super::burndown;
 use super::ptu::{self, PtuReport, PtuSpec};
 use super::report::{Period, fmt_cost, fmt_day};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use tollgate_quota::{UsageCounts, UsageRow};
+use tollgate_quota::{DimRow, UsageCounts, UsageRow};
 
 const COLORS: [&str; 10] = [
     "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
@@ -67,8 +69,22 @@ fn cents(pico: u128) -> String {
     format!("{}.{:02}", c / 100, c % 100)
 }
 
-/// The report page.
+/// What the page shows beyond the usage rows, when there is any.
+#[derive(Default)]
+pub struct Extra<'a> {
+    pub budgets: &'a [BudgetRow],
+    pub dims: &'a [DimRow],
+    /// "Now" for the budgets' projection (unix seconds).
+    pub now_s: u64,
+}
+
+/// The report page of the usage rows alone.
 pub fn render(rows: &[UsageRow], period: Period, ptus: &[PtuSpec]) -> String {
+    render_with(rows, period, ptus, &Extra::default())
+}
+
+/// The report page: usage, budgets' burn-down, cache savings and top users.
+pub fn render_with(rows: &[UsageRow], period: Period, ptus: &[PtuSpec], extra: &Extra) -> String {
     let mut total = Sum::default();
     rows.iter().for_each(|r| total.add(r));
     let allocation = ptu::allocate(ptus, rows, period);
@@ -91,12 +107,15 @@ pub fn render(rows: &[UsageRow], period: Period, ptus: &[PtuSpec]) -> String {
     spend_by_team_per_day(&mut h, rows, period);
     let teams = group(rows, |r| r.team.clone());
     totals_table(&mut h, "teams", "Spend by team", "team", &teams);
+    burndown::budgets_section(&mut h, extra.budgets, extra.now_s);
+    burndown::savings_section(&mut h, rows);
     top(
         &mut h,
         "consumers",
         "Top consumers",
         &group(rows, |r| r.consumer.clone()),
     );
+    burndown::users_section(&mut h, extra.dims);
     top(
         &mut h,
         "models",
@@ -110,11 +129,12 @@ pub fn render(rows: &[UsageRow], period: Period, ptus: &[PtuSpec]) -> String {
 
 const STYLE: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}\
 h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em}\
-#summary{display:flex;gap:1em}.card{border:1px solid #ddd;border-radius:6px;padding:.8em 1.2em}\
+#summary,#savings{display:flex;gap:1em}.card{border:1px solid #ddd;border-radius:6px;padding:.8em 1.2em}\
 .card b{display:block;font-size:1.5em}.card span{color:#666}\
 table{border-collapse:collapse;margin:.5em 0}td,th{padding:.25em .8em;border-bottom:1px solid #eee;text-align:right}\
 td:first-child,th:first-child{text-align:left}.legend span{display:inline-block;margin-right:1em}\
 .sw{display:inline-block;width:.9em;height:.9em;margin-right:.3em;vertical-align:middle}\
+#budgets{display:flex;flex-wrap:wrap;gap:1.5em}.burn h3{margin:.3em 0}.projected.over{color:#e15759}\
 footer{margin-top:3em;color:#888;font-size:.9em}";
 
 /// Stacked bars: one per day, a segment per team, height = cost.

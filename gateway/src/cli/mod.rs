@@ -2,14 +2,18 @@
 //! `cache purge`, `cache stats`.
 //!
 //! - [`report`]: the usage report; [`ptu`]: PTU cost allocation; [`html`]: the report as one
-//!   self-contained HTML page; [`budgets`]: the budgets in the usage report.
+//!   self-contained HTML page; [`budgets`]: the budgets in the usage report; [`burndown`]: the
+//!   page's budget burn-down, cache savings and top users; [`dims`]: usage
+//!   by dimension (`--by user`, `--by dimension:NAME`).
 //! - [`cache`]: the answer cache's admin.
 //! - [`keys`]: key creation.
 //! - [`demo`]: the demo gateway.
 
 mod budgets;
+mod burndown;
 mod cache;
 mod demo;
+mod dims;
 mod html;
 mod keys;
 mod ptu;
@@ -31,6 +35,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tollgate_common::config::Config;
+use tollgate_quota::Store as _;
 
 #[derive(Parser)]
 #[command(
@@ -75,7 +80,8 @@ pub enum Command {
         /// Last day (YYYY-MM-DD, UTC), inclusive; default: today.
         #[arg(long)]
         until: Option<String>,
-        #[arg(long, value_enum, default_value = "consumer")]
+        /// consumer, team, model, backend, day, ptu, server, tool, user or dimension:NAME.
+        #[arg(long, default_value = "consumer", value_parser = By::parse)]
         by: By,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
@@ -121,7 +127,8 @@ pub enum KeysCommand {
     },
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+/// What `--by` groups by.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum By {
     Consumer,
     Team,
@@ -130,10 +137,39 @@ pub enum By {
     Day,
     /// PTU cost allocation to teams (backends with `monthly_cost`).
     Ptu,
+    /// A `[telemetry] dimensions` dimension (`user`, or `dimension:NAME`).
+    Dimension(String),
     /// MCP tool calls per server, consumer and team (calls, errors).
     Server,
     /// MCP tool calls per tool (and its server), consumer and team.
     Tool,
+}
+
+impl By {
+    /// `consumer`, `team`, `model`, `backend`, `day`, `ptu`, `server`, `tool`, `user` or
+    /// `dimension:NAME`.
+    pub fn parse(s: &str) -> Result<By, String> {
+        Ok(match s {
+            "consumer" => By::Consumer,
+            "team" => By::Team,
+            "model" => By::Model,
+            "backend" => By::Backend,
+            "day" => By::Day,
+            "ptu" => By::Ptu,
+            "server" => By::Server,
+            "tool" => By::Tool,
+            "user" => By::Dimension("user".into()),
+            _ => match s.strip_prefix("dimension:") {
+                Some(d) if !d.is_empty() => By::Dimension(d.to_string()),
+                _ => {
+                    return Err(format!(
+                        "{s:?}: expected consumer, team, model, backend, day, ptu, server, tool, \
+                         user or dimension:NAME"
+                    ));
+                }
+            },
+        })
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -227,14 +263,29 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             };
             if matches!(by, By::Server | By::Tool) {
                 let (rows, _) = tools::read(&config, since.as_deref(), until.as_deref()).await?;
-                print!("{}", tools::render(&rows, by, format));
+                print!("{}", tools::render(&rows, &by, format));
                 return Ok(ExitCode::SUCCESS);
             }
             let (rows, period) = read_usage(&config, since.as_deref(), until.as_deref()).await?;
-            let ptus = PtuSpec::from_config(&config);
-            let report = render_report(&rows, period, &ptus, by, format);
             let store = crate::server::connect_store(&config).await?;
             let budgets = budgets::read_budgets(&config, &store).await?;
+            let ptus = PtuSpec::from_config(&config);
+            let report = match (&by, format) {
+                (_, Format::Html) => {
+                    let dims = store.dimension_usage(period.since, period.until).await?;
+                    let extra = html::Extra {
+                        budgets: &budgets,
+                        dims: &dims,
+                        now_s: crate::clock::now_ms() / 1000,
+                    };
+                    html::render_with(&rows, period, &ptus, &extra)
+                }
+                (By::Dimension(d), _) => {
+                    let dims = store.dimension_usage(period.since, period.until).await?;
+                    dims::render(&dims, d, format)
+                }
+                _ => render_report(&rows, period, &ptus, by, format),
+            };
             let currency = &config.pricing.currency;
             print!(
                 "{}",

@@ -56,6 +56,18 @@ use tollgate_quota::{
     Store,
 };
 
+/// What a request asks the limits for: its consumer, model, estimated tokens and cost.
+#[derive(Clone, Copy, Debug)]
+pub struct Ask<'a> {
+    pub consumer: &'a str,
+    pub model: &'a str,
+    pub tokens: u64,
+    /// The estimate's cost at the highest prices among the model's backends (nano-units).
+    pub cost_nano: u64,
+    /// The consumer must have a record in the store (keys and consumers configured so).
+    pub require_record: bool,
+}
+
 /// A reservation made for one request, to be settled once.
 #[derive(Clone, Debug)]
 pub struct Reserved {

@@ -3,7 +3,7 @@
 //! refunded) when it gets no answer, and the failure policy when the store is unreachable.
 
 use super::lease::{Key, LEASE_MS, Lease, Take};
-use super::{Limits, Placement, Reserved};
+use super::{Ask, Limits, Placement, Reserved};
 use crate::error::Error;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,42 +19,42 @@ impl Limits {
     /// it has a budget), else with one store call.
     pub(super) async fn reserve_consumer(
         self: &Arc<Self>,
-        consumer: &str,
-        model: &str,
-        tokens: u64,
-        cost_nano: u64,
-        require_record: bool,
+        ask: &Ask<'_>,
     ) -> Result<Reserved, Error> {
         let Some(leases) = &self.leases else {
-            return self
-                .reserve_direct(consumer, model, tokens, cost_nano, require_record)
-                .await;
+            return self.reserve_direct(ask).await;
         };
+        let Ask {
+            consumer,
+            model,
+            tokens,
+            require_record,
+            ..
+        } = *ask;
         let key: Key = (consumer.to_string(), model.to_string());
         // While the store is unreachable under escrow, what a lease still holds is spent even
         // past its age: it is debited in the store, and admin changes cannot be read anyway.
         let escrow_degraded = self.policy.on_error == OnError::Escrow
             && self.health.degraded_in(self.consumer_part(consumer));
-        let ask = match leases
-            .lock()
-            .take(&key, tokens, self.clock.now_ms(), escrow_degraded)
-        {
-            Take::Admitted(admission) => {
-                return Ok(Reserved {
-                    admission,
-                    tokens,
-                    cost_nano: 0,
-                    place: Placement::Shared,
-                    end: ReservationEnd::None,
-                    team: None,
-                    charge_team: None,
-                });
-            }
-            Take::Miss { ask } => ask,
-        };
-        let r = self
-            .reserve_direct(consumer, model, tokens, cost_nano, require_record)
-            .await;
+        let wants_lease =
+            match leases
+                .lock()
+                .take(&key, tokens, self.clock.now_ms(), escrow_degraded)
+            {
+                Take::Admitted(admission) => {
+                    return Ok(Reserved {
+                        admission,
+                        tokens,
+                        cost_nano: 0,
+                        place: Placement::Shared,
+                        end: ReservationEnd::None,
+                        team: None,
+                        charge_team: None,
+                    });
+                }
+                Take::Miss { ask: wants } => wants,
+            };
+        let r = self.reserve_direct(ask).await;
         if let Ok(res) = &r
             && res.place == Placement::Shared
         {
@@ -67,7 +67,7 @@ impl Limits {
             Err(Error::StoreUnavailable) => self.policy.on_error == OnError::Escrow,
             Err(_) => false,
         };
-        if ask {
+        if wants_lease {
             if may_lease {
                 self.clone().acquire_lease(key, require_record);
             } else {
@@ -229,14 +229,14 @@ impl Limits {
     }
 
     /// Debits `tokens` for the consumer with one store call, or says why not.
-    async fn reserve_direct(
-        &self,
-        consumer: &str,
-        model: &str,
-        tokens: u64,
-        cost_nano: u64,
-        require_record: bool,
-    ) -> Result<Reserved, Error> {
+    async fn reserve_direct(&self, ask: &Ask<'_>) -> Result<Reserved, Error> {
+        let Ask {
+            consumer,
+            model,
+            tokens,
+            cost_nano,
+            require_record,
+        } = *ask;
         let req = ReserveRequest {
             consumer,
             model,

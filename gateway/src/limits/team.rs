@@ -12,7 +12,7 @@
 //! store at once: one round trip of latency.
 
 use super::reserve::budget_error;
-use super::{Limits, Placement, Reserved};
+use super::{Ask, Limits, Placement, Reserved};
 use crate::error::Error;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -97,21 +97,17 @@ impl Limits {
     /// otherwise the store's record of the consumer decides.
     pub async fn reserve(
         self: &Arc<Self>,
-        consumer: &str,
-        model: &str,
-        tokens: u64,
-        cost_nano: u64,
-        require_record: bool,
+        ask: Ask<'_>,
         team: Option<&str>,
     ) -> Result<Reserved, Error> {
+        let (consumer, cost_nano) = (ask.consumer, ask.cost_nano);
         let now = self.clock.now_ms();
         let guess = team
             .map(str::to_string)
             .or_else(|| self.teams.team_of(consumer))
             .or_else(|| self.seeds.record(consumer).map(|r| r.team.clone()))
             .filter(|t| !t.is_empty() && self.teams.needs_step(t, now));
-        let consumer_step =
-            self.reserve_consumer(consumer, model, tokens, cost_nano, require_record);
+        let consumer_step = self.reserve_consumer(&ask);
         let (first, early) = match &guess {
             Some(t) => {
                 let (c, t) = tokio::join!(consumer_step, self.team_step(t, cost_nano));
@@ -269,32 +265,19 @@ impl Limits {
         match (r.place, r.end) {
             (Placement::Shared, ReservationEnd::Settled { id, .. }) => self.abandon(consumer, id),
             // Served from a lease: give the tokens back to the store.
-            (Placement::Shared, ReservationEnd::None) => self.abandoned.lock().push(Settlement {
-                consumer: consumer.to_string(),
-                end: ReservationEnd::None,
-                reserved: r.tokens,
-                actual: 0,
-                window: r.admission.window,
-                tpm: r.admission.tpm,
-                usage: None,
-                money: Money::default(),
-            }),
+            (Placement::Shared, ReservationEnd::None) => {
+                self.abandoned
+                    .lock()
+                    .push(unused(consumer, r, Money::default()))
+            }
             (Placement::Local, _) => {
-                let s = Settlement {
-                    consumer: consumer.to_string(),
-                    end: ReservationEnd::None,
-                    reserved: r.tokens,
+                let money = Money {
+                    reserved: r.cost_nano,
                     actual: 0,
-                    window: r.admission.window,
-                    tpm: r.admission.tpm,
-                    usage: None,
-                    money: Money {
-                        reserved: r.cost_nano,
-                        actual: 0,
-                        window: r.admission.budget.map_or(0, |b| b.window),
-                        team: None,
-                    },
+                    window: r.admission.budget.map_or(0, |b| b.window),
+                    team: None,
                 };
+                let s = unused(consumer, r, money);
                 let _ = futures::FutureExt::now_or_never(
                     self.local.settle(tollgate_quota::new_batch_id(), &[s]),
                 );
@@ -341,3 +324,17 @@ fn team_refund(consumer: &str, team: &str, id: u64) -> Settlement {
 #[cfg(test)]
 #[path = "team_tests.rs"]
 mod tests;
+
+/// Gives back a reservation nothing was served for: all its tokens, and `money` as given.
+fn unused(consumer: &str, r: &Reserved, money: Money) -> Settlement {
+    Settlement {
+        consumer: consumer.to_string(),
+        end: ReservationEnd::None,
+        reserved: r.tokens,
+        actual: 0,
+        window: r.admission.window,
+        tpm: r.admission.tpm,
+        usage: None,
+        money,
+    }
+}

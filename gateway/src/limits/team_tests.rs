@@ -57,11 +57,29 @@ async fn settle_compensations(l: &Limits, store: &MemoryStore) {
         .unwrap();
 }
 
-async fn quota_left(l: &Arc<Limits>) -> i64 {
-    let r = l
-        .reserve("app", "m", 0, 0, true, Some("ops"))
+/// What app asks for: `tokens` at `cost_nano`, with a record required.
+fn ask(tokens: u64, cost_nano: u64) -> Ask<'static> {
+    Ask {
+        consumer: "app",
+        model: "m",
+        tokens,
+        cost_nano,
+        require_record: true,
+    }
+}
+
+/// What the store says the team has spent in its current window (nano-units).
+async fn team_spent(store: &MemoryStore, team: &str) -> i64 {
+    store
+        .spend(BudgetScope::Team, team)
         .await
-        .unwrap();
+        .unwrap()
+        .expect("the team has a budget record")
+        .1
+}
+
+async fn quota_left(l: &Arc<Limits>) -> i64 {
+    let r = l.reserve(ask(0, 0), Some("ops")).await.unwrap();
     r.admission.remaining_quota.unwrap()
 }
 
@@ -70,16 +88,10 @@ async fn quota_left(l: &Arc<Limits>) -> i64 {
 #[tokio::test]
 async fn a_team_refusal_refunds_the_consumer() {
     let (l, store, _) = limits().await;
-    let r = l
-        .reserve("app", "m", 100, 2 * UNIT, true, None)
-        .await
-        .unwrap();
+    let r = l.reserve(ask(100, 2 * UNIT), None).await.unwrap();
     assert_eq!(r.team.as_ref().map(|t| t.team.as_str()), Some("fin"));
     assert_eq!(r.team.as_ref().unwrap().budget.spent_nano, 2 * UNIT as i64);
-    let e = l
-        .reserve("app", "m", 100, 2 * UNIT, true, None)
-        .await
-        .unwrap_err();
+    let e = l.reserve(ask(100, 2 * UNIT), None).await.unwrap_err();
     assert!(
         matches!(&e, Error::BudgetExceeded { scope: "team", id, .. } if id == "fin"),
         "{e:?}"
@@ -90,15 +102,7 @@ async fn a_team_refusal_refunds_the_consumer() {
         900,
         "the refused request's tokens came back"
     );
-    assert_eq!(
-        store
-            .spend(BudgetScope::Team, "fin")
-            .await
-            .unwrap()
-            .unwrap()
-            .1,
-        2 * UNIT as i64
-    );
+    assert_eq!(team_spent(&store, "fin").await, 2 * UNIT as i64);
 }
 
 /// The consumer refuses (quota spent) while the team step ran alongside: the team's debit is
@@ -107,22 +111,12 @@ async fn a_team_refusal_refunds_the_consumer() {
 async fn a_consumer_refusal_refunds_the_team() {
     let (l, store, _) = limits().await;
     // This replica learns app's team, so the next steps go at once.
-    l.reserve("app", "m", 10, UNIT / 10, true, None)
-        .await
-        .unwrap();
-    let e = l
-        .reserve("app", "m", 5_000, UNIT, true, None)
-        .await
-        .unwrap_err();
+    l.reserve(ask(10, UNIT / 10), None).await.unwrap();
+    let e = l.reserve(ask(5_000, UNIT), None).await.unwrap_err();
     assert!(matches!(e, Error::QuotaExceeded { .. }), "{e:?}");
     settle_compensations(&l, &store).await;
     assert_eq!(
-        store
-            .spend(BudgetScope::Team, "fin")
-            .await
-            .unwrap()
-            .unwrap()
-            .1,
+        team_spent(&store, "fin").await,
         (UNIT / 10) as i64,
         "the team step of the refused request was refunded"
     );
@@ -132,7 +126,7 @@ async fn a_consumer_refusal_refunds_the_team() {
 #[tokio::test]
 async fn a_wrong_team_guess_is_undone() {
     let (l, store, _) = limits().await;
-    l.reserve("app", "m", 10, UNIT, true, None).await.unwrap();
+    l.reserve(ask(10, UNIT), None).await.unwrap();
     let moved = ConsumerRecord {
         id: "app".into(),
         team: "ops".into(),
@@ -140,28 +134,15 @@ async fn a_wrong_team_guess_is_undone() {
         ..ConsumerRecord::default()
     };
     store.put_consumer(&moved).await.unwrap();
-    let r = l.reserve("app", "m", 10, UNIT, true, None).await.unwrap();
+    let r = l.reserve(ask(10, UNIT), None).await.unwrap();
     assert_eq!(r.team.as_ref().map(|t| t.team.as_str()), Some("ops"));
     settle_compensations(&l, &store).await;
     assert_eq!(
-        store
-            .spend(BudgetScope::Team, "fin")
-            .await
-            .unwrap()
-            .unwrap()
-            .1,
+        team_spent(&store, "fin").await,
         UNIT as i64,
         "the guessed team's debit was refunded"
     );
-    assert_eq!(
-        store
-            .spend(BudgetScope::Team, "ops")
-            .await
-            .unwrap()
-            .unwrap()
-            .1,
-        UNIT as i64
-    );
+    assert_eq!(team_spent(&store, "ops").await, UNIT as i64);
 }
 
 /// A team without a budget is skipped for a second, then asked again (a new budget applies).
@@ -175,28 +156,12 @@ async fn teams_without_a_budget_are_skipped_for_a_second() {
         })
         .await
         .unwrap();
-    assert!(
-        l.reserve("app", "m", 1, UNIT, true, None)
-            .await
-            .unwrap()
-            .team
-            .is_none()
-    );
+    assert!(l.reserve(ask(1, UNIT), None).await.unwrap().team.is_none());
     store.put_team(&team("fin", 3)).await.unwrap();
     assert!(
-        l.reserve("app", "m", 1, UNIT, true, None)
-            .await
-            .unwrap()
-            .team
-            .is_none(),
+        l.reserve(ask(1, UNIT), None).await.unwrap().team.is_none(),
         "skipped within a second"
     );
     clock.advance(TEAM_CACHE_MS);
-    assert!(
-        l.reserve("app", "m", 1, UNIT, true, None)
-            .await
-            .unwrap()
-            .team
-            .is_some()
-    );
+    assert!(l.reserve(ask(1, UNIT), None).await.unwrap().team.is_some());
 }

@@ -17,6 +17,7 @@
 //! - [`calls`]: `tools/call` — limits, outcome, metrics, usage, span.
 //! - [`streams`]: GET and DELETE. [`discovery`]: OAuth protected-resource metadata, 401s.
 //! - [`renew`]: upstream sessions renewed when an upstream lost them.
+//! - [`openapi`]: REST APIs described by OpenAPI documents, exported as tools.
 //! - [`tools`]: tool lists (pages, filters) and which tools exist.
 
 pub mod calls;
@@ -24,6 +25,7 @@ pub mod discovery;
 pub mod federate;
 pub mod glob;
 pub mod jsonrpc;
+pub mod openapi;
 pub mod renew;
 pub mod serve;
 pub mod session;

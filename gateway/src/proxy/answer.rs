@@ -11,6 +11,8 @@ use axum::body::Body;
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -49,7 +51,7 @@ impl Verdict {
 /// a body too large, compressed or too slow to read is replaced by a generic one.
 pub(super) async fn client_fault(
     b: &Arc<Backend>,
-    resp: reqwest::Response,
+    resp: http::Response<Incoming>,
     mut meter: Meter,
     deadline: Instant,
 ) -> Response {
@@ -103,16 +105,23 @@ pub(super) async fn client_fault(
 /// The whole body when it is at most [`MAX_ERROR_BODY`] and arrives before `deadline` with no
 /// silence longer than `idle`.
 async fn read_small_body(
-    mut resp: reqwest::Response,
+    resp: http::Response<Incoming>,
     deadline: Instant,
     idle: Duration,
 ) -> Option<Bytes> {
+    let mut body = resp.into_body();
     let mut buf = BytesMut::new();
     loop {
         let until = deadline.min(Instant::now() + idle);
-        match tokio::time::timeout_at(until, resp.chunk()).await {
-            Ok(Ok(Some(c))) if buf.len() + c.len() <= MAX_ERROR_BODY => buf.extend_from_slice(&c),
-            Ok(Ok(None)) => return Some(buf.freeze()),
+        match tokio::time::timeout_at(until, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                let Ok(c) = frame.into_data() else { continue };
+                if buf.len() + c.len() > MAX_ERROR_BODY {
+                    return None;
+                }
+                buf.extend_from_slice(&c);
+            }
+            Ok(None) => return Some(buf.freeze()),
             _ => return None,
         }
     }

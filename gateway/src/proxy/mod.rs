@@ -21,11 +21,13 @@
 //! - [`scan`]: reading usage and text from JSON bodies and event streams.
 
 mod answer;
+mod client;
 mod headers;
 mod scan;
 mod tap;
 
 pub use answer::{retry_after_ms, utilization};
+pub use client::{Upstream, upstream};
 pub use scan::{MAX_REPORTED_TOKENS, UsageFields};
 
 use answer::Verdict;
@@ -38,7 +40,10 @@ use crate::usage::Meter;
 use axum::body::Body;
 use axum::response::Response;
 use headers::{copy_response_headers, forwarded_request_headers};
-use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use http_body::Body as _;
+use http_body_util::Full;
+use hyper::body::Incoming;
 use scan::Mode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,7 +76,7 @@ impl From<Error> for Failed {
 
 /// The forwarding context of one request.
 pub struct Forward<'a> {
-    pub client: &'a reqwest::Client,
+    pub client: &'a Upstream,
     pub breakers: &'a Arc<Breakers>,
     pub req: &'a ClientRequest,
     pub headers: &'a HeaderMap,
@@ -146,7 +151,7 @@ impl Forward<'_> {
         &self,
         b: &Arc<Backend>,
         probe: bool,
-    ) -> Result<(reqwest::Response, bool, Instant), Failed> {
+    ) -> Result<(http::Response<Incoming>, bool, Instant), Failed> {
         let req = self.req;
         let deployment = b.deployment(&req.model);
         let set_model = match (b.config.api, req.op, &req.style) {
@@ -199,7 +204,11 @@ impl Forward<'_> {
         let deadline = Instant::now() + Duration::from_millis(timeouts.max_response_ms);
         let first_byte =
             Duration::from_millis(timeouts.first_byte_ms.min(timeouts.max_response_ms));
-        let send = self.client.post(url).headers(headers).body(body).send();
+        let mut request = http::Request::new(Full::new(body));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = url;
+        *request.headers_mut() = headers;
+        let send = self.client.request(request);
         let resp = match tokio::time::timeout(first_byte, send).await {
             Err(_) => {
                 self.breakers.failure(b, None, None, probe);
@@ -207,7 +216,7 @@ impl Forward<'_> {
             }
             Ok(Err(e)) => {
                 self.breakers.failure(b, None, None, probe);
-                let err = if e.is_timeout() {
+                let err = if timed_out(&e) {
                     Error::UpstreamTimeout
                 } else {
                     Error::Upstream(format!("{}: {}", b.name, describe(&e)))
@@ -255,7 +264,7 @@ impl Forward<'_> {
         &self,
         b: &Arc<Backend>,
         probe: bool,
-        resp: reqwest::Response,
+        resp: http::Response<Incoming>,
         include_usage: bool,
         deadline: Instant,
         mut meter: Meter,
@@ -269,7 +278,9 @@ impl Forward<'_> {
             self.breakers.utilization(b, u);
         }
         if resp
-            .content_length()
+            .body()
+            .size_hint()
+            .exact()
             .is_some_and(|n| n > b.limits.max_response_bytes)
         {
             tracing::warn!(backend = %b.name, "backend response larger than server.max_response_bytes");
@@ -309,7 +320,7 @@ impl Forward<'_> {
             .cache
             .filter(|_| status == StatusCode::OK)
             .map(|p| p.recorder(&b.name));
-        let tap = Tap::new(resp.bytes_stream(), mode, meter, bounds, recorder);
+        let tap = Tap::new(resp.into_body(), mode, meter, bounds, recorder);
         Ok(out.body(Body::from_stream(tap)).unwrap_or_default())
     }
 }
@@ -321,12 +332,24 @@ fn failed(mut meter: Meter, err: Error) -> Error {
 }
 
 /// A transport error, described without its URL or any detail a backend could have echoed.
-fn describe(e: &reqwest::Error) -> &'static str {
+fn describe(e: &hyper_util::client::legacy::Error) -> &'static str {
     if e.is_connect() {
         "connection failed"
-    } else if e.is_body() || e.is_decode() {
-        "response body failed"
     } else {
         "request failed"
     }
+}
+
+/// The connect timeout (the connector's `connect_ms`), somewhere in the error's sources.
+fn timed_out(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }

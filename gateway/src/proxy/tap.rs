@@ -5,8 +5,9 @@
 //! It is also where one backend's answer is kept from exhausting a replica ([`Bounds`]): a
 //! silence longer than `timeouts.idle_ms`, a response that outlasts `timeouts.max_response_ms`
 //! or outgrows `server.max_response_bytes`, or a server-sent event longer than
-//! `server.max_sse_event_bytes` ends the body — a stream with an OpenAI-style error event, a
-//! JSON body with a cut the client's HTTP library reports. Usage the backend reports beyond
+//! `server.max_sse_event_bytes` ends the body, and so does a backend whose body fails mid-way:
+//! a stream with an OpenAI-style error event after the events that arrived, a JSON body with a
+//! cut the client's HTTP library reports. Usage the backend reports beyond
 //! [`MAX_REPORTED_TOKENS`](super::scan::MAX_REPORTED_TOKENS) is not believed: the gateway counts the request itself.
 
 use super::scan::{EventTooLong, Mode};
@@ -14,6 +15,8 @@ use crate::cache::Recorder;
 use crate::usage::Meter;
 use bytes::Bytes;
 use futures::Stream;
+use http_body::Body as _;
+use hyper::body::Incoming;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -34,7 +37,7 @@ pub struct Bounds {
 /// The response body on its way to the client: backend bytes in, the same bytes out (less a
 /// hidden usage chunk), usage recorded, [`Bounds`] enforced, settled when it ends or drops.
 pub struct Tap {
-    inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    inner: Incoming,
     bounds: Bounds,
     /// Fires at the next silence limit or at the deadline, whichever comes first (one timer).
     timer: Pin<Box<tokio::time::Sleep>>,
@@ -50,14 +53,14 @@ pub struct Tap {
 
 impl Tap {
     pub fn new(
-        inner: impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
+        inner: Incoming,
         mode: Mode,
         meter: Meter,
         bounds: Bounds,
         recorder: Option<Recorder>,
     ) -> Tap {
         Tap {
-            inner: Box::pin(inner),
+            inner,
             timer: Box::pin(tokio::time::sleep_until(
                 (tokio::time::Instant::now() + bounds.idle).min(bounds.deadline),
             )),
@@ -116,8 +119,12 @@ impl Stream for Tap {
             if this.done {
                 return Poll::Ready(None);
             }
-            match this.inner.as_mut().poll_next(cx) {
-                Poll::Ready(Some(Ok(chunk))) => {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    // Trailers carry nothing the gateway reads.
+                    let Ok(chunk) = frame.into_data() else {
+                        continue;
+                    };
                     let next = tokio::time::Instant::now() + this.bounds.idle;
                     this.timer.as_mut().reset(next.min(this.bounds.deadline));
                     this.received = this.received.saturating_add(chunk.len() as u64);
@@ -150,12 +157,11 @@ impl Stream for Tap {
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    this.done = true;
-                    this.recorder = None;
-                    tracing::warn!(error = %e, "backend response body failed mid-way");
-                    // Dropping the meter settles what was seen; the client sees the stream cut.
-                    this.meter.take();
-                    return Poll::Ready(Some(Err(std::io::Error::other("backend stream failed"))));
+                    tracing::debug!(error = %e, "backend response body failed mid-way");
+                    // A stream ends with an error event after what arrived, so that the
+                    // events already received reach the client whatever the timing (a body
+                    // error makes hyper drop the connection, unflushed bytes with it).
+                    return this.cut("the backend's response failed before it ended");
                 }
                 Poll::Ready(None) => {
                     this.done = true;
@@ -178,13 +184,7 @@ impl Stream for Tap {
                             return this
                                 .cut("the backend response took longer than the gateway allows");
                         }
-                        this.done = true;
-                        this.recorder = None;
-                        tracing::warn!("backend response idle timeout");
-                        this.meter.take();
-                        return Poll::Ready(Some(Err(std::io::Error::other(
-                            "backend idle timeout",
-                        ))));
+                        return this.cut("the backend was silent longer than the gateway allows");
                     }
                     return Poll::Pending;
                 }

@@ -5,6 +5,7 @@ use crate::credentials::Credential;
 use crate::error::Error;
 use crate::request::Operation;
 use crate::secrets::Secrets;
+use http::Uri;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tollgate_common::config::{BackendApi, BackendConfig};
@@ -27,8 +28,8 @@ pub struct Backend {
     pub base: String,
     pub credential: Credential,
     pub price: PriceMicros,
-    /// Parsed URLs per (operation, model) for the backend's own `api_version`.
-    pub urls: HashMap<(Operation, String), reqwest::Url>,
+    /// Parsed URLs per operation and model for the backend's own `api_version`.
+    pub urls: HashMap<Operation, HashMap<String, Uri>>,
     /// The circuit as this replica knows it (routing reads only this).
     pub circuit: Circuit,
     /// Every secret the gateway holds (shared by all backends): none of them may pass from
@@ -49,18 +50,13 @@ pub struct ResponseLimits {
 impl Backend {
     /// The URL for an operation on a model, parsed once at start-up for the backend's own
     /// `api_version`; another version (the client's) is built on the spot.
-    pub fn target(
-        &self,
-        op: Operation,
-        model: &str,
-        api_version: &str,
-    ) -> Result<reqwest::Url, Error> {
+    pub fn target(&self, op: Operation, model: &str, api_version: &str) -> Result<Uri, Error> {
         if api_version == self.config.api_version
-            && let Some(u) = self.urls.get(&(op, model.to_string()))
+            && let Some(u) = self.urls.get(&op).and_then(|m| m.get(model))
         {
             return Ok(u.clone());
         }
-        reqwest::Url::parse(&self.url(op, self.deployment(model), api_version))
+        Uri::try_from(self.url(op, self.deployment(model), api_version))
             .map_err(|_| Error::bad_request("api-version is not valid in a URL"))
     }
 

@@ -70,10 +70,14 @@ impl Routes {
             for model in &b.models {
                 for op in crate::request::Operation::ALL {
                     let url = backend.url(op, backend.deployment(model), &b.api_version);
-                    let parsed = reqwest::Url::parse(&url).map_err(|e| {
+                    let parsed = http::Uri::try_from(url.as_str()).map_err(|e| {
                         anyhow::anyhow!("backends.{}: {url} is not a valid URL: {e}", b.name)
                     })?;
-                    backend.urls.insert((op, model.clone()), parsed);
+                    backend
+                        .urls
+                        .entry(op)
+                        .or_default()
+                        .insert(model.clone(), parsed);
                 }
             }
             built.push(backend);

@@ -236,8 +236,11 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
     };
     let otel = Otel::start(&config.telemetry).context("telemetry")?;
     let telemetry = Telemetry {
-        metrics: Arc::new(Metrics::default()),
+        metrics: Arc::new(Metrics::default().with_dimensions(&config.telemetry)),
         otel: otel.clone(),
+        dims: Arc::new(crate::dimensions::Dimensions::from_config(
+            &config.telemetry,
+        )),
     };
     let worker = UsageWorker {
         limits: limits.clone(),
@@ -312,6 +315,7 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
         limits,
         routes,
         breakers,
+        upstream: crate::proxy::upstream(connect_ms),
         client,
         telemetry,
         tokenizer,

@@ -10,6 +10,7 @@ pub mod prometheus;
 pub use otlp::{Otel, RequestSpan, incoming_trace_id};
 pub use prometheus::Metrics;
 
+use crate::dimensions::Dimensions;
 use crate::record::RequestRecord;
 use http::HeaderMap;
 use std::sync::Arc;
@@ -22,6 +23,8 @@ pub struct Telemetry {
     pub metrics: Arc<Metrics>,
     /// OTLP export, when configured.
     pub otel: Option<Arc<Otel>>,
+    /// `[telemetry] dimensions`: read at admission, kept with the usage.
+    pub dims: Arc<Dimensions>,
 }
 
 impl Telemetry {

@@ -4,7 +4,7 @@
 //!
 //! Label values come only from configuration and the store (consumer ids, models that some
 //! backend serves, backend names), never from arbitrary client input, so cardinality stays
-//! bounded. Token metrics are updated by the usage worker, off the request path.
+//! bounded; the one exception, allow-listed dimensions, is capped per dimension (`other`). Token metrics are updated by the usage worker, off the request path.
 
 use super::histogram::{DURATION_BUCKETS, Histogram, TTFT_BUCKETS};
 use crate::record::RequestRecord;
@@ -13,7 +13,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tollgate_common::TokenUsage;
-use tollgate_quota::{BudgetScope, BudgetUse, units_from_nano};
+use tollgate_common::config::TelemetryConfig;
+use tollgate_quota::{BudgetScope, BudgetUse, OTHER_DIM_VALUE, units_from_nano};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -30,6 +31,34 @@ pub struct Metrics {
     ttft: Histogram,
     usage_dropped: AtomicU64,
     estimated_bytes: AtomicU64,
+    /// `[telemetry] prometheus_dimensions`: the only dimensions that become labels.
+    dims: AllowedDims,
+}
+
+/// Allow-listed dimensions and the values this replica labels with, at most `cap` per
+/// dimension (later values are labelled `other`): client input never grows the series count
+/// without bound.
+#[derive(Default)]
+struct AllowedDims {
+    names: Vec<String>,
+    cap: usize,
+    seen: Mutex<BTreeMap<String, std::collections::BTreeSet<String>>>,
+}
+
+impl AllowedDims {
+    /// The label value for `value` of `dim`, or `None` when `dim` is not allowed.
+    fn label(&self, dim: &str, value: &str) -> Option<String> {
+        if !self.names.iter().any(|n| n == dim) {
+            return None;
+        }
+        let mut seen = self.seen.lock();
+        let values = seen.entry(dim.to_string()).or_default();
+        if values.contains(value) || values.len() < self.cap && values.insert(value.to_string()) {
+            Some(value.to_string())
+        } else {
+            Some(OTHER_DIM_VALUE.to_string())
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -49,11 +78,12 @@ impl Default for Metrics {
             ),
             usage_dropped: AtomicU64::default(),
             estimated_bytes: AtomicU64::default(),
+            dims: AllowedDims::default(),
         }
     }
 }
 
-const HELP: [(&str, &str); 8] = [
+const HELP: [(&str, &str); 10] = [
     (
         "tollgate_requests_total",
         "Requests that reached a reservation, by outcome",
@@ -79,6 +109,14 @@ const HELP: [(&str, &str); 8] = [
         "Responses used from each backend",
     ),
     (
+        "tollgate_dimension_requests_total",
+        "Requests by allow-listed dimension value (telemetry.prometheus_dimensions)",
+    ),
+    (
+        "tollgate_dimension_tokens_total",
+        "Tokens used by allow-listed dimension value and kind",
+    ),
+    (
         "tollgate_usage_dropped_total",
         "Usage settlements dropped because the buffer was full",
     ),
@@ -89,6 +127,16 @@ const HELP: [(&str, &str); 8] = [
 ];
 
 impl Metrics {
+    /// Labels the allow-listed `prometheus_dimensions`, bounded by `dimension_cap`.
+    pub fn with_dimensions(mut self, t: &TelemetryConfig) -> Metrics {
+        self.dims = AllowedDims {
+            names: t.prometheus_dimensions.clone(),
+            cap: t.dimension_cap as usize,
+            seen: Mutex::default(),
+        };
+        self
+    }
+
     fn add(&self, name: &'static str, labels: Labels, v: u64) {
         if v == 0 {
             return;
@@ -151,6 +199,18 @@ impl Metrics {
                 ],
                 1,
             );
+        }
+        for (dim, value) in &a.dims {
+            let Some(value) = self.dims.label(dim, value) else {
+                continue;
+            };
+            let l = || vec![("dimension", dim.to_string()), ("value", value.clone())];
+            self.add("tollgate_dimension_requests_total", l(), 1);
+            for (kind, v) in [("input", u.input), ("output", u.output)] {
+                let mut l = l();
+                l.push(("type", kind.to_string()));
+                self.add("tollgate_dimension_tokens_total", l, v);
+            }
         }
         let series = || vec![("model", a.model.clone()), ("backend", backend.clone())];
         self.duration.observe(series(), r.duration);

@@ -141,6 +141,7 @@ impl UsageWorker {
                 saved_tokens: saved.map(|u| u.total()).unwrap_or(0),
                 saved_cost_pico: saved_cost,
             },
+            dims: self.telemetry.dims.usage(&a.dims),
         });
         let reserved = &a.reserved;
         let consumer = a.consumer.to_string();

@@ -5,29 +5,14 @@ use super::limits::QuotaUse;
 use super::{Inner, MemoryStore};
 use crate::model::*;
 use crate::{
-    BudgetAction, BudgetRefusal, BudgetScope, BudgetUse, Money, Result, TeamCharge, TeamDecision,
-    TeamRecord, TeamReserve,
+    BudgetScope, BudgetUse, Money, Result, TeamCharge, TeamDecision, TeamRecord, TeamReserve,
 };
 
-/// A team step's reservation record (`tg:tresv:{TEAM}:RID`).
+/// A team step's reservation record (`tg:tresv:{TEAM}:RID`), kept with its expiry (unix µs).
 #[derive(Clone, Copy)]
 pub(super) enum TeamRec {
-    Live {
-        cost: u64,
-        window: u64,
-        expires_us: u64,
-    },
-    Tombstone {
-        expires_us: u64,
-    },
-}
-
-impl TeamRec {
-    fn expires_us(&self) -> u64 {
-        match self {
-            TeamRec::Live { expires_us, .. } | TeamRec::Tombstone { expires_us } => *expires_us,
-        }
-    }
+    Live { cost: u64, window: u64 },
+    Tombstone,
 }
 
 const RECORD_TTL_US: u64 = crate::RESERVATION_TTL_MS * 1000;
@@ -36,11 +21,12 @@ impl Inner {
     /// The team's record, unless expired (Redis's PX).
     fn team_rec(&mut self, team: &str, id: u64, now_us: u64) -> Option<TeamRec> {
         if self.team_records.len() > 100_000 {
-            self.team_records.retain(|_, r| r.expires_us() > now_us);
+            self.team_records
+                .retain(|_, (_, expires_us)| *expires_us > now_us);
         }
         let key = (team.to_string(), id);
         match self.team_records.get(&key) {
-            Some(r) if r.expires_us() > now_us => Some(*r),
+            Some((r, expires_us)) if *expires_us > now_us => Some(*r),
             Some(_) => {
                 self.team_records.remove(&key);
                 None
@@ -77,12 +63,9 @@ impl Inner {
         }
         let key = (t.team.clone(), id);
         if tombstone {
-            self.team_records.insert(
-                key,
-                TeamRec::Tombstone {
-                    expires_us: now_us + RECORD_TTL_US,
-                },
-            );
+            let expires_us = now_us + RECORD_TTL_US;
+            self.team_records
+                .insert(key, (TeamRec::Tombstone, expires_us));
         } else {
             self.team_records.remove(&key);
         }
@@ -112,20 +95,15 @@ impl MemoryStore {
         };
         // A replay of a reservation already made (or abandoned): never debit twice.
         match g.team_rec(req.team, req.id, now_us) {
-            Some(TeamRec::Tombstone { .. }) => return Ok(TeamDecision::Cancelled),
+            Some(TeamRec::Tombstone) => return Ok(TeamDecision::Cancelled),
             Some(TeamRec::Live { window: w, .. }) => {
                 return Ok(TeamDecision::Admitted(use_at(spent, w)));
             }
             None => {}
         }
         let cost = req.cost_nano as i64;
-        if b.action == BudgetAction::Block && spent + cost > b.limit_nano as i64 {
-            return Ok(TeamDecision::Exceeded(BudgetRefusal {
-                retry_after_ms: (window_end - now_s).max(1) * 1000,
-                remaining_nano: b.limit_nano as i64 - spent,
-                limit_nano: b.limit_nano,
-                period: b.period,
-            }));
+        if let Some(refusal) = b.refuse(spent, cost, window_end, now_s) {
+            return Ok(TeamDecision::Exceeded(refusal));
         }
         g.team_spends.insert(
             req.team.to_string(),
@@ -136,11 +114,13 @@ impl MemoryStore {
         );
         g.team_records.insert(
             (req.team.to_string(), req.id),
-            TeamRec::Live {
-                cost: req.cost_nano,
-                window,
-                expires_us: now_us + RECORD_TTL_US,
-            },
+            (
+                TeamRec::Live {
+                    cost: req.cost_nano,
+                    window,
+                },
+                now_us + RECORD_TTL_US,
+            ),
         );
         Ok(TeamDecision::Admitted(use_at(spent + cost, window)))
     }

@@ -3,7 +3,7 @@
 
 use super::{Inner, MemoryStore, UsageKey};
 use crate::model::*;
-use crate::{BudgetAction, BudgetRefusal, BudgetUse, Result};
+use crate::{BudgetUse, Result};
 
 #[derive(Clone, Copy)]
 pub(super) struct Bucket {
@@ -205,13 +205,8 @@ impl MemoryStore {
                 Some(q) if q.window == w => q.used,
                 _ => 0,
             };
-            if b.action == BudgetAction::Block && spent + cost > b.limit_nano as i64 {
-                return Ok(Decision::BudgetExceeded(BudgetRefusal {
-                    retry_after_ms: (end - now_s).max(1) * 1000,
-                    remaining_nano: b.limit_nano as i64 - spent,
-                    limit_nano: b.limit_nano,
-                    period: b.period,
-                }));
+            if let Some(refusal) = b.refuse(spent, cost, end, now_s) {
+                return Ok(Decision::BudgetExceeded(refusal));
             }
         }
 
@@ -374,6 +369,7 @@ impl MemoryStore {
                     backend: u.backend.clone(),
                 };
                 g.usage.entry(k).or_default().add(&u.counts);
+                g.dims.add(&s.consumer, u);
             }
         }
         Ok(())

@@ -7,11 +7,13 @@
 //! - [`breaker`]: circuits, the twins of the `breaker_*.lua` scripts.
 //! - [`budget`]: the team step and team settlements (twins of `team_*.lua`), alert claims.
 //! - [`tools`]: MCP tool-call limits (twin of `tool_call.lua`).
+//! - [`dims`]: per-dimension usage with its cap (the twin of the `dims` part of `settle.lua`).
 //!
 //! Everything is behind one short mutex, never held across an await.
 
 mod breaker;
 mod budget;
+mod dims;
 mod limits;
 mod tools;
 
@@ -62,6 +64,8 @@ struct Inner {
     buckets: HashMap<String, Bucket>,
     quotas: HashMap<String, QuotaUse>,
     usage: HashMap<UsageKey, UsageCounts>,
+    /// Per-dimension usage (`tg:dims:{ID}:YYYYMMDD`).
+    dims: dims::Dims,
     /// Key hashes seeded from configuration, per consumer (`tg:seedkeys:{ID}`).
     seeded_keys: HashMap<String, std::collections::HashSet<String>>,
     seeded: bool,
@@ -74,7 +78,7 @@ struct Inner {
     /// Teams (`tg:team:{TEAM}`), their spend and their step's records.
     teams: HashMap<String, TeamRecord>,
     team_spends: HashMap<String, QuotaUse>,
-    team_records: HashMap<(String, u64), budget::TeamRec>,
+    team_records: HashMap<(String, u64), (budget::TeamRec, u64)>,
     /// Alert claims and when they expire (unix us).
     alerts: HashMap<String, u64>,
     /// MCP tool calls per consumer (`tg:toolrate:{ID}`, `tg:toolquota:{ID}`).
@@ -229,6 +233,10 @@ impl Store for MemoryStore {
             ))
         });
         Ok(rows)
+    }
+
+    async fn dimension_usage(&self, since: u32, until: u32) -> Result<Vec<DimRow>> {
+        Ok(self.inner.lock().dims.rows(since, until))
     }
 
     async fn heartbeat(&self, _replica: &str, _ttl_ms: u64) -> Result<u32> {

@@ -80,6 +80,31 @@ pub(super) fn tool_usage_key(id: &str, day: u32) -> String {
     format!("tg:toolusage:{{{id}}}:{day}")
 }
 
+/// A consumer's per-dimension usage of one day (`[telemetry] dimensions`).
+pub(super) fn dims_key(id: &str, day: u32) -> String {
+    format!("tg:dims:{{{id}}}:{day}")
+}
+
+/// Parses `tg:dims:{ID}:YYYYMMDD` into (ID, day).
+pub(super) fn parse_dims_key(key: &str) -> Option<(&str, u32)> {
+    let rest = key.strip_prefix("tg:dims:{")?;
+    let (id, day) = rest.rsplit_once("}:")?;
+    Some((id, day.parse().ok()?))
+}
+
+/// Parses a dimension field `<dimension>|<value>|<team>|<metric>` (counter fields only:
+/// the `#`-prefixed bookkeeping fields are not rows).
+pub(super) fn parse_dims_field(field: &str) -> Option<(&str, &str, &str, usize)> {
+    if field.starts_with('#') {
+        return None;
+    }
+    let (rest, metric) = field.rsplit_once('|')?;
+    let metric = METRICS.iter().position(|m| *m == metric)?;
+    let (dim, rest) = rest.split_once('|')?;
+    let (value, team) = rest.rsplit_once('|')?;
+    Some((dim, value, team, metric))
+}
+
 pub(super) fn breaker_key(backend: &str) -> String {
     format!("tg:breaker:{{{backend}}}")
 }
@@ -157,6 +182,16 @@ mod tests {
             Some(("fin", "gpt|4o", "ptu-1", 4))
         );
         assert_eq!(parse_usage_field("fin|gpt-4o|ptu-1|bogus"), None);
+        assert_eq!(
+            parse_dims_key("tg:dims:{a:b}:20261127"),
+            Some(("a:b", 20261127))
+        );
+        assert_eq!(
+            parse_dims_field("user|alice@x|fin|out"),
+            Some(("user", "alice@x", "fin", 1))
+        );
+        assert_eq!(parse_dims_field("#n|user"), None);
+        assert_eq!(parse_dims_field("#v|user|alice"), None);
     }
 
     /// Slots match what Redis answers to `CLUSTER KEYSLOT`; every key of a consumer shares
@@ -172,6 +207,7 @@ mod tests {
             bucket_key(id),
             quota_key(id),
             usage_key(id, 20260101),
+            dims_key(id, 20260101),
         ] {
             assert_eq!(key_slot(k.as_bytes()), key_slot(id.as_bytes()), "{k}");
         }

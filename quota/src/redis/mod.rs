@@ -20,6 +20,7 @@ mod budget;
 mod codec;
 mod conn;
 pub(crate) mod connection;
+mod dims;
 mod keys;
 mod pubsub;
 mod scan;
@@ -253,6 +254,10 @@ impl Store for RedisStore {
 
     async fn usage(&self, since: u32, until: u32) -> Result<Vec<UsageRow>> {
         self.scan_usage(since, until).await
+    }
+
+    async fn dimension_usage(&self, since: u32, until: u32) -> Result<Vec<DimRow>> {
+        self.scan_dims(since, until).await
     }
 
     async fn heartbeat(&self, replica: &str, ttl_ms: u64) -> Result<u32> {

@@ -16,7 +16,9 @@ use super::RedisStore;
 use super::codec::opt_arg;
 use super::conn::per_slot;
 use super::connection::{evalsha, is_noscript};
-use super::keys::{bucket_key, quota_key, reservation_key, settled_key, spend_key, usage_key};
+use super::keys::{
+    bucket_key, dims_key, quota_key, reservation_key, settled_key, spend_key, usage_key,
+};
 use crate::Result;
 use crate::model::*;
 use redis::Cmd;
@@ -73,15 +75,33 @@ impl Unconfirmed {
     }
 }
 
+/// (day, dimension, value, team) of a dimension counter.
+type DimKey<'a> = (u32, &'a str, &'a str, &'a str);
+
 /// One consumer's part of a batch.
 #[derive(Default)]
 struct Group<'a> {
     corrections: Vec<&'a Settlement>,
     /// Usage per (day, `team|model|backend`).
     usage: Vec<((u32, String), UsageCounts)>,
+    /// Usage per (day, dimension, value, team), and the cap and retention (days) to keep.
+    dims: Vec<(DimKey<'a>, UsageCounts)>,
+    dim_policy: (u32, u32),
 }
 
-impl Group<'_> {
+impl<'a> Group<'a> {
+    fn add_dims(&mut self, u: &'a UsageDelta) {
+        let Some(d) = &u.dims else { return };
+        self.dim_policy = (d.cap, d.retention_days);
+        for (dim, value) in &d.values {
+            let k = (u.day, dim.as_str(), value.as_str(), u.team.as_str());
+            match self.dims.iter_mut().find(|(x, _)| *x == k) {
+                Some((_, t)) => t.add(&u.counts),
+                None => self.dims.push((k, u.counts)),
+            }
+        }
+    }
+
     fn add_usage(&mut self, u: &UsageDelta) {
         let field = format!("{}|{}|{}", u.team, u.model, u.backend);
         match self
@@ -114,6 +134,7 @@ impl RedisStore {
             }
             if let Some(u) = &s.usage {
                 g.add_usage(u);
+                g.add_dims(u);
             }
         }
         let mut cmds: Vec<(String, Cmd)> = groups
@@ -328,6 +349,14 @@ impl RedisStore {
                 keys.push(reservation_key(id, r));
             }
         }
+        let mut dim_days: Vec<u32> = Vec::new();
+        let first_dims = keys.len() + 1;
+        for ((day, ..), _) in &g.dims {
+            if !dim_days.contains(day) {
+                dim_days.push(*day);
+                keys.push(dims_key(id, *day));
+            }
+        }
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let mut cmd = evalsha(&self.inner.settle, &keys);
         cmd.arg(self.inner.opts.time_offset_ms)
@@ -364,6 +393,17 @@ impl RedisStore {
         for ((day, field), v) in &g.usage {
             let k = 5 + days.iter().position(|d| d == day).unwrap_or(0);
             cmd.arg(k).arg(field).arg(&v.to_array()[..]);
+        }
+        if !g.dims.is_empty() {
+            let (cap, days) = g.dim_policy;
+            cmd.arg("dims")
+                .arg(cap)
+                .arg(u64::from(days.max(1)) * 86_400);
+            for ((day, dim, value, team), v) in &g.dims {
+                let k = first_dims + dim_days.iter().position(|d| d == day).unwrap_or(0);
+                cmd.arg(k).arg(*dim).arg(*value).arg(*team);
+                cmd.arg(&v.to_array()[..]);
+            }
         }
         cmd
     }

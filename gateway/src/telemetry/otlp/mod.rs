@@ -292,6 +292,11 @@ impl Otel {
                     t.as_millis().min(i64::MAX as u128) as i64,
                 ));
             }
+            attrs.extend(
+                adm.dims
+                    .iter()
+                    .map(|(k, v)| KeyValue::new(format!("tollgate.dimension.{k}"), v.clone())),
+            );
             s.span.set_attributes(attrs);
             if o.status >= 500 {
                 s.span
@@ -387,6 +392,11 @@ impl Otel {
             ),
         ];
         rec.add_attributes(attrs);
+        rec.add_attributes(
+            adm.dims
+                .iter()
+                .map(|(k, v)| (format!("dimension.{k}"), AnyValue::from(v.clone()))),
+        );
         if let Some((t, s, f)) = span_ids {
             rec.set_trace_context(t, s, Some(f));
         }
