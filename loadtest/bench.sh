@@ -12,6 +12,8 @@
 #   loadtest/bench.sh --no-build      use the binaries already in --bin-dir
 #   loadtest/bench.sh --debug         use (and build) target/debug (the smoke default)
 #   loadtest/bench.sh --release       use (and build) target/release (the full-run default)
+#   loadtest/bench.sh --mcp           the MCP scenario instead (loadtest/bench/mcp.py): the added
+#                                     p50/p99 of a tools/call through tollgate vs the upstream directly
 #   loadtest/bench.sh --cache         the answer cache's scenario instead (loadtest/bench/cache.py:
 #                                     Valkey + RediSearch from target/pyenv, hits, misses, the
 #                                     lookup's cost, a paraphrase workload's hit rate)
@@ -20,7 +22,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-build=1 install=0 smoke=0 cache_bench=0 profile=""
+build=1 install=0 smoke=0 cache_bench=0 mcp_bench=0 profile=""
 args=()
 for a in "$@"; do
   case "$a" in
@@ -30,6 +32,7 @@ for a in "$@"; do
     --release) profile=release ;;
     --smoke) smoke=1; args+=("$a") ;;
     --cache) cache_bench=1 ;;
+    --mcp) mcp_bench=1 ;;
     *) args+=("$a") ;;
   esac
 done
@@ -55,6 +58,11 @@ fi
 if [ "$build" = 1 ]; then
   flag=""; [ "$profile" = release ] && flag="--release"
   cargo build $flag -p tollgate -p tollgate-loadtest
+fi
+
+if [ "$mcp_bench" = 1 ]; then
+  [ -x target/pyenv/bin/python ] || scripts/pyenv.sh
+  exec target/pyenv/bin/python loadtest/bench/mcp.py --bin-dir "target/$profile" "${args[@]}"
 fi
 
 if [ "$cache_bench" = 1 ]; then

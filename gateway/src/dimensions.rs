@@ -228,6 +228,8 @@ mod tests {
             consumer: None,
             team: None,
             models_denied: Vec::new(),
+            mcp_only: false,
+            tools: None,
             claims: serde_json::json!({"sub": 42}).as_object().cloned().unwrap(),
         };
         let v = d.extract(&HeaderMap::new(), b"not json", Some(&jwt));

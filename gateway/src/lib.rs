@@ -22,6 +22,8 @@
 //! - [`dimensions`] — `[telemetry] dimensions`: the end user, the app; read at admission.
 //! - [`usage`] — the meter, settle, cost and usage totals, off the request path.
 //! - [`telemetry`] — Prometheus at `/metrics`, OTLP spans, metrics and usage log records.
+//! - [`mcp`] — `/mcp` and `/mcp/{server}`: MCP tool traffic through the same auth, limits,
+//!   showback and traces (its own path, beside the model pipeline).
 //! - [`budgets`] — around the reservation: `x-budget-remaining`, budget gauges, thresholds.
 //! - [`alerts`] — webhooks for budgets, quotas, circuits and the store, off the request path.
 //! - [`gateway`] — the shared state every request reads.

@@ -22,12 +22,14 @@ mod memory;
 mod model;
 pub(crate) mod redis;
 mod store;
+mod tools;
 
 pub use budget::*;
 pub use memory::{Clock, MemoryStore, SystemClock};
 pub use model::*;
 pub use redis::{BREAKER_CHANNEL, Credentials, RedisOpts, RedisStore, Topology};
 pub use store::{AnyStore, REDIS_URL_ENV, REDIS_URLS_ENV, connect};
+pub use tools::*;
 
 use std::future::Future;
 
@@ -200,6 +202,25 @@ pub trait Store: Send + Sync + 'static {
 
     /// Releases a claim (an alert that could not be delivered may fire again).
     fn release_alert(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// Admits or refuses one MCP tool call against the consumer's rolling-minute limit and
+    /// period quota ([`ToolCallRequest`]), counting it in both when admitted — atomically.
+    fn tool_call(
+        &self,
+        req: &ToolCallRequest<'_>,
+    ) -> impl Future<Output = Result<ToolDecision>> + Send;
+
+    /// Adds tool calls to the daily totals (`tg:toolusage:{ID}:YYYYMMDD`), off the request
+    /// path. Not idempotent: a caller that lost the reply does not retry.
+    fn add_tool_usage(&self, rows: &[ToolUsage]) -> impl Future<Output = Result<()>> + Send;
+
+    /// Daily tool-call totals for `since..=until` (days as `YYYYMMDD`), one row per day,
+    /// consumer, team, server and tool.
+    fn tool_usage(
+        &self,
+        since: u32,
+        until: u32,
+    ) -> impl Future<Output = Result<Vec<ToolUsage>>> + Send;
 
     /// A cheap round trip to tell whether the store is reachable.
     fn ping(&self) -> impl Future<Output = Result<()>> + Send;

@@ -115,6 +115,15 @@ impl Store for AnyStore {
     async fn release_alert(&self, name: &str) -> Result<()> {
         delegate!(self, s => s.release_alert(name).await)
     }
+    async fn tool_call(&self, req: &crate::ToolCallRequest<'_>) -> Result<crate::ToolDecision> {
+        delegate!(self, s => s.tool_call(req).await)
+    }
+    async fn add_tool_usage(&self, rows: &[crate::ToolUsage]) -> Result<()> {
+        delegate!(self, s => s.add_tool_usage(rows).await)
+    }
+    async fn tool_usage(&self, since: u32, until: u32) -> Result<Vec<crate::ToolUsage>> {
+        delegate!(self, s => s.tool_usage(since, until).await)
+    }
     async fn ping(&self) -> Result<()> {
         delegate!(self, s => s.ping().await)
     }

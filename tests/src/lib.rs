@@ -22,6 +22,7 @@
 pub mod chat;
 pub mod cluster;
 pub mod latency;
+pub mod mcp;
 pub mod otlp;
 pub mod pyenv;
 pub mod redis;

@@ -16,8 +16,8 @@ use tollgate_quota::{
     ANY_WINDOW, Admission, BreakerFailure, Budget, BudgetAction, BudgetScope, ConsumerRecord,
     Credentials, Decision, LimitDefaults, MAX_TRIP_MS, MemoryStore, Money, Period, RedisOpts,
     RedisStore, ReservationEnd, ReserveRequest, Settlement, Store, SystemClock, TeamCharge,
-    TeamDecision, TeamRecord, TeamReserve, Topology, UsageCounts, UsageDelta, UsageRow,
-    new_batch_id, new_reservation_id, window_bounds,
+    TeamDecision, TeamRecord, TeamReserve, ToolCallRequest, ToolDecision, ToolUsage, Topology,
+    UsageCounts, UsageDelta, UsageRow, new_batch_id, new_reservation_id, window_bounds,
 };
 use tollgate_tests::redis::RedisServer;
 
@@ -800,6 +800,159 @@ async fn check_concurrency<S: Store + Clone>(s: &S) {
             "{id}: admitted only {total} of {limit}"
         );
     }
+}
+
+/// An MCP tool call of `id` under these limits (key caller: a record is required).
+async fn tool_call<S: Store>(
+    s: &S,
+    id: &str,
+    per_min: Option<u64>,
+    quota: Option<u64>,
+    require_record: bool,
+) -> ToolDecision {
+    s.tool_call(&ToolCallRequest {
+        consumer: id,
+        per_min,
+        quota,
+        quota_period: Period::Month,
+        require_record,
+    })
+    .await
+    .expect("tool_call")
+}
+
+async fn check_tool_calls<S: Store>(s: &S) {
+    // Unknown consumers: refused for key callers, unlimited for JWT callers without limits.
+    assert_eq!(
+        tool_call(s, "nobody", Some(1), None, true).await,
+        ToolDecision::UnknownConsumer
+    );
+    assert!(matches!(
+        tool_call(s, "jwt-only", None, None, false).await,
+        ToolDecision::Admitted {
+            remaining_per_min: None,
+            remaining_quota: None
+        }
+    ));
+    // A rolling minute of 3: three calls, then a refusal until the oldest leaves the minute.
+    s.put_consumer(&consumer("tools")).await.unwrap();
+    for left in [2, 1, 0] {
+        assert_eq!(
+            tool_call(s, "tools", Some(3), None, true).await,
+            ToolDecision::Admitted {
+                remaining_per_min: Some(left),
+                remaining_quota: None
+            }
+        );
+    }
+    match tool_call(s, "tools", Some(3), None, true).await {
+        ToolDecision::RateLimited {
+            retry_after_ms,
+            limit,
+        } => {
+            assert_eq!(limit, 3);
+            assert!(
+                retry_after_ms > 55_000 && retry_after_ms <= 60_000,
+                "{retry_after_ms}"
+            );
+        }
+        other => panic!("expected RateLimited, got {other:?}"),
+    }
+    // A limit of 0 refuses every call for a minute.
+    assert_eq!(
+        tool_call(s, "tools", Some(0), None, true).await,
+        ToolDecision::RateLimited {
+            retry_after_ms: 60_000,
+            limit: 0
+        }
+    );
+    // A raised limit applies at once; the refused calls were not counted.
+    assert_eq!(
+        tool_call(s, "tools", Some(5), None, true).await,
+        ToolDecision::Admitted {
+            remaining_per_min: Some(1),
+            remaining_quota: None
+        }
+    );
+    // A period quota of 2 in the record's hourly window.
+    s.put_consumer(&with_quota("tq", 1_000_000, Period::Hour))
+        .await
+        .unwrap();
+    for left in [1, 0] {
+        assert_eq!(
+            tool_call(s, "tq", None, Some(2), true).await,
+            ToolDecision::Admitted {
+                remaining_per_min: None,
+                remaining_quota: Some(left)
+            }
+        );
+    }
+    match tool_call(s, "tq", Some(100), Some(2), true).await {
+        ToolDecision::QuotaExceeded {
+            retry_after_ms,
+            limit,
+        } => {
+            assert_eq!(limit, 2);
+            // mid_hour(): the hourly window ends 30 minutes from now.
+            assert!(
+                retry_after_ms > 1_700_000 && retry_after_ms <= 1_800_000,
+                "{retry_after_ms}"
+            );
+        }
+        other => panic!("expected QuotaExceeded, got {other:?}"),
+    }
+    // Disabled consumers are refused.
+    s.put_consumer(&ConsumerRecord {
+        disabled: true,
+        ..consumer("off")
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        tool_call(s, "off", None, None, true).await,
+        ToolDecision::Disabled
+    );
+    // Tool-call totals add up per day, consumer, team, server and tool.
+    let row = |day, tool: &str, calls, errors| ToolUsage {
+        day,
+        consumer: "tools".into(),
+        team: "ops".into(),
+        server: "tickets".into(),
+        tool: tool.into(),
+        calls,
+        errors,
+    };
+    s.add_tool_usage(&[row(20260101, "search", 1, 0), row(20260101, "create", 1, 1)])
+        .await
+        .unwrap();
+    s.add_tool_usage(&[row(20260101, "search", 2, 1), row(20260102, "search", 1, 0)])
+        .await
+        .unwrap();
+    let got = s.tool_usage(20260101, 20260101).await.unwrap();
+    assert_eq!(got.len(), 2, "{got:?}");
+    let search = got.iter().find(|r| r.tool == "search").unwrap();
+    assert_eq!((search.calls, search.errors), (3, 1));
+    assert_eq!(s.tool_usage(20260101, 20260102).await.unwrap().len(), 3);
+}
+
+async fn check_tool_concurrency<S: Store + Clone>(s: &S) {
+    s.put_consumer(&consumer("tc")).await.unwrap();
+    let tasks: Vec<_> = (0..60)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                matches!(
+                    tool_call(&s, "tc", Some(17), Some(1000), true).await,
+                    ToolDecision::Admitted { .. }
+                )
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += u32::from(t.await.unwrap());
+    }
+    assert_eq!(admitted, 17, "exactly the rolling-minute limit");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1683,6 +1836,10 @@ suite! {
     check_team_concurrency(mid_hour()) => memory_team_concurrency, redis_team_concurrency;
     /// Alert claims: once until expiry or release.
     check_alert_claims(mid_hour()) => memory_alert_claims, redis_alert_claims;
+    /// MCP tool calls: rolling minute, period quota, unknown and disabled, usage totals.
+    check_tool_calls(mid_hour()) => memory_tool_calls, redis_tool_calls;
+    /// Concurrent tool calls never pass the rolling-minute limit.
+    check_tool_concurrency(mid_hour()) => memory_tool_concurrency, redis_tool_concurrency;
     /// Per-dimension usage rows, their cap and its `other` bucket.
     check_dimensions(mid_hour()) => memory_dimensions, redis_dimensions;
     /// The dimension cap holds under concurrent settles.
@@ -1751,6 +1908,8 @@ async fn whole_suite<E: Env>(env: &E, reset: impl Fn()) {
         check_team_budget(mid_hour());
         check_team_concurrency(mid_hour());
         check_alert_claims(mid_hour());
+        check_tool_calls(mid_hour());
+        check_tool_concurrency(mid_hour());
         check_dimensions(mid_hour());
         check_dimension_cap_concurrency(mid_hour());
     }

@@ -45,6 +45,13 @@ pub struct JwtConfig {
     pub model_claims: BTreeMap<String, BTreeMap<String, String>>,
     #[serde(default = "default_leeway")]
     pub leeway_s: u64,
+    /// A claim listing the MCP tools (`server.tool` globs) of callers without a consumer record.
+    #[serde(default)]
+    pub tools_claim: Option<String>,
+    /// An audience accepted on the MCP routes only (MCP clients ask for tokens whose audience
+    /// is the `/mcp` URL).
+    #[serde(default)]
+    pub mcp_audience: Option<String>,
 }
 
 fn default_algorithms() -> Vec<String> {

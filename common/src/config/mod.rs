@@ -5,11 +5,13 @@
 //! - [`server`]: `[server]`; [`store`]: `[store]`, `[limits]`, `[[consumers]]`;
 //!   [`backend`]: `[[backends]]`; [`cache`]: `[[cache]]`; [`auth`]: `[auth]`, `[auth.jwt]`;
 //!   [`telemetry`]: `[telemetry]`; [`money`]: `[pricing]`, `[[teams]]`, `[[alerts]]`;
+//!   [`mcp`]: `[[mcp_servers]]`, `[mcp]`;
 //!   [`validate`]: the checks serde cannot make.
 
 mod auth;
 mod backend;
 mod cache;
+mod mcp;
 mod money;
 mod server;
 mod store;
@@ -19,6 +21,7 @@ mod validate;
 pub use auth::*;
 pub use backend::*;
 pub use cache::*;
+pub use mcp::*;
 pub use money::*;
 pub use server::*;
 pub use store::*;
@@ -70,6 +73,11 @@ pub struct Config {
     pub teams: Vec<TeamConfig>,
     #[serde(default)]
     pub alerts: Vec<AlertConfig>,
+    /// `[[mcp_servers]]`: the MCP servers behind `/mcp` and `/mcp/{server}`.
+    #[serde(default)]
+    pub mcp_servers: Vec<McpServerConfig>,
+    #[serde(default)]
+    pub mcp: McpConfig,
 }
 
 impl Config {

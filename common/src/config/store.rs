@@ -168,6 +168,15 @@ pub struct ConsumerConfig {
     pub budget_period: Period,
     #[serde(default)]
     pub budget_action: BudgetAction,
+    /// MCP tools this consumer may see and call (`server.tool` globs); none by default.
+    #[serde(default)]
+    pub mcp_tools: Vec<String>,
+    /// MCP tool calls in any rolling minute (the `tg:consumer:{ID}` field wins when set).
+    #[serde(default)]
+    pub tool_calls_per_min: Option<u64>,
+    /// MCP tool calls per `quota_period` (the `tg:consumer:{ID}` field wins when set).
+    #[serde(default)]
+    pub tool_calls_quota: Option<u64>,
 }
 
 impl StoreConfig {

@@ -265,3 +265,42 @@ fn cache_on_a_cluster_needs_its_own_server() {
     );
     Config::from_toml(&ok).unwrap();
 }
+
+/// `[[mcp_servers]]` and the consumers' MCP fields: defaults, and bad values named by key.
+#[test]
+fn mcp_servers_are_checked() {
+    let mcp = "[[mcp_servers]]\nname = \"tickets\"\nurl = \"http://127.0.0.1:9100/mcp\"\n\
+               auth = { type = \"bearer\", token_env = \"T\" }\n";
+    let c = Config::from_toml(&format!("{GOOD}{mcp}")).unwrap();
+    assert_eq!(c.mcp_servers[0].tools, ["*"]);
+    assert_eq!(c.mcp_servers[0].timeout_ms, 30_000);
+    assert_eq!(c.mcp.max_message_bytes, 4 * 1024 * 1024);
+    let with_tools = GOOD.replace(
+        "id = \"team-a\"\n",
+        "id = \"team-a\"\nmcp_tools = [\"tickets.*\", \"wiki.search\"]\ntool_calls_per_min = 5\n",
+    );
+    let c = Config::from_toml(&format!("{with_tools}{mcp}")).unwrap();
+    assert_eq!(c.consumers[0].tool_calls_per_min, Some(5));
+    let bad_pattern = with_tools.replace("\"wiki.search\"", "\"wiki\"");
+    let e = Config::from_toml(&format!("{bad_pattern}{mcp}")).unwrap_err();
+    assert_eq!(e.path, "consumers[0].mcp_tools[1]", "{e}");
+    let e = Config::from_toml(&format!("{GOOD}{mcp}{mcp}")).unwrap_err();
+    assert_eq!(e.path, "mcp_servers[1].name", "{e}");
+    assert!(e.message.contains("duplicate"), "{e}");
+    for (bad, key) in [
+        ("name = \"a__b\"", "mcp_servers[0].name"),
+        ("name = \"a.b\"", "mcp_servers[0].name"),
+        ("url = \"ftp://x/mcp\"", "mcp_servers[0].url"),
+        ("url = \"not a url\"", "mcp_servers[0].url"),
+        ("url = \"http://u:p@x/mcp\"", "mcp_servers[0].url"),
+    ] {
+        let field = bad.split(' ').next().unwrap();
+        let line = mcp.lines().find(|l| l.starts_with(field)).unwrap();
+        let e = Config::from_toml(&format!("{GOOD}{}", mcp.replace(line, bad))).unwrap_err();
+        assert_eq!(e.path, key, "{bad}: {e}");
+    }
+    let e = Config::from_toml(&format!("{GOOD}{mcp}timeout_ms = 0\n")).unwrap_err();
+    assert_eq!(e.path, "mcp_servers[0].timeout_ms");
+    let e = Config::from_toml(&format!("{GOOD}{mcp}tools_x = []\n")).unwrap_err();
+    assert!(e.path.starts_with("mcp_servers"), "{e}");
+}

@@ -218,6 +218,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_mcp()?;
         self.validate_money()
     }
 }

@@ -75,6 +75,10 @@ pub struct Identity {
     pub team: Option<String>,
     /// Models of `model_claims` whose claims this token does not carry.
     pub models_denied: Vec<String>,
+    /// The token's audience is only `mcp_audience`: good for the MCP routes, not the model ones.
+    pub mcp_only: bool,
+    /// MCP tool patterns from `tools_claim` (a list of strings, or one space-separated string).
+    pub tools: Option<Vec<String>>,
     /// The token's claims, for `jwt:CLAIM` dimensions (`[telemetry] dimensions`).
     pub claims: Map<String, Value>,
 }
@@ -211,7 +215,10 @@ impl JwtAuth {
         v.validate_aud = true;
         v.set_required_spec_claims(&["exp", "iss", "aud"]);
         v.set_issuer(&[&self.config.issuer]);
-        v.set_audience(&[&self.config.audience]);
+        match &self.config.mcp_audience {
+            Some(mcp) => v.set_audience(&[&self.config.audience, mcp]),
+            None => v.set_audience(&[&self.config.audience]),
+        }
         let data =
             jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &v).map_err(|e| match e
                 .kind()
@@ -254,11 +261,33 @@ impl JwtAuth {
             .filter(|(_, required)| !satisfies(&claims, required))
             .map(|(model, _)| model.clone())
             .collect();
+        let audience = &self.config.audience;
+        let mcp_only = !match claims.get("aud") {
+            Some(Value::String(a)) => a == audience,
+            Some(Value::Array(a)) => a.iter().any(|v| v.as_str() == Some(audience)),
+            _ => false,
+        };
+        let tools = self
+            .config
+            .tools_claim
+            .as_deref()
+            .and_then(|c| claims.get(c))
+            .map(|v| match v {
+                Value::Array(items) => items
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(String::from)
+                    .collect(),
+                Value::String(s) => s.split_whitespace().map(String::from).collect(),
+                _ => Vec::new(),
+            });
         Ok((
             Identity {
                 consumer,
                 team,
                 models_denied,
+                mcp_only,
+                tools,
                 claims,
             },
             exp,

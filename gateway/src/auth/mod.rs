@@ -86,7 +86,22 @@ impl Auth {
         Auth { mode, keys, jwt }
     }
 
+    /// The caller of a model route: a token issued for the MCP audience only is refused.
     pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        limits: &Limits,
+    ) -> Result<Caller, Error> {
+        let caller = self.authenticate_mcp(headers, limits).await?;
+        if caller.jwt.as_ref().is_some_and(|j| j.mcp_only) {
+            tracing::debug!("JWT rejected: its audience is the MCP routes'");
+            return Err(Error::Unauthenticated);
+        }
+        Ok(caller)
+    }
+
+    /// The caller of an MCP route: `auth.jwt.mcp_audience` is accepted beside `audience`.
+    pub async fn authenticate_mcp(
         &self,
         headers: &HeaderMap,
         limits: &Limits,

@@ -18,6 +18,7 @@ mod html;
 mod keys;
 mod ptu;
 mod report;
+mod tools;
 
 pub use demo::demo;
 pub use keys::new_key;
@@ -79,7 +80,7 @@ pub enum Command {
         /// Last day (YYYY-MM-DD, UTC), inclusive; default: today.
         #[arg(long)]
         until: Option<String>,
-        /// consumer, team, model, backend, day, ptu, user or dimension:NAME.
+        /// consumer, team, model, backend, day, ptu, server, tool, user or dimension:NAME.
         #[arg(long, default_value = "consumer", value_parser = By::parse)]
         by: By,
         #[arg(long, value_enum, default_value = "table")]
@@ -138,10 +139,15 @@ pub enum By {
     Ptu,
     /// A `[telemetry] dimensions` dimension (`user`, or `dimension:NAME`).
     Dimension(String),
+    /// MCP tool calls per server, consumer and team (calls, errors).
+    Server,
+    /// MCP tool calls per tool (and its server), consumer and team.
+    Tool,
 }
 
 impl By {
-    /// `consumer`, `team`, `model`, `backend`, `day`, `ptu`, `user` or `dimension:NAME`.
+    /// `consumer`, `team`, `model`, `backend`, `day`, `ptu`, `server`, `tool`, `user` or
+    /// `dimension:NAME`.
     pub fn parse(s: &str) -> Result<By, String> {
         Ok(match s {
             "consumer" => By::Consumer,
@@ -150,13 +156,15 @@ impl By {
             "backend" => By::Backend,
             "day" => By::Day,
             "ptu" => By::Ptu,
+            "server" => By::Server,
+            "tool" => By::Tool,
             "user" => By::Dimension("user".into()),
             _ => match s.strip_prefix("dimension:") {
                 Some(d) if !d.is_empty() => By::Dimension(d.to_string()),
                 _ => {
                     return Err(format!(
-                        "{s:?}: expected consumer, team, model, backend, day, ptu, user or \
-                         dimension:NAME"
+                        "{s:?}: expected consumer, team, model, backend, day, ptu, server, tool, \
+                         user or dimension:NAME"
                     ));
                 }
             },
@@ -253,6 +261,11 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 Some(p) => load_config(&p)?,
                 None => anyhow::bail!("--config FILE (or TOLLGATE_CONFIG) is required"),
             };
+            if matches!(by, By::Server | By::Tool) {
+                let (rows, _) = tools::read(&config, since.as_deref(), until.as_deref()).await?;
+                print!("{}", tools::render(&rows, &by, format));
+                return Ok(ExitCode::SUCCESS);
+            }
             let (rows, period) = read_usage(&config, since.as_deref(), until.as_deref()).await?;
             let store = crate::server::connect_store(&config).await?;
             let budgets = budgets::read_budgets(&config, &store).await?;

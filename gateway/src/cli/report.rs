@@ -77,6 +77,8 @@ pub fn render_report(
         By::Ptu => return ptu::render(&ptu::allocate(ptus, rows, period), format),
         // Dimensions have rows of their own (`Store::dimension_usage`): see `super::dims`.
         By::Dimension(_) => return String::new(),
+        // Tool calls have their own totals: see `super::tools`.
+        By::Server | By::Tool => return String::new(),
     };
     render_usage(rows, label, key, format)
 }

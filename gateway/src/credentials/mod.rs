@@ -28,21 +28,31 @@ pub enum Credential {
 
 impl Credential {
     pub fn from_config(b: &BackendConfig) -> anyhow::Result<Credential> {
-        let header = |name: &'static str, value: String| -> anyhow::Result<Credential> {
-            let mut v = HeaderValue::from_str(&value).map_err(|_| {
-                anyhow::anyhow!("backend {}: credential is not a valid header", b.name)
-            })?;
+        Self::from_auth(&format!("backends.{}", b.name), &b.name, b.api, &b.auth)
+    }
+
+    /// The credential of `auth` for the server `name` (a backend, an MCP server); `at` names
+    /// its config section in errors. `api` decides the header of an `api_key`.
+    pub fn from_auth(
+        at: &str,
+        name: &str,
+        api: BackendApi,
+        auth: &BackendAuth,
+    ) -> anyhow::Result<Credential> {
+        let header = |hname: &'static str, value: String| -> anyhow::Result<Credential> {
+            let mut v = HeaderValue::from_str(&value)
+                .map_err(|_| anyhow::anyhow!("{at}: credential is not a valid header"))?;
             v.set_sensitive(true);
-            Ok(Credential::Header(name, v))
+            Ok(Credential::Header(hname, v))
         };
         let env = |var: &str| -> anyhow::Result<Secret> {
-            secret_from_env(var).map_err(|e| anyhow::anyhow!("backends.{}.auth: {e}", b.name))
+            secret_from_env(var).map_err(|e| anyhow::anyhow!("{at}.auth: {e}"))
         };
-        match &b.auth {
+        match auth {
             BackendAuth::None => Ok(Credential::None),
             BackendAuth::ApiKey { key_env } => {
                 let key = env(key_env)?;
-                match b.api {
+                match api {
                     BackendApi::Azure => header("api-key", key.expose().to_string()),
                     BackendApi::Openai => {
                         header("authorization", format!("Bearer {}", key.expose()))
@@ -66,7 +76,7 @@ impl Credential {
                     scope: scope.clone(),
                 };
                 Ok(Credential::Token(Arc::new(TokenProvider::new(
-                    &b.name,
+                    name,
                     source,
                     Timing::default(),
                 ))))
@@ -82,7 +92,7 @@ impl Credential {
                     client_id: client_id.clone(),
                 };
                 Ok(Credential::Token(Arc::new(TokenProvider::new(
-                    &b.name,
+                    name,
                     source,
                     Timing::default(),
                 ))))

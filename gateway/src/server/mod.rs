@@ -323,8 +323,11 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
         usage_tx,
         alerts,
     });
+    // The MCP routes hold their own state beside the gateway's (`mcp` reads the gateway).
+    let mcp = crate::mcp::Mcp::build(&gw.config)?;
+    let metrics_mcp = mcp.metrics.clone();
     Ok((
-        router(gw.clone()),
+        router(gw.clone(), Some(metrics_mcp)).merge(crate::mcp::router(gw.clone(), mcp)),
         gw,
         Background {
             usage,

@@ -44,8 +44,9 @@ fn deployment_route(op: Operation) -> axum::routing::MethodRouter<Arc<Gateway>> 
     )
 }
 
-/// Every route of the HTTP surface.
-pub fn router(gw: Arc<Gateway>) -> Router {
+/// Every route of the HTTP surface but the MCP ones ([`crate::mcp::router`]); `mcp` adds the
+/// tool-call metrics to `/metrics`.
+pub fn router(gw: Arc<Gateway>, mcp: Option<Arc<crate::mcp::calls::ToolMetrics>>) -> Router {
     use Operation::*;
     let mut r = Router::new();
     for (op, path) in [
@@ -77,7 +78,10 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
     )
     .route("/readyz", get(readyz))
-    .route("/metrics", get(metrics))
+    .route(
+        "/metrics",
+        get(move |gw: State<Arc<Gateway>>| metrics(gw, mcp.clone())),
+    )
     .fallback(|| async { crate::error::Error::RouteNotFound.into_response() })
     .method_not_allowed_fallback(|| async { crate::error::Error::MethodNotAllowed.into_response() })
     .with_state(gw)
@@ -113,7 +117,10 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
         .into_response()
 }
 
-async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+async fn metrics(
+    State(gw): State<Arc<Gateway>>,
+    mcp: Option<Arc<crate::mcp::calls::ToolMetrics>>,
+) -> Response {
     use std::fmt::Write as _;
     let mut extra = format!(
         "# HELP tollgate_store_degraded Whether the fallback policy is in force\n\
@@ -166,6 +173,9 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
         }
     }
     extra.push_str(&gw.caches.metrics().render());
+    if let Some(m) = mcp {
+        extra.push_str(&m.render());
+    }
     (
         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         gw.telemetry.metrics.render(&extra),

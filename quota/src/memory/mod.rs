@@ -6,6 +6,7 @@
 //!   twins of `reserve.lua` and `settle.lua`.
 //! - [`breaker`]: circuits, the twins of the `breaker_*.lua` scripts.
 //! - [`budget`]: the team step and team settlements (twins of `team_*.lua`), alert claims.
+//! - [`tools`]: MCP tool-call limits (twin of `tool_call.lua`).
 //! - [`dims`]: per-dimension usage with its cap (the twin of the `dims` part of `settle.lua`).
 //!
 //! Everything is behind one short mutex, never held across an await.
@@ -14,6 +15,7 @@ mod breaker;
 mod budget;
 mod dims;
 mod limits;
+mod tools;
 
 use crate::model::*;
 use crate::{BudgetScope, Result, Store, TeamDecision, TeamRecord, TeamReserve};
@@ -79,6 +81,10 @@ struct Inner {
     team_records: HashMap<(String, u64), (budget::TeamRec, u64)>,
     /// Alert claims and when they expire (unix us).
     alerts: HashMap<String, u64>,
+    /// MCP tool calls per consumer (`tg:toolrate:{ID}`, `tg:toolquota:{ID}`).
+    tool_use: HashMap<String, tools::ToolUse>,
+    /// Tool-call totals by (day, consumer, team, server, tool): (calls, errors).
+    tool_totals: HashMap<crate::tools::ToolUsageKey, (u64, u64)>,
 }
 
 /// A reservation the store remembers: what it debited, or a tombstone.
@@ -126,6 +132,7 @@ impl MemoryStore {
         g.quotas.clear();
         g.spends.clear();
         g.team_spends.clear();
+        g.tool_use.clear();
     }
 }
 
@@ -284,6 +291,19 @@ impl Store for MemoryStore {
     async fn release_alert(&self, name: &str) -> Result<()> {
         self.release_alert_now(name);
         Ok(())
+    }
+
+    async fn tool_call(&self, req: &crate::ToolCallRequest<'_>) -> Result<crate::ToolDecision> {
+        Ok(self.tool_call_mem(req))
+    }
+
+    async fn add_tool_usage(&self, rows: &[crate::ToolUsage]) -> Result<()> {
+        self.add_tool_usage_mem(rows);
+        Ok(())
+    }
+
+    async fn tool_usage(&self, since: u32, until: u32) -> Result<Vec<crate::ToolUsage>> {
+        Ok(self.tool_usage_mem(since, until))
     }
 
     async fn ping(&self) -> Result<()> {

@@ -26,6 +26,16 @@ pub(super) fn quota_key(id: &str) -> String {
     format!("tg:quota:{{{id}}}")
 }
 
+/// A consumer's MCP tool calls of the last minute (a sorted set scored by time).
+pub(super) fn tool_rate_key(id: &str) -> String {
+    format!("tg:toolrate:{{{id}}}")
+}
+
+/// A consumer's MCP tool calls in its quota window (`w`, `used`).
+pub(super) fn tool_quota_key(id: &str) -> String {
+    format!("tg:toolquota:{{{id}}}")
+}
+
 /// A consumer's budget spend (`w`, `spent` in nano-units).
 pub(super) fn spend_key(id: &str) -> String {
     format!("tg:spend:{{{id}}}")
@@ -63,6 +73,11 @@ pub(super) fn reservation_key(id: &str, reservation: u64) -> String {
 
 pub(super) fn usage_key(id: &str, day: u32) -> String {
     format!("tg:usage:{{{id}}}:{day}")
+}
+
+/// A consumer's tool-call totals of one day: fields `<team>|<server>|<tool>|calls|errors`.
+pub(super) fn tool_usage_key(id: &str, day: u32) -> String {
+    format!("tg:toolusage:{{{id}}}:{day}")
 }
 
 /// A consumer's per-dimension usage of one day (`[telemetry] dimensions`).

@@ -11,6 +11,7 @@
 //! - [`scan`]: the usage report's read.
 //! - [`budget`]: the team step of a reservation, team records, budget spend, alert claims.
 //! - [`pubsub`]: circuit changes pushed to every replica.
+//! - [`tools`]: MCP tool-call limits (`tool_call.lua`).
 //!
 //! Connections are multiplexed and used round-robin: they beat a checkout pool here, since
 //! deadpool-redis PINGs on every checkout, which would double the round trips of the hot path.
@@ -26,6 +27,7 @@ mod scan;
 mod sentinel;
 mod settle;
 mod target;
+mod tools;
 
 pub use keys::BREAKER_CHANNEL;
 pub use target::{Credentials, Topology};
@@ -397,6 +399,18 @@ impl Store for RedisStore {
         let mut cmd = redis::cmd("DEL");
         cmd.arg(alert_key(name));
         self.admin_cmd(cmd).await
+    }
+
+    async fn tool_call(&self, req: &crate::ToolCallRequest<'_>) -> Result<crate::ToolDecision> {
+        self.tool_call_lua(req).await
+    }
+
+    async fn add_tool_usage(&self, rows: &[crate::ToolUsage]) -> Result<()> {
+        self.add_tool_usage_redis(rows).await
+    }
+
+    async fn tool_usage(&self, since: u32, until: u32) -> Result<Vec<crate::ToolUsage>> {
+        self.scan_tool_usage(since, until).await
     }
 
     async fn ping(&self) -> Result<()> {

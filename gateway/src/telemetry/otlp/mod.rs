@@ -14,9 +14,11 @@
 //!
 //! - [`span`]: the request span, `traceparent` in and out, GenAI names.
 //! - [`export`]: the exporters' HTTP client.
+//! - [`tools`]: MCP tool-call spans and metrics.
 
 mod export;
 mod span;
+mod tools;
 
 pub use span::{RequestSpan, incoming_trace_id, operation_name, provider_name};
 
