@@ -80,7 +80,7 @@ pub enum Command {
         /// Last day (YYYY-MM-DD, UTC), inclusive; default: today.
         #[arg(long)]
         until: Option<String>,
-        /// consumer, team, model, backend, day, ptu, user or dimension:NAME.
+        /// consumer, team, model, backend, day, ptu, server, tool, user or dimension:NAME.
         #[arg(long, default_value = "consumer", value_parser = By::parse)]
         by: By,
         #[arg(long, value_enum, default_value = "table")]
@@ -137,12 +137,12 @@ pub enum By {
     Day,
     /// PTU cost allocation to teams (backends with `monthly_cost`).
     Ptu,
+    /// A `[telemetry] dimensions` dimension (`user`, or `dimension:NAME`).
+    Dimension(String),
     /// MCP tool calls per server, consumer and team (calls, errors).
     Server,
     /// MCP tool calls per tool (and its server), consumer and team.
     Tool,
-    /// A `[telemetry] dimensions` dimension (`user`, or `dimension:NAME`).
-    Dimension(String),
 }
 
 impl By {
@@ -263,7 +263,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             };
             if matches!(by, By::Server | By::Tool) {
                 let (rows, _) = tools::read(&config, since.as_deref(), until.as_deref()).await?;
-                print!("{}", tools::render(&rows, by, format));
+                print!("{}", tools::render(&rows, &by, format));
                 return Ok(ExitCode::SUCCESS);
             }
             let (rows, period) = read_usage(&config, since.as_deref(), until.as_deref()).await?;

@@ -75,10 +75,10 @@ pub fn render_report(
         By::Backend => ("backend", |r| r.backend.clone()),
         By::Day => ("day", |r| fmt_day(r.day)),
         By::Ptu => return ptu::render(&ptu::allocate(ptus, rows, period), format),
-        // Tool calls have their own totals (`super::tools`); the token report has none.
-        By::Server | By::Tool => ("model", |r| r.model.clone()),
         // Dimensions have rows of their own (`Store::dimension_usage`): see `super::dims`.
         By::Dimension(_) => return String::new(),
+        // Tool calls have their own totals: see `super::tools`.
+        By::Server | By::Tool => return String::new(),
     };
     render_usage(rows, label, key, format)
 }

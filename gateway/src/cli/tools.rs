@@ -41,7 +41,7 @@ pub(super) async fn read(
 }
 
 /// The rows grouped by (server or tool+server, consumer, team).
-pub(super) fn render(rows: &[ToolUsage], by: By, format: Format) -> String {
+pub(super) fn render(rows: &[ToolUsage], by: &By, format: Format) -> String {
     let by_tool = matches!(by, By::Tool);
     let mut groups: BTreeMap<(String, String, String, String), (u64, u64)> = BTreeMap::new();
     for r in rows {
@@ -159,7 +159,7 @@ mod tests {
             row("t2", "echo", 3, 0),
         ];
         let j: serde_json::Value =
-            serde_json::from_str(&render(&rows, By::Server, Format::Json)).unwrap();
+            serde_json::from_str(&render(&rows, &By::Server, Format::Json)).unwrap();
         assert_eq!(j["rows"][0]["server"], "t1");
         assert_eq!(
             (
@@ -169,13 +169,13 @@ mod tests {
             (Some(3), Some(1))
         );
         assert_eq!(j["total"]["calls"], 6);
-        let csv = render(&rows, By::Tool, Format::Csv);
+        let csv = render(&rows, &By::Tool, Format::Csv);
         assert!(
             csv.starts_with("tool,server,consumer,team,calls,errors\n"),
             "{csv}"
         );
         assert!(csv.contains("echo,t2,agent,ops,3,0\n"), "{csv}");
-        let table = render(&rows, By::Tool, Format::Table);
+        let table = render(&rows, &By::Tool, Format::Table);
         assert!(
             table.lines().last().unwrap().starts_with("TOTAL"),
             "{table}"

@@ -17,6 +17,7 @@
 //! - [`calls`]: `tools/call` — limits, outcome, metrics, usage, span.
 //! - [`streams`]: GET and DELETE. [`discovery`]: OAuth protected-resource metadata, 401s.
 //! - [`renew`]: upstream sessions renewed when an upstream lost them.
+//! - [`openapi`]: REST APIs described by OpenAPI documents, exported as tools.
 //! - [`tools`]: tool lists (pages, filters) and which tools exist.
 //! - [`openapi`]: a REST API described by an OpenAPI document, as tools. [`rest`]: such an
 //!   API as an upstream the gateway answers for (`[[mcp_servers]]` with `openapi`).

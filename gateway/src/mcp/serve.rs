@@ -259,6 +259,7 @@ pub async fn exchange(
         while let Some(m) = reply.messages.next().await {
             let m = m?;
             if jsonrpc::answers(&m, id) {
+                super::upstream::drain(reply.messages);
                 return Ok((m, reply.session));
             }
         }
@@ -383,6 +384,8 @@ pub fn relay(
                 if let Some(f) = st.observe.take() {
                     f(&m);
                 }
+                let rest = std::mem::replace(&mut st.messages, futures::stream::empty().boxed());
+                super::upstream::drain(rest);
             }
             Some((m, st))
         }

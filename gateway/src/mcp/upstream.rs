@@ -324,6 +324,18 @@ fn event_data(event: &[u8]) -> Option<Vec<u8>> {
     (any && data.iter().any(|b| !b.is_ascii_whitespace())).then_some(data)
 }
 
+/// Reads what is left of an answered exchange off the request path (for a moment at most), so
+/// the upstream connection ends its response cleanly and goes back to the pool instead of being
+/// closed: a new connection per call would cost more than the call.
+pub fn drain(mut rest: BoxStream<'static, Result<Value, Fault>>) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while rest.next().await.is_some() {}
+        })
+        .await;
+    });
+}
+
 /// One message as an SSE event for the client.
 pub fn sse_event(msg: &Value) -> Bytes {
     let mut out = Vec::with_capacity(64);

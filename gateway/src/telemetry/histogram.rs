@@ -82,7 +82,7 @@ impl Histogram {
         for (labels, s) in self.series.read().iter() {
             let l: String = labels
                 .iter()
-                .map(|(k, v)| format!("{k}=\"{}\",", super::prometheus::escape(v)))
+                .map(|(k, v)| format!("{k}=\"{}\",", super::series::escape(v)))
                 .collect();
             let mut acc = 0;
             for (b, n) in self.bounds.iter().zip(&s.buckets) {

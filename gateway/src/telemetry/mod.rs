@@ -6,6 +6,7 @@
 mod histogram;
 pub mod otlp;
 pub mod prometheus;
+mod series;
 
 pub use otlp::{Otel, RequestSpan, incoming_trace_id};
 pub use prometheus::Metrics;

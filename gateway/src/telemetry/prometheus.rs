@@ -7,6 +7,7 @@
 //! bounded; the one exception, allow-listed dimensions, is capped per dimension (`other`). Token metrics are updated by the usage worker, off the request path.
 
 use super::histogram::{DURATION_BUCKETS, Histogram, TTFT_BUCKETS};
+use super::series::{Finished, Series, escape};
 use crate::record::RequestRecord;
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
@@ -22,6 +23,9 @@ type Labels = Vec<(&'static str, String)>;
 type BudgetRows = BTreeMap<(&'static str, String), (f64, f64, &'static str, String)>;
 
 pub struct Metrics {
+    /// Requests, tokens, cost, backend responses and failovers ([`Series`]).
+    series: Series,
+    /// Every other counter (errors by code, allow-listed dimensions).
     counters: Mutex<BTreeMap<(&'static str, Labels), u64>>,
     /// Budgets as this replica last saw them: (scope, id) → (limit, spent, period, currency).
     budgets: Mutex<BudgetRows>,
@@ -64,6 +68,7 @@ impl AllowedDims {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
+            series: Series::default(),
             counters: Mutex::default(),
             budgets: Mutex::default(),
             duration: Histogram::new(
@@ -163,43 +168,18 @@ impl Metrics {
 
     pub fn record(&self, r: &RequestRecord, u: &TokenUsage, cost_pico: u64) {
         let (a, o) = (&r.admitted, &r.observed);
-        let backend = r.backend_name().unwrap_or("-").to_string();
-        let base = || -> Labels {
-            vec![
-                ("consumer", a.consumer.to_string()),
-                ("team", a.team.clone()),
-                ("model", a.model.clone()),
-                ("backend", backend.clone()),
-            ]
-        };
-        let mut req = base();
-        req.push(("status", o.status.to_string()));
-        self.add("tollgate_requests_total", req, 1);
-        for (kind, v) in [
-            ("input", u.input),
-            ("output", u.output),
-            ("cached_input", u.cached_input),
-        ] {
-            let mut l = base();
-            l.push(("type", kind.to_string()));
-            self.add("tollgate_tokens_total", l, v);
-        }
-        self.add("tollgate_cost_pico_total", base(), cost_pico);
-        self.add(
-            "tollgate_failovers_total",
-            vec![("model", a.model.clone())],
-            o.failovers as u64,
-        );
-        if o.backend.is_some() {
-            self.add(
-                "tollgate_backend_requests_total",
-                vec![
-                    ("backend", backend.clone()),
-                    ("status", o.status.to_string()),
-                ],
-                1,
-            );
-        }
+        let backend = r.backend_name().unwrap_or("-");
+        self.series.record(&Finished {
+            consumer: &a.consumer,
+            team: &a.team,
+            model: &a.model,
+            backend,
+            status: o.status,
+            served: o.backend.is_some(),
+            usage: u,
+            cost_pico,
+            failovers: o.failovers as u64,
+        });
         for (dim, value) in &a.dims {
             let Some(value) = self.dims.label(dim, value) else {
                 continue;
@@ -212,7 +192,7 @@ impl Metrics {
                 self.add("tollgate_dimension_tokens_total", l, v);
             }
         }
-        let series = || vec![("model", a.model.clone()), ("backend", backend.clone())];
+        let series = || vec![("model", a.model.clone()), ("backend", backend.to_string())];
         self.duration.observe(series(), r.duration);
         if let Some(t) = o.first_byte {
             self.ttft.observe(series(), t);
@@ -284,6 +264,9 @@ impl Metrics {
                 let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
                 continue;
             }
+            if self.series.render(name, &mut out) {
+                continue;
+            }
             for ((n, labels), v) in counters.iter().filter(|((n, _), _)| *n == name) {
                 let l: Vec<String> = labels
                     .iter()
@@ -305,10 +288,4 @@ impl Metrics {
         out.push_str(extra);
         out
     }
-}
-
-pub(super) fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
