@@ -296,6 +296,23 @@ pub fn key_for(id: &str) -> String {
     format!("tg-test-key-{id}")
 }
 
+/// A settlement that corrects no reservation and only adds `usage` to `consumer`'s totals.
+pub fn usage_settlement(
+    consumer: &str,
+    usage: tollgate_quota::UsageDelta,
+) -> tollgate_quota::Settlement {
+    tollgate_quota::Settlement {
+        consumer: consumer.into(),
+        end: tollgate_quota::ReservationEnd::None,
+        reserved: 0,
+        actual: 0,
+        window: 0,
+        tpm: None,
+        usage: Some(usage),
+        money: Default::default(),
+    }
+}
+
 impl Harness {
     pub fn new() -> Harness {
         Harness {
@@ -500,17 +517,16 @@ impl Running {
 
     /// `tollgate usage --config FILE --by BY --format json` over every day, parsed.
     pub fn usage(&self, by: &str) -> anyhow::Result<serde_json::Value> {
-        let out = self.usage_args(&[
-            "--since",
-            "2000-01-01",
-            "--until",
-            "2999-12-31",
-            "--by",
-            by,
-            "--format",
-            "json",
-        ])?;
+        let out = self.usage_every_day(by, &["--format", "json"])?;
         Ok(serde_json::from_str(&out)?)
+    }
+
+    /// `tollgate usage --config FILE` over every day `--by BY`, then `EXTRA...`: its standard
+    /// output.
+    pub fn usage_every_day(&self, by: &str, extra: &[&str]) -> anyhow::Result<String> {
+        let mut args = vec!["--since", "2000-01-01", "--until", "2999-12-31", "--by", by];
+        args.extend_from_slice(extra);
+        self.usage_args(&args)
     }
 
     /// `tollgate usage --config FILE ARGS...`: its standard output.

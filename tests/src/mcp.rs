@@ -90,3 +90,16 @@ pub async fn client(args: &[&str]) -> Value {
     serde_json::from_str(out.trim())
         .unwrap_or_else(|e| panic!("mcp_client.py printed {out:?}: {e}"))
 }
+
+/// `mcp_client.py COMMAND --url URL --key KEY EXTRA...`: one client command against `url` as
+/// the consumer whose key is `key`.
+pub async fn run(command: &str, url: &str, key: &str, extra: &[&str]) -> Value {
+    let mut args = vec![command, "--url", url, "--key", key];
+    args.extend_from_slice(extra);
+    client(&args).await
+}
+
+/// `call`: `tool` with the JSON arguments `args`, through `url` as the consumer whose key is `key`.
+pub async fn call(url: &str, key: &str, tool: &str, args: &str) -> Value {
+    run("call", url, key, &["--tool", tool, "--args", args]).await
+}

@@ -24,7 +24,7 @@ use tollgate_tests::redis::RedisServer;
 mod conformance_dims;
 use conformance_dims::{check_dimension_cap_concurrency, check_dimensions};
 use tollgate_tests::sentinel::MASTER_NAME;
-use tollgate_tests::{Cluster, Flavor, Sentinel, Valkey};
+use tollgate_tests::{Cluster, Flavor, Sentinel, Valkey, usage_settlement};
 
 // ---------------------------------------------------------------------------------------------
 // Environments: how each store is made, with its clock shifted by `offset_ms`.
@@ -76,6 +76,18 @@ impl Env for RedisEnv {
     }
 }
 
+/// A store over `topology` that confirms its writes on a replica (cluster, sentinels); `what`
+/// says what failed when it does not connect.
+async fn open_confirmed(topology: &Topology, offset_ms: i64, what: &str) -> RedisStore {
+    let opts = RedisOpts {
+        confirm_writes: true,
+        ..test_opts(offset_ms)
+    };
+    RedisStore::open(topology, &Credentials::default(), opts)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e:?}"))
+}
+
 /// A 3-master, 3-replica Redis Cluster (Redis or Valkey), reached through its seed nodes.
 struct ClusterEnv {
     cluster: Cluster,
@@ -84,16 +96,12 @@ struct ClusterEnv {
 impl Env for ClusterEnv {
     type S = RedisStore;
     async fn store(&self, offset_ms: i64) -> RedisStore {
-        RedisStore::open(
+        open_confirmed(
             &Topology::Cluster(self.cluster.urls()),
-            &Credentials::default(),
-            RedisOpts {
-                confirm_writes: true,
-                ..test_opts(offset_ms)
-            },
+            offset_ms,
+            "connect to the cluster",
         )
         .await
-        .expect("connect to the cluster")
     }
 }
 
@@ -105,19 +113,11 @@ struct SentinelEnv {
 impl Env for SentinelEnv {
     type S = RedisStore;
     async fn store(&self, offset_ms: i64) -> RedisStore {
-        RedisStore::open(
-            &Topology::Sentinel {
-                sentinels: self.group.sentinel_urls(),
-                master_name: MASTER_NAME.into(),
-            },
-            &Credentials::default(),
-            RedisOpts {
-                confirm_writes: true,
-                ..test_opts(offset_ms)
-            },
-        )
-        .await
-        .expect("connect through the sentinels")
+        let topology = Topology::Sentinel {
+            sentinels: self.group.sentinel_urls(),
+            master_name: MASTER_NAME.into(),
+        };
+        open_confirmed(&topology, offset_ms, "connect through the sentinels").await
     }
 }
 
@@ -658,31 +658,24 @@ async fn check_usage<S: Store>(s: &S) {
         },
         dims: None,
     };
-    let settle = |id: &str, usage| Settlement {
-        consumer: id.into(),
-        end: ReservationEnd::None,
-        reserved: 0,
-        actual: 0,
-        window: 0,
-        tpm: None,
-        usage: Some(usage),
-        money: Default::default(),
-    };
     s.settle(
         new_batch_id(),
         &[
-            settle("u1", u(20260101, "gpt-4o", 100, 10)),
-            settle("u2", u(20260101, "gpt-4o", 1, 1)),
-            settle("u1", u(20260101, "gpt-4o", 200, 20)),
-            settle("u1", u(20260102, "gpt-4o", 5, 5)),
-            settle("u1", u(20260101, "mini", 7, 0)),
+            usage_settlement("u1", u(20260101, "gpt-4o", 100, 10)),
+            usage_settlement("u2", u(20260101, "gpt-4o", 1, 1)),
+            usage_settlement("u1", u(20260101, "gpt-4o", 200, 20)),
+            usage_settlement("u1", u(20260102, "gpt-4o", 5, 5)),
+            usage_settlement("u1", u(20260101, "mini", 7, 0)),
         ],
     )
     .await
     .unwrap();
-    s.settle(new_batch_id(), &[settle("u1", u(20260103, "gpt-4o", 1, 1))])
-        .await
-        .unwrap();
+    s.settle(
+        new_batch_id(),
+        &[usage_settlement("u1", u(20260103, "gpt-4o", 1, 1))],
+    )
+    .await
+    .unwrap();
 
     let row = |day, consumer: &str, model: &str, input, output, requests, cost_pico| UsageRow {
         day,
@@ -974,16 +967,7 @@ async fn check_settle_once<S: Store>(s: &S) {
         },
         dims: None,
     };
-    let batch = vec![Settlement {
-        consumer: "once".into(),
-        end: ReservationEnd::None,
-        reserved: 0,
-        actual: 0,
-        window: 0,
-        tpm: None,
-        usage: Some(usage),
-        money: Default::default(),
-    }];
+    let batch = vec![usage_settlement("once", usage)];
     let id = new_batch_id();
     s.settle(id, &batch).await.unwrap();
     s.settle(id, &batch).await.unwrap();
@@ -1945,41 +1929,47 @@ async fn valkey_whole_suite() {
     .await;
 }
 
+/// The whole suite on a cluster of `flavor`.
+async fn cluster_suite(flavor: Flavor) {
+    let env = ClusterEnv {
+        cluster: Cluster::start(flavor)
+            .unwrap_or_else(|e| panic!("start a {flavor:?} cluster: {e:?}")),
+    };
+    whole_suite(&env, || flush_cluster(&env.cluster)).await;
+}
+
+/// The whole suite through a sentinel group of `flavor`.
+async fn sentinel_suite(flavor: Flavor) {
+    let env = SentinelEnv {
+        group: Sentinel::start(flavor)
+            .unwrap_or_else(|e| panic!("start a {flavor:?} sentinel group: {e:?}")),
+    };
+    whole_suite(&env, || flush_sentinel_master(&env.group)).await;
+}
+
 /// On a Redis Cluster (3 masters, 3 replicas) every script, pipeline, scan and the breaker
 /// channel work as on one server: keys spread over every master.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_redis_whole_suite() {
-    let env = ClusterEnv {
-        cluster: Cluster::start(Flavor::Redis).expect("start a redis cluster"),
-    };
-    whole_suite(&env, || flush_cluster(&env.cluster)).await;
+    cluster_suite(Flavor::Redis).await;
 }
 
 /// The same on a Valkey 8 cluster.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_valkey_whole_suite() {
-    let env = ClusterEnv {
-        cluster: Cluster::start(Flavor::Valkey).expect("start a valkey cluster"),
-    };
-    whole_suite(&env, || flush_cluster(&env.cluster)).await;
+    cluster_suite(Flavor::Valkey).await;
 }
 
 /// Through Redis sentinels, the store behaves as on one server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_redis_whole_suite() {
-    let env = SentinelEnv {
-        group: Sentinel::start(Flavor::Redis).expect("start a sentinel group"),
-    };
-    whole_suite(&env, || flush_sentinel_master(&env.group)).await;
+    sentinel_suite(Flavor::Redis).await;
 }
 
 /// Through Valkey sentinels, the store behaves as on one server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_valkey_whole_suite() {
-    let env = SentinelEnv {
-        group: Sentinel::start(Flavor::Valkey).expect("start a valkey sentinel group"),
-    };
-    whole_suite(&env, || flush_sentinel_master(&env.group)).await;
+    sentinel_suite(Flavor::Valkey).await;
 }
 
 // ---------------------------------------------------------------------------------------------

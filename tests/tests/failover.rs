@@ -8,11 +8,11 @@
 use std::time::{Duration, Instant};
 use tollgate_quota::{
     ConsumerRecord, Credentials, Decision, LimitDefaults, Period, RedisOpts, RedisStore,
-    ReservationEnd, ReserveRequest, Settlement, Store, Topology, UsageCounts, UsageDelta,
-    new_batch_id, new_reservation_id,
+    ReserveRequest, Settlement, Store, Topology, UsageCounts, UsageDelta, new_batch_id,
+    new_reservation_id,
 };
 use tollgate_tests::sentinel::MASTER_NAME;
-use tollgate_tests::{Cluster, Flavor, Node, Sentinel};
+use tollgate_tests::{Cluster, Flavor, Node, Sentinel, usage_settlement};
 
 const DAY: u32 = 20260101;
 
@@ -53,15 +53,9 @@ async fn reserve(s: &RedisStore, id: &str, tokens: u64) -> Decision {
 
 /// A batch of `requests` requests of usage for `id` (no correction).
 fn usage(id: &str, requests: u64) -> Settlement {
-    Settlement {
-        consumer: id.into(),
-        money: Default::default(),
-        end: ReservationEnd::None,
-        reserved: 0,
-        actual: 0,
-        window: 0,
-        tpm: None,
-        usage: Some(UsageDelta {
+    usage_settlement(
+        id,
+        UsageDelta {
             day: DAY,
             team: "t".into(),
             model: "gpt-4o".into(),
@@ -71,8 +65,8 @@ fn usage(id: &str, requests: u64) -> Settlement {
                 ..UsageCounts::default()
             },
             dims: None,
-        }),
-    }
+        },
+    )
 }
 
 /// Requests counted for `id`, or `None` while the store cannot answer.

@@ -12,7 +12,7 @@ use jsonwebtoken::Algorithm;
 use jwt_support::{Jwks, KEYS, claims, sign};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
-use tollgate_tests::mcp::{McpUpstream, client};
+use tollgate_tests::mcp::{McpUpstream, call, client, run};
 use tollgate_tests::{Harness, Running, key_for};
 
 /// Two upstreams: `t1` (every tool, a bearer credential) and `t2` (three tools, an api-key).
@@ -46,6 +46,50 @@ async fn gateway(t1: &McpUpstream, t2: &McpUpstream) -> Running {
         .expect("gateway")
 }
 
+/// Both upstreams, the gateway before them ([`gateway`]), `consumer`'s key and the gateway's URL.
+async fn started(consumer: &str) -> (McpUpstream, McpUpstream, Running, String, String) {
+    let (t1, t2) = upstreams();
+    let h = gateway(&t1, &t2).await;
+    let (key, base) = (key_for(consumer), h.url(0));
+    (t1, t2, h, key, base)
+}
+
+/// Starts the gateway `h` describes, the upstreams' credentials set to dummies (`t`, `k`).
+async fn start(h: Harness) -> Running {
+    h.env("T1_TOKEN", "t")
+        .env("T2_KEY", "k")
+        .start()
+        .await
+        .expect("gateway")
+}
+
+/// Sends `req`: the status, the `mcp-session-id` answered, and the response for its body.
+async fn send(req: reqwest::RequestBuilder) -> (u16, Option<String>, reqwest::Response) {
+    let resp = req.send().await.unwrap();
+    let sid = resp
+        .headers()
+        .get("mcp-session-id")
+        .map(|v| v.to_str().unwrap().to_string());
+    (resp.status().as_u16(), sid, resp)
+}
+
+/// `burst`: `n` concurrent calls of `count` as `agent`, spread over the comma-separated `urls`.
+async fn burst(urls: &str, n: u32) -> Value {
+    let n = n.to_string();
+    client(&[
+        "burst",
+        "--urls",
+        urls,
+        "--key",
+        &key_for("agent"),
+        "--tool",
+        "count",
+        "--n",
+        &n,
+    ])
+    .await
+}
+
 fn tools(v: &Value) -> Vec<String> {
     serde_json::from_value(v["tools"].clone()).unwrap_or_default()
 }
@@ -54,11 +98,8 @@ fn tools(v: &Value) -> Vec<String> {
 /// the federated `/mcp` (names `server__tool`), each server's `tools` globs applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lists_and_calls_tools_per_server_and_federated() {
-    let (t1, t2) = upstreams();
-    let h = gateway(&t1, &t2).await;
-    let key = key_for("agent");
-    let base = h.url(0);
-    let one = client(&["tools", "--url", &format!("{base}/mcp/t1"), "--key", &key]).await;
+    let (_t1, _t2, _h, key, base) = started("agent").await;
+    let one = run("tools", &format!("{base}/mcp/t1"), &key, &[]).await;
     assert_eq!(
         tools(&one),
         [
@@ -69,13 +110,13 @@ async fn lists_and_calls_tools_per_server_and_federated() {
         one["server"], "t1",
         "per server: the upstream's own serverInfo"
     );
-    let two = client(&["tools", "--url", &format!("{base}/mcp/t2"), "--key", &key]).await;
+    let two = run("tools", &format!("{base}/mcp/t2"), &key, &[]).await;
     assert_eq!(
         tools(&two),
         ["add", "ask", "echo"],
         "t2 exposes only its globs"
     );
-    let all = client(&["tools", "--url", &format!("{base}/mcp"), "--key", &key]).await;
+    let all = run("tools", &format!("{base}/mcp"), &key, &[]).await;
     let all = tools(&all);
     assert!(all.contains(&"t1__secret".to_string()), "{all:?}");
     assert!(all.contains(&"t2__add".to_string()), "{all:?}");
@@ -89,25 +130,11 @@ async fn lists_and_calls_tools_per_server_and_federated() {
         (format!("{base}/mcp"), "t1__echo", "t1:hi"),
         (format!("{base}/mcp"), "t2__echo", "t2:hi"),
     ] {
-        let r = client(&[
-            "call", "--url", &url, "--key", &key, "--tool", tool, "--args", args,
-        ])
-        .await;
+        let r = call(&url, &key, tool, args).await;
         assert_eq!(r["result"]["text"], want, "{url} {tool}: {r}");
         assert_eq!(r["result"]["is_error"], false);
     }
-    let sum = client(&[
-        "call",
-        "--url",
-        &format!("{base}/mcp"),
-        "--key",
-        &key,
-        "--tool",
-        "t2__add",
-        "--args",
-        r#"{"a":2,"b":40}"#,
-    ])
-    .await;
+    let sum = call(&format!("{base}/mcp"), &key, "t2__add", r#"{"a":2,"b":40}"#).await;
     assert_eq!(sum["result"]["text"], "42", "{sum}");
 }
 
@@ -116,33 +143,25 @@ async fn lists_and_calls_tools_per_server_and_federated() {
 /// no server at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allow_list_hides_tools() {
-    let (t1, t2) = upstreams();
-    let h = gateway(&t1, &t2).await;
-    let (key, base) = (key_for("limited"), h.url(0));
-    let all = client(&["tools", "--url", &format!("{base}/mcp"), "--key", &key]).await;
+    let (t1, _t2, _h, key, base) = started("limited").await;
+    let all = run("tools", &format!("{base}/mcp"), &key, &[]).await;
     assert_eq!(tools(&all), ["t1__echo", "t2__add"]);
-    let one = client(&["tools", "--url", &format!("{base}/mcp/t1"), "--key", &key]).await;
+    let one = run("tools", &format!("{base}/mcp/t1"), &key, &[]).await;
     assert_eq!(tools(&one), ["echo"]);
 
-    let hidden = client(&[
+    let hidden = run(
         "call",
-        "--url",
         &format!("{base}/mcp"),
-        "--key",
         &key,
-        "--tool",
-        "t1__secret",
-    ])
+        &["--tool", "t1__secret"],
+    )
     .await;
-    let missing = client(&[
+    let missing = run(
         "call",
-        "--url",
         &format!("{base}/mcp"),
-        "--key",
         &key,
-        "--tool",
-        "t1__no_such_tool",
-    ])
+        &["--tool", "t1__no_such_tool"],
+    )
     .await;
     assert_eq!(hidden["error"]["code"], -32602, "{hidden}");
     assert_eq!(
@@ -156,26 +175,20 @@ async fn allow_list_hides_tools() {
             .replace("t1__no_such_tool", "X"),
         "a hidden tool and a missing one look alike"
     );
-    let single = client(&[
+    let single = run(
         "call",
-        "--url",
         &format!("{base}/mcp/t1"),
-        "--key",
         &key,
-        "--tool",
-        "secret",
-    ])
+        &["--tool", "secret"],
+    )
     .await;
     assert_eq!(single["error"]["code"], -32602, "{single}");
-    let single_missing = client(&[
+    let single_missing = run(
         "call",
-        "--url",
         &format!("{base}/mcp/t1"),
-        "--key",
         &key,
-        "--tool",
-        "no_such_tool",
-    ])
+        &["--tool", "no_such_tool"],
+    )
     .await;
     assert_eq!(
         single["error"]["message"]
@@ -209,18 +222,13 @@ async fn allow_list_hides_tools() {
 /// never forwarded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_credentials_replace_the_clients() {
-    let (t1, t2) = upstreams();
-    let h = gateway(&t1, &t2).await;
-    let (key, base) = (key_for("agent"), h.url(0));
-    let r = client(&[
+    let (t1, t2, _h, key, base) = started("agent").await;
+    let r = run(
         "call",
-        "--url",
         &format!("{base}/mcp/t1"),
-        "--key",
         &key,
-        "--tool",
-        "whoami",
-    ])
+        &["--tool", "whoami"],
+    )
     .await;
     let seen: Value = serde_json::from_str(r["result"]["text"].as_str().unwrap()).unwrap();
     assert_eq!(seen["authorization"], "Bearer t1-upstream-secret");
@@ -229,18 +237,7 @@ async fn upstream_credentials_replace_the_clients() {
         Value::Null,
         "the client's api-key is not forwarded"
     );
-    client(&[
-        "call",
-        "--url",
-        &format!("{base}/mcp"),
-        "--key",
-        &key,
-        "--tool",
-        "t2__echo",
-        "--args",
-        r#"{"text":"x"}"#,
-    ])
-    .await;
+    call(&format!("{base}/mcp"), &key, "t2__echo", r#"{"text":"x"}"#).await;
     let (s1, s2) = (t1.stats().await, t2.stats().await);
     assert_eq!(s1["authorization"], json!(["Bearer t1-upstream-secret"]));
     assert_eq!(s1["api_key"], json!([]));
@@ -262,18 +259,13 @@ async fn upstream_credentials_replace_the_clients() {
 /// the upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sampling_request_reaches_the_client() {
-    let (t1, t2) = upstreams();
-    let h = gateway(&t1, &t2).await;
-    let (key, base) = (key_for("agent"), h.url(0));
+    let (_t1, _t2, _h, key, base) = started("agent").await;
     let args = r#"{"question":"six times seven?"}"#;
     for (url, tool) in [
         (format!("{base}/mcp/t2"), "ask"),
         (format!("{base}/mcp"), "t2__ask"),
     ] {
-        let r = client(&[
-            "sample", "--url", &url, "--key", &key, "--tool", tool, "--args", args,
-        ])
-        .await;
+        let r = run("sample", &url, &key, &["--tool", tool, "--args", args]).await;
         assert_eq!(
             r["result"]["text"], "sampled:answer to six times seven?",
             "{url}: {r}"
@@ -396,18 +388,7 @@ async fn tool_calls_per_min_is_exact_across_replicas() {
         .map(|i| format!("{}/mcp/t1", h.url(i)))
         .collect::<Vec<_>>()
         .join(",");
-    let r = client(&[
-        "burst",
-        "--urls",
-        &urls,
-        "--key",
-        &key_for("agent"),
-        "--tool",
-        "count",
-        "--n",
-        "24",
-    ])
-    .await;
+    let r = burst(&urls, 24).await;
     assert_eq!(r["ok"], 7, "{r}");
     assert_eq!(r["refused"], 17, "{r}");
     let refusal = &r["refusals"][0];
@@ -426,18 +407,7 @@ async fn tool_calls_per_min_is_exact_across_replicas() {
     redis
         .cli(&["HSET", "tg:consumer:{agent}", "tool_calls_per_min", "100"])
         .unwrap();
-    let again = client(&[
-        "burst",
-        "--urls",
-        &urls,
-        "--key",
-        &key_for("agent"),
-        "--tool",
-        "count",
-        "--n",
-        "3",
-    ])
-    .await;
+    let again = burst(&urls, 3).await;
     assert_eq!(again["ok"], 3, "the raised limit applies: {again}");
 }
 
@@ -446,41 +416,19 @@ async fn tool_calls_per_min_is_exact_across_replicas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tool_usage_in_the_report() {
     let (t1, t2) = upstreams();
-    let h = Harness::new()
-        .redis()
-        .config(&servers(&t1, &t2, ""))
-        .consumer("agent", "team = \"ops\"\nmcp_tools = [\"t1.*\", \"t2.*\"]")
-        .env("T1_TOKEN", "t")
-        .env("T2_KEY", "k")
-        .start()
-        .await
-        .expect("gateway");
+    let h = start(
+        Harness::new()
+            .redis()
+            .config(&servers(&t1, &t2, ""))
+            .consumer("agent", "team = \"ops\"\nmcp_tools = [\"t1.*\", \"t2.*\"]"),
+    )
+    .await;
     let (key, base) = (key_for("agent"), h.url(0));
     for _ in 0..2 {
-        client(&[
-            "call",
-            "--url",
-            &format!("{base}/mcp"),
-            "--key",
-            &key,
-            "--tool",
-            "t1__echo",
-            "--args",
-            r#"{"text":"a"}"#,
-        ])
-        .await;
+        call(&format!("{base}/mcp"), &key, "t1__echo", r#"{"text":"a"}"#).await;
     }
     // A tool error (missing arguments) counts as a call with an error.
-    client(&[
-        "call",
-        "--url",
-        &format!("{base}/mcp"),
-        "--key",
-        &key,
-        "--tool",
-        "t2__add",
-    ])
-    .await;
+    run("call", &format!("{base}/mcp"), &key, &["--tool", "t2__add"]).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     let by_server = loop {
         let v = h.usage("server").expect("usage --by server");
@@ -511,18 +459,7 @@ async fn tool_usage_in_the_report() {
         .expect("echo row");
     assert_eq!(echo["server"], "t1");
     assert_eq!(echo["calls"], 2, "{by_tool}");
-    let csv = h
-        .usage_args(&[
-            "--since",
-            "2000-01-01",
-            "--until",
-            "2999-12-31",
-            "--by",
-            "tool",
-            "--format",
-            "csv",
-        ])
-        .unwrap();
+    let csv = h.usage_every_day("tool", &["--format", "csv"]).unwrap();
     assert!(csv.lines().next().unwrap().contains("calls"), "{csv}");
     assert!(
         csv.lines().any(|l| l.starts_with("echo,t1,agent,ops,2,0")),
@@ -547,28 +484,17 @@ async fn upstream_down_or_slow_is_a_jsonrpc_error_in_time() {
         });
         axum::serve(junk, app).await
     });
-    let h = Harness::new()
-        .config(&servers(&t1, &t2, "timeout_ms = 1500"))
-        .config(&format!(
-            "[[mcp_servers]]\nname = \"junk\"\nurl = \"http://{junk_addr}/mcp\"\n"
-        ))
-        .consumer("agent", "mcp_tools = [\"t1.*\", \"t2.*\", \"junk.*\"]")
-        .env("T1_TOKEN", "t")
-        .env("T2_KEY", "k")
-        .start()
-        .await
-        .expect("gateway");
-    let (key, base) = (key_for("agent"), h.url(0));
-    let garbage = client(&[
-        "call",
-        "--url",
-        &format!("{base}/mcp/junk"),
-        "--key",
-        &key,
-        "--tool",
-        "x",
-    ])
+    let h = start(
+        Harness::new()
+            .config(&servers(&t1, &t2, "timeout_ms = 1500"))
+            .config(&format!(
+                "[[mcp_servers]]\nname = \"junk\"\nurl = \"http://{junk_addr}/mcp\"\n"
+            ))
+            .consumer("agent", "mcp_tools = [\"t1.*\", \"t2.*\", \"junk.*\"]"),
+    )
     .await;
+    let (key, base) = (key_for("agent"), h.url(0));
+    let garbage = run("call", &format!("{base}/mcp/junk"), &key, &["--tool", "x"]).await;
     assert_eq!(garbage["error"]["code"], -32000, "{garbage}");
     let message = garbage["error"]["message"].as_str().unwrap();
     assert!(
@@ -576,25 +502,14 @@ async fn upstream_down_or_slow_is_a_jsonrpc_error_in_time() {
         "{garbage}"
     );
     // On /mcp the junk server is left out; the others work.
-    let listed = client(&["tools", "--url", &format!("{base}/mcp"), "--key", &key]).await;
+    let listed = run("tools", &format!("{base}/mcp"), &key, &[]).await;
     assert!(
         tools(&listed).iter().all(|t| !t.starts_with("junk__")),
         "{listed}"
     );
     assert!(tools(&listed).contains(&"t1__echo".to_string()), "{listed}");
     let started = Instant::now();
-    let slow = client(&[
-        "call",
-        "--url",
-        &format!("{base}/mcp/t1"),
-        "--key",
-        &key,
-        "--tool",
-        "slow",
-        "--args",
-        r#"{"ms":20000}"#,
-    ])
-    .await;
+    let slow = call(&format!("{base}/mcp/t1"), &key, "slow", r#"{"ms":20000}"#).await;
     assert_eq!(slow["error"]["code"], -32000, "{slow}");
     assert!(
         slow["error"]["message"].as_str().unwrap().contains("t1"),
@@ -609,18 +524,7 @@ async fn upstream_down_or_slow_is_a_jsonrpc_error_in_time() {
     // t2 goes down after a session started: its call fails in-band, t1 still works.
     let url = format!("{base}/mcp");
     t2.stop();
-    let down = client(&[
-        "call",
-        "--url",
-        &url,
-        "--key",
-        &key,
-        "--tool",
-        "t2__echo",
-        "--args",
-        r#"{"text":"x"}"#,
-    ])
-    .await;
+    let down = call(&url, &key, "t2__echo", r#"{"text":"x"}"#).await;
     assert!(
         down["error"]["message"]
             .as_str()
@@ -628,31 +532,9 @@ async fn upstream_down_or_slow_is_a_jsonrpc_error_in_time() {
             || down["error"]["code"] == -32602,
         "{down}"
     );
-    let still = client(&[
-        "call",
-        "--url",
-        &url,
-        "--key",
-        &key,
-        "--tool",
-        "t1__echo",
-        "--args",
-        r#"{"text":"x"}"#,
-    ])
-    .await;
+    let still = call(&url, &key, "t1__echo", r#"{"text":"x"}"#).await;
     assert_eq!(still["result"]["text"], "t1:x", "{still}");
-    let one = client(&[
-        "call",
-        "--url",
-        &format!("{base}/mcp/t2"),
-        "--key",
-        &key,
-        "--tool",
-        "echo",
-        "--args",
-        r#"{"text":"x"}"#,
-    ])
-    .await;
+    let one = call(&format!("{base}/mcp/t2"), &key, "echo", r#"{"text":"x"}"#).await;
     assert!(
         one.get("error").is_some() || one["result"]["is_error"] == true,
         "{one}"
@@ -666,17 +548,15 @@ async fn upstream_down_or_slow_is_a_jsonrpc_error_in_time() {
 async fn jwt_discovery_challenge_and_success() {
     let (t1, t2) = upstreams();
     let jwks = Jwks::start(300).await;
-    let h = Harness::new()
-        .config(&jwks.auth_toml(
-            "jwt",
-            "tools_claim = \"mcp_tools\"\nmcp_audience = \"https://tools.example/mcp\"",
-        ))
-        .config(&servers(&t1, &t2, ""))
-        .env("T1_TOKEN", "t")
-        .env("T2_KEY", "k")
-        .start()
-        .await
-        .expect("gateway");
+    let h = start(
+        Harness::new()
+            .config(&jwks.auth_toml(
+                "jwt",
+                "tools_claim = \"mcp_tools\"\nmcp_audience = \"https://tools.example/mcp\"",
+            ))
+            .config(&servers(&t1, &t2, "")),
+    )
+    .await;
     let base = h.url(0);
     let http = tollgate_tests::client();
     let meta: Value = http
@@ -745,15 +625,13 @@ async fn jwt_discovery_challenge_and_success() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_errors_with_bodies() {
     let (t1, t2) = upstreams();
-    let h = Harness::new()
-        .config("[mcp]\nmax_message_bytes = 10000\n")
-        .config(&servers(&t1, &t2, ""))
-        .consumer("agent", "mcp_tools = [\"t1.*\"]")
-        .env("T1_TOKEN", "t")
-        .env("T2_KEY", "k")
-        .start()
-        .await
-        .expect("gateway");
+    let h = start(
+        Harness::new()
+            .config("[mcp]\nmax_message_bytes = 10000\n")
+            .config(&servers(&t1, &t2, ""))
+            .consumer("agent", "mcp_tools = [\"t1.*\"]"),
+    )
+    .await;
     let (key, url) = (key_for("agent"), format!("{}/mcp", h.url(0)));
     let http = tollgate_tests::client();
     let post = |body: Vec<u8>, origin: Option<&'static str>| {
@@ -767,12 +645,7 @@ async fn bad_input_gets_errors_with_bodies() {
             if let Some(o) = origin {
                 req = req.header("origin", o);
             }
-            let resp = req.send().await.unwrap();
-            let status = resp.status().as_u16();
-            let sid = resp
-                .headers()
-                .get("mcp-session-id")
-                .map(|v| v.to_str().unwrap().to_string());
+            let (status, sid, resp) = send(req).await;
             (
                 status,
                 resp.json::<Value>().await.unwrap_or(Value::Null),
@@ -847,25 +720,15 @@ async fn tool_calls_in_spans_and_metrics() {
     let tp = format!("00-{TRACE}-{PARENT}-01");
     let args = r#"{"text":"traced"}"#;
     let url = format!("{base}/mcp");
-    let ok = client(&[
+    let ok = run(
         "call",
-        "--url",
         &url,
-        "--key",
         &key,
-        "--tool",
-        "t1__echo",
-        "--args",
-        args,
-        "--traceparent",
-        &tp,
-    ])
+        &["--tool", "t1__echo", "--args", args, "--traceparent", &tp],
+    )
     .await;
     assert_eq!(ok["result"]["text"], "t1:traced", "{ok}");
-    let refused = client(&[
-        "call", "--url", &url, "--key", &key, "--tool", "t1__echo", "--args", args,
-    ])
-    .await;
+    let refused = call(&url, &key, "t1__echo", args).await;
     assert_eq!(refused["error"]["code"], -32029, "{refused}");
 
     let text = tollgate_tests::metrics(&base).await;
@@ -946,12 +809,7 @@ async fn upstream_restart_renews_its_session() {
             if let Some(s) = sid {
                 req = req.header("mcp-session-id", s);
             }
-            let resp = req.send().await.unwrap();
-            let status = resp.status().as_u16();
-            let sid = resp
-                .headers()
-                .get("mcp-session-id")
-                .map(|v| v.to_str().unwrap().to_string());
+            let (status, sid, resp) = send(req).await;
             (status, resp.text().await.unwrap(), sid)
         }
     };
@@ -997,24 +855,22 @@ async fn upstream_restart_renews_its_session() {
 /// client: relayed on `/mcp/{server}`, merged from every member on `/mcp`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_stream_notifications_reach_the_client() {
-    let (t1, t2) = upstreams();
-    let h = gateway(&t1, &t2).await;
-    let (key, base) = (key_for("agent"), h.url(0));
+    let (_t1, _t2, _h, key, base) = started("agent").await;
     for (url, tool) in [
         (format!("{base}/mcp/t1"), "announce"),
         (format!("{base}/mcp"), "t1__announce"),
     ] {
-        let r = client(&[
+        let r = run(
             "listen",
-            "--url",
             &url,
-            "--key",
             &key,
-            "--tool",
-            tool,
-            "--args",
-            r#"{"text":"maintenance at noon"}"#,
-        ])
+            &[
+                "--tool",
+                tool,
+                "--args",
+                r#"{"text":"maintenance at noon"}"#,
+            ],
+        )
         .await;
         assert_eq!(r["result"]["text"], "announced", "{url}: {r}");
         assert_eq!(
@@ -1029,22 +885,13 @@ async fn server_stream_notifications_reach_the_client() {
 /// none of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resources_and_prompts_pass_through_per_server() {
-    let (t1, t2) = upstreams();
-    let h = gateway(&t1, &t2).await;
-    let (key, base) = (key_for("agent"), h.url(0));
-    let one = client(&[
-        "resources",
-        "--url",
-        &format!("{base}/mcp/t2"),
-        "--key",
-        &key,
-    ])
-    .await;
+    let (_t1, _t2, _h, key, base) = started("agent").await;
+    let one = run("resources", &format!("{base}/mcp/t2"), &key, &[]).await;
     assert_eq!(one["resources"], json!(["memo://notes"]), "{one}");
     assert_eq!(one["read"], json!(["t2 notes"]), "{one}");
     assert_eq!(one["prompts"], json!(["greet"]), "{one}");
     assert_eq!(one["prompt"], json!(["t2 greets ada"]), "{one}");
-    let all = client(&["resources", "--url", &format!("{base}/mcp"), "--key", &key]).await;
+    let all = run("resources", &format!("{base}/mcp"), &key, &[]).await;
     assert_eq!(all["resources"], json!([]), "{all}");
     assert_eq!(all["prompts"], json!([]), "{all}");
 }

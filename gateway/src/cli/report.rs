@@ -34,11 +34,27 @@ pub(super) async fn read_usage(
     since: Option<&str>,
     until: Option<&str>,
 ) -> anyhow::Result<(Vec<UsageRow>, Period)> {
+    let (store, period) = open_period(
+        config,
+        since,
+        until,
+        "usage totals are kept in the store; with store.kind = \"memory\" they live inside the \
+         running gateway (see its /metrics). Use a Redis store kind for the showback report.",
+    )
+    .await?;
+    Ok((store.usage(period.since, period.until).await?, period))
+}
+
+/// The store and the days of `--since..=--until` (default: this month up to today) for a report
+/// read from the store's daily totals; `in_memory` is the refusal when the store kind is memory.
+pub(super) async fn open_period(
+    config: &Config,
+    since: Option<&str>,
+    until: Option<&str>,
+    in_memory: &str,
+) -> anyhow::Result<(AnyStore, Period)> {
     if !config.store.kind.is_redis() {
-        anyhow::bail!(
-            "usage totals are kept in the store; with store.kind = \"memory\" they live inside the \
-             running gateway (see its /metrics). Use a Redis store kind for the showback report."
-        );
+        anyhow::bail!("{in_memory}");
     }
     let today = tollgate_quota::day_of(crate::clock::now_ms() / 1000);
     let since = since
@@ -54,7 +70,7 @@ pub(super) async fn read_usage(
         );
     }
     let store: AnyStore = server::connect_store(config).await?;
-    Ok((store.usage(since, until).await?, Period { since, until }))
+    Ok((store, Period { since, until }))
 }
 
 /// The whole `tollgate usage` output: the HTML page, the PTU allocation, or the rows grouped.

@@ -2,11 +2,11 @@
 //! one row per server (or tool, with its server), consumer and team, with calls and errors —
 //! as a table, CSV or JSON.
 
-use super::report::{Period, fmt_day, parse_day};
+use super::report::{Period, open_period};
 use super::{By, Format};
 use std::collections::BTreeMap;
 use tollgate_common::config::Config;
-use tollgate_quota::{AnyStore, Store, ToolUsage};
+use tollgate_quota::{Store, ToolUsage};
 
 /// Reads the tool-call totals of `since..=until` (default: this month up to today).
 pub(super) async fn read(
@@ -14,30 +14,15 @@ pub(super) async fn read(
     since: Option<&str>,
     until: Option<&str>,
 ) -> anyhow::Result<(Vec<ToolUsage>, Period)> {
-    if !config.store.kind.is_redis() {
-        anyhow::bail!(
-            "tool-call totals are kept in the store; with store.kind = \"memory\" they live inside \
-             the running gateway (see its /metrics). Use a Redis store kind for the report."
-        );
-    }
-    let today = tollgate_quota::day_of(crate::clock::now_ms() / 1000);
-    let since = since
-        .map(parse_day)
-        .transpose()?
-        .unwrap_or(today / 100 * 100 + 1);
-    let until = until.map(parse_day).transpose()?.unwrap_or(today);
-    if since > until {
-        anyhow::bail!(
-            "--since {} is after --until {}",
-            fmt_day(since),
-            fmt_day(until)
-        );
-    }
-    let store: AnyStore = crate::server::connect_store(config).await?;
-    Ok((
-        store.tool_usage(since, until).await?,
-        Period { since, until },
-    ))
+    let (store, period) = open_period(
+        config,
+        since,
+        until,
+        "tool-call totals are kept in the store; with store.kind = \"memory\" they live inside \
+         the running gateway (see its /metrics). Use a Redis store kind for the report.",
+    )
+    .await?;
+    Ok((store.tool_usage(period.since, period.until).await?, period))
 }
 
 /// The rows grouped by (server or tool+server, consumer, team).

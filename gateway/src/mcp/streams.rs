@@ -3,9 +3,9 @@
 //! streams of every member server are merged, their requests' ids naming their server.
 
 use super::serve::{Who, admit, session_not_found, session_of};
-use super::session::Session;
+use super::session::{Session, UpstreamSession};
 use super::upstream::{Carry, Fault, sse_event};
-use super::{McpState, http_error, jsonrpc};
+use super::{Mcp, McpState, http_error, jsonrpc};
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -28,6 +28,22 @@ async fn opened(
     Ok((who, sess))
 }
 
+/// The session this replica renewed the client's upstream session `p` on `server` to, if any.
+fn renewed_id(mcp: &Mcp, server: &str, p: &UpstreamSession) -> Option<String> {
+    p.id.as_deref()
+        .and_then(|id| mcp.renewed.current(server, id))
+}
+
+/// What a GET or DELETE carries for `p`: its renewed session, else its own, and its version.
+fn carry_for<'a>(renewed: &'a Option<String>, p: &'a UpstreamSession) -> Carry<'a> {
+    Carry {
+        session: renewed.as_deref().or(p.id.as_deref()),
+        version: Some(p.version.as_str()),
+        traceparent: None,
+        capabilities: None,
+    }
+}
+
 /// `GET /mcp` and `GET /mcp/{server}`.
 pub async fn get(s: McpState, route: Option<String>, headers: HeaderMap) -> Response {
     let (who, sess) = match opened(&s, route.as_deref(), &headers).await {
@@ -43,15 +59,8 @@ pub async fn get(s: McpState, route: Option<String>, headers: HeaderMap) -> Resp
         .collect();
     let mcp = &*s.mcp;
     let opened = join_all(members.iter().map(|(u, p)| async move {
-        let renewed =
-            p.id.as_deref()
-                .and_then(|id| mcp.renewed.current(&u.name, id));
-        let carry = Carry {
-            session: renewed.as_deref().or(p.id.as_deref()),
-            version: Some(p.version.as_str()),
-            traceparent: None,
-            capabilities: None,
-        };
+        let renewed = renewed_id(mcp, &u.name, p);
+        let carry = carry_for(&renewed, p);
         (u.name.clone(), u.get(&mcp.client, &carry).await)
     }))
     .await;
@@ -122,15 +131,8 @@ pub async fn delete(s: McpState, route: Option<String>, headers: HeaderMap) -> R
         let u = mcp.upstream(&p.server)?.clone();
         let client = mcp.client.clone();
         Some(async move {
-            let renewed =
-                p.id.as_deref()
-                    .and_then(|id| mcp.renewed.current(&u.name, id));
-            let carry = Carry {
-                session: renewed.as_deref().or(p.id.as_deref()),
-                version: Some(p.version.as_str()),
-                traceparent: None,
-                capabilities: None,
-            };
+            let renewed = renewed_id(mcp, &u.name, p);
+            let carry = carry_for(&renewed, p);
             if carry.session.is_some() {
                 u.delete(&client, &carry).await;
             }

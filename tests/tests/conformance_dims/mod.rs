@@ -3,9 +3,9 @@
 
 use std::collections::BTreeMap;
 use tollgate_quota::{
-    DimRow, DimUsage, OTHER_DIM_VALUE, ReservationEnd, Settlement, Store, UsageCounts, UsageDelta,
-    new_batch_id,
+    DimRow, DimUsage, OTHER_DIM_VALUE, Settlement, Store, UsageCounts, UsageDelta, new_batch_id,
 };
+use tollgate_tests::usage_settlement;
 
 const DAY: u32 = 20260105;
 
@@ -17,14 +17,9 @@ pub fn dim_settlement(
     input: u64,
     cap: u32,
 ) -> Settlement {
-    Settlement {
-        consumer: consumer.into(),
-        end: ReservationEnd::None,
-        reserved: 0,
-        actual: 0,
-        window: 0,
-        tpm: None,
-        usage: Some(UsageDelta {
+    usage_settlement(
+        consumer,
+        UsageDelta {
             day,
             team: "fin".into(),
             model: "gpt-4o".into(),
@@ -44,9 +39,8 @@ pub fn dim_settlement(
                 cap,
                 retention_days: 35,
             }),
-        }),
-        money: Default::default(),
-    }
+        },
+    )
 }
 
 /// Input tokens per (consumer, dimension, value) on `day`.

@@ -43,32 +43,6 @@ pub fn generated(method: &str, path: &str) -> String {
     name
 }
 
-/// Whether `name` matches `pattern`: `*` any run of characters (also none), `?` exactly one,
-/// everything else itself.
-pub fn glob(pattern: &str, name: &str) -> bool {
-    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
-    // The classic two-pointer match with backtracking to the last `*`.
-    let (mut pi, mut ni) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while ni < n.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
-            pi += 1;
-            ni += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some((pi, ni));
-            pi += 1;
-        } else if let Some((sp, sn)) = star {
-            pi = sp + 1;
-            ni = sn + 1;
-            star = Some((sp, sn + 1));
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|&c| c == '*')
-}
-
-/// Whether any of `patterns` matches `name`.
-pub fn selected(patterns: &[String], name: &str) -> bool {
-    patterns.iter().any(|p| glob(p, name))
-}
+/// The `operations` globs are the MCP tool globs ([`crate::mcp::glob`]): `*` any run of
+/// characters (also none), `?` exactly one, everything else itself.
+pub use crate::mcp::glob::{any as selected, matches as glob};
