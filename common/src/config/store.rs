@@ -139,43 +139,31 @@ impl Default for LimitsConfig {
     }
 }
 
+/// Every field but `id` may be left out (its default); a missing or empty `id` is refused by
+/// validation, naming the consumer.
 #[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ConsumerConfig {
     pub id: String,
-    #[serde(default)]
     pub team: Option<String>,
-    #[serde(default)]
     pub tpm: Option<u64>,
-    #[serde(default)]
     pub quota: Option<u64>,
-    #[serde(default)]
     pub quota_period: Period,
     /// Models this consumer may use; empty = all.
-    #[serde(default)]
     pub models: Vec<String>,
-    #[serde(default)]
     pub key_sha256: Vec<String>,
     /// Name of an environment variable holding a plain key (hashed at start-up).
-    #[serde(default)]
     pub key_env: Option<String>,
-    #[serde(default)]
     pub disabled: bool,
     /// The consumer's own budget in money per `budget_period` (on top of its team's).
-    #[serde(default)]
     pub budget: Option<f64>,
-    #[serde(default)]
     pub budget_period: Period,
-    #[serde(default)]
     pub budget_action: BudgetAction,
     /// MCP tools this consumer may see and call (`server.tool` globs); none by default.
-    #[serde(default)]
     pub mcp_tools: Vec<String>,
     /// MCP tool calls in any rolling minute (the `tg:consumer:{ID}` field wins when set).
-    #[serde(default)]
     pub tool_calls_per_min: Option<u64>,
     /// MCP tool calls per `quota_period` (the `tg:consumer:{ID}` field wins when set).
-    #[serde(default)]
     pub tool_calls_quota: Option<u64>,
 }
 

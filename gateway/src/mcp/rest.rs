@@ -7,7 +7,7 @@
 use super::jsonrpc::{self, Message};
 use super::openapi::{OpenApiSpec, OpenApiTools};
 use super::serve::{Who, with_session};
-use super::session::{Session, UpstreamSession};
+use super::session::Session;
 use super::upstream::{Carry, Upstream};
 use super::{McpState, VERSIONS, json};
 use crate::clock::now_ms;
@@ -107,16 +107,14 @@ pub fn initialize(s: &McpState, who: &Who, u: &Upstream, id: Value, msg: &Messag
     };
     let version = negotiate(msg["params"]["protocolVersion"].as_str());
     let sess = Session {
-        consumer: who.caller.consumer.to_string(),
-        route: Some(u.name.clone()),
-        version: version.clone(),
-        upstreams: vec![UpstreamSession {
-            server: u.name.clone(),
-            id: None,
-            version: version.clone(),
-        }],
-        expires: now_ms() / 1000 + s.mcp.config.session_ttl_s,
         capabilities: Some(msg["params"]["capabilities"].clone()).filter(|c| c.is_object()),
+        ..Session::one_server(
+            &who.caller.consumer,
+            &u.name,
+            None,
+            version.clone(),
+            now_ms() / 1000 + s.mcp.config.session_ttl_s,
+        )
     };
     let result = json!({
         "protocolVersion": version,

@@ -4,7 +4,7 @@
 //! the federated route is [`super::federate`].
 
 use super::jsonrpc::{self, Message};
-use super::session::{Session, UpstreamSession};
+use super::session::Session;
 use super::upstream::{Carry, Fault, Reply, Upstream, sse_event};
 use super::{McpState, VERSIONS, http_error, json};
 use crate::auth::Caller;
@@ -219,16 +219,14 @@ async fn initialize_one(
         return json(answer);
     };
     let sess = Session {
-        consumer: who.caller.consumer.to_string(),
-        route: Some(u.name.clone()),
-        version: version.clone(),
-        upstreams: vec![UpstreamSession {
-            server: u.name.clone(),
-            id: upstream_session,
-            version,
-        }],
-        expires: now_ms() / 1000 + s.mcp.config.session_ttl_s,
         capabilities,
+        ..Session::one_server(
+            &who.caller.consumer,
+            &u.name,
+            upstream_session,
+            version,
+            now_ms() / 1000 + s.mcp.config.session_ttl_s,
+        )
     };
     with_session(json(answer), &s.mcp.sealer.seal(&sess))
 }

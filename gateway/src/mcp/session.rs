@@ -53,6 +53,29 @@ pub struct Session {
 }
 
 impl Session {
+    /// A session of `/mcp/{server}` with its one upstream (`upstream_id`: the upstream's own
+    /// session id, none for a server without sessions), refused after `expires` (unix s).
+    pub fn one_server(
+        consumer: &str,
+        server: &str,
+        upstream_id: Option<String>,
+        version: String,
+        expires: u64,
+    ) -> Session {
+        Session {
+            consumer: consumer.to_string(),
+            route: Some(server.to_string()),
+            version: version.clone(),
+            upstreams: vec![UpstreamSession {
+                server: server.to_string(),
+                id: upstream_id,
+                version,
+            }],
+            expires,
+            capabilities: None,
+        }
+    }
+
     pub fn upstream(&self, server: &str) -> Option<&UpstreamSession> {
         self.upstreams.iter().find(|u| u.server == server)
     }
