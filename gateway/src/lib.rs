@@ -16,14 +16,14 @@
 //! - [`limits`] — the reservation against the shared store, leases, the failure policy.
 //! - [`routing`] — backends, priority groups and weights, circuits and their sharing.
 //! - [`credentials`] — backend credentials (keys, OAuth2 and managed-identity tokens).
-//! - [`mcp`] — agents' tool traffic: REST APIs exported as tools (OpenAPI → MCP).
 //! - [`proxy`] — forwarding with failover; the response tap that reads usage.
 //! - [`record`] — the per-request record handed from stage to stage.
 //! - [`dimensions`] — `[telemetry] dimensions`: the end user, the app; read at admission.
 //! - [`usage`] — the meter, settle, cost and usage totals, off the request path.
 //! - [`telemetry`] — Prometheus at `/metrics`, OTLP spans, metrics and usage log records.
 //! - [`mcp`] — `/mcp` and `/mcp/{server}`: MCP tool traffic through the same auth, limits,
-//!   showback and traces (its own path, beside the model pipeline).
+//!   showback and traces (its own path, beside the model pipeline); REST APIs exported as
+//!   tools from their OpenAPI documents (`mcp/openapi/`).
 //! - [`budgets`] — around the reservation: `x-budget-remaining`, budget gauges, thresholds.
 //! - [`alerts`] — webhooks for budgets, quotas, circuits and the store, off the request path.
 //! - [`gateway`] — the shared state every request reads.
