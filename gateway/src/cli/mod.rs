@@ -316,9 +316,30 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Connections the kernel queues for the accept loop (capped by `net.core.somaxconn`). tokio's
+/// default (1024) overflows when more clients than that connect at once; an overflowing queue
+/// drops their handshakes, and the kernel's SYN retries make them wait 1, 3, 7, then 15 s.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `listen` (`host:port`) with [`LISTEN_BACKLOG`].
+async fn bind(listen: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let addr = tokio::net::lookup_host(listen)
+        .await?
+        .next()
+        .context("the address resolves to nothing")?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    Ok(socket.listen(LISTEN_BACKLOG)?)
+}
+
 /// Binds, prints `listening on IP:PORT`, and serves until SIGTERM or Ctrl-C.
 pub async fn serve(config: Config, banner: Option<String>) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(&config.server.listen)
+    let listener = bind(&config.server.listen)
         .await
         .with_context(|| format!("binding server.listen {}", config.server.listen))?;
     // Printed once the gateway is ready: scripts and process managers wait for this line.
