@@ -6,36 +6,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v redis-server >/dev/null 2>&1; then
+# need COMMAND PACKAGE: installs the Debian package when the command is missing (as root),
+# else says what to install and stops.
+need() {
+  command -v "$1" >/dev/null 2>&1 && return 0
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && apt-get install -y -qq redis-server
+    apt-get update -qq && apt-get install -y -qq "$2"
   else
-    echo "redis-server is missing: sudo apt-get install -y redis-server" >&2
+    echo "$1 is missing: sudo apt-get install -y $2" >&2
     exit 1
   fi
-fi
+}
+need redis-server redis-server
 # openssl makes the CA and server certificate of the TLS test (tests/tests/tls_acl.rs).
-if ! command -v openssl >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && apt-get install -y -qq openssl
-  else
-    echo "openssl is missing: sudo apt-get install -y openssl" >&2
-    exit 1
-  fi
-fi
+need openssl openssl
 # Headless Chromium renders the HTML usage report in tests/tests/showback.rs.
-if ! command -v chromium >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && apt-get install -y -qq chromium
-  else
-    echo "chromium is missing: sudo apt-get install -y chromium" >&2
-    exit 1
-  fi
-fi
+need chromium chromium
 bash scripts/pyenv.sh
 
 # The 1,500-connection trickling scenario measures how fast the gateway closes connections; it
-# runs on its own, before the rest, because after the whole suite's connection churn it can miss
-# its bound on a 2-core machine (see the note in tests/tests/hardening.rs).
+# runs on its own, before the rest, so that the suite's own load does not blur that bound on a
+# 2-core machine (its earlier misses were the listen backlog: see tests/tests/hardening.rs).
 cargo test -p tollgate-tests --test hardening "$@" -- trickling_clients_beyond_the_cap_make_room
 cargo test --workspace "$@" -- --skip trickling_clients_beyond_the_cap_make_room
