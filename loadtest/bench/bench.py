@@ -320,7 +320,12 @@ class Bench:
                   'models = ["gpt-4o"]', "priority = 1", "weight = 1",
                   "[[backends]]", 'name = "payg"', f'url = "{mock_url}"', 'api = "openai"',
                   'models = ["gpt-4o"]', "priority = 2",
-                  "price = { input_per_1m = 2.5, output_per_1m = 10.0 }"]
+                  "price = { input_per_1m = 2.5, output_per_1m = 10.0 }",
+                  # Every feature on the path: a team budget (reserved beside the consumer's
+                  # TPM, in the team's own slot) and an exact answer cache that misses every
+                  # time (each request carries its own seed: `--unique`, wrk_post.lua).
+                  "[[teams]]", 'id = "perf"', "budget = 1000000000.0", 'budget_period = "month"',
+                  "[[cache]]", 'name = "bench"', 'mode = "exact"', "ttl_s = 60", "max_entries = 10000"]
         else:
             t += ["[[backends]]", 'name = "mock"', f'url = "{mock_url}"', 'api = "openai"',
                   'models = ["gpt-4o"]']
@@ -392,7 +397,7 @@ http {{
              max_tokens=16, model="gpt-4o", tier=(), timeout=30.0, background=False):
         argv = [str(self.bin / "tollgate-load"), "--url", url, "--key", KEY, "--duration", str(duration),
                 "--prompt-tokens", str(prompt_tokens), "--max-tokens", str(max_tokens),
-                "--model", model, "--timeout", str(timeout), "--json"]
+                "--model", model, "--timeout", str(timeout), "--json", "--unique"]
         argv += ["--rate", str(rate)] if rate else ["--concurrency", str(concurrency)]
         if stream:
             argv.append("--stream")
@@ -554,7 +559,8 @@ http {{
             try:
                 row = self.measure(label, url, [p, rp])
                 time.sleep(1.5)
-                row["note"] = f"CPU/RSS incl. redis-server; OTLP sink got {self.otlp_hits} posts"
+                row["note"] = (f"CPU/RSS incl. redis-server; OTLP sink got {self.otlp_hits} posts; "
+                               f"cache {cache_results(url)}")
                 if self.otlp_hits == 0:
                     notes.append("telemetry: `[telemetry] otlp_endpoint` was set to a local sink, which "
                                  "received nothing: this build does not export OTLP yet, so the Redis row "
@@ -642,7 +648,7 @@ http {{
                 notes.append("nginx: not installed (apt-get install nginx), no reference row")
             target("tollgate memory", tg_memory)
             if have_redis:
-                target("tollgate redis+routing", tg_redis)
+                target("tollgate redis, all on", tg_redis)
                 if have_nginx:
                     target("tollgate x3 + nginx", cluster)
             else:
@@ -735,6 +741,21 @@ http {{
 
 
 WRK_LUA = Path(__file__).resolve().parent / "wrk_post.lua"
+
+
+def cache_results(url: str) -> str:
+    """The gateway's `tollgate_cache_requests_total` by result, e.g. "miss 61234, hit 0"."""
+    import urllib.request
+    counts = {}
+    try:
+        text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
+    except OSError as e:
+        return f"metrics unreadable ({e})"
+    for line in text.splitlines():
+        m = re.match(r'tollgate_cache_requests_total\{.*result="(\w+)".*\} (\d+)', line)
+        if m:
+            counts[m.group(1)] = counts.get(m.group(1), 0) + int(m.group(2))
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none counted"
 
 
 def parse_wrk(text: str, cpu_s: float) -> dict:

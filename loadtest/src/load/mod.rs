@@ -85,6 +85,10 @@ pub struct LoadOpts {
     /// Per-request timeout in seconds (a timeout counts as status "error").
     #[arg(long, default_value_t = 60.0)]
     pub timeout: f64,
+    /// Every request a different body (`"seed": N`, N the request's number): an answer cache
+    /// in front of the target misses every time, the prompt stays the same size.
+    #[arg(long)]
+    pub unique: bool,
 }
 
 impl Default for LoadOpts {
@@ -104,6 +108,7 @@ impl Default for LoadOpts {
             header_style: HeaderStyle::Bearer,
             max_outstanding: 10_000,
             timeout: 60.0,
+            unique: false,
         }
     }
 }
@@ -120,6 +125,7 @@ struct Shared {
     url: String,
     targets: Vec<Target>,
     stream: bool,
+    unique: bool,
     recorder: Mutex<Recorder>,
 }
 
@@ -145,6 +151,7 @@ pub async fn run(opts: LoadOpts) -> anyhow::Result<LoadReport> {
         url: format!("{}{}", opts.url.trim_end_matches('/'), opts.path),
         targets,
         stream: opts.stream,
+        unique: opts.unique,
         recorder: Mutex::new(Recorder::new()),
     });
     let duration = Duration::from_secs_f64(opts.duration);
@@ -280,7 +287,11 @@ async fn send(shared: &Shared, i: u64, intended: Instant) {
         .post(&shared.url)
         .header(target.auth.0.clone(), target.auth.1.clone())
         .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(target.body.clone());
+        .body(if shared.unique {
+            seeded(&target.body, i)
+        } else {
+            target.body.clone()
+        });
     let mut sample = Sample {
         status: None,
         latency: Duration::ZERO,
@@ -361,6 +372,15 @@ fn targets(opts: &LoadOpts) -> anyhow::Result<Vec<Target>> {
         .collect()
 }
 
+/// `body` (a JSON object) with `"seed": i` added as its last member.
+fn seeded(body: &Bytes, i: u64) -> Bytes {
+    let end = body.len().saturating_sub(1);
+    let mut b = Vec::with_capacity(body.len() + 32);
+    b.extend_from_slice(&body[..end]);
+    b.extend_from_slice(format!(",\"seed\":{i}}}").as_bytes());
+    Bytes::from(b)
+}
+
 /// A body for the operation `opts.path` names, whose prompt the mock counts as
 /// `opts.prompt_tokens` (chat framing of 6 tokens included, so at least 7 for chat).
 fn request_body(opts: &LoadOpts, model: &str) -> Value {
@@ -394,6 +414,19 @@ mod tests {
             ..LoadOpts::default()
         };
         assert_eq!(count_prompt_tokens(&request_body(&opts, "m")), 100);
+    }
+
+    /// `--unique` bodies differ by their seed only: still JSON, the same prompt.
+    #[test]
+    fn seeded_bodies_differ_by_the_seed() {
+        let body =
+            Bytes::from(serde_json::to_vec(&request_body(&LoadOpts::default(), "m")).unwrap());
+        let a: Value = serde_json::from_slice(&seeded(&body, 7)).unwrap();
+        let b: Value = serde_json::from_slice(&seeded(&body, 8)).unwrap();
+        assert_eq!(a["seed"], 7);
+        assert_eq!(b["seed"], 8);
+        assert_eq!(a["messages"], b["messages"]);
+        assert_eq!(count_prompt_tokens(&a), 100);
     }
 
     /// A one-second run against the in-process mock, open and closed loop, gets 200s.
