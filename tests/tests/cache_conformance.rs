@@ -163,6 +163,35 @@ async fn check_ttl(c: &AnyCache, advance: impl Fn(u64)) {
     assert_eq!(c.stats("faq").await.unwrap().entries, 0);
 }
 
+/// Many entries stored at once (the Redis writer sends them in batches): every put succeeds,
+/// each partition keeps exactly its `max_entries` and the cache its `max_total_entries`,
+/// and the entry count says what lives.
+async fn check_concurrent(c: &AnyCache) {
+    let puts = (0..300).map(|i| {
+        let c = c.clone();
+        async move {
+            let (p, key) = (if i % 3 == 0 { "other" } else { "busy" }, format!("k{i}"));
+            let mut e = entry(p, &key, b"a", None);
+            e.max_entries = 50;
+            e.max_total_entries = 80;
+            c.put(&e).await
+        }
+    });
+    for r in futures::future::join_all(puts).await {
+        r.unwrap();
+    }
+    let mut live = [0, 0];
+    for i in 0..300 {
+        let p = if i % 3 == 0 { "other" } else { "busy" };
+        if c.get("faq", p, &format!("k{i}")).await.unwrap().is_some() {
+            live[usize::from(p == "busy")] += 1;
+        }
+    }
+    assert!(live[0] <= 50 && live[1] <= 50, "{live:?}");
+    assert_eq!(live[0] + live[1], 80, "{live:?}");
+    assert_eq!(c.stats("faq").await.unwrap().entries, 80);
+}
+
 async fn memory() -> (AnyCache, Arc<SystemClock>) {
     let clock = Arc::new(SystemClock::default());
     (
@@ -196,6 +225,27 @@ both!(exact, check_exact);
 both!(nearest, check_nearest);
 both!(bounds, check_bounds);
 both!(purge, check_purge);
+both!(concurrent, check_concurrent);
+
+/// A server that lost its scripts (restart, `SCRIPT FLUSH`) still stores: the writer loads
+/// them and sends the refused calls again.
+#[tokio::test]
+async fn redis_cache_reloads_its_scripts() {
+    let v = Valkey::start_search().unwrap();
+    let c = redis(&v);
+    c.put(&entry("p", "k1", b"one", None)).await.unwrap();
+    let mut raw = redis::Client::open(v.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut raw).unwrap();
+    c.put(&entry("p", "k2", b"two", None)).await.unwrap();
+    assert_eq!(
+        c.get("faq", "p", "k2").await.unwrap(),
+        Some(b"two".to_vec())
+    );
+    assert_eq!(c.stats("faq").await.unwrap().entries, 2);
+}
 
 /// TTL: the memory cache's clock is moved; Redis waits the 400 ms out.
 #[tokio::test]

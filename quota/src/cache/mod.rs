@@ -15,6 +15,7 @@
 mod memory;
 mod redis;
 mod reply;
+mod writer;
 
 pub use memory::MemoryCache;
 pub use redis::RedisCache;

@@ -1,6 +1,6 @@
 //! The answer cache in Redis: one Lua script stores an entry and bounds its partition
 //! (`quota/lua/cache_put.lua`), a second bounds the whole cache (`cache_total.lua`, another
-//! slot), both off the request path. A lookup is one command: `HGET` of the exact entry, or
+//! slot), both off the request path and batched by the writer ([`super::writer`]). A lookup is one command: `HGET` of the exact entry, or
 //! one `FT.SEARCH … KNN k` that returns the nearest entries' distances, prompts and answers.
 //!
 //! The vector index is created on first use, per vector size (`tg:cacheidx:CACHE:DIM`), over
@@ -13,9 +13,9 @@ use crate::redis::connection::{scrub, url_secrets};
 use crate::{Error, Result};
 use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, RedisError, Script, Value};
+use redis::{Client, RedisError, RedisResult, Script, ScriptInvocation, Value};
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 const PUT_LUA: &str = include_str!("../../lua/cache_put.lua");
@@ -52,8 +52,10 @@ pub struct RedisCache {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(super) struct Inner {
     conn: ConnectionManager,
+    /// The writer's queue, started with the first entry stored.
+    writer: OnceLock<super::writer::Queue>,
     secrets: Vec<String>,
     put: Script,
     total: Script,
@@ -79,6 +81,7 @@ impl RedisCache {
         Ok(RedisCache {
             inner: Arc::new(Inner {
                 conn,
+                writer: OnceLock::new(),
                 secrets,
                 put: Script::new(PUT_LUA),
                 total: Script::new(TOTAL_LUA),
@@ -88,7 +91,16 @@ impl RedisCache {
         })
     }
 
-    fn error(&self, e: RedisError) -> Error {
+    pub(super) fn from_inner(inner: Arc<Inner>) -> RedisCache {
+        RedisCache { inner }
+    }
+
+    /// The partition's and the total's scripts.
+    pub(super) fn scripts(&self) -> (&Script, &Script) {
+        (&self.inner.put, &self.inner.total)
+    }
+
+    pub(super) fn error(&self, e: RedisError) -> Error {
         if e.is_timeout() {
             return Error::Timeout;
         }
@@ -103,26 +115,6 @@ impl RedisCache {
     async fn run<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
         let mut conn = self.inner.conn.clone();
         match tokio::time::timeout(self.inner.timeout, cmd.query_async(&mut conn)).await {
-            Ok(r) => r.map_err(|e| self.error(e)),
-            Err(_) => Err(Error::Timeout),
-        }
-    }
-
-    async fn script<T: redis::FromRedisValue>(
-        &self,
-        script: &Script,
-        keys: &[&str],
-        args: &[&[u8]],
-    ) -> Result<T> {
-        let mut inv = script.prepare_invoke();
-        for k in keys {
-            inv.key(*k);
-        }
-        for a in args {
-            inv.arg(*a);
-        }
-        let mut conn = self.inner.conn.clone();
-        match tokio::time::timeout(self.inner.timeout, inv.invoke_async(&mut conn)).await {
             Ok(r) => r.map_err(|e| self.error(e)),
             Err(_) => Err(Error::Timeout),
         }
@@ -177,62 +169,67 @@ impl RedisCache {
         parse_search(&v, &entry_prefix(cache))
     }
 
-    /// Stores the entry and bounds its partition, then bounds the whole cache.
+    /// Stores the entry and bounds its partition, then bounds the whole cache (through the
+    /// writer: with whatever other entries are waiting, in two round trips).
     pub async fn put(&self, e: &NewEntry<'_>) -> Result<()> {
         let vector = e.vector.map(vector_bytes).unwrap_or_default();
         if let Some(v) = e.vector {
             self.ensure_index(e.cache, v.len()).await?;
         }
-        let ek = entry_key(e.cache, e.partition, e.key);
-        let ok = order_key(e.cache, e.partition);
-        let prefix = entry_key(e.cache, e.partition, "");
-        let (ttl, max) = (e.ttl_ms.to_string(), e.max_entries.to_string());
-        let out: Vec<String> = self
-            .script(
-                &self.inner.put,
-                &[&ek, &ok],
-                &[
-                    ttl.as_bytes(),
-                    max.as_bytes(),
-                    e.key.as_bytes(),
-                    e.answer,
-                    e.prompt.as_bytes(),
-                    e.partition.as_bytes(),
-                    &vector,
-                    prefix.as_bytes(),
-                ],
-            )
-            .await?;
-        let Some((expiry, evicted)) = out.split_first() else {
-            return Err(Error::Protocol("cache_put.lua answered nothing".into()));
-        };
-        let member = format!("{}:{}", e.partition, e.key);
-        let total = e.max_total_entries.to_string();
-        let evicted: Vec<String> = evicted
-            .iter()
-            .map(|k| format!("{}:{k}", e.partition))
-            .collect();
-        let mut args: Vec<&[u8]> = vec![member.as_bytes(), expiry.as_bytes(), total.as_bytes()];
-        args.extend(evicted.iter().map(|m| m.as_bytes()));
-        let over: Vec<String> = self
-            .script(&self.inner.total, &[&total_key(e.cache)], &args)
-            .await?;
-        for m in over {
-            if let Some((part, key)) = m.split_once(':') {
-                self.remove(e.cache, part, key).await?;
-            }
-        }
-        Ok(())
+        let queue = self
+            .inner
+            .writer
+            .get_or_init(|| super::writer::start(&self.inner));
+        super::writer::put(queue, e, vector).await
     }
 
-    async fn remove(&self, cache: &str, partition: &str, key: &str) -> Result<()> {
-        let mut del = redis::cmd("DEL");
-        del.arg(entry_key(cache, partition, key));
-        let _: i64 = self.run(&del).await?;
-        let mut zrem = redis::cmd("ZREM");
-        zrem.arg(order_key(cache, partition)).arg(key);
-        let _: i64 = self.run(&zrem).await?;
-        Ok(())
+    /// Script calls in one pipeline, each with its own result. When the server lost the
+    /// scripts (a restart, `SCRIPT FLUSH`), they are loaded and the calls that were refused
+    /// sent again: a call refused with `NOSCRIPT` did not run.
+    pub(super) async fn pipeline(
+        &self,
+        calls: &[ScriptInvocation<'_>],
+    ) -> Result<Vec<RedisResult<Vec<String>>>> {
+        let send = |calls: &[&ScriptInvocation<'_>]| {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for c in calls {
+                pipe.invoke_script(c);
+            }
+            pipe
+        };
+        let all: Vec<&ScriptInvocation> = calls.iter().collect();
+        let mut outs: Vec<RedisResult<Vec<String>>> = self.run_pipe(&send(&all)).await?;
+        let refused: Vec<usize> = (0..outs.len())
+            .filter(|i| outs[*i].as_ref().is_err_and(is_noscript))
+            .collect();
+        if refused.is_empty() {
+            return Ok(outs);
+        }
+        for s in [&self.inner.put, &self.inner.total] {
+            let mut conn = self.inner.conn.clone();
+            match tokio::time::timeout(self.inner.timeout, s.load_async(&mut conn)).await {
+                Ok(r) => r.map_err(|e| self.error(e))?,
+                Err(_) => return Err(Error::Timeout),
+            };
+        }
+        let again: Vec<&ScriptInvocation> = refused.iter().map(|i| &calls[*i]).collect();
+        let retried: Vec<RedisResult<Vec<String>>> = self.run_pipe(&send(&again)).await?;
+        for (i, r) in refused.into_iter().zip(retried) {
+            outs[i] = r;
+        }
+        Ok(outs)
+    }
+
+    pub(super) async fn run_pipe<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T> {
+        let mut conn = self.inner.conn.clone();
+        match tokio::time::timeout(self.inner.timeout, pipe.query_async(&mut conn)).await {
+            Ok(r) => r.map_err(|e| self.error(e)),
+            Err(_) => Err(Error::Timeout),
+        }
     }
 
     /// Creates the cache's index for vectors of `dim` floats unless it exists.
@@ -369,6 +366,10 @@ impl RedisCache {
             Err(e) => Err(e),
         }
     }
+}
+
+fn is_noscript(e: &RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
 }
 
 fn is_missing_index(msg: &str) -> bool {

@@ -1,0 +1,176 @@
+//! Storing answers in batches. Every [`RedisCache::put`] queues its entry for one writer task
+//! per cache connection, which sends what has queued up together: the partitions' scripts
+//! (`cache_put.lua`) in one pipeline, then the totals' (`cache_total.lua`, which need the
+//! partitions' answers) in a second. A busy gateway so stores N answers in two round trips
+//! instead of 2N, and Redis reads and answers them in one go each. Each entry keeps its own
+//! result: one refused entry does not fail the others.
+
+use super::NewEntry;
+use super::redis::{Inner, RedisCache, entry_key, order_key, total_key};
+use crate::{Error, Result};
+use redis::{RedisResult, Script, ScriptInvocation};
+use std::sync::{Arc, Weak};
+use tokio::sync::{mpsc, oneshot};
+
+/// Most entries in one batch.
+const BATCH: usize = 64;
+/// Entries waiting for the writer before more are refused (the cache is best effort: a
+/// refused entry is counted as a store failure, the request was served anyway).
+const QUEUE: usize = 4096;
+
+/// An entry the writer owns, with who waits for its result.
+pub(super) struct Job {
+    cache: String,
+    partition: String,
+    key: String,
+    answer: Vec<u8>,
+    vector: Vec<u8>,
+    prompt: String,
+    ttl_ms: u64,
+    max_entries: u64,
+    max_total_entries: u64,
+    done: oneshot::Sender<Result<()>>,
+}
+
+/// The queue of one cache connection's writer.
+pub(super) type Queue = mpsc::Sender<Job>;
+
+/// Starts the writer of `inner`'s connection. It holds the connection weakly: it ends once
+/// every handle of the cache is gone.
+pub(super) fn start(inner: &Arc<Inner>) -> Queue {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    tokio::spawn(run(Arc::downgrade(inner), rx));
+    tx
+}
+
+/// Queues `e` (its vector already as bytes) and waits for the writer's answer.
+pub(super) async fn put(queue: &Queue, e: &NewEntry<'_>, vector: Vec<u8>) -> Result<()> {
+    let (done, answer) = oneshot::channel();
+    let job = Job {
+        cache: e.cache.to_string(),
+        partition: e.partition.to_string(),
+        key: e.key.to_string(),
+        answer: e.answer.to_vec(),
+        vector,
+        prompt: e.prompt.to_string(),
+        ttl_ms: e.ttl_ms,
+        max_entries: e.max_entries,
+        max_total_entries: e.max_total_entries,
+        done,
+    };
+    queue
+        .try_send(job)
+        .map_err(|_| Error::Unavailable("the cache's write queue is full".into()))?;
+    answer
+        .await
+        .unwrap_or_else(|_| Err(Error::Unavailable("the cache's writer stopped".into())))
+}
+
+async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<Job>) {
+    let mut jobs = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut jobs, BATCH).await > 0 {
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let cache = RedisCache::from_inner(inner);
+        let results = match write(&cache, &jobs).await {
+            Ok(each) => each,
+            Err(e) => jobs.iter().map(|_| Err(same(&e))).collect(),
+        };
+        for (job, r) in jobs.drain(..).zip(results) {
+            let _ = job.done.send(r);
+        }
+    }
+}
+
+/// Writes a batch: every entry into its partition, then every stored one into its cache's
+/// total, then the entries the totals evicted out of their partitions.
+async fn write(cache: &RedisCache, jobs: &[Job]) -> Result<Vec<Result<()>>> {
+    let (put, total) = cache.scripts();
+    let invocations: Vec<ScriptInvocation> = jobs.iter().map(|j| partition_call(put, j)).collect();
+    let outs: Vec<RedisResult<Vec<String>>> = cache.pipeline(&invocations).await?;
+    let mut results: Vec<Result<()>> = Vec::with_capacity(jobs.len());
+    let mut totals = Vec::new();
+    let mut owners = Vec::new();
+    for (i, (j, out)) in jobs.iter().zip(outs).enumerate() {
+        match out {
+            Ok(out) => match out.split_first() {
+                Some((expiry, evicted)) => {
+                    totals.push(total_call(total, j, expiry, evicted));
+                    owners.push(i);
+                    results.push(Ok(()));
+                }
+                None => results.push(Err(Error::Protocol(
+                    "cache_put.lua answered nothing".into(),
+                ))),
+            },
+            Err(e) => results.push(Err(cache.error(e))),
+        }
+    }
+    if totals.is_empty() {
+        return Ok(results);
+    }
+    let overs: Vec<RedisResult<Vec<String>>> = cache.pipeline(&totals).await?;
+    let mut evict = redis::pipe();
+    let mut any = false;
+    for (i, over) in owners.into_iter().zip(overs) {
+        match over {
+            Ok(members) => {
+                for m in members {
+                    if let Some((part, key)) = m.split_once(':') {
+                        let c = &jobs[i].cache;
+                        evict.del(entry_key(c, part, key)).ignore();
+                        evict.zrem(order_key(c, part), key).ignore();
+                        any = true;
+                    }
+                }
+            }
+            Err(e) => results[i] = Err(cache.error(e)),
+        }
+    }
+    if any {
+        cache.run_pipe::<()>(&evict).await?;
+    }
+    Ok(results)
+}
+
+fn partition_call<'a>(put: &'a Script, j: &Job) -> ScriptInvocation<'a> {
+    let mut inv = put.prepare_invoke();
+    inv.key(entry_key(&j.cache, &j.partition, &j.key))
+        .key(order_key(&j.cache, &j.partition))
+        .arg(j.ttl_ms)
+        .arg(j.max_entries)
+        .arg(&j.key)
+        .arg(&j.answer)
+        .arg(&j.prompt)
+        .arg(&j.partition)
+        .arg(&j.vector)
+        .arg(entry_key(&j.cache, &j.partition, ""));
+    inv
+}
+
+fn total_call<'a>(
+    total: &'a Script,
+    j: &Job,
+    expiry: &str,
+    evicted: &[String],
+) -> ScriptInvocation<'a> {
+    let mut inv = total.prepare_invoke();
+    inv.key(total_key(&j.cache))
+        .arg(format!("{}:{}", j.partition, j.key))
+        .arg(expiry)
+        .arg(j.max_total_entries);
+    for k in evicted {
+        inv.arg(format!("{}:{k}", j.partition));
+    }
+    inv
+}
+
+/// The same error again, for every entry of a batch that failed as a whole.
+fn same(e: &Error) -> Error {
+    match e {
+        Error::Unavailable(m) => Error::Unavailable(m.clone()),
+        Error::Timeout => Error::Timeout,
+        Error::Protocol(m) => Error::Protocol(m.clone()),
+    }
+}
