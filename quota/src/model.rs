@@ -172,6 +172,12 @@ pub struct TeamCharge {
     /// usage admitted without a team reservation (charged to the current window).
     pub end: ReservationEnd,
     pub window: u64,
+    /// What the team step debited for this request (nano-units): the estimate when a team
+    /// reservation (or a slice the team leased) covered it, 0 when nothing was debited (the
+    /// step was skipped, or usage admitted without the store). The team's spend moves by
+    /// `money.actual - reserved`: the consumer's own `money.reserved` is a different debit
+    /// (0 for a request served from the consumer's token lease).
+    pub reserved: u64,
 }
 
 /// The usage counters, the one shape in which usage is added, stored and reported.

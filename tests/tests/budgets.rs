@@ -187,6 +187,43 @@ async fn team_budget_holds_across_three_nodes() {
     );
 }
 
+/// A busy team (consumers served from their token leases, the team from slices of its
+/// budget) is charged exactly what its requests cost: the spend settles to the served cost,
+/// never to the estimates (a token-leased request once left its team step's estimate
+/// uncorrected), on a single node and across three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn busy_team_is_charged_what_was_served() {
+    let h = two_of_team(
+        Harness::new()
+            .redis()
+            .backend("m", MockOpts::default(), PRICE)
+            .config("[[teams]]\nid = \"ops\"\nbudget = 100000.0\nbudget_period = \"month\"\n"),
+        "ops",
+    )
+    .await;
+    let counts = hammer(&h, &["app-1", "app-2"], 4, Duration::from_secs(3)).await;
+    let ok = total(&counts, "200");
+    assert!(
+        ok > 300,
+        "too few requests to make the team busy: {counts:?}"
+    );
+    assert_eq!(counts.lock().unwrap().len(), 3, "only 200s: {counts:?}");
+    let (served, _) = served_cost(&h).await;
+    let mut spent = f64::NAN;
+    for _ in 0..50 {
+        let report = h.usage("team").unwrap();
+        spent = report["budgets"][0]["spent"].as_f64().unwrap_or(f64::NAN);
+        if (spent - served).abs() < 1e-6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        (spent - served).abs() < 1e-6,
+        "team spend {spent} ≠ served {served} after {ok} requests"
+    );
+}
+
 /// A consumer's own budget holds the same way; a request admitted before shows what is left in
 /// `x-budget-remaining`, and `/metrics` carries the budget gauges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1451,6 +1451,7 @@ fn team_settlement(
                 team: team.into(),
                 end,
                 window,
+                reserved,
             }),
         },
     }

@@ -25,36 +25,52 @@ pub struct Lease {
     pub admission: Admission,
 }
 
-/// Requests and tokens of a consumer in this second and the last.
+/// Requests and an amount (tokens, or money for a team) in this second and the last: what
+/// makes a consumer or a team busy enough to lease, and the size of the next slice.
 #[derive(Default)]
-struct Rate {
+pub(super) struct Demand {
     second: u64,
     reqs: u64,
-    tokens: u64,
+    amount: u64,
     last_reqs: u64,
-    last_tokens: u64,
-    /// The consumer's limits as last admitted (sizes the next lease).
-    admission: Option<Admission>,
+    last_amount: u64,
 }
 
-impl Rate {
-    fn record(&mut self, now_ms: u64, tokens: u64) {
+impl Demand {
+    pub(super) fn record(&mut self, now_ms: u64, amount: u64) {
         let sec = now_ms / 1000;
         if sec != self.second {
-            (self.last_reqs, self.last_tokens) = if sec == self.second + 1 {
-                (self.reqs, self.tokens)
+            (self.last_reqs, self.last_amount) = if sec == self.second + 1 {
+                (self.reqs, self.amount)
             } else {
                 (0, 0)
             };
-            (self.second, self.reqs, self.tokens) = (sec, 0, 0);
+            (self.second, self.reqs, self.amount) = (sec, 0, 0);
         }
         self.reqs += 1;
-        self.tokens += tokens;
+        self.amount += amount;
     }
 
-    fn busy(&self) -> bool {
+    pub(super) fn busy(&self) -> bool {
         self.reqs.max(self.last_reqs) >= BUSY_RPS
     }
+
+    /// A quarter second of the recent demand.
+    pub(super) fn quarter_second(&self) -> u64 {
+        self.amount.max(self.last_amount) / 4
+    }
+
+    /// Whether nothing was recorded in the last two seconds.
+    pub(super) fn idle(&self, now_ms: u64) -> bool {
+        self.second + 2 < now_ms / 1000
+    }
+}
+
+/// A consumer's demand and its limits as last admitted (sizes the next lease).
+#[derive(Default)]
+struct Rate {
+    demand: Demand,
+    admission: Option<Admission>,
 }
 
 /// Leases by consumer and model (a lease passed the model allow-list for that model only).
@@ -86,6 +102,7 @@ impl Leases {
         self.rates
             .entry(key.0.clone())
             .or_default()
+            .demand
             .record(now_ms, tokens);
         if let Some(l) = self.active.get_mut(key)
             && (l.expires_ms > now_ms || spend_expired)
@@ -99,10 +116,9 @@ impl Leases {
             return Take::Admitted(a);
         }
         // A consumer with a budget never leases: each request's money is reserved on its own.
-        let busy = self
-            .rates
-            .get(&key.0)
-            .is_some_and(|r| r.busy() && r.admission.as_ref().is_none_or(|a| a.budget.is_none()));
+        let busy = self.rates.get(&key.0).is_some_and(|r| {
+            r.demand.busy() && r.admission.as_ref().is_none_or(|a| a.budget.is_none())
+        });
         let ask = busy && self.asking.insert(key.clone());
         Take::Miss { ask }
     }
@@ -121,7 +137,7 @@ impl Leases {
         let Some(rate) = self.rates.get(&key.0) else {
             return 0;
         };
-        let mut size = rate.tokens.max(rate.last_tokens) / 4;
+        let mut size = rate.demand.quarter_second();
         if let Some(last) = &rate.admission {
             if let Some(t) = last.tpm {
                 size = size.min(t / 20);
@@ -148,7 +164,7 @@ impl Leases {
             .map(|(k, _)| k.clone())
             .collect();
         // Idle consumers' rates go too, so the map does not grow without bound.
-        self.rates.retain(|_, r| r.second + 2 >= now_ms / 1000);
+        self.rates.retain(|_, r| !r.demand.idle(now_ms));
         let mut out = std::mem::take(&mut self.unreturned);
         out.extend(
             keys.into_iter()

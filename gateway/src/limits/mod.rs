@@ -34,6 +34,7 @@ mod refusals;
 mod reserve;
 mod seed;
 mod team;
+mod team_lease;
 
 pub use team::TeamReserved;
 
@@ -123,6 +124,8 @@ pub struct Limits {
     local_reset_ms: AtomicU64,
     /// Leases of busy consumers' tokens (`None`: leasing is off, e.g. the memory store).
     leases: Option<Mutex<Leases>>,
+    /// Slices of busy teams' budgets (on and off with `leases`).
+    team_leases: Option<Mutex<team_lease::TeamLeases>>,
     refusals: Refusals,
     /// Reservations given up on (no answer from the store), for the usage worker to refund.
     abandoned: Mutex<Vec<Settlement>>,
@@ -157,6 +160,7 @@ impl Limits {
             seeds: Seeds::new(seeds),
             local_reset_ms: AtomicU64::new(0),
             leases: None,
+            team_leases: None,
             refusals: Refusals::default(),
             abandoned: Mutex::new(Vec::new()),
             teams: team::Teams::default(),
@@ -167,6 +171,7 @@ impl Limits {
     pub fn with_leases(mut self: Arc<Self>) -> Arc<Self> {
         if let Some(me) = Arc::get_mut(&mut self) {
             me.leases = Some(Mutex::new(Leases::default()));
+            me.team_leases = Some(Mutex::new(team_lease::TeamLeases::default()));
         }
         self
     }

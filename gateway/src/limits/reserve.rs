@@ -145,6 +145,7 @@ impl Limits {
     /// Returns what expired leases (all of them with `all`) did not use. Leases the store does
     /// not take back are kept: under escrow they are what this replica may still spend.
     pub async fn sweep_leases(&self, all: bool) {
+        self.sweep_team_leases(all).await;
         let Some(leases) = &self.leases else { return };
         let expired = leases.lock().expired(self.clock.now_ms(), all);
         if let Err(kept) = self.return_leases(expired).await

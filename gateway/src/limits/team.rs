@@ -32,9 +32,14 @@ const MAX_TEAMS: usize = 100_000;
 #[derive(Clone, Debug)]
 pub struct TeamReserved {
     pub team: String,
-    /// The team reservation's id (its record in the team's slot).
+    /// The team reservation's id (its record in the team's slot); 0 when `leased`.
     pub id: u64,
     pub budget: BudgetUse,
+    /// What the step debited: the request's estimated cost (nano-units).
+    pub cost_nano: u64,
+    /// Taken from this replica's slice of the team's budget ([`super::team_lease`]): no record
+    /// of its own in the store; settled as a correction of the team's spend.
+    pub leased: bool,
 }
 
 /// What the team step did.
@@ -165,7 +170,24 @@ impl Limits {
     /// money was obtained before the fault); any other team is admitted without the step, its
     /// cost charged to the team at settle (a slow link must not stop consumers whose team has
     /// no budget).
-    async fn team_step(&self, team: &str, cost_nano: u64) -> Result<TeamStep, Error> {
+    async fn team_step(self: &Arc<Self>, team: &str, cost_nano: u64) -> Result<TeamStep, Error> {
+        // A busy team's slice on this replica covers it without a store call.
+        let wants_lease = match self.take_team_lease(team, cost_nano) {
+            Ok(step) => return Ok(TeamStep::Reserved(step)),
+            Err(ask) => ask,
+        };
+        let step = self.team_step_in_store(team, cost_nano).await;
+        if wants_lease {
+            match &step {
+                Ok(TeamStep::Reserved(_)) => self.clone().acquire_team_lease(team.to_string()),
+                _ => self.no_team_lease(team),
+            }
+        }
+        step
+    }
+
+    /// The team's step with one store call.
+    async fn team_step_in_store(&self, team: &str, cost_nano: u64) -> Result<TeamStep, Error> {
         // The team's keys are tagged with its id, so they live in the slot of that id.
         if !self.try_shared(self.consumer_part(team)) {
             // The store failed moments ago: no call until it is retried.
@@ -185,10 +207,13 @@ impl Limits {
             }
             Ok(TeamDecision::Admitted(budget)) => {
                 self.teams.saw(team, true, now);
+                self.saw_team_budget(team, &budget);
                 Ok(TeamStep::Reserved(TeamReserved {
                     team: team.to_string(),
                     id: req.id,
                     budget,
+                    cost_nano,
+                    leased: false,
                 }))
             }
             Ok(TeamDecision::Exceeded(r)) => {
@@ -255,6 +280,10 @@ impl Limits {
 
     /// Undoes a team step whose request was not admitted.
     fn compensate_team(&self, consumer: &str, team: &str, step: &TeamReserved) {
+        if step.leased {
+            self.untake_team_lease(team, step.cost_nano);
+            return;
+        }
         self.abandoned
             .lock()
             .push(team_refund(consumer, team, step.id));
@@ -299,7 +328,7 @@ impl Limits {
 }
 
 /// A settlement that refunds a team step by its id (whatever it debited, if it ran).
-fn team_refund(consumer: &str, team: &str, id: u64) -> Settlement {
+pub(super) fn team_refund(consumer: &str, team: &str, id: u64) -> Settlement {
     Settlement {
         consumer: consumer.to_string(),
         end: ReservationEnd::None,
@@ -316,6 +345,7 @@ fn team_refund(consumer: &str, team: &str, id: u64) -> Settlement {
                 team: team.to_string(),
                 end: ReservationEnd::Abandoned { id },
                 window: 0,
+                reserved: 0,
             }),
         },
     }

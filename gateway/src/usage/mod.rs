@@ -163,17 +163,25 @@ impl UsageWorker {
                     team: match (&reserved.team, &reserved.charge_team) {
                         (Some(t), _) => Some(TeamCharge {
                             team: t.team.clone(),
-                            end: ReservationEnd::Settled {
-                                id: t.id,
-                                retried: false,
+                            // A slice's request has no record: its estimate was debited with
+                            // the slice, and is corrected like this.
+                            end: if t.leased {
+                                ReservationEnd::None
+                            } else {
+                                ReservationEnd::Settled {
+                                    id: t.id,
+                                    retried: false,
+                                }
                             },
                             window: t.budget.window,
+                            reserved: t.cost_nano,
                         }),
                         // The team step was skipped: charge what was served, like an outage.
                         (None, Some(team)) => Some(TeamCharge {
                             team: team.clone(),
                             end: ReservationEnd::None,
                             window: ANY_WINDOW,
+                            reserved: 0,
                         }),
                         (None, None) => None,
                     },
@@ -212,6 +220,7 @@ impl UsageWorker {
                             team: a.team.clone(),
                             end: ReservationEnd::None,
                             window: ANY_WINDOW,
+                            reserved: 0,
                         }
                     });
                 pending.push_back(Settlement {

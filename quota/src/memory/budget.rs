@@ -48,7 +48,7 @@ impl Inner {
 
     /// The team part of one settlement, as `team_settle.lua` does it.
     pub(super) fn settle_team(&mut self, t: &TeamCharge, money: &Money, now_us: u64) {
-        let delta = money.actual as i64 - money.reserved as i64;
+        let delta = money.actual as i64 - t.reserved as i64;
         let (id, abandon, tombstone) = match t.end {
             ReservationEnd::None => {
                 self.correct_team(&t.team, delta, t.window);

@@ -98,7 +98,7 @@ impl RedisStore {
         let mut teams: Vec<(&str, Vec<&Settlement>)> = Vec::new();
         for s in batch {
             let Some(t) = &s.money.team else { continue };
-            let delta = s.money.actual != s.money.reserved;
+            let delta = s.money.actual != t.reserved;
             if !delta && t.end == ReservationEnd::None {
                 continue;
             }
@@ -130,7 +130,7 @@ impl RedisStore {
                     };
                     args.push(index.to_string());
                     args.push(mode.to_string());
-                    args.push((s.money.actual as i64 - s.money.reserved as i64).to_string());
+                    args.push((s.money.actual as i64 - t.reserved as i64).to_string());
                     args.push(if t.window == ANY_WINDOW {
                         "any".to_string()
                     } else {
