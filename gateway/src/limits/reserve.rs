@@ -181,12 +181,8 @@ impl Limits {
                 money: Default::default(),
             })
             .collect();
-        let id = tollgate_quota::new_batch_id();
-        for _ in 0..3 {
-            if self.store.settle(id, &batch).await.is_ok() {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        if self.settle_returned(&batch).await {
+            return Ok(());
         }
         // Unreturned lease tokens only make the consumer wait longer; nothing is over-admitted.
         tracing::debug!(
@@ -194,6 +190,19 @@ impl Limits {
             "could not return unused lease tokens yet"
         );
         Err(leases)
+    }
+
+    /// Settles returned leases or slices as one batch, tried three times with the same id (the
+    /// store applies a batch once); whether the store took it.
+    pub(super) async fn settle_returned(&self, batch: &[Settlement]) -> bool {
+        let id = tollgate_quota::new_batch_id();
+        for _ in 0..3 {
+            if self.store.settle(id, batch).await.is_ok() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
     }
 
     /// One reserve with the hot deadline, sent once more (same id) when it is not answered

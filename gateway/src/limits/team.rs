@@ -329,6 +329,19 @@ impl Limits {
 
 /// A settlement that refunds a team step by its id (whatever it debited, if it ran).
 pub(super) fn team_refund(consumer: &str, team: &str, id: u64) -> Settlement {
+    team_only(
+        consumer,
+        TeamCharge {
+            team: team.to_string(),
+            end: ReservationEnd::Abandoned { id },
+            window: 0,
+            reserved: 0,
+        },
+    )
+}
+
+/// A settlement that moves only a team's budget (`charge`); the consumer's part is empty.
+pub(super) fn team_only(consumer: &str, charge: TeamCharge) -> Settlement {
     Settlement {
         consumer: consumer.to_string(),
         end: ReservationEnd::None,
@@ -338,15 +351,8 @@ pub(super) fn team_refund(consumer: &str, team: &str, id: u64) -> Settlement {
         tpm: None,
         usage: None,
         money: Money {
-            reserved: 0,
-            actual: 0,
-            window: 0,
-            team: Some(TeamCharge {
-                team: team.to_string(),
-                end: ReservationEnd::Abandoned { id },
-                window: 0,
-                reserved: 0,
-            }),
+            team: Some(charge),
+            ..Money::default()
         },
     }
 }

@@ -18,9 +18,8 @@ use super::lease::{Demand, LEASE_MS};
 use super::team::TeamReserved;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
 use tollgate_quota::{
-    BudgetUse, Money, ReservationEnd, Settlement, Store, TeamCharge, TeamDecision, TeamReserve,
+    BudgetUse, ReservationEnd, Settlement, Store, TeamCharge, TeamDecision, TeamReserve,
 };
 
 /// One leased slice of a team's budget.
@@ -251,36 +250,21 @@ impl Limits {
         }
         let batch: Vec<Settlement> = slices
             .iter()
-            .map(|(team, l)| Settlement {
-                consumer: team.clone(),
-                end: ReservationEnd::None,
-                reserved: 0,
-                actual: 0,
-                window: 0,
-                tpm: None,
-                usage: None,
-                money: Money {
-                    reserved: 0,
-                    actual: 0,
-                    window: 0,
-                    team: Some(TeamCharge {
-                        team: team.clone(),
-                        end: ReservationEnd::Settled {
-                            id: l.id,
-                            retried: false,
-                        },
-                        window: l.budget.window,
-                        reserved: l.left,
-                    }),
-                },
+            .map(|(team, l)| {
+                let charge = TeamCharge {
+                    team: team.clone(),
+                    end: ReservationEnd::Settled {
+                        id: l.id,
+                        retried: false,
+                    },
+                    window: l.budget.window,
+                    reserved: l.left,
+                };
+                super::team::team_only(team, charge)
             })
             .collect();
-        let id = tollgate_quota::new_batch_id();
-        for _ in 0..3 {
-            if self.store.settle(id, &batch).await.is_ok() {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        if self.settle_returned(&batch).await {
+            return Ok(());
         }
         // An unreturned slice only makes the team's budget look more spent for a while.
         tracing::debug!(
