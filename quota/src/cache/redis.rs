@@ -1,6 +1,6 @@
-//! The answer cache in Redis: one Lua script stores an entry and bounds its partition
-//! (`quota/lua/cache_put.lua`), a second bounds the whole cache (`cache_total.lua`, another
-//! slot), both off the request path and batched by the writer ([`super::writer`]). A lookup is one command: `HGET` of the exact entry, or
+//! The answer cache in Redis: one Lua script stores an entry and bounds its partition and the
+//! whole cache (`quota/lua/cache_put.lua`), off the request path and batched by the writer
+//! ([`super::writer`]). A lookup is one command: `HGET` of the exact entry, or
 //! one `FT.SEARCH … KNN k` that returns the nearest entries' distances, prompts and answers.
 //!
 //! The vector index is created on first use, per vector size (`tg:cacheidx:CACHE:DIM`), over
@@ -19,7 +19,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 const PUT_LUA: &str = include_str!("../../lua/cache_put.lua");
-const TOTAL_LUA: &str = include_str!("../../lua/cache_total.lua");
 
 /// The hash of one entry.
 pub fn entry_key(cache: &str, partition: &str, key: &str) -> String {
@@ -58,7 +57,6 @@ pub(super) struct Inner {
     writer: OnceLock<super::writer::Queue>,
     secrets: Vec<String>,
     put: Script,
-    total: Script,
     /// Indexes this process has created or seen (name).
     indexes: Mutex<HashSet<String>>,
     /// Deadline of store and admin commands (lookups carry the caller's own).
@@ -84,7 +82,6 @@ impl RedisCache {
                 writer: OnceLock::new(),
                 secrets,
                 put: Script::new(PUT_LUA),
-                total: Script::new(TOTAL_LUA),
                 indexes: Mutex::new(HashSet::new()),
                 timeout,
             }),
@@ -95,9 +92,9 @@ impl RedisCache {
         RedisCache { inner }
     }
 
-    /// The partition's and the total's scripts.
-    pub(super) fn scripts(&self) -> (&Script, &Script) {
-        (&self.inner.put, &self.inner.total)
+    /// The script that stores an entry.
+    pub(super) fn script(&self) -> &Script {
+        &self.inner.put
     }
 
     pub(super) fn error(&self, e: RedisError) -> Error {
@@ -206,13 +203,11 @@ impl RedisCache {
         if refused.is_empty() {
             return Ok(outs);
         }
-        for s in [&self.inner.put, &self.inner.total] {
-            let mut conn = self.inner.conn.clone();
-            match tokio::time::timeout(self.inner.timeout, s.load_async(&mut conn)).await {
-                Ok(r) => r.map_err(|e| self.error(e))?,
-                Err(_) => return Err(Error::Timeout),
-            };
-        }
+        let mut conn = self.inner.conn.clone();
+        match tokio::time::timeout(self.inner.timeout, self.inner.put.load_async(&mut conn)).await {
+            Ok(r) => r.map_err(|e| self.error(e))?,
+            Err(_) => return Err(Error::Timeout),
+        };
         let again: Vec<&ScriptInvocation> = refused.iter().map(|i| &calls[*i]).collect();
         let retried: Vec<RedisResult<Vec<String>>> = self.run_pipe(&send(&again)).await?;
         for (i, r) in refused.into_iter().zip(retried) {

@@ -1,9 +1,8 @@
 //! Storing answers in batches. Every [`RedisCache::put`] queues its entry for one writer task
-//! per cache connection, which sends what has queued up together: the partitions' scripts
-//! (`cache_put.lua`) in one pipeline, then the totals' (`cache_total.lua`, which need the
-//! partitions' answers) in a second. A busy gateway so stores N answers in two round trips
-//! instead of 2N, and Redis reads and answers them in one go each. Each entry keeps its own
-//! result: one refused entry does not fail the others.
+//! per cache connection, which sends what has queued up together: one `cache_put.lua` call
+//! per entry (the entry, its partition's bound and the cache's), all in one pipeline. A busy
+//! gateway so stores N answers in one round trip instead of N, and Redis reads and answers
+//! them in one go. Each entry keeps its own result: one refused entry does not fail the others.
 
 use super::NewEntry;
 use super::redis::{Inner, RedisCache, entry_key, order_key, total_key};
@@ -83,61 +82,26 @@ async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<Job>) {
     }
 }
 
-/// Writes a batch: every entry into its partition, then every stored one into its cache's
-/// total, then the entries the totals evicted out of their partitions.
+/// Writes a batch: one script call per entry, in one pipeline.
 async fn write(cache: &RedisCache, jobs: &[Job]) -> Result<Vec<Result<()>>> {
-    let (put, total) = cache.scripts();
-    let invocations: Vec<ScriptInvocation> = jobs.iter().map(|j| partition_call(put, j)).collect();
-    let outs: Vec<RedisResult<Vec<String>>> = cache.pipeline(&invocations).await?;
-    let mut results: Vec<Result<()>> = Vec::with_capacity(jobs.len());
-    let mut totals = Vec::new();
-    let mut owners = Vec::new();
-    for (i, (j, out)) in jobs.iter().zip(outs).enumerate() {
-        match out {
-            Ok(out) => match out.split_first() {
-                Some((expiry, evicted)) => {
-                    totals.push(total_call(total, j, expiry, evicted));
-                    owners.push(i);
-                    results.push(Ok(()));
-                }
-                None => results.push(Err(Error::Protocol(
-                    "cache_put.lua answered nothing".into(),
-                ))),
-            },
-            Err(e) => results.push(Err(cache.error(e))),
-        }
-    }
-    if totals.is_empty() {
-        return Ok(results);
-    }
-    let overs: Vec<RedisResult<Vec<String>>> = cache.pipeline(&totals).await?;
-    let mut evict = redis::pipe();
-    let mut any = false;
-    for (i, over) in owners.into_iter().zip(overs) {
-        match over {
-            Ok(members) => {
-                for m in members {
-                    if let Some((part, key)) = m.split_once(':') {
-                        let c = &jobs[i].cache;
-                        evict.del(entry_key(c, part, key)).ignore();
-                        evict.zrem(order_key(c, part), key).ignore();
-                        any = true;
-                    }
-                }
-            }
-            Err(e) => results[i] = Err(cache.error(e)),
-        }
-    }
-    if any {
-        cache.run_pipe::<()>(&evict).await?;
-    }
-    Ok(results)
+    let put = cache.script();
+    let calls: Vec<ScriptInvocation> = jobs.iter().map(|j| call(put, j)).collect();
+    let outs: Vec<RedisResult<Vec<String>>> = cache.pipeline(&calls).await?;
+    Ok(outs
+        .into_iter()
+        .map(|out| match out {
+            Ok(v) if !v.is_empty() => Ok(()),
+            Ok(_) => Err(Error::Protocol("cache_put.lua answered nothing".into())),
+            Err(e) => Err(cache.error(e)),
+        })
+        .collect())
 }
 
-fn partition_call<'a>(put: &'a Script, j: &Job) -> ScriptInvocation<'a> {
+fn call<'a>(put: &'a Script, j: &Job) -> ScriptInvocation<'a> {
     let mut inv = put.prepare_invoke();
     inv.key(entry_key(&j.cache, &j.partition, &j.key))
         .key(order_key(&j.cache, &j.partition))
+        .key(total_key(&j.cache))
         .arg(j.ttl_ms)
         .arg(j.max_entries)
         .arg(&j.key)
@@ -145,24 +109,8 @@ fn partition_call<'a>(put: &'a Script, j: &Job) -> ScriptInvocation<'a> {
         .arg(&j.prompt)
         .arg(&j.partition)
         .arg(&j.vector)
-        .arg(entry_key(&j.cache, &j.partition, ""));
-    inv
-}
-
-fn total_call<'a>(
-    total: &'a Script,
-    j: &Job,
-    expiry: &str,
-    evicted: &[String],
-) -> ScriptInvocation<'a> {
-    let mut inv = total.prepare_invoke();
-    inv.key(total_key(&j.cache))
-        .arg(format!("{}:{}", j.partition, j.key))
-        .arg(expiry)
+        .arg(&j.cache)
         .arg(j.max_total_entries);
-    for k in evicted {
-        inv.arg(format!("{}:{k}", j.partition));
-    }
     inv
 }
 
