@@ -5,7 +5,8 @@
 //! (tiktoken, off the runtime for long text), corrects the reservation by (actual − estimate),
 //! prices the usage, folds it into the daily totals in the same store write, and reports it
 //! ([`Telemetry::record`]: Prometheus, OTLP, one usage event). Store writes are batched: one
-//! pipeline for whatever arrived while the previous write was in flight. Writes that fail are
+//! pipeline for whatever arrived in the last [`FLUSH_GAP`] (a quiet replica's request is
+//! written at once). Writes that fail are
 //! kept ([`pending`], bounded) and retried with their batch id; what overflows is counted and
 //! logged, never dropped silently.
 //!
@@ -64,6 +65,11 @@ pub fn cost_pico(u: &TokenUsage, b: &Backend) -> u64 {
         .saturating_add(u.output.saturating_mul(b.price.output))
 }
 
+/// Shortest time between two settle writes while requests keep coming.
+const FLUSH_GAP: Duration = Duration::from_millis(10);
+/// Settlements that are written at once, whatever the gap.
+const FLUSH_AT: usize = 512;
+
 /// The worker's inputs and outputs.
 pub struct UsageWorker {
     pub limits: Arc<Limits>,
@@ -78,6 +84,13 @@ impl UsageWorker {
         let mut retry = tokio::time::interval(Duration::from_millis(500));
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch = Vec::with_capacity(256);
+        // Flushes are at least FLUSH_GAP apart unless FLUSH_AT settlements wait: a busy
+        // replica writes one batch (one settle marker per consumer) per gap, not one per few
+        // requests; a quiet one writes each request's at once.
+        let mut last_flush = tokio::time::Instant::now()
+            .checked_sub(FLUSH_GAP)
+            .unwrap_or_else(tokio::time::Instant::now);
+        let mut due: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 n = rx.recv_many(&mut batch, 1024) => {
@@ -87,7 +100,17 @@ impl UsageWorker {
                     for f in batch.drain(..) {
                         self.account(f, &mut pending).await;
                     }
+                    let now = tokio::time::Instant::now();
+                    if pending.len() >= FLUSH_AT || now >= last_flush + FLUSH_GAP {
+                        self.flush(&mut pending).await;
+                        (last_flush, due) = (now, None);
+                    } else {
+                        due.get_or_insert(last_flush + FLUSH_GAP);
+                    }
+                }
+                _ = async { tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)).await }, if due.is_some() => {
                     self.flush(&mut pending).await;
+                    (last_flush, due) = (tokio::time::Instant::now(), None);
                 }
                 _ = retry.tick() => self.flush(&mut pending).await,
             }
