@@ -32,14 +32,13 @@ const MAX_TEAMS: usize = 100_000;
 #[derive(Clone, Debug)]
 pub struct TeamReserved {
     pub team: String,
-    /// The team reservation's id (its record in the team's slot); 0 when `leased`.
-    pub id: u64,
+    /// The team reservation's id (its record in the team's slot); `None` when taken from this
+    /// replica's slice of the team's budget ([`super::team_lease`]): no record of its own, so
+    /// it settles as a correction of the team's spend.
+    pub id: Option<u64>,
     pub budget: BudgetUse,
     /// What the step debited: the request's estimated cost (nano-units).
     pub cost_nano: u64,
-    /// Taken from this replica's slice of the team's budget ([`super::team_lease`]): no record
-    /// of its own in the store; settled as a correction of the team's spend.
-    pub leased: bool,
 }
 
 /// What the team step did.
@@ -210,10 +209,9 @@ impl Limits {
                 self.saw_team_budget(team, &budget);
                 Ok(TeamStep::Reserved(TeamReserved {
                     team: team.to_string(),
-                    id: req.id,
+                    id: Some(req.id),
                     budget,
                     cost_nano,
-                    leased: false,
                 }))
             }
             Ok(TeamDecision::Exceeded(r)) => {
@@ -280,13 +278,10 @@ impl Limits {
 
     /// Undoes a team step whose request was not admitted.
     fn compensate_team(&self, consumer: &str, team: &str, step: &TeamReserved) {
-        if step.leased {
-            self.untake_team_lease(team, step.cost_nano);
-            return;
+        match step.id {
+            Some(id) => self.abandoned.lock().push(team_refund(consumer, team, id)),
+            None => self.untake_team_lease(team, step.cost_nano),
         }
-        self.abandoned
-            .lock()
-            .push(team_refund(consumer, team, step.id));
     }
 
     /// Undoes a consumer's reservation whose request was not admitted (its team refused).

@@ -134,11 +134,6 @@ impl TeamLeases {
     pub fn put_back(&mut self, slices: Vec<(String, TeamLease)>) {
         self.unreturned.extend(slices);
     }
-
-    /// The expiry of a slice granted at `now_ms`.
-    pub fn expiry(now_ms: u64) -> u64 {
-        now_ms + LEASE_MS
-    }
 }
 
 impl Limits {
@@ -151,10 +146,9 @@ impl Limits {
         match leases.lock().take(team, cost_nano, self.clock.now_ms()) {
             TeamTake::Admitted(budget) => Ok(TeamReserved {
                 team: team.to_string(),
-                id: 0,
+                id: None,
                 budget,
                 cost_nano,
-                leased: true,
             }),
             TeamTake::Miss { ask } => Err(ask),
         }
@@ -202,7 +196,7 @@ impl Limits {
                         granted = Some(TeamLease {
                             id,
                             left: size,
-                            expires_ms: TeamLeases::expiry(self.clock.now_ms()),
+                            expires_ms: self.clock.now_ms() + LEASE_MS,
                             budget,
                         });
                     }

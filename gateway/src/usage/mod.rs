@@ -6,9 +6,8 @@
 //! prices the usage, folds it into the daily totals in the same store write, and reports it
 //! ([`Telemetry::record`]: Prometheus, OTLP, one usage event). Store writes are batched: one
 //! pipeline for whatever arrived in the last [`FLUSH_GAP`] (a quiet replica's request is
-//! written at once). Writes that fail are
-//! kept ([`pending`], bounded) and retried with their batch id; what overflows is counted and
-//! logged, never dropped silently.
+//! written at once). Writes that fail are kept ([`pending`], bounded) and retried with their
+//! batch id; what overflows is counted and logged, never dropped silently.
 //!
 //! - [`meter`]: the meter that reports a request once.
 //! - [`pending`]: the settlements waiting for the store.
@@ -188,13 +187,9 @@ impl UsageWorker {
                             team: t.team.clone(),
                             // A slice's request has no record: its estimate was debited with
                             // the slice, and is corrected like this.
-                            end: if t.leased {
-                                ReservationEnd::None
-                            } else {
-                                ReservationEnd::Settled {
-                                    id: t.id,
-                                    retried: false,
-                                }
+                            end: match t.id {
+                                Some(id) => ReservationEnd::Settled { id, retried: false },
+                                None => ReservationEnd::None,
                             },
                             window: t.budget.window,
                             reserved: t.cost_nano,
