@@ -167,7 +167,7 @@ impl RedisCache {
     }
 
     /// Stores the entry and bounds its partition, then bounds the whole cache (through the
-    /// writer: with whatever other entries are waiting, in two round trips).
+    /// writer: with whatever other entries are waiting, in one round trip).
     pub async fn put(&self, e: &NewEntry<'_>) -> Result<()> {
         let vector = e.vector.map(vector_bytes).unwrap_or_default();
         if let Some(v) = e.vector {
@@ -180,8 +180,8 @@ impl RedisCache {
         super::writer::put(queue, e, vector).await
     }
 
-    /// Script calls in one pipeline, each with its own result. When the server lost the
-    /// scripts (a restart, `SCRIPT FLUSH`), they are loaded and the calls that were refused
+    /// `cache_put.lua` calls in one pipeline, each with its own result. When the server lost
+    /// the script (a restart, `SCRIPT FLUSH`), it is loaded and the calls that were refused
     /// sent again: a call refused with `NOSCRIPT` did not run.
     pub(super) async fn pipeline(
         &self,
