@@ -86,6 +86,8 @@ struct Seen {
     posts: BTreeMap<String, u64>,
     /// Bodies that did not decode.
     bad: u64,
+    /// The request headers of the last export (any signal).
+    headers: axum::http::HeaderMap,
 }
 
 /// The running fake collector; stops when dropped.
@@ -172,6 +174,15 @@ impl OtlpReceiver {
     }
 
     /// Bodies that were not valid OTLP protobuf.
+    /// A request header of the last export.
+    pub fn header(&self, name: &str) -> Option<String> {
+        let s = self.seen.lock();
+        s.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    }
+
     pub fn bad_bodies(&self) -> u64 {
         self.seen.lock().bad
     }
@@ -199,8 +210,16 @@ fn bad(seen: &Mutex<Seen>) -> axum::response::Response {
     StatusCode::BAD_REQUEST.into_response()
 }
 
-async fn traces(State(seen): State<Arc<Mutex<Seen>>>, body: Bytes) -> axum::response::Response {
-    *seen.lock().posts.entry("/v1/traces".into()).or_default() += 1;
+async fn traces(
+    State(seen): State<Arc<Mutex<Seen>>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> axum::response::Response {
+    {
+        let mut s = seen.lock();
+        *s.posts.entry("/v1/traces".into()).or_default() += 1;
+        s.headers = headers;
+    }
     let Ok(req) = ExportTraceServiceRequest::decode(body) else {
         return bad(&seen);
     };
@@ -231,8 +250,16 @@ async fn traces(State(seen): State<Arc<Mutex<Seen>>>, body: Bytes) -> axum::resp
     proto_response(ExportTraceServiceResponse::default().encode_to_vec())
 }
 
-async fn metrics(State(seen): State<Arc<Mutex<Seen>>>, body: Bytes) -> axum::response::Response {
-    *seen.lock().posts.entry("/v1/metrics".into()).or_default() += 1;
+async fn metrics(
+    State(seen): State<Arc<Mutex<Seen>>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> axum::response::Response {
+    {
+        let mut s = seen.lock();
+        *s.posts.entry("/v1/metrics".into()).or_default() += 1;
+        s.headers = headers;
+    }
     let Ok(req) = ExportMetricsServiceRequest::decode(body) else {
         return bad(&seen);
     };
@@ -279,8 +306,16 @@ async fn metrics(State(seen): State<Arc<Mutex<Seen>>>, body: Bytes) -> axum::res
     proto_response(ExportMetricsServiceResponse::default().encode_to_vec())
 }
 
-async fn logs(State(seen): State<Arc<Mutex<Seen>>>, body: Bytes) -> axum::response::Response {
-    *seen.lock().posts.entry("/v1/logs".into()).or_default() += 1;
+async fn logs(
+    State(seen): State<Arc<Mutex<Seen>>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> axum::response::Response {
+    {
+        let mut s = seen.lock();
+        *s.posts.entry("/v1/logs".into()).or_default() += 1;
+        s.headers = headers;
+    }
     let Ok(req) = ExportLogsServiceRequest::decode(body) else {
         return bad(&seen);
     };

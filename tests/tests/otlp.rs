@@ -339,3 +339,62 @@ async fn a_dead_collector_costs_only_a_log_line() {
     let warnings = log.matches("OTLP export failed").count();
     assert_eq!(warnings, 1, "exactly one warning line; the log:\n{log}");
 }
+
+/// Sampling and collector settings follow the standard variables: a client trace marked not
+/// sampled (`-00`) is continued (same trace, flag kept) but its span is not exported, while
+/// its usage log record still is; `OTEL_EXPORTER_OTLP_HEADERS` reaches the collector and
+/// `OTEL_RESOURCE_ATTRIBUTES` the resource.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsampled_traces_are_followed_not_exported() {
+    let rx = OtlpReceiver::start().await.unwrap();
+    let mut h = Harness::new()
+        .backend("ptu", MockOpts::default(), "api = \"azure\"")
+        .consumer("team-a", "")
+        .config(&format!("[telemetry]\notlp_endpoint = \"{}\"", rx.url()))
+        .env("OTEL_BSP_SCHEDULE_DELAY", "50")
+        .env("OTEL_BLRP_SCHEDULE_DELAY", "50")
+        .env("OTEL_EXPORTER_OTLP_HEADERS", "x-collector-token=s%20ecret")
+        .env("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
+        .start()
+        .await
+        .unwrap();
+    let c = client();
+    let url = format!("{}/v1/chat/completions", h.url(0));
+    for flags in ["00", "01"] {
+        let resp = c
+            .post(&url)
+            .bearer_auth(key_for("team-a"))
+            .header(
+                "traceparent",
+                format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-{flags}"),
+            )
+            .json(&chat("gpt-4o", false, 5))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let back = resp.headers()["traceparent"].to_str().unwrap().to_string();
+        assert!(
+            back.starts_with(&format!("00-{CLIENT_TRACE}-")) && back.ends_with(flags),
+            "{back}"
+        );
+        let _ = resp.text().await.unwrap();
+    }
+    assert!(eventually(Duration::from_secs(10), || !rx.spans().is_empty()).await);
+    h.gateways[0].terminate().await.unwrap();
+    let spans = rx.spans();
+    assert_eq!(
+        spans.len(),
+        1,
+        "only the sampled request's span: {spans:#?}"
+    );
+    assert_eq!(spans[0].resource["deployment.environment"], "test");
+    assert_eq!(spans[0].resource["service.name"], "tollgate");
+    let usage = rx
+        .logs()
+        .into_iter()
+        .filter(|l| l.event_name == "tollgate.usage")
+        .count();
+    assert_eq!(usage, 2, "every request's usage record is exported");
+    assert_eq!(rx.header("x-collector-token").as_deref(), Some("s ecret"));
+}

@@ -357,7 +357,7 @@ pub async fn call(
         s.gw.telemetry
             .otel
             .as_ref()
-            .map(|o| o.start_tool_span(headers, tool));
+            .map(|o| o.start_tool_span(headers));
     let mut carry = carry.clone();
     if let Some(tp) = span.as_ref().and_then(|sp| sp.traceparent()) {
         carry.traceparent = Some(tp);

@@ -234,9 +234,10 @@ pub async fn app(config: Config) -> anyhow::Result<(Router, Arc<Gateway>, Backgr
     } else {
         Duration::ZERO
     };
-    let otel = Otel::start(&config.telemetry).context("telemetry")?;
+    let metrics = Arc::new(Metrics::default().with_dimensions(&config.telemetry));
+    let otel = Otel::start(&config.telemetry, &metrics).context("telemetry")?;
     let telemetry = Telemetry {
-        metrics: Arc::new(Metrics::default().with_dimensions(&config.telemetry)),
+        metrics,
         otel: otel.clone(),
         dims: Arc::new(crate::dimensions::Dimensions::from_config(
             &config.telemetry,

@@ -16,7 +16,7 @@ use crate::record::RequestRecord;
 use http::HeaderMap;
 use std::sync::Arc;
 use tollgate_common::TokenUsage;
-use tollgate_quota::{BudgetScope, BudgetUse, units_from_nano};
+use tollgate_quota::{BudgetScope, BudgetUse};
 
 /// Every telemetry sink.
 #[derive(Clone)]
@@ -70,17 +70,8 @@ impl Telemetry {
 
     /// A budget after an admission: gauges in `/metrics` and OTLP.
     pub fn budget(&self, scope: BudgetScope, id: &str, b: &BudgetUse, currency: &str) {
+        // OTLP exports the same rows as gauges.
         self.metrics.budget(scope, id, b, currency);
-        if let Some(otel) = &self.otel {
-            otel.budget(
-                scope.as_str(),
-                id,
-                units_from_nano(b.limit_nano as i64),
-                units_from_nano(b.spent_nano),
-                b.period.as_str(),
-                currency,
-            );
-        }
     }
 
     /// Settlements dropped because the buffer was full.

@@ -19,15 +19,15 @@ use tollgate_quota::{BudgetScope, BudgetUse, OTHER_DIM_VALUE, units_from_nano};
 
 type Labels = Vec<(&'static str, String)>;
 
-/// A budget gauge row: (scope, id) → (limit, spent, period, currency).
-type BudgetRows = BTreeMap<(&'static str, String), (f64, f64, &'static str, String)>;
+/// Budget gauge rows: scope → id → (limit, spent, period, currency).
+type BudgetRows = BTreeMap<&'static str, BTreeMap<String, (f64, f64, &'static str, String)>>;
 
 pub struct Metrics {
     /// Requests, tokens, cost, backend responses and failovers ([`Series`]).
     series: Series,
     /// Every other counter (errors by code, allow-listed dimensions).
     counters: Mutex<BTreeMap<(&'static str, Labels), u64>>,
-    /// Budgets as this replica last saw them: (scope, id) → (limit, spent, period, currency).
+    /// Budgets as this replica last saw them: scope → id → (limit, spent, period, currency).
     budgets: Mutex<BudgetRows>,
     /// Request to end of response, by model and backend.
     duration: Histogram,
@@ -200,20 +200,45 @@ impl Metrics {
     }
 
     /// A budget after an admission (spend includes reservations in flight).
+    /// Called on every admission with a budget: allocates nothing once the row exists.
     pub fn budget(&self, scope: BudgetScope, id: &str, b: &BudgetUse, currency: &str) {
-        let v = (
+        let (limit, spent, period) = (
             units_from_nano(b.limit_nano as i64),
             units_from_nano(b.spent_nano),
             b.period.as_str(),
-            currency.to_string(),
         );
         let mut m = self.budgets.lock();
-        match m.get_mut(&(scope.as_str(), id.to_string())) {
-            Some(old) => *old = v,
+        let rows = m.entry(scope.as_str()).or_default();
+        match rows.get_mut(id) {
+            Some(row) => {
+                (row.0, row.1, row.2) = (limit, spent, period);
+                if row.3 != currency {
+                    row.3 = currency.to_string();
+                }
+            }
             None => {
-                m.insert((scope.as_str(), id.to_string()), v);
+                rows.insert(id.to_string(), (limit, spent, period, currency.to_string()));
             }
         }
+    }
+
+    /// Every budget row: scope, id, limit, spent, period, currency (OTLP's gauges).
+    pub fn budget_rows(&self) -> Vec<(&'static str, String, f64, f64, &'static str, String)> {
+        let m = self.budgets.lock();
+        m.iter()
+            .flat_map(|(scope, rows)| {
+                rows.iter().map(|(id, (limit, spent, period, currency))| {
+                    (
+                        *scope,
+                        id.clone(),
+                        *limit,
+                        *spent,
+                        *period,
+                        currency.clone(),
+                    )
+                })
+            })
+            .collect()
     }
 
     fn render_budgets(&self, out: &mut String) {
@@ -233,7 +258,10 @@ impl Metrics {
             ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-            for ((scope, id), (limit, spent, period, currency)) in &budgets {
+            let rows = budgets
+                .iter()
+                .flat_map(|(s, rows)| rows.iter().map(move |r| (s, r)));
+            for (scope, (id, (limit, spent, period, currency))) in rows {
                 let v = match name {
                     "tollgate_budget_limit" => *limit,
                     "tollgate_budget_spent" => *spent,
