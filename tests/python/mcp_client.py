@@ -162,12 +162,21 @@ async def main() -> None:
             got.set()
 
         async with client(a.url, a, logging_callback=on_log, mode="legacy") as c:
-            out = await call(c, a.tool, arguments)
-            try:
-                await asyncio.wait_for(got.wait(), 10)
-            except asyncio.TimeoutError:
-                pass
+            # The client opens its GET stream in the background after `initialize`: a
+            # notification the upstream sends before that stream is open is dropped (the spec
+            # keeps none without resumability). Call again until one arrives.
+            calls = 0
+            for _ in range(10):
+                out = await call(c, a.tool, arguments)
+                calls += 1
+                try:
+                    await asyncio.wait_for(got.wait(), 1)
+                    break
+                except asyncio.TimeoutError:
+                    pass
+            await asyncio.sleep(0.2)
         out["logs"] = logs
+        out["calls"] = calls
     elif a.cmd == "sample":
 
         async def sampling(context, params: types.CreateMessageRequestParams):

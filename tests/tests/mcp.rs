@@ -873,11 +873,17 @@ async fn server_stream_notifications_reach_the_client() {
         )
         .await;
         assert_eq!(r["result"]["text"], "announced", "{url}: {r}");
-        assert_eq!(
-            r["logs"],
-            json!([{"level": "warning", "data": "maintenance at noon", "logger": "t1"}]),
-            "{url}: {r}"
-        );
+        // Each call announces once; the first may go out before the client's stream is open.
+        let logs = r["logs"].as_array().expect("logs");
+        let calls = r["calls"].as_u64().expect("calls") as usize;
+        assert!(!logs.is_empty() && logs.len() <= calls, "{url}: {r}");
+        for l in logs {
+            assert_eq!(
+                l,
+                &json!({"level": "warning", "data": "maintenance at noon", "logger": "t1"}),
+                "{url}: {r}"
+            );
+        }
     }
 }
 
