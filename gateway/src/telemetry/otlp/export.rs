@@ -46,9 +46,11 @@ impl Limits {
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .unwrap_or(default)
         };
-        let max_queue = var("MAX_QUEUE_SIZE", 2048).max(1) as usize;
+        let max_queue = var("MAX_QUEUE_SIZE", 2048).clamp(1, 1 << 20) as usize;
         Limits {
-            delay: Duration::from_millis(var("SCHEDULE_DELAY", delay_ms).max(1)),
+            delay: Duration::from_millis(
+                var("SCHEDULE_DELAY", delay_ms).clamp(1, super::env::MAX_MS),
+            ),
             max_queue,
             max_batch: (var("MAX_EXPORT_BATCH_SIZE", 512).max(1) as usize).min(max_queue),
         }
@@ -95,7 +97,11 @@ impl Queue {
             }
             if p.chunks.back().is_none_or(|c| c.n >= self.limits.max_batch) {
                 // Sized for a batch of typical records: no regrowth (and copy) while it fills.
-                let cap = (self.limits.max_batch * RECORD_BYTES).min(1 << 20);
+                let cap = self
+                    .limits
+                    .max_batch
+                    .saturating_mul(RECORD_BYTES)
+                    .min(1 << 20);
                 p.chunks.push_back(Chunk {
                     buf: Vec::with_capacity(cap),
                     n: 0,
@@ -122,6 +128,11 @@ impl Queue {
         let c = ready.then(|| p.chunks.pop_front()).flatten()?;
         p.queued -= c.n;
         Some(c)
+    }
+
+    #[cfg(test)]
+    pub(super) fn queued(&self) -> usize {
+        self.pending.lock().queued
     }
 
     /// The schedule delay.

@@ -16,23 +16,29 @@
 //! variables): the SDK's per-request span, log record and eight attribute-set lookups cost
 //! about a fifth of the gateway's CPU per request (`docs/BENCHMARKS.md`).
 //!
-//! - [`span`]: the request span, W3C trace context, the sampler, GenAI names.
+//! - [`names`]: the client's trace id, GenAI names.
+//! - [`span`]: the request span, W3C trace context, the sampler.
+//! - [`env`]: the `OTEL_*` variables.
 //! - [`export`]: batching queues and the export client.
 //! - [`metrics`]: metric aggregates and their export request.
 //! - [`tools`]: MCP tool-call spans and metrics.
 //! - [`wire`]: the protobuf encoder.
 
+mod env;
 mod export;
 mod metrics;
+mod names;
 mod span;
 mod tools;
 mod wire;
 
-pub use span::{RequestSpan, incoming_trace_id, operation_name, provider_name};
+pub use names::{incoming_trace_id, operation_name, provider_name};
+pub use span::RequestSpan;
 
 use super::Metrics;
 use crate::record::RequestRecord;
 use anyhow::Context as _;
+use env::{env_ms, env_pairs};
 use export::{Limits, Pipeline, Queue, Sender};
 use http::HeaderMap;
 use metrics::{Aggregates, Finished};
@@ -71,51 +77,6 @@ pub struct Otel {
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
-/// `key=value` pairs separated by commas, values percent-decoded (`OTEL_RESOURCE_ATTRIBUTES`,
-/// `OTEL_EXPORTER_OTLP_HEADERS`).
-fn env_pairs(var: &str) -> Vec<(String, String)> {
-    let Ok(v) = std::env::var(var) else {
-        return Vec::new();
-    };
-    v.split(',')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.trim().to_string(), percent_decode(v.trim())))
-        .filter(|(k, _)| !k.is_empty())
-        .collect()
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = b
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok());
-        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
-            (b'%', Some(v)) => {
-                out.push(v);
-                i += 3;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn env_ms(var: &str, default: u64) -> Duration {
-    Duration::from_millis(
-        std::env::var(var)
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(default)
-            .max(1),
-    )
-}
-
 impl Otel {
     /// Starts the three pipelines when `telemetry.otlp_endpoint` is set; `None` otherwise.
     /// Must run inside the gateway's Tokio runtime: exports are sent from it. `prometheus`
@@ -141,7 +102,12 @@ impl Otel {
 
         // The resource: OTEL_RESOURCE_ATTRIBUTES, then what the gateway sets (service.name
         // from the config wins, as it did with the SDK).
-        let mut attrs: Vec<(String, String)> = env_pairs("OTEL_RESOURCE_ATTRIBUTES");
+        let mut attrs: Vec<(String, String)> = Vec::new();
+        for (k, v) in env_pairs("OTEL_RESOURCE_ATTRIBUTES") {
+            // A key given twice: the last value (OTLP forbids repeated keys).
+            attrs.retain(|(key, _)| *key != k);
+            attrs.push((k, v));
+        }
         for (k, v) in [
             ("service.name", config.service_name.as_str()),
             ("service.version", env!("CARGO_PKG_VERSION")),
@@ -166,45 +132,55 @@ impl Otel {
             scope.encode_to_vec().into(),
         );
         let warned_at = Arc::new(AtomicU64::new(0));
-        let sender = |signal: &str, upper: &str| -> anyhow::Result<Sender> {
-            let mut headers = HeaderMap::new();
-            for var in [
-                "OTEL_EXPORTER_OTLP_HEADERS".to_string(),
+        let sender = |signal: &str, upper: &str| -> Sender {
+            // The signal's own variable replaces the general one, as in the SDKs; an entry
+            // that is not a valid header is skipped with a warning.
+            let var = [
                 format!("OTEL_EXPORTER_OTLP_{upper}_HEADERS"),
-            ] {
-                for (k, v) in env_pairs(&var) {
-                    let name = http::HeaderName::try_from(k.as_str())
-                        .with_context(|| format!("{var}: header name {k:?}"))?;
-                    let value = http::HeaderValue::try_from(v)
-                        .with_context(|| format!("{var}: the value of {k}"))?;
-                    headers.insert(name, value);
+                "OTEL_EXPORTER_OTLP_HEADERS".to_string(),
+            ]
+            .into_iter()
+            .find(|v| std::env::var_os(v).is_some());
+            let mut headers = HeaderMap::new();
+            for (k, v) in var.as_deref().map(env_pairs).unwrap_or_default() {
+                let name = http::HeaderName::try_from(k.as_str());
+                match (name, http::HeaderValue::try_from(v.as_str())) {
+                    (_, _) if v.is_empty() => {}
+                    (Ok(name), Ok(value)) => {
+                        headers.insert(name, value);
+                    }
+                    _ => tracing::warn!(
+                        variable = var.as_deref().unwrap_or_default(),
+                        header = %k,
+                        "not a valid HTTP header: skipped"
+                    ),
                 }
             }
-            Ok(Sender {
+            Sender {
                 client: client.clone(),
                 url: format!("{base}/v1/{signal}"),
                 headers,
                 warned_at: warned_at.clone(),
-            })
+            }
         };
         let pipeline = |signal: &'static str, upper: &str, limits: Limits| {
-            anyhow::Ok(Arc::new(Pipeline {
+            Arc::new(Pipeline {
                 queue: Arc::new(Queue::new(limits)),
-                sender: sender(signal, upper)?,
+                sender: sender(signal, upper),
                 resource: resource_bytes.clone(),
                 scope: scope_bytes.clone(),
                 signal,
-            }))
+            })
         };
         // Batch intervals and queue sizes follow the standard OTEL_BSP_*, OTEL_BLRP_* and
         // OTEL_METRIC_EXPORT_INTERVAL variables, with the SDKs' defaults.
-        let spans = pipeline("traces", "TRACES", Limits::from_env("OTEL_BSP", 5000))?;
-        let logs = pipeline("logs", "LOGS", Limits::from_env("OTEL_BLRP", 1000))?;
+        let spans = pipeline("traces", "TRACES", Limits::from_env("OTEL_BSP", 5000));
+        let logs = pipeline("logs", "LOGS", Limits::from_env("OTEL_BLRP", 1000));
         let (stop, _) = watch::channel(false);
         let otel = Arc::new(Otel {
             sampler: Sampler::from_env(),
             aggregates: Aggregates::new(unix_nanos(SystemTime::now())),
-            metrics_sender: sender("metrics", "METRICS")?,
+            metrics_sender: sender("metrics", "METRICS"),
             metrics_interval: env_ms("OTEL_METRIC_EXPORT_INTERVAL", 60_000),
             resource,
             scope,
@@ -376,11 +352,15 @@ impl Otel {
     pub async fn shutdown(self: Arc<Self>, within: Duration) {
         let _ = self.stop.send(true);
         let tasks = std::mem::take(&mut *self.tasks.lock());
+        // The tasks finish the export they are in (a batch is taken under the queue's lock, so
+        // nothing is sent twice or lost) while the rest is flushed beside them.
         let work = async {
-            for t in tasks {
-                let _ = t.await;
-            }
             tokio::join!(
+                async {
+                    for t in tasks {
+                        let _ = t.await;
+                    }
+                },
                 self.spans.flush(true),
                 self.logs.flush(true),
                 self.export_metrics()
@@ -423,17 +403,5 @@ async fn run_metrics(otel: std::sync::Weak<Otel>, mut stop: watch::Receiver<bool
         }
         let Some(o) = otel.upgrade() else { return };
         o.export_metrics().await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn env_values_are_percent_decoded() {
-        assert_eq!(percent_decode("a%20b%2Cc"), "a b,c");
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(percent_decode("%zz"), "%zz");
     }
 }

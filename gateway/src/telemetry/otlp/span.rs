@@ -1,14 +1,11 @@
 //! The span of one request (continuing the client's `traceparent`, giving the backend and the
-//! client the gateway's), W3C trace context in and out, the sampler, and the GenAI names of
-//! operations and providers.
+//! client the gateway's), W3C trace context in and out, and the sampler.
 
 use super::export::Queue;
 use super::wire::{Pb, Value};
-use crate::request::Operation;
 use http::{HeaderMap, HeaderValue};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tollgate_common::config::BackendApi;
 
 /// `SpanKind::SPAN_KIND_SERVER`.
 const KIND_SERVER: u64 = 2;
@@ -60,12 +57,12 @@ impl Sampler {
     /// From `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG` (default: parent-based, always
     /// on, as the OpenTelemetry SDKs do).
     pub(super) fn from_env() -> Sampler {
+        // As the SDKs: unparsable means 1.0; below 0 (or NaN) samples nothing, above 1 all.
         let ratio = || {
             std::env::var("OTEL_TRACES_SAMPLER_ARG")
                 .ok()
                 .and_then(|v| v.trim().parse::<f64>().ok())
-                .filter(|r| (0.0..=1.0).contains(r))
-                .unwrap_or(1.0)
+                .map_or(1.0, |r| if r.is_nan() { 0.0 } else { r.clamp(0.0, 1.0) })
         };
         match std::env::var("OTEL_TRACES_SAMPLER")
             .as_deref()
@@ -100,17 +97,33 @@ impl Sampler {
 /// A parsed `traceparent`: trace id, parent span id, flags.
 type Parent = ([u8; 16], [u8; 8], u8);
 
+/// Lowercase hex (W3C trace context allows no other) into `out`, exactly filled.
 fn hex_into(s: &str, out: &mut [u8]) -> bool {
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
     if s.len() != out.len() * 2 {
         return false;
     }
-    for (i, o) in out.iter_mut().enumerate() {
-        match u8::from_str_radix(s.get(2 * i..2 * i + 2).unwrap_or("zz"), 16) {
-            Ok(b) => *o = b,
-            Err(_) => return false,
+    for (o, pair) in out.iter_mut().zip(s.as_bytes().chunks_exact(2)) {
+        match (nibble(pair[0]), nibble(pair[1])) {
+            (Some(h), Some(l)) => *o = h << 4 | l,
+            _ => return false,
         }
     }
     true
+}
+
+/// A `tracestate` kept on the span: at most 32 members and 512 bytes of printable ASCII (the
+/// W3C limits); anything else is dropped, as the OpenTelemetry SDKs do.
+fn trace_state(v: &str) -> Option<Box<str>> {
+    let ok = !v.is_empty()
+        && v.len() <= 512
+        && v.split(',').count() <= 32
+        && v.bytes().all(|b| (0x20..0x7f).contains(&b));
+    ok.then(|| Box::from(v))
 }
 
 /// The client's `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`; later versions may append
@@ -145,8 +158,7 @@ impl RequestSpan {
         let trace_state = parent
             .and_then(|_| headers.get("tracestate"))
             .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty())
-            .map(Box::from);
+            .and_then(trace_state);
         RequestSpan {
             trace_id,
             span_id: nonzero(rand::random()),
@@ -196,13 +208,13 @@ impl RequestSpan {
     /// Ends the span at `end`: named `name` (its parts joined), an error status with `error` when set, and the
     /// attributes `attrs` writes (field 9 of the span).
     pub(super) fn end(
-        self,
+        mut self,
         name: &[&str],
         end: SystemTime,
         error: Option<&str>,
         attrs: impl FnOnce(&mut Pb<'_>),
     ) {
-        let Some(queue) = &self.queue else {
+        let Some(queue) = self.queue.take() else {
             return;
         };
         queue.push(|buf| {
@@ -245,6 +257,29 @@ impl RequestSpan {
     }
 }
 
+/// A span dropped without being ended (its request was cancelled before it was metered, or its
+/// usage record was dropped) is still exported, as the SDK's spans were: named `gateway`, with
+/// `error.type = cancelled`.
+impl Drop for RequestSpan {
+    fn drop(&mut self) {
+        let Some(queue) = self.queue.take() else {
+            return;
+        };
+        let span = RequestSpan {
+            trace_id: self.trace_id,
+            span_id: self.span_id,
+            parent: self.parent,
+            flags: self.flags,
+            trace_state: self.trace_state.take(),
+            start: self.start,
+            queue: Some(queue),
+        };
+        span.end(&["gateway"], SystemTime::now(), None, |m| {
+            m.attr(9, "error.type", Value::Str("cancelled"));
+        });
+    }
+}
+
 /// Nanoseconds since the Unix epoch.
 pub(super) fn unix_nanos(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
@@ -267,42 +302,6 @@ fn push_hex(s: &mut String, bytes: &[u8]) {
     }
 }
 
-/// The trace id of a client's `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed.
-pub fn incoming_trace_id(headers: &HeaderMap) -> String {
-    let Some(v) = headers.get("traceparent").and_then(|v| v.to_str().ok()) else {
-        return String::new();
-    };
-    let mut parts = v.trim().split('-');
-    match (parts.next(), parts.next()) {
-        (Some(ver), Some(id))
-            if ver.len() == 2
-                && id.len() == 32
-                && id.bytes().all(|b| b.is_ascii_hexdigit())
-                && id.bytes().any(|b| b != b'0') =>
-        {
-            id.to_ascii_lowercase()
-        }
-        _ => String::new(),
-    }
-}
-
-/// `gen_ai.operation.name` of an operation.
-pub fn operation_name(op: Operation) -> &'static str {
-    match op {
-        Operation::Chat | Operation::Responses => "chat",
-        Operation::Completions => "text_completion",
-        Operation::Embeddings => "embeddings",
-    }
-}
-
-/// `gen_ai.provider.name` (and the older `gen_ai.system`) of a backend kind.
-pub fn provider_name(api: BackendApi) -> &'static str {
-    match api {
-        BackendApi::Azure => "azure.ai.openai",
-        BackendApi::Openai => "openai",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,25 +310,6 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("traceparent", HeaderValue::from_str(tp).unwrap());
         h
-    }
-
-    /// A well-formed traceparent yields its trace id; junk and the all-zero id yield none.
-    #[test]
-    fn incoming_trace_ids() {
-        let mut h = HeaderMap::new();
-        assert_eq!(incoming_trace_id(&h), "");
-        h.insert(
-            "traceparent",
-            HeaderValue::from_static("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"),
-        );
-        assert_eq!(incoming_trace_id(&h), "4bf92f3577b34da6a3ce929d0e0e4736");
-        h.insert(
-            "traceparent",
-            HeaderValue::from_static("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
-        );
-        assert_eq!(incoming_trace_id(&h), "");
-        h.insert("traceparent", HeaderValue::from_static("nonsense"));
-        assert_eq!(incoming_trace_id(&h), "");
     }
 
     /// W3C parsing: the ids and flags of a valid header; invalid versions, zero ids, bad hex
@@ -350,9 +330,32 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e47zz-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-+0f067aa0ba902b7-01",
         ] {
             assert!(parse_traceparent(&headers(bad)).is_none(), "{bad}");
         }
+    }
+
+    /// A `tracestate` within the W3C limits is kept; an oversized or odd one is dropped.
+    #[test]
+    fn trace_state_limits() {
+        assert_eq!(trace_state("a=1,b=2").as_deref(), Some("a=1,b=2"));
+        assert!(trace_state("").is_none());
+        assert!(trace_state(&"x".repeat(513)).is_none());
+        assert!(trace_state(&vec!["k=v"; 33].join(",")).is_none());
+        assert!(trace_state("a=\u{7f}").is_none());
+    }
+
+    /// A span dropped before it was ended is exported once, as cancelled; an ended one once.
+    #[test]
+    fn dropped_spans_are_exported_once() {
+        let q = Queue::for_tests();
+        let s = RequestSpan::start(&HeaderMap::new(), Sampler::Always(true), &q);
+        drop(s);
+        let s = RequestSpan::start(&HeaderMap::new(), Sampler::Always(true), &q);
+        s.fail(401, "invalid_api_key");
+        assert_eq!(q.queued(), 2);
     }
 
     /// Parent-based sampling follows the parent's flag; the ratio sampler keeps about its

@@ -46,6 +46,11 @@ fn int_kv(key: &str, v: i64) -> KeyValue {
     }
 }
 
+/// A counter's value (OTLP's integers are signed).
+fn count(v: u64) -> number_data_point::Value {
+    number_data_point::Value::AsInt(v.min(i64::MAX as u64) as i64)
+}
+
 fn with(mut base: Vec<KeyValue>, kv: KeyValue) -> Vec<KeyValue> {
     base.push(kv);
     base
@@ -86,7 +91,8 @@ impl Aggregates {
         now: u64,
     ) -> ExportMetricsServiceRequest {
         let start = self.start;
-        let st = self.state.lock();
+        // A copy: the usage worker and tool calls are not held up while the request is built.
+        let st = self.state.lock().clone();
         let number = |attributes: Vec<KeyValue>, v: number_data_point::Value| NumberDataPoint {
             attributes,
             start_time_unix_nano: start,
@@ -161,11 +167,11 @@ impl Aggregates {
             for (v, kind) in a.tokens.iter().zip(["input", "output", "cached_input"]) {
                 if *v > 0 {
                     let attrs = with(base.clone(), str_kv("gen_ai.token.type", kind));
-                    tokens.push(number(attrs, number_data_point::Value::AsInt(*v as i64)));
+                    tokens.push(number(attrs, count(*v)));
                 }
             }
             if a.cost_pico > 0 {
-                let v = number_data_point::Value::AsInt(a.cost_pico.min(i64::MAX as u64) as i64);
+                let v = count(a.cost_pico);
                 cost.push(number(base.clone(), v));
             }
             for (status, n) in &a.requests {
@@ -173,7 +179,7 @@ impl Aggregates {
                     base.clone(),
                     int_kv("http.response.status_code", i64::from(*status)),
                 );
-                requests.push(number(attrs, number_data_point::Value::AsInt(*n as i64)));
+                requests.push(number(attrs, count(*n)));
             }
         }
         for (name, unit, desc, points) in [
@@ -261,7 +267,7 @@ impl Aggregates {
                         str_kv("tollgate.team", &k.team),
                         str_kv("tollgate.outcome", &k.outcome),
                     ];
-                    number(attrs, number_data_point::Value::AsInt(*n as i64))
+                    number(attrs, count(*n))
                 })
                 .collect();
             metrics.push(metric(

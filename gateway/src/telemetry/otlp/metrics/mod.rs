@@ -87,6 +87,7 @@ series_key!(GenKey, GenRef { model, response_model; op: &'static str, provider: 
 series_key!(ShowKey, ShowRef { consumer, team, model, backend; });
 series_key!(ToolKey, ToolRef { server, consumer, team, outcome; });
 
+#[derive(Clone)]
 struct GenAgg {
     /// Tokens per request: input, output.
     usage: [Hist; 2],
@@ -95,7 +96,7 @@ struct GenAgg {
     ttft: Hist,
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct ShowAgg {
     /// input, output, cached input.
     tokens: [u64; 3],
@@ -103,7 +104,7 @@ struct ShowAgg {
     requests: Vec<(u16, u64)>,
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct State {
     gen_ai: IndexMap<GenKey, GenAgg>,
     showback: IndexMap<ShowKey, ShowAgg>,
