@@ -102,7 +102,7 @@ pub fn inspect(op: Operation, model: &str, body: &[u8], rule: &CacheConfig) -> R
             normalize_text(v);
         }
     }
-    let mut canon = String::with_capacity(body.len());
+    let mut canon = Vec::with_capacity(body.len());
     canonical(&Value::Object(doc), &mut canon);
     let mut h = Sha256::new();
     h.update(b"tollgate-cache-v1\0");
@@ -110,7 +110,7 @@ pub fn inspect(op: Operation, model: &str, body: &[u8], rule: &CacheConfig) -> R
     h.update([0]);
     h.update(model.as_bytes());
     h.update([0]);
-    h.update(canon.as_bytes());
+    h.update(&canon);
     Ok(Keyed {
         key: hex::encode(&h.finalize()[..16]),
         text,
@@ -146,11 +146,8 @@ fn uses_tools(doc: &Map<String, Value>) -> bool {
 /// "Hello world" are the same prompt.
 fn normalize_text(v: &mut Value) {
     match v {
-        Value::String(s) => {
-            let collapsed = s.split_whitespace().collect::<Vec<_>>().join(" ");
-            if collapsed != *s {
-                *s = collapsed;
-            }
+        Value::String(s) if !is_collapsed(s) => {
+            *s = s.split_whitespace().collect::<Vec<_>>().join(" ");
         }
         Value::Array(a) => a.iter_mut().for_each(normalize_text),
         Value::Object(o) => o.values_mut().for_each(normalize_text),
@@ -158,34 +155,54 @@ fn normalize_text(v: &mut Value) {
     }
 }
 
+/// Whether `s` is already what collapsing its whitespace gives (words separated by single
+/// spaces, none at either end): most prompts are, and then nothing is allocated.
+fn is_collapsed(s: &str) -> bool {
+    let mut after_space = true;
+    for c in s.chars() {
+        if c.is_whitespace() {
+            if c != ' ' || after_space {
+                return false;
+            }
+            after_space = true;
+        } else {
+            after_space = false;
+        }
+    }
+    !after_space || s.is_empty()
+}
+
 /// JSON with object keys sorted, so the key does not depend on the client's field order.
-fn canonical(v: &Value, out: &mut String) {
+/// Written straight into `out` (no string per key or value).
+fn canonical(v: &Value, out: &mut Vec<u8>) {
     match v {
         Value::Object(o) => {
             let mut keys: Vec<&String> = o.keys().collect();
             keys.sort();
-            out.push('{');
+            out.push(b'{');
             for (i, k) in keys.into_iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
-                out.push_str(&Value::String(k.clone()).to_string());
-                out.push(':');
+                let _ = serde_json::to_writer(&mut *out, k);
+                out.push(b':');
                 canonical(&o[k], out);
             }
-            out.push('}');
+            out.push(b'}');
         }
         Value::Array(a) => {
-            out.push('[');
+            out.push(b'[');
             for (i, x) in a.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 canonical(x, out);
             }
-            out.push(']');
+            out.push(b']');
         }
-        other => out.push_str(&other.to_string()),
+        other => {
+            let _ = serde_json::to_writer(&mut *out, other);
+        }
     }
 }
 
@@ -374,5 +391,47 @@ mod tests {
             semantic_text(Operation::Chat, doc, &last),
             "assistant: two user: three"
         );
+    }
+}
+
+#[cfg(test)]
+mod pinned {
+    use super::*;
+
+    /// The key of a fixed request does not change between releases (entries written by the
+    /// previous version keep hitting after an upgrade): pinned here.
+    #[test]
+    fn key_is_stable() {
+        let body = r#"{"model":"gpt-4o","temperature":0,"user":"u1","stream":true,
+            "messages":[{"role":"system","content":"  Be   brief.\n"},
+            {"role":"user","content":[{"type":"text","text":"Héllo\u00a0 wörld\t!"}]}],
+            "max_tokens":16,"n":1,"metadata":{"b":[1,2.5,null,true],"a":"x\"y"}}"#;
+        let rule = tollgate_common::Config::from_toml("[[cache]]\nname = \"c\"\n").unwrap();
+        let k = inspect(Operation::Chat, "gpt-4o", body.as_bytes(), &rule.cache[0]).unwrap();
+        assert_eq!(k.key, "6edfbda0add6db1a5d46a3ab3752bc8d");
+    }
+
+    /// The allocation-free check agrees with collapsing on every kind of whitespace.
+    #[test]
+    fn collapsed_check_agrees() {
+        for s in [
+            "",
+            " ",
+            "a",
+            "a b",
+            "a  b",
+            " a",
+            "a ",
+            "a\tb",
+            "a\u{a0}b",
+            "a\nb",
+            "héllo wörld",
+            "  ",
+            "x y z",
+            "x\u{2003}y",
+        ] {
+            let collapsed = s.split_whitespace().collect::<Vec<_>>().join(" ");
+            assert_eq!(is_collapsed(s), collapsed == s, "{s:?}");
+        }
     }
 }
