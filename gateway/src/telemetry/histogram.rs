@@ -1,7 +1,8 @@
 //! Prometheus histograms of request latency, with buckets suited to LLM traffic (a first token
-//! in tens of milliseconds, a whole answer in up to minutes), one series per model and
-//! backend. Recording is lock-free once a series exists: the label set is looked up under a
-//! read lock, then buckets, sum and count are atomics.
+//! in tens of milliseconds, a whole answer in up to minutes), one series per pair of label
+//! values (model and backend). Recording is lock-free once a series exists and allocates
+//! nothing: the borrowed values are looked up under a read lock, then buckets, sum and count
+//! are atomics.
 
 use parking_lot::RwLock;
 use std::collections::BTreeMap;
@@ -26,35 +27,46 @@ struct Series {
     count: AtomicU64,
 }
 
-/// A series' labels (model, backend).
-type Labels = Vec<(&'static str, String)>;
+/// Series by the first label's value, then the second's.
+type ByLabels = BTreeMap<Box<str>, BTreeMap<Box<str>, Arc<Series>>>;
 
-/// A histogram family: one name, fixed buckets, a series per label set.
+/// A histogram family: one name, two labels, fixed buckets, a series per pair of values.
 pub struct Histogram {
     name: &'static str,
     help: &'static str,
+    labels: [&'static str; 2],
     bounds: &'static [f64],
-    series: RwLock<BTreeMap<Labels, Arc<Series>>>,
+    series: RwLock<ByLabels>,
 }
 
 impl Histogram {
-    pub fn new(name: &'static str, help: &'static str, bounds: &'static [f64]) -> Histogram {
+    pub fn new(
+        name: &'static str,
+        help: &'static str,
+        labels: [&'static str; 2],
+        bounds: &'static [f64],
+    ) -> Histogram {
         Histogram {
             name,
             help,
+            labels,
             bounds,
             series: RwLock::default(),
         }
     }
 
-    pub fn observe(&self, labels: Labels, d: Duration) {
-        let existing = self.series.read().get(&labels).cloned();
+    /// One observation of the series labelled `values` (in the order of the labels).
+    pub fn observe(&self, values: [&str; 2], d: Duration) {
+        let [a, b] = values;
+        let existing = self.series.read().get(a).and_then(|m| m.get(b)).cloned();
         let s = match existing {
             Some(s) => s,
             None => self
                 .series
                 .write()
-                .entry(labels)
+                .entry(a.into())
+                .or_default()
+                .entry(b.into())
                 .or_insert_with(|| {
                     Arc::new(Series {
                         buckets: self.bounds.iter().map(|_| AtomicU64::new(0)).collect(),
@@ -79,11 +91,14 @@ impl Histogram {
     pub fn render(&self, out: &mut String) {
         let name = self.name;
         let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} histogram", self.help);
-        for (labels, s) in self.series.read().iter() {
-            let l: String = labels
-                .iter()
-                .map(|(k, v)| format!("{k}=\"{}\",", super::series::escape(v)))
-                .collect();
+        let [ka, kb] = self.labels;
+        let series = self.series.read();
+        let all = series
+            .iter()
+            .flat_map(|(a, m)| m.iter().map(move |(b, s)| (a, b, s)));
+        for (a, b, s) in all {
+            let (a, b) = (super::series::escape(a), super::series::escape(b));
+            let l = format!("{ka}=\"{a}\",{kb}=\"{b}\",");
             let mut acc = 0;
             for (b, n) in self.bounds.iter().zip(&s.buckets) {
                 acc += n.load(Ordering::Relaxed);
@@ -109,27 +124,36 @@ mod tests {
     /// only in +Inf; sum is in seconds.
     #[test]
     fn cumulative_buckets() {
-        let h = Histogram::new("x_seconds", "help", &[0.1, 1.0]);
-        let l = || vec![("model", "m".to_string())];
-        h.observe(l(), Duration::from_millis(50));
-        h.observe(l(), Duration::from_millis(500));
-        h.observe(l(), Duration::from_secs(5));
+        let h = Histogram::new("x_seconds", "help", ["model", "backend"], &[0.1, 1.0]);
+        h.observe(["m", "b"], Duration::from_millis(50));
+        h.observe(["m", "b"], Duration::from_millis(500));
+        h.observe(["m", "b"], Duration::from_secs(5));
+        h.observe(["a", "b\""], Duration::from_secs(5));
         let mut out = String::new();
         h.render(&mut out);
         assert!(out.contains("# TYPE x_seconds histogram"));
         assert!(
-            out.contains("x_seconds_bucket{model=\"m\",le=\"0.1\"} 1"),
+            out.contains("x_seconds_bucket{model=\"m\",backend=\"b\",le=\"0.1\"} 1"),
             "{out}"
         );
         assert!(
-            out.contains("x_seconds_bucket{model=\"m\",le=\"1\"} 2"),
+            out.contains("x_seconds_bucket{model=\"m\",backend=\"b\",le=\"1\"} 2"),
             "{out}"
         );
         assert!(
-            out.contains("x_seconds_bucket{model=\"m\",le=\"+Inf\"} 3"),
+            out.contains("x_seconds_bucket{model=\"m\",backend=\"b\",le=\"+Inf\"} 3"),
             "{out}"
         );
-        assert!(out.contains("x_seconds_sum{model=\"m\"} 5.55"), "{out}");
-        assert!(out.contains("x_seconds_count{model=\"m\"} 3"), "{out}");
+        assert!(
+            out.contains("x_seconds_sum{model=\"m\",backend=\"b\"} 5.55"),
+            "{out}"
+        );
+        assert!(
+            out.contains("x_seconds_count{model=\"m\",backend=\"b\"} 3"),
+            "{out}"
+        );
+        // Series sorted by model then backend; values escaped.
+        let first = out.find("model=\"a\",backend=\"b\\\"\"").expect(&out);
+        assert!(first < out.find("model=\"m\"").unwrap(), "{out}");
     }
 }

@@ -74,11 +74,13 @@ impl Default for Metrics {
             duration: Histogram::new(
                 "tollgate_request_duration_seconds",
                 "Time from request to end of response, by model and backend",
+                ["model", "backend"],
                 &DURATION_BUCKETS,
             ),
             ttft: Histogram::new(
                 "tollgate_time_to_first_token_seconds",
                 "Time from request to the backend's first response byte, by model and backend",
+                ["model", "backend"],
                 &TTFT_BUCKETS,
             ),
             usage_dropped: AtomicU64::default(),
@@ -192,10 +194,9 @@ impl Metrics {
                 self.add("tollgate_dimension_tokens_total", l, v);
             }
         }
-        let series = || vec![("model", a.model.clone()), ("backend", backend.to_string())];
-        self.duration.observe(series(), r.duration);
+        self.duration.observe([&a.model, backend], r.duration);
         if let Some(t) = o.first_byte {
-            self.ttft.observe(series(), t);
+            self.ttft.observe([&a.model, backend], t);
         }
     }
 
