@@ -27,6 +27,8 @@ pub struct RequestSpan {
     /// The client's `tracestate`, kept on the exported span.
     pub(super) trace_state: Option<Box<str>>,
     pub(super) start: SystemTime,
+    /// This span's `traceparent`, built once (the backend and the client both get it).
+    header: HeaderValue,
     /// Where the span goes when it ends (`None`: not sampled, nothing is exported).
     pub(super) queue: Option<Arc<Queue>>,
 }
@@ -159,30 +161,30 @@ impl RequestSpan {
             .and_then(|_| headers.get("tracestate"))
             .and_then(|v| v.to_str().ok())
             .and_then(trace_state);
+        let span_id = nonzero(rand::random());
+        let mut tp = String::with_capacity(55);
+        tp.push_str("00-");
+        push_hex(&mut tp, &trace_id);
+        tp.push('-');
+        push_hex(&mut tp, &span_id);
+        tp.push_str(if sampled { "-01" } else { "-00" });
         RequestSpan {
             trace_id,
-            span_id: nonzero(rand::random()),
+            span_id,
             parent: parent.map(|p| p.1),
             flags: if sampled { SAMPLED } else { 0 },
             trace_state,
             start: SystemTime::now(),
+            // Hex and dashes only: always a valid header value.
+            header: HeaderValue::from_maybe_shared(bytes::Bytes::from(tp))
+                .unwrap_or_else(|_| HeaderValue::from_static("")),
             queue: sampled.then(|| queue.clone()),
         }
     }
 
     /// The W3C `traceparent` naming this span: sent to the backend and back to the client.
     pub fn traceparent(&self) -> Option<HeaderValue> {
-        let mut s = String::with_capacity(55);
-        s.push_str("00-");
-        push_hex(&mut s, &self.trace_id);
-        s.push('-');
-        push_hex(&mut s, &self.span_id);
-        s.push_str(if self.flags & SAMPLED != 0 {
-            "-01"
-        } else {
-            "-00"
-        });
-        HeaderValue::from_str(&s).ok()
+        Some(self.header.clone())
     }
 
     /// The trace id in hex, for the usage record.
@@ -272,6 +274,7 @@ impl Drop for RequestSpan {
             flags: self.flags,
             trace_state: self.trace_state.take(),
             start: self.start,
+            header: self.header.clone(),
             queue: Some(queue),
         };
         span.end(&["gateway"], SystemTime::now(), None, |m| {
