@@ -205,6 +205,13 @@ fn proto_response(body: Vec<u8>) -> axum::response::Response {
         .into_response()
 }
 
+/// Counts one export to `path` and keeps its headers.
+fn arrived(seen: &Mutex<Seen>, path: &str, headers: axum::http::HeaderMap) {
+    let mut s = seen.lock();
+    *s.posts.entry(path.into()).or_default() += 1;
+    s.headers = headers;
+}
+
 fn bad(seen: &Mutex<Seen>) -> axum::response::Response {
     seen.lock().bad += 1;
     StatusCode::BAD_REQUEST.into_response()
@@ -215,11 +222,7 @@ async fn traces(
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> axum::response::Response {
-    {
-        let mut s = seen.lock();
-        *s.posts.entry("/v1/traces".into()).or_default() += 1;
-        s.headers = headers;
-    }
+    arrived(&seen, "/v1/traces", headers);
     let Ok(req) = ExportTraceServiceRequest::decode(body) else {
         return bad(&seen);
     };
@@ -255,11 +258,7 @@ async fn metrics(
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> axum::response::Response {
-    {
-        let mut s = seen.lock();
-        *s.posts.entry("/v1/metrics".into()).or_default() += 1;
-        s.headers = headers;
-    }
+    arrived(&seen, "/v1/metrics", headers);
     let Ok(req) = ExportMetricsServiceRequest::decode(body) else {
         return bad(&seen);
     };
@@ -311,11 +310,7 @@ async fn logs(
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> axum::response::Response {
-    {
-        let mut s = seen.lock();
-        *s.posts.entry("/v1/logs".into()).or_default() += 1;
-        s.headers = headers;
-    }
+    arrived(&seen, "/v1/logs", headers);
     let Ok(req) = ExportLogsServiceRequest::decode(body) else {
         return bad(&seen);
     };
