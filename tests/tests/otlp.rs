@@ -398,3 +398,73 @@ async fn unsampled_traces_are_followed_not_exported() {
     assert_eq!(usage, 2, "every request's usage record is exported");
     assert_eq!(rx.header("x-collector-token").as_deref(), Some("s ecret"));
 }
+
+/// A collector that accepts connections and never answers: requests stay fast, and what the
+/// bounded export queue cannot hold is dropped and counted in `/metrics`
+/// (`tollgate_otlp_dropped_total`), not kept in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_collector_drops_and_counts() {
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = hung.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = hung.accept().await {
+            conns.push(c);
+        }
+    });
+    let mut h = Harness::new()
+        .backend("ptu", MockOpts::default(), "api = \"azure\"")
+        .consumer("team-a", "")
+        .config(&format!("[telemetry]\notlp_endpoint = \"http://{addr}\""))
+        // One span per export, two waiting at most: the first export hangs, the rest queue
+        // or are dropped.
+        .env("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "1")
+        .env("OTEL_BSP_MAX_QUEUE_SIZE", "2")
+        .start()
+        .await
+        .unwrap();
+    let c = client();
+    let url = format!("{}/v1/chat/completions", h.url(0));
+    let mut slowest = Duration::ZERO;
+    for _ in 0..10 {
+        let t = Instant::now();
+        let resp = c
+            .post(&url)
+            .bearer_auth(key_for("team-a"))
+            .json(&chat("gpt-4o", false, 5))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let _ = resp.text().await.unwrap();
+        slowest = slowest.max(t.elapsed());
+    }
+    assert!(slowest < Duration::from_millis(500), "slowest {slowest:?}");
+    let dropped = |text: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("tollgate_otlp_dropped_total{signal=\"traces\"} "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("the dropped counter")
+    };
+    // The usage worker ends the spans just after the answers: wait for the last ones.
+    let mut n = 0;
+    for _ in 0..100 {
+        let text = c
+            .get(format!("{}/metrics", h.url(0)))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        n = dropped(&text);
+        if n >= 7 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Ten spans: one in the hung export, two waiting, the rest dropped.
+    assert!((7..=10).contains(&n), "dropped {n}");
+    h.gateways[0].terminate().await.unwrap();
+    held.abort();
+}

@@ -173,6 +173,9 @@ async fn metrics(
         }
     }
     extra.push_str(&gw.caches.metrics().render());
+    if let Some(otel) = &gw.telemetry.otel {
+        otel.render_prometheus(&mut extra);
+    }
     if let Some(m) = mcp {
         extra.push_str(&m.render());
     }

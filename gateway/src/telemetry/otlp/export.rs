@@ -64,7 +64,9 @@ pub(super) struct Queue {
     pending: Mutex<Pending>,
     /// A batch is full.
     full: Notify,
+    /// Dropped since the last flush's report, and since the start.
     dropped: AtomicU64,
+    dropped_total: AtomicU64,
 }
 
 impl Queue {
@@ -74,6 +76,7 @@ impl Queue {
             pending: Mutex::default(),
             full: Notify::new(),
             dropped: AtomicU64::new(0),
+            dropped_total: AtomicU64::new(0),
         }
     }
 
@@ -93,6 +96,7 @@ impl Queue {
             if p.queued >= self.limits.max_queue {
                 drop(p);
                 self.dropped.fetch_add(1, Ordering::Relaxed);
+                self.dropped_total.fetch_add(1, Ordering::Relaxed);
                 return;
             }
             if p.chunks.back().is_none_or(|c| c.n >= self.limits.max_batch) {
@@ -143,6 +147,11 @@ impl Queue {
     /// Resolves when a batch is full.
     pub(super) fn full(&self) -> tokio::sync::futures::Notified<'_> {
         self.full.notified()
+    }
+
+    /// Records dropped since the start (queue full).
+    pub(super) fn dropped_total(&self) -> u64 {
+        self.dropped_total.load(Ordering::Relaxed)
     }
 
     /// Records dropped since the last call (queue full).
@@ -263,6 +272,7 @@ mod tests {
             q.push(|b| b.push(i));
         }
         assert_eq!(q.take_dropped(), 5);
+        assert_eq!(q.dropped_total(), 5);
         let first = q.take(false).unwrap();
         assert_eq!((first.n, first.buf.len()), (10, 10));
         assert_eq!(first.buf[0], 0);

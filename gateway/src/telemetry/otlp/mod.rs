@@ -334,6 +334,21 @@ impl Otel {
         });
     }
 
+    /// `/metrics` lines: spans and usage log records dropped because the export queue was full
+    /// (a collector too slow for the traffic).
+    pub fn render_prometheus(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_otlp_dropped_total OTLP records dropped because the export queue was full\n\
+             # TYPE tollgate_otlp_dropped_total counter\n\
+             tollgate_otlp_dropped_total{{signal=\"traces\"}} {}\n\
+             tollgate_otlp_dropped_total{{signal=\"logs\"}} {}",
+            self.spans.queue.dropped_total(),
+            self.logs.queue.dropped_total()
+        );
+    }
+
     /// Sends the metrics as of now.
     async fn export_metrics(&self) {
         let req = self.aggregates.export(
