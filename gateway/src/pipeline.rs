@@ -57,7 +57,7 @@ pub async fn handle(gw: Arc<Gateway>, incoming: Incoming) -> Response {
         request_id: request_id(&headers),
         span: gw.telemetry.start_span(&headers),
     };
-    let traceparent = cx.span.as_ref().and_then(|s| s.traceparent());
+    let traceparent = cx.span.as_ref().map(|s| s.traceparent());
     let mut resp = match serve(&gw, op, style, &headers, body, &mut cx).await {
         Ok(r) => r,
         Err(e) => {
@@ -222,7 +222,7 @@ async fn serve(
         None => incoming_trace_id(headers),
     };
     // The backend continues the gateway's span, not the client's.
-    let traceparent = cx.span.as_ref().and_then(|s| s.traceparent());
+    let traceparent = cx.span.as_ref().map(|s| s.traceparent());
     let admitted = Admitted {
         request_id: cx.request_id.clone(),
         consumer: caller.consumer.clone(),

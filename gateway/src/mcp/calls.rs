@@ -353,13 +353,9 @@ pub async fn call(
         s.mcp.metrics.record(&u.name, tool, Outcome::Refused, None);
         return json(refusal);
     }
-    let span =
-        s.gw.telemetry
-            .otel
-            .as_ref()
-            .map(|o| o.start_tool_span(headers));
+    let span = s.gw.telemetry.otel.as_ref().map(|o| o.start_span(headers));
     let mut carry = carry.clone();
-    if let Some(tp) = span.as_ref().and_then(|sp| sp.traceparent()) {
+    if let Some(tp) = span.as_ref().map(|sp| sp.traceparent()) {
         carry.traceparent = Some(tp);
     }
     let mut record = Record {

@@ -17,7 +17,6 @@ const WARN_EVERY_S: u64 = 60;
 const RECORD_BYTES: usize = 768;
 
 /// A batch: encoded records (each a repeated field of the scope message) and their count.
-#[derive(Default)]
 struct Chunk {
     buf: Vec<u8>,
     n: usize,
@@ -230,9 +229,9 @@ impl Pipeline {
     fn envelope(&self, records: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(records.len() + self.resource.len() + 64);
         Pb(&mut out).message(1, |rs| {
-            rs.embed(1, &self.resource);
+            rs.bytes(1, &self.resource);
             rs.message(2, |ss| {
-                ss.embed(1, &self.scope);
+                ss.bytes(1, &self.scope);
                 ss.0.extend_from_slice(records);
             });
         });

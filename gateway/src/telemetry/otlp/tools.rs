@@ -4,15 +4,9 @@
 
 use super::wire::Value;
 use super::{Otel, RequestSpan};
-use http::HeaderMap;
 use std::time::SystemTime;
 
 impl Otel {
-    /// The span of one tool call, a child of the client's `traceparent` when it sent one.
-    pub fn start_tool_span(&self, headers: &HeaderMap) -> RequestSpan {
-        self.start_span(headers)
-    }
-
     /// Counts one finished call and its duration (labels: server, consumer, team, outcome).
     pub fn tool_call(&self, server: &str, consumer: &str, team: &str, outcome: &str, secs: f64) {
         self.aggregates

@@ -114,11 +114,6 @@ impl Pb<'_> {
         self.0.splice(start..start, head[..=n].iter().copied());
     }
 
-    /// A nested message whose encoded bytes are at hand.
-    pub fn embed(&mut self, field: u32, encoded: &[u8]) {
-        self.bytes(field, encoded);
-    }
-
     /// An `AnyValue` in `field`.
     pub fn value(&mut self, field: u32, v: Value<'_>) {
         self.key(field, LEN);
