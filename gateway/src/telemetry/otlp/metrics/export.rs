@@ -66,6 +66,19 @@ fn metric(name: &str, unit: &str, description: &str, data: metric::Data) -> Metr
     }
 }
 
+/// Each group that has points, as one metric of the kind `data` makes.
+fn add<P>(
+    metrics: &mut Vec<Metric>,
+    groups: [(&str, &str, &str, Vec<P>); 3],
+    data: fn(Vec<P>) -> metric::Data,
+) {
+    for (name, unit, desc, points) in groups {
+        if !points.is_empty() {
+            metrics.push(metric(name, unit, desc, data(points)));
+        }
+    }
+}
+
 fn sum(points: Vec<NumberDataPoint>) -> metric::Data {
     metric::Data::Sum(Sum {
         data_points: points,
@@ -130,30 +143,30 @@ impl Aggregates {
                 ttft.push(a.ttft.point(base, start, now));
             }
         }
-        for (name, unit, desc, points) in [
-            (
-                "gen_ai.client.token.usage",
-                "{token}",
-                "Tokens used per request, by gen_ai.token.type",
-                usage,
-            ),
-            (
-                "gen_ai.client.operation.duration",
-                "s",
-                "Time from request to end of response",
-                duration,
-            ),
-            (
-                "gen_ai.server.time_to_first_token",
-                "s",
-                "Time from request to the backend's first response byte",
-                ttft,
-            ),
-        ] {
-            if !points.is_empty() {
-                metrics.push(metric(name, unit, desc, hist(points)));
-            }
-        }
+        add(
+            &mut metrics,
+            [
+                (
+                    "gen_ai.client.token.usage",
+                    "{token}",
+                    "Tokens used per request, by gen_ai.token.type",
+                    usage,
+                ),
+                (
+                    "gen_ai.client.operation.duration",
+                    "s",
+                    "Time from request to end of response",
+                    duration,
+                ),
+                (
+                    "gen_ai.server.time_to_first_token",
+                    "s",
+                    "Time from request to the backend's first response byte",
+                    ttft,
+                ),
+            ],
+            hist,
+        );
 
         // Showback counters.
         let (mut tokens, mut cost, mut requests) = (Vec::new(), Vec::new(), Vec::new());
@@ -182,30 +195,30 @@ impl Aggregates {
                 requests.push(number(attrs, count(*n)));
             }
         }
-        for (name, unit, desc, points) in [
-            (
-                "tollgate.tokens",
-                "{token}",
-                "Tokens used, by consumer, team, model, backend and type",
-                tokens,
-            ),
-            (
-                "tollgate.cost",
-                "pico",
-                "Cost in pico-units (1e-12 of the price currency)",
-                cost,
-            ),
-            (
-                "tollgate.requests",
-                "{request}",
-                "Metered requests, by consumer, team, model, backend, status",
-                requests,
-            ),
-        ] {
-            if !points.is_empty() {
-                metrics.push(metric(name, unit, desc, sum(points)));
-            }
-        }
+        add(
+            &mut metrics,
+            [
+                (
+                    "tollgate.tokens",
+                    "{token}",
+                    "Tokens used, by consumer, team, model, backend and type",
+                    tokens,
+                ),
+                (
+                    "tollgate.cost",
+                    "pico",
+                    "Cost in pico-units (1e-12 of the price currency)",
+                    cost,
+                ),
+                (
+                    "tollgate.requests",
+                    "{request}",
+                    "Metered requests, by consumer, team, model, backend, status",
+                    requests,
+                ),
+            ],
+            sum,
+        );
 
         // Budgets, as this replica last saw them.
         if !budgets.is_empty() {
