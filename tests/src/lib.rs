@@ -515,6 +515,29 @@ impl Running {
         self.gateways[gateway].url()
     }
 
+    /// The `/metrics` text of a gateway once `ready` says it shows what the test waits for
+    /// (the usage worker records a request just after it ends), or after 5 s, whatever it
+    /// shows then.
+    pub async fn metrics_when(&self, gateway: usize, ready: impl Fn(&str) -> bool) -> String {
+        let c = client();
+        let mut text = String::new();
+        for _ in 0..100 {
+            text = c
+                .get(format!("{}/metrics", self.url(gateway)))
+                .send()
+                .await
+                .expect("GET /metrics")
+                .text()
+                .await
+                .expect("the /metrics body");
+            if ready(&text) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        text
+    }
+
     /// `tollgate usage --config FILE --by BY --format json` over every day, parsed.
     pub fn usage(&self, by: &str) -> anyhow::Result<serde_json::Value> {
         let out = self.usage_every_day(by, &["--format", "json"])?;

@@ -58,23 +58,11 @@ async fn metrics_parse_as_prometheus_with_histograms() {
         let _ = r.bytes().await;
     }
     // The usage worker records the requests just after they end.
-    let mut text = String::new();
-    for _ in 0..100 {
-        text = c
-            .get(format!("{}/metrics", h.url(0)))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if text
-            .contains("tollgate_request_duration_seconds_count{model=\"gpt-4o\",backend=\"m\"} 2")
-        {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let text = h
+        .metrics_when(0, |t| {
+            t.contains("tollgate_request_duration_seconds_count{model=\"gpt-4o\",backend=\"m\"} 2")
+        })
+        .await;
     let families = parse(&text);
     for (name, labels) in [
         ("tollgate_request_duration_seconds", ["backend", "model"]),

@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::time::{Duration, Instant};
 use tollgate_loadtest::mock::MockOpts;
 use tollgate_tests::otlp::OtlpReceiver;
-use tollgate_tests::{Harness, client, key_for};
+use tollgate_tests::{Harness, Running, client, key_for};
 
 const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";
@@ -30,6 +30,29 @@ async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     f()
+}
+
+/// Sends `n` chat requests as team-a, `pause` apart (request `i` streamed when `stream(i)`),
+/// each answered 200; returns the slowest.
+async fn slowest_of(h: &Running, n: u32, stream: fn(u32) -> bool, pause: Duration) -> Duration {
+    let c = client();
+    let url = format!("{}/v1/chat/completions", h.url(0));
+    let mut slowest = Duration::ZERO;
+    for i in 0..n {
+        let t = Instant::now();
+        let resp = c
+            .post(&url)
+            .bearer_auth(key_for("team-a"))
+            .json(&chat("gpt-4o", stream(i), 5))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let _ = resp.text().await.unwrap();
+        slowest = slowest.max(t.elapsed());
+        tokio::time::sleep(pause).await;
+    }
+    slowest
 }
 
 /// Spans with GenAI attributes and the mock's exact token counts, the traceparent continued to
@@ -303,24 +326,8 @@ async fn a_dead_collector_costs_only_a_log_line() {
         .start()
         .await
         .unwrap();
-    let c = client();
-    let url = format!("{}/v1/chat/completions", h.url(0));
-    let mut slowest = Duration::ZERO;
-    for i in 0..40u32 {
-        let t = Instant::now();
-        let resp = c
-            .post(&url)
-            .bearer_auth(key_for("team-a"))
-            .json(&chat("gpt-4o", i.is_multiple_of(2), 5))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200);
-        let _ = resp.text().await.unwrap();
-        slowest = slowest.max(t.elapsed());
-        // Spread the requests over several export cycles.
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // Streamed and not, spread over several export cycles.
+    let slowest = slowest_of(&h, 40, |i| i.is_multiple_of(2), Duration::from_millis(10)).await;
     assert!(
         slowest < Duration::from_millis(500),
         "a dead collector must not slow requests: slowest {slowest:?}"
@@ -423,22 +430,7 @@ async fn a_hung_collector_drops_and_counts() {
         .start()
         .await
         .unwrap();
-    let c = client();
-    let url = format!("{}/v1/chat/completions", h.url(0));
-    let mut slowest = Duration::ZERO;
-    for _ in 0..10 {
-        let t = Instant::now();
-        let resp = c
-            .post(&url)
-            .bearer_auth(key_for("team-a"))
-            .json(&chat("gpt-4o", false, 5))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200);
-        let _ = resp.text().await.unwrap();
-        slowest = slowest.max(t.elapsed());
-    }
+    let slowest = slowest_of(&h, 10, |_| false, Duration::ZERO).await;
     assert!(slowest < Duration::from_millis(500), "slowest {slowest:?}");
     let dropped = |text: &str| -> u64 {
         text.lines()
@@ -447,22 +439,7 @@ async fn a_hung_collector_drops_and_counts() {
             .expect("the dropped counter")
     };
     // The usage worker ends the spans just after the answers: wait for the last ones.
-    let mut n = 0;
-    for _ in 0..100 {
-        let text = c
-            .get(format!("{}/metrics", h.url(0)))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        n = dropped(&text);
-        if n >= 7 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let n = dropped(&h.metrics_when(0, |t| dropped(t) >= 7).await);
     // Ten spans: one in the hung export, two waiting, the rest dropped.
     assert!((7..=10).contains(&n), "dropped {n}");
     h.gateways[0].terminate().await.unwrap();
