@@ -190,6 +190,31 @@ async fn check_concurrent(c: &AnyCache) {
     assert!(live[0] <= 50 && live[1] <= 50, "{live:?}");
     assert_eq!(live[0] + live[1], 80, "{live:?}");
     assert_eq!(c.stats("faq").await.unwrap().entries, 80);
+    // One key stored many times at once (in one batch, for Redis) is one entry: it takes one
+    // place, and only one older entry leaves for it.
+    let same = (0..20).map(|_| {
+        let c = c.clone();
+        async move {
+            let mut e = entry("other", "again", b"b", None);
+            e.max_entries = 50;
+            e.max_total_entries = 80;
+            c.put(&e).await
+        }
+    });
+    for r in futures::future::join_all(same).await {
+        r.unwrap();
+    }
+    assert_eq!(
+        c.get("faq", "other", "again").await.unwrap(),
+        Some(b"b".to_vec())
+    );
+    assert_eq!(c.stats("faq").await.unwrap().entries, 80);
+    let mut still = 0;
+    for i in 0..300 {
+        let p = if i % 3 == 0 { "other" } else { "busy" };
+        still += usize::from(c.get("faq", p, &format!("k{i}")).await.unwrap().is_some());
+    }
+    assert_eq!(still, 79);
 }
 
 async fn memory() -> (AnyCache, Arc<SystemClock>) {

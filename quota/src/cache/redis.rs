@@ -1,6 +1,6 @@
-//! The answer cache in Redis: one Lua script stores an entry and bounds its partition and the
-//! whole cache (`quota/lua/cache_put.lua`), off the request path and batched by the writer
-//! ([`super::writer`]). A lookup is one command: `HGET` of the exact entry, or
+//! The answer cache in Redis: one Lua script stores entries and bounds their partitions and
+//! the whole cache (`quota/lua/cache_put.lua`), off the request path, one call per batch of
+//! the writer ([`super::writer`]). A lookup is one command: `HGET` of the exact entry, or
 //! one `FT.SEARCH … KNN k` that returns the nearest entries' distances, prompts and answers.
 //!
 //! The vector index is created on first use, per vector size (`tg:cacheidx:CACHE:DIM`), over
@@ -13,7 +13,7 @@ use crate::redis::connection::{scrub, url_secrets};
 use crate::{Error, Result};
 use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, RedisError, RedisResult, Script, ScriptInvocation, Value};
+use redis::{Client, RedisError, Script, ScriptInvocation, Value};
 use std::collections::HashSet;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -180,48 +180,11 @@ impl RedisCache {
         super::writer::put(queue, e, vector).await
     }
 
-    /// `cache_put.lua` calls in one pipeline, each with its own result. When the server lost
-    /// the script (a restart, `SCRIPT FLUSH`), it is loaded and the calls that were refused
-    /// sent again: a call refused with `NOSCRIPT` did not run.
-    pub(super) async fn pipeline(
-        &self,
-        calls: &[ScriptInvocation<'_>],
-    ) -> Result<Vec<RedisResult<Vec<String>>>> {
-        let send = |calls: &[&ScriptInvocation<'_>]| {
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for c in calls {
-                pipe.invoke_script(c);
-            }
-            pipe
-        };
-        let all: Vec<&ScriptInvocation> = calls.iter().collect();
-        let mut outs: Vec<RedisResult<Vec<String>>> = self.run_pipe(&send(&all)).await?;
-        let refused: Vec<usize> = (0..outs.len())
-            .filter(|i| outs[*i].as_ref().is_err_and(is_noscript))
-            .collect();
-        if refused.is_empty() {
-            return Ok(outs);
-        }
+    /// One `cache_put.lua` call (loaded again first when the server lost it: a restart,
+    /// `SCRIPT FLUSH`).
+    pub(super) async fn invoke(&self, call: &ScriptInvocation<'_>) -> Result<Vec<String>> {
         let mut conn = self.inner.conn.clone();
-        match tokio::time::timeout(self.inner.timeout, self.inner.put.load_async(&mut conn)).await {
-            Ok(r) => r.map_err(|e| self.error(e))?,
-            Err(_) => return Err(Error::Timeout),
-        };
-        let again: Vec<&ScriptInvocation> = refused.iter().map(|i| &calls[*i]).collect();
-        let retried: Vec<RedisResult<Vec<String>>> = self.run_pipe(&send(&again)).await?;
-        for (i, r) in refused.into_iter().zip(retried) {
-            outs[i] = r;
-        }
-        Ok(outs)
-    }
-
-    pub(super) async fn run_pipe<T: redis::FromRedisValue>(
-        &self,
-        pipe: &redis::Pipeline,
-    ) -> Result<T> {
-        let mut conn = self.inner.conn.clone();
-        match tokio::time::timeout(self.inner.timeout, pipe.query_async(&mut conn)).await {
+        match tokio::time::timeout(self.inner.timeout, call.invoke_async(&mut conn)).await {
             Ok(r) => r.map_err(|e| self.error(e)),
             Err(_) => Err(Error::Timeout),
         }
@@ -361,10 +324,6 @@ impl RedisCache {
             Err(e) => Err(e),
         }
     }
-}
-
-fn is_noscript(e: &RedisError) -> bool {
-    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
 }
 
 fn is_missing_index(msg: &str) -> bool {

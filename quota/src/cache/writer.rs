@@ -1,13 +1,13 @@
 //! Storing answers in batches. Every [`RedisCache::put`] queues its entry for one writer task
 //! per cache connection, which sends what has queued up together: one `cache_put.lua` call
-//! per entry (the entry, its partition's bound and the cache's), all in one pipeline. A busy
-//! gateway so stores N answers in one round trip instead of N, and Redis reads and answers
-//! them in one go. Each entry keeps its own result: one refused entry does not fail the others.
+//! stores the whole batch, entry by entry (the entry, its partition's bound and the cache's).
+//! A busy gateway so stores N answers in one round trip and one script run instead of N: the
+//! script reads the clock, drops expired members and counts each order once per batch.
 
 use super::NewEntry;
 use super::redis::{Inner, RedisCache, entry_key, order_key, total_key};
 use crate::{Error, Result};
-use redis::{RedisResult, Script, ScriptInvocation};
+use redis::{Script, ScriptInvocation};
 use std::sync::{Arc, Weak};
 use tokio::sync::{mpsc, oneshot};
 
@@ -82,35 +82,37 @@ async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<Job>) {
     }
 }
 
-/// Writes a batch: one script call per entry, in one pipeline.
+/// Writes a batch: one script call for every entry. It answers two values per entry; the
+/// batch succeeds or fails as a whole (a script runs entirely or, refused, not at all).
 async fn write(cache: &RedisCache, jobs: &[Job]) -> Result<Vec<Result<()>>> {
-    let put = cache.script();
-    let calls: Vec<ScriptInvocation> = jobs.iter().map(|j| call(put, j)).collect();
-    let outs: Vec<RedisResult<Vec<String>>> = cache.pipeline(&calls).await?;
-    Ok(outs
-        .into_iter()
-        .map(|out| match out {
-            Ok(v) if !v.is_empty() => Ok(()),
-            Ok(_) => Err(Error::Protocol("cache_put.lua answered nothing".into())),
-            Err(e) => Err(cache.error(e)),
-        })
-        .collect())
+    let call = call(cache.script(), jobs);
+    let out = cache.invoke(&call).await?;
+    if out.len() != 2 * jobs.len() {
+        return Err(Error::Protocol(format!(
+            "cache_put.lua answered {} values for {} entries",
+            out.len(),
+            jobs.len()
+        )));
+    }
+    Ok(jobs.iter().map(|_| Ok(())).collect())
 }
 
-fn call<'a>(put: &'a Script, j: &Job) -> ScriptInvocation<'a> {
+fn call<'a>(put: &'a Script, jobs: &[Job]) -> ScriptInvocation<'a> {
     let mut inv = put.prepare_invoke();
-    inv.key(entry_key(&j.cache, &j.partition, &j.key))
-        .key(order_key(&j.cache, &j.partition))
-        .key(total_key(&j.cache))
-        .arg(j.ttl_ms)
-        .arg(j.max_entries)
-        .arg(&j.key)
-        .arg(&j.answer)
-        .arg(&j.prompt)
-        .arg(&j.partition)
-        .arg(&j.vector)
-        .arg(&j.cache)
-        .arg(j.max_total_entries);
+    for j in jobs {
+        inv.key(entry_key(&j.cache, &j.partition, &j.key))
+            .key(order_key(&j.cache, &j.partition))
+            .key(total_key(&j.cache))
+            .arg(j.ttl_ms)
+            .arg(j.max_entries)
+            .arg(&j.key)
+            .arg(&j.answer)
+            .arg(&j.prompt)
+            .arg(&j.partition)
+            .arg(&j.vector)
+            .arg(&j.cache)
+            .arg(j.max_total_entries);
+    }
     inv
 }
 
