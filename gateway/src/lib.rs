@@ -30,7 +30,8 @@
 //! - [`server`] — building the gateway, the HTTP routes, running and draining.
 //! - [`connections`] — accepting connections: timeouts, a connection cap.
 //! - [`cli`] — the `tollgate` commands.
-//! - [`clock`], [`error`], [`secrets`] — time, errors and secrets, used by every stage.
+//! - [`clock`], [`error`], [`secrets`], [`heavy`] — time, errors, secrets and CPU-heavy work
+//!   off the runtime, used by every stage.
 
 #![forbid(unsafe_code)]
 
@@ -46,6 +47,7 @@ pub mod dimensions;
 pub mod error;
 pub mod estimate;
 pub mod gateway;
+pub mod heavy;
 pub mod limits;
 pub mod mcp;
 pub mod pipeline;

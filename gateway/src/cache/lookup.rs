@@ -329,20 +329,18 @@ fn partition(
     partition_id(&values)
 }
 
-/// Bodies larger than this are keyed off the runtime (parsing them is CPU work).
-const INLINE_BYTES: usize = 64 * 1024;
-
-/// The request's key: parsed inline when small, on the blocking pool when large; bodies over
-/// the largest answer kept are not cached at all.
+/// The request's key: parsed inline when small, off the runtime when large
+/// ([`crate::heavy::offload`]); bodies over the largest answer kept are not cached at all.
 async fn inspect(rule: &Arc<Rule>, req: &ClientRequest) -> Result<Keyed, key::Skip> {
-    if req.body.len() <= INLINE_BYTES {
+    if req.body.len() <= crate::heavy::INLINE_BYTES {
         return key::inspect(req.op, &req.model, &req.body, &rule.config);
     }
     if req.body.len() > super::answer::MAX_ANSWER_BYTES {
         return Err(key::Skip::TooLarge);
     }
     let (rule, op, model, body) = (rule.clone(), req.op, req.model.clone(), req.body.clone());
-    tokio::task::spawn_blocking(move || key::inspect(op, &model, &body, &rule.config))
+    let size = body.len();
+    crate::heavy::offload(size, move || key::inspect(op, &model, &body, &rule.config))
         .await
         .unwrap_or(Err(key::Skip::Unreadable))
 }

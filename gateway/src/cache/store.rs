@@ -122,9 +122,9 @@ async fn store(pending: Pending, backend: Arc<str>, bytes: Vec<u8>, sse: bool) {
             Stored::from_json(op, &backend, &bytes)
         }
     };
-    // A large answer is parsed on the blocking pool, never on the async runtime.
-    let stored = if len > 64 * 1024 {
-        tokio::task::spawn_blocking(read).await.ok().flatten()
+    // A large answer is parsed off the async runtime.
+    let stored = if len > crate::heavy::INLINE_BYTES {
+        crate::heavy::offload(len, read).await.flatten()
     } else {
         read()
     };

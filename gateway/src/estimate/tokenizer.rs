@@ -5,16 +5,16 @@
 //! Counting is linear in the text whatever the client sends: the pre-tokenizer makes a
 //! run without whitespace one piece, and byte-pair merging is quadratic in a piece's length
 //! (3.2 MB of letters took 15 s), so runs longer than [`MAX_RUN`] bytes are cut and counted in
-//! parts (a cut can only add a token). A prompt above [`BLOCKING_THRESHOLD`] bytes is counted on
-//! the blocking pool, so it never stalls the runtime, and the work stops as soon as the request
-//! is dropped (the client left).
+//! parts (a cut can only add a token). A prompt above [`BLOCKING_THRESHOLD`] bytes is counted off
+//! the runtime ([`crate::heavy`]: a very large one at low priority), so it never stalls the
+//! runtime, and the work stops as soon as the request is dropped (the client left).
 
 use super::bpe::O200k;
 use super::{Piece, Prompt, file_tokens};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Above this many bytes of text, tokenizing moves to `spawn_blocking`.
+/// Above this many bytes of text, tokenizing moves off the runtime ([`crate::heavy::offload`]).
 pub const BLOCKING_THRESHOLD: usize = 8 * 1024;
 
 /// Longest run of whitespace or of non-whitespace counted as one piece.
@@ -114,7 +114,7 @@ impl Tokenizer {
             return work();
         }
         let _guard = CancelOnDrop(cancel);
-        tokio::task::spawn_blocking(work)
+        crate::heavy::offload(size, work)
             .await
             .unwrap_or(size as u64)
     }
