@@ -5,23 +5,15 @@ use crate::request::Operation;
 use http::HeaderMap;
 use tollgate_common::config::BackendApi;
 
-/// The trace id of a client's `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed.
+/// The trace id of a client's `traceparent`, if well formed by the same rules as the span's
+/// parent (lowercase hex, neither id all zeros): with OTLP on or off, a usage record names the
+/// same trace.
 pub fn incoming_trace_id(headers: &HeaderMap) -> String {
-    let Some(v) = headers.get("traceparent").and_then(|v| v.to_str().ok()) else {
-        return String::new();
-    };
-    let mut parts = v.trim().split('-');
-    match (parts.next(), parts.next()) {
-        (Some(ver), Some(id))
-            if ver.len() == 2
-                && id.len() == 32
-                && id.bytes().all(|b| b.is_ascii_hexdigit())
-                && id.bytes().any(|b| b != b'0') =>
-        {
-            id.to_ascii_lowercase()
-        }
-        _ => String::new(),
+    let mut id = String::new();
+    if let Some((trace, ..)) = super::span::parse_traceparent(headers) {
+        super::span::push_hex(&mut id, &trace);
     }
+    id
 }
 
 /// `gen_ai.operation.name` of an operation.
@@ -46,16 +38,23 @@ mod tests {
     use super::*;
     use http::HeaderValue;
 
-    /// A well-formed traceparent yields its trace id; junk and the all-zero id yield none.
+    /// A well-formed traceparent yields its trace id; junk, uppercase and the all-zero id yield
+    /// none.
     #[test]
     fn incoming_trace_ids() {
         let mut h = HeaderMap::new();
         assert_eq!(incoming_trace_id(&h), "");
         h.insert(
             "traceparent",
-            HeaderValue::from_static("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"),
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
         );
         assert_eq!(incoming_trace_id(&h), "4bf92f3577b34da6a3ce929d0e0e4736");
+        // W3C trace context allows lowercase hex only; the span ignores such a parent too.
+        h.insert(
+            "traceparent",
+            HeaderValue::from_static("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"),
+        );
+        assert_eq!(incoming_trace_id(&h), "");
         h.insert(
             "traceparent",
             HeaderValue::from_static("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),

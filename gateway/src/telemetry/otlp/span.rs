@@ -97,7 +97,7 @@ impl Sampler {
 }
 
 /// A parsed `traceparent`: trace id, parent span id, flags.
-type Parent = ([u8; 16], [u8; 8], u8);
+pub(super) type Parent = ([u8; 16], [u8; 8], u8);
 
 /// Lowercase hex (W3C trace context allows no other) into `out`, exactly filled.
 fn hex_into(s: &str, out: &mut [u8]) -> bool {
@@ -130,7 +130,7 @@ fn trace_state(v: &str) -> Option<Box<str>> {
 
 /// The client's `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`; later versions may append
 /// fields), if well formed and neither id all zeros.
-fn parse_traceparent(headers: &HeaderMap) -> Option<Parent> {
+pub(super) fn parse_traceparent(headers: &HeaderMap) -> Option<Parent> {
     let v = headers.get("traceparent")?.to_str().ok()?.trim();
     let mut parts = v.split('-');
     let (ver, id, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
@@ -297,7 +297,7 @@ fn nonzero<const N: usize>(mut id: [u8; N]) -> [u8; N] {
     id
 }
 
-fn push_hex(s: &mut String, bytes: &[u8]) {
+pub(super) fn push_hex(s: &mut String, bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     for b in bytes {
         s.push(HEX[usize::from(b >> 4)] as char);
