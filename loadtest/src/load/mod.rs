@@ -85,8 +85,9 @@ pub struct LoadOpts {
     /// Per-request timeout in seconds (a timeout counts as status "error").
     #[arg(long, default_value_t = 60.0)]
     pub timeout: f64,
-    /// Every request a different body (`"seed": N`, N the request's number): an answer cache
-    /// in front of the target misses every time, the prompt stays the same size.
+    /// Every request a different body (`"seed": N`, N the run's start in µs since the epoch
+    /// plus the request's number): an answer cache in front of the target misses every time,
+    /// also across runs, and the prompt stays the same size.
     #[arg(long)]
     pub unique: bool,
 }
@@ -125,7 +126,8 @@ struct Shared {
     url: String,
     targets: Vec<Target>,
     stream: bool,
-    unique: bool,
+    /// `--unique`: the first request's seed.
+    unique: Option<u64>,
     recorder: Mutex<Recorder>,
 }
 
@@ -151,7 +153,11 @@ pub async fn run(opts: LoadOpts) -> anyhow::Result<LoadReport> {
         url: format!("{}{}", opts.url.trim_end_matches('/'), opts.path),
         targets,
         stream: opts.stream,
-        unique: opts.unique,
+        unique: opts.unique.then(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64)
+        }),
         recorder: Mutex::new(Recorder::new()),
     });
     let duration = Duration::from_secs_f64(opts.duration);
@@ -287,10 +293,9 @@ async fn send(shared: &Shared, i: u64, intended: Instant) {
         .post(&shared.url)
         .header(target.auth.0.clone(), target.auth.1.clone())
         .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(if shared.unique {
-            seeded(&target.body, i)
-        } else {
-            target.body.clone()
+        .body(match shared.unique {
+            Some(first) => seeded(&target.body, first + i),
+            None => target.body.clone(),
         });
     let mut sample = Sample {
         status: None,
