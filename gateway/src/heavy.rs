@@ -1,9 +1,9 @@
-//! CPU-heavy work off the async runtime. Work on more than [`HEAVY_BYTES`] of input (parsing a
-//! very large request, counting its prompt, keying or storing a very large cache entry) runs on a few threads of its
-//! own at a low scheduling priority (nice [`NICE`], Linux): when they share a core with the
-//! runtime's workers, the kernel runs the workers first, so a 100k-token prompt does not hold
-//! up the small requests beside it; it takes the CPU they leave. Smaller work goes to Tokio's
-//! blocking pool at normal priority, as before.
+//! CPU-heavy work off the async runtime. Work on more than [`HEAVY_BYTES`] of input (parsing
+//! a very large request, counting its prompt, keying or storing a very large cache entry) runs
+//! on a few threads of its own at a low scheduling priority (nice [`NICE`], Linux): when they
+//! share a core with the runtime's workers, the kernel runs the workers first, so a 100k-token
+//! prompt does not hold up the small requests beside it; it takes the CPU they leave. Smaller
+//! work goes to Tokio's blocking pool at normal priority.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::mpsc;
@@ -28,7 +28,8 @@ where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
-    let Some(pool) = pool().filter(|_| size > HEAVY_BYTES) else {
+    let pool = if size > HEAVY_BYTES { pool() } else { None };
+    let Some(pool) = pool else {
         return tokio::task::spawn_blocking(work).await.ok();
     };
     let (tx, rx) = tokio::sync::oneshot::channel();

@@ -306,7 +306,6 @@ fn resp_backend(resp: &Response) -> Option<HeaderValue> {
         .and_then(|s| HeaderValue::from_str(&s.0).ok())
 }
 
-/// Reads the body up to `limit` bytes; larger is a 413 whatever the client declared.
 /// `request::parse`, off the runtime when the body is large: the JSON of a 100k-token prompt
 /// is about half a millisecond the other requests on this worker would wait for.
 async fn parse(
@@ -322,6 +321,7 @@ async fn parse(
         .unwrap_or_else(|| Err(Error::Internal("parsing the request body failed".into())))
 }
 
+/// Reads the body up to `limit` bytes; larger is a 413 whatever the client declared.
 async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<bytes::Bytes, Error> {
     let declared = headers
         .get(http::header::CONTENT_LENGTH)

@@ -5,9 +5,9 @@
 //! Counting is linear in the text whatever the client sends: the pre-tokenizer makes a
 //! run without whitespace one piece, and byte-pair merging is quadratic in a piece's length
 //! (3.2 MB of letters took 15 s), so runs longer than [`MAX_RUN`] bytes are cut and counted in
-//! parts (a cut can only add a token). A prompt above [`BLOCKING_THRESHOLD`] bytes is counted off
-//! the runtime ([`crate::heavy`]: a very large one at low priority), so it never stalls the
-//! runtime, and the work stops as soon as the request is dropped (the client left).
+//! parts (a cut can only add a token). A prompt above [`BLOCKING_THRESHOLD`] bytes is counted
+//! off the runtime ([`crate::heavy`]: a very large one at low priority), so it never stalls
+//! the runtime, and the work stops as soon as the request is dropped (the client left).
 
 use super::bpe::O200k;
 use super::{Piece, Prompt, file_tokens};
