@@ -33,6 +33,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -702,38 +703,56 @@ http {{
 
     def big_prompt(self):
         """p99 of a steady load with and without 100k-token prompts sent alongside, against the
-        mock directly (the control) and against tollgate with Redis. The big prompts go to model
-        "big", served by a second mock, so the steady load's mock never tokenizes them."""
+        mock directly (the control) and against tollgate with Redis, `--big-runs` pairs each,
+        the control and tollgate interleaved (a drift of the machine moves both). The big
+        prompts go to model "big", served by a second mock, so the steady load's mock never
+        tokenizes them. Each pair's rise is its with-minus-without p99; the report gives the
+        medians."""
         a = self.args
         self.fatal = True
         mock_p, mock_url = self.mock("mock-steady")
         big_p, big_url = self.mock("mock-big")
         rp, rurl = self.redis()
         p, url = self.tollgate("tg-big", self.tollgate_config("tg-big", mock_url, rurl, None, big_url))
-        out = {}
+        targets = [("direct", mock_url, big_url), ("tollgate", url, url)]
+        runs = {label: [] for label, _, _ in targets}
         try:
-            for label, steady_url, big in [("direct", mock_url, big_url), ("tollgate", url, url)]:
-                self.load(steady_url, concurrency=4, duration=a.warmup)
-                base = self.load(steady_url, rate=a.rate, duration=a.duration)
-                bp = self.load(big, rate=a.big_rate, duration=a.duration, prompt_tokens=a.big_tokens,
-                               max_tokens=1, model="big", background=True)
-                time.sleep(0.05)
-                withbig = self.load(steady_url, rate=a.rate, duration=a.duration)
-                bo, be = bp.communicate()
-                if bp.returncode != 0:
-                    raise RuntimeError(f"big-prompt load failed: {be.decode()[-300:]}")
-                b = self.parse(json.loads(bo))
-                out[label] = {"base": base, "with": withbig, "big": b}
-                log(f"big prompt, {label}: steady p99 {base.p99:.0f} -> {withbig.p99:.0f} us; "
-                    f"{b.requests} big prompts, p50 {b.p50 / 1000:.1f} ms, {b.status}")
-                for what, r in [("steady", base), ("steady+big", withbig), ("big", b)]:
-                    self.check(f"big-prompt {label}", what, r)
+            for _ in range(a.big_runs):
+                for label, steady_url, big in targets:
+                    self.load(steady_url, concurrency=4, duration=a.warmup)
+                    base = self.load(steady_url, rate=a.rate, duration=a.duration)
+                    bp = self.load(big, rate=a.big_rate, duration=a.duration, prompt_tokens=a.big_tokens,
+                                   max_tokens=1, model="big", background=True)
+                    time.sleep(0.05)
+                    withbig = self.load(steady_url, rate=a.rate, duration=a.duration)
+                    bo, be = bp.communicate()
+                    if bp.returncode != 0:
+                        raise RuntimeError(f"big-prompt load failed: {be.decode()[-300:]}")
+                    b = self.parse(json.loads(bo))
+                    runs[label].append({"base": base, "with": withbig, "big": b})
+                    log(f"big prompt, {label}: steady p99 {base.p99:.0f} -> {withbig.p99:.0f} us; "
+                        f"{b.requests} big prompts, p50 {b.p50 / 1000:.1f} ms, {b.status}")
+                    for what, r in [("steady", base), ("steady+big", withbig), ("big", b)]:
+                        self.check(f"big-prompt {label}", what, r)
         finally:
             self.procs.stop(p)
             self.procs.stop(rp)
             self.procs.stop(big_p)
             self.procs.stop(mock_p)
-        return out
+        return {label: big_summary(r) for label, r in runs.items()}
+
+
+def big_summary(runs):
+    """The medians of a target's big-prompt pairs, and each pair's figures."""
+    return {
+        "base_p99": statistics.median(r["base"].p99 for r in runs),
+        "with_p99": statistics.median(r["with"].p99 for r in runs),
+        "rise_p99": statistics.median(r["with"].p99 - r["base"].p99 for r in runs),
+        "big_p50": statistics.median(r["big"].p50 for r in runs),
+        "big_sent": sum(r["big"].requests for r in runs),
+        "status": [r["big"].status for r in runs],
+        "runs": runs,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -862,12 +881,15 @@ def render(rows, direct, extras, notes, args, machine) -> str:
                 f"statuses {s['status']}.", ""]
     if "big" in extras:
         out += [f"Steady load at {args.rate:g} rps, p99 without / with {args.big_tokens // 1000}k-token prompts "
-                f"at {args.big_rate:g}/s alongside (big prompts to a second mock):", "",
-                "| target | steady p99 µs | with big prompts p99 µs | big prompt p50 ms | big prompts sent |",
-                "|---|---|---|---|---|"]
+                f"at {args.big_rate:g}/s alongside (big prompts to a second mock); medians of "
+                f"{args.big_runs} pairs, the control and tollgate interleaved:", "",
+                "| target | steady p99 µs | with big prompts p99 µs | rise µs (median of pairs) | big prompt p50 ms "
+                "| big prompts sent | rises per pair µs |",
+                "|---|---|---|---|---|---|---|"]
         for label, v in extras["big"].items():
-            out.append(f"| {label} | {v['base'].p99:.0f} | {v['with'].p99:.0f} | {v['big'].p50 / 1000:.1f} | "
-                       f"{v['big'].requests} ({v['big'].status}) |")
+            pairs = " / ".join(f"{r['with'].p99 - r['base'].p99:+.0f}" for r in v["runs"])
+            out.append(f"| {label} | {v['base_p99']:.0f} | {v['with_p99']:.0f} | {v['rise_p99']:+.0f} | "
+                       f"{v['big_p50'] / 1000:.1f} | {v['big_sent']} | {pairs} |")
         out.append("")
     out += ["Workload: chat completions, 100 prompt tokens, max_tokens 16; latency and CPU from an open loop "
             f"at the `rate` column for {args.duration:g} s; throughput from a closed loop of {args.concurrency} "
@@ -910,6 +932,8 @@ def main():
     ap.add_argument("--streams", type=int, default=256)
     ap.add_argument("--big-tokens", type=int, default=100_000)
     ap.add_argument("--big-rate", type=float, default=1.0, help="100k-token prompts per second")
+    ap.add_argument("--big-runs", type=int, default=3,
+                    help="pairs (without / with big prompts) per target in the big-prompt scenario")
     ap.add_argument("--pin", choices=["split", "none"], default="split",
                     help="split: gateway tier on CPU 0, client + mock on the last CPU")
     ap.add_argument("--only", action="append", help="only targets whose label contains this (repeatable; "
