@@ -72,19 +72,16 @@ async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<Job>) {
             return;
         };
         let cache = RedisCache::from_inner(inner);
-        let results = match write(&cache, &jobs).await {
-            Ok(each) => each,
-            Err(e) => jobs.iter().map(|_| Err(same(&e))).collect(),
-        };
-        for (job, r) in jobs.drain(..).zip(results) {
-            let _ = job.done.send(r);
+        let result = write(&cache, &jobs).await;
+        for job in jobs.drain(..) {
+            let _ = job.done.send(result.as_ref().map_err(same).copied());
         }
     }
 }
 
-/// Writes a batch: one script call for every entry. It answers two values per entry; the
-/// batch succeeds or fails as a whole (a script runs entirely or, refused, not at all).
-async fn write(cache: &RedisCache, jobs: &[Job]) -> Result<Vec<Result<()>>> {
+/// Writes a batch: one script call for every entry, so one answer for all of them (the script
+/// answers two values per entry).
+async fn write(cache: &RedisCache, jobs: &[Job]) -> Result<()> {
     let call = call(cache.script(), jobs);
     let out = cache.invoke(&call).await?;
     if out.len() != 2 * jobs.len() {
@@ -94,7 +91,7 @@ async fn write(cache: &RedisCache, jobs: &[Job]) -> Result<Vec<Result<()>>> {
             jobs.len()
         )));
     }
-    Ok(jobs.iter().map(|_| Ok(())).collect())
+    Ok(())
 }
 
 fn call<'a>(put: &'a Script, jobs: &[Job]) -> ScriptInvocation<'a> {
@@ -116,7 +113,7 @@ fn call<'a>(put: &'a Script, jobs: &[Job]) -> ScriptInvocation<'a> {
     inv
 }
 
-/// The same error again, for every entry of a batch that failed as a whole.
+/// The same error again, for every entry of a batch that failed.
 fn same(e: &Error) -> Error {
     match e {
         Error::Unavailable(m) => Error::Unavailable(m.clone()),
