@@ -260,6 +260,10 @@ class Bench:
         self.client_cpus = str(ncpu - 1) if pin else None
         self.failures: list[str] = []
         self.otlp_hits = 0
+        # The reference the paired closed-loop runs go beside: the mock's URL and a second
+        # nginx (url, its process), started by `run` once there is a mock.
+        self.direct_url: str | None = None
+        self.ref: tuple[str, list] | None = None
 
     # -- pieces ---------------------------------------------------------------------------
 
@@ -446,12 +450,27 @@ http {{
             raise RuntimeError(f"wrk failed: {res.stderr.strip()[-300:]}")
         return parse_wrk(res.stdout, cpu1 - cpu0)
 
-    def wrk_rows(self, url, tier):
-        """c=1 (latency) and c=32 (throughput), each the median of 3 runs."""
+    def wrk_rows(self, url, tier, paired=False):
+        """c=1 (latency) and c=32 (throughput), each the median of 3 runs. `paired` (and a
+        reference nginx running): each run right after one against the reference nginx and, at
+        c=1, one against the mock directly, so that the added latency and the ratios to nginx
+        also come from runs seconds apart; kept per pair in `out["pairs"]`."""
         a = self.args
         out = {}
+        paired = paired and self.ref is not None and self.direct_url is not None
+        pairs = {}
         for c in (1, a.concurrency):
-            runs = [self.wrk(url, c, a.wrk_duration, tier) for _ in range(3)]
+            runs = []
+            for _ in range(3):
+                if paired:
+                    ref_url, ref_tier = self.ref
+                    pair = {"direct": self.wrk(self.direct_url, c, a.wrk_duration)} if c == 1 else {}
+                    pair["nginx"] = self.wrk(ref_url, c, a.wrk_duration, ref_tier)
+                    pair["target"] = self.wrk(url, c, a.wrk_duration, tier)
+                    pairs.setdefault(c, []).append(pair)
+                    runs.append(pair["target"])
+                else:
+                    runs.append(self.wrk(url, c, a.wrk_duration, tier))
             key = "p50" if c == 1 else "rps"
             runs.sort(key=lambda r: r[key])
             med = runs[1]
@@ -460,9 +479,11 @@ http {{
             if bad:
                 self.failures.append(f"wrk c={c} against {url}: {bad} failed requests")
             out[c] = med
+        if paired:
+            out["pairs"] = pairs
         return out
 
-    def measure(self, label, url, tier, note="", third_party=False):
+    def measure(self, label, url, tier, note="", third_party=False, paired=False):
         """The standard workload against one target; returns a row dict. Failed requests fail
         the run, except for third-party gateways, where they become a note in the table."""
         a = self.args
@@ -494,7 +515,7 @@ http {{
         row["stream"] = st
         self.check(label, "stream", st)
         if not a.smoke and not third_party and shutil.which("wrk"):
-            row["wrk"] = self.wrk_rows(url, tier)
+            row["wrk"] = self.wrk_rows(url, tier, paired)
         row["hwm_kb"] = status_kb([p.pid for p in tier], "VmHWM")
         if self.row_notes:
             row["note"] = "; ".join(([row["note"]] if row["note"] else []) + self.row_notes)
@@ -548,7 +569,7 @@ http {{
         def tg_memory(label):
             p, url = self.tollgate("tg-memory", self.tollgate_config("tg-memory", mock_url))
             try:
-                return self.measure(label, url, [p])
+                return self.measure(label, url, [p], paired=True)
             finally:
                 self.procs.stop(p)
 
@@ -558,7 +579,7 @@ http {{
             self.otlp_hits = 0
             p, url = self.tollgate("tg-redis", self.tollgate_config("tg-redis", mock_url, rurl, otlp))
             try:
-                row = self.measure(label, url, [p, rp])
+                row = self.measure(label, url, [p, rp], paired=True)
                 time.sleep(1.5)
                 row["note"] = (f"CPU/RSS incl. redis-server; OTLP sink got {self.otlp_hits} posts; "
                                f"cache {cache_results(url)}")
@@ -580,7 +601,7 @@ http {{
             lb, url = self.nginx("nginx-lb", [u for _, u in gws])
             try:
                 return self.measure(label, url, [p for p, _ in gws] + [rp, lb],
-                                    "3 replicas + redis + nginx LB, all on the gateway CPU")
+                                    "3 replicas + redis + nginx LB, all on the gateway CPU", paired=True)
             finally:
                 self.procs.stop(lb)
                 for p, _ in gws:
@@ -643,6 +664,10 @@ http {{
             else:
                 log("smoke: redis-server missing, tollgate redis skipped")
         else:
+            if have_nginx and shutil.which("wrk"):
+                # The reference of the paired closed-loop runs: idle except while a pair runs.
+                ref_p, ref_url = self.nginx("nginx-ref", [mock_url])
+                self.direct_url, self.ref = mock_url, (ref_url, [ref_p])
             if have_nginx:
                 target("nginx proxy_pass", nginx_row)
             else:
@@ -829,6 +854,36 @@ def render_wrk(rows, direct, args) -> list[str]:
                 + " / ".join(f"{x:,.0f}" for x in wc["runs"]))
         out.append(f"| {r['target']} | {w1['p50']:.0f} | {w1['p99']:.0f} | {added50} | {added99} | "
                    f"{wc['rps']:,.0f} | {ratio} | {cpu} | {by_cpu} | {runs} |")
+    return out + [""] + render_paired(rows, args)
+
+
+def render_paired(rows, args) -> list[str]:
+    """The paired closed-loop runs: each figure from a target's run and the reference runs taken
+    right before it, the median over the pairs (the machine's speed drifts between rows)."""
+    c = args.concurrency
+    paired = [r for r in rows if "pairs" in r.get("wrk", {})]
+    if not paired:
+        return []
+    out = [f"### Paired closed loop (each run right after one against nginx and, at c=1, one against "
+           f"the mock; medians of the {len(paired[0]['wrk']['pairs'][1])} pairs)", "",
+           f"| target | added p50 µs at c=1 | nginx's added p50 µs | added p99 µs at c=1 | "
+           f"× nginx rps at c={c} | × nginx CPU at c={c} | per pair (added p50 ; × nginx rps ; × nginx CPU) |",
+           "|---|---|---|---|---|---|---|"]
+    for r in paired:
+        p1, pc = r["wrk"]["pairs"][1], r["wrk"]["pairs"][c]
+        added50 = [p["target"]["p50"] - p["direct"]["p50"] for p in p1]
+        nginx50 = [p["nginx"]["p50"] - p["direct"]["p50"] for p in p1]
+        added99 = [p["target"]["p99"] - p["direct"]["p99"] for p in p1]
+        rps = [p["target"]["rps"] / p["nginx"]["rps"] for p in pc]
+        cpu = [p["target"]["cpu_us_per_req"] / p["nginx"]["cpu_us_per_req"]
+               for p in pc if p["nginx"]["cpu_us_per_req"] > 0]
+        med = statistics.median
+        each = (" / ".join(f"{x:+.0f}" for x in added50) + " ; " + " / ".join(f"{x:.2f}" for x in rps)
+                + " ; " + " / ".join(f"{x:.2f}" for x in cpu))
+        out.append(f"| {r['target']} | {med(added50):+.0f} | {med(nginx50):+.0f} | {med(added99):+.0f} | "
+                   f"{med(rps):.2f} | {med(cpu):.2f} | {each} |" if cpu else
+                   f"| {r['target']} | {med(added50):+.0f} | {med(nginx50):+.0f} | {med(added99):+.0f} | "
+                   f"{med(rps):.2f} | — | {each} |")
     return out + [""]
 
 
