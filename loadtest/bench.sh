@@ -3,7 +3,7 @@
 # (memory store; Redis limits + routing + telemetry; 3 replicas behind nginx), LiteLLM proxy and
 # Portkey gateway, on this machine, in one run; prints one markdown table. See docs/BENCHMARKS.md.
 #
-#   loadtest/bench.sh                 full run (~11 min): builds release binaries first
+#   loadtest/bench.sh                 full run (~13 min): builds release binaries first
 #   loadtest/bench.sh --smoke         ~10 s check for CI: mock + tollgate (memory, redis), no
 #                                     nginx/LiteLLM/Portkey, no timing assertions; exits non-zero
 #                                     only when requests fail

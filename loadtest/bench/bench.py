@@ -306,7 +306,7 @@ class Bench:
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         return srv, f"http://127.0.0.1:{srv.server_address[1]}"
 
-    def tollgate_config(self, name, mock_url, redis_url=None, otlp=None, big_mock_url=None):
+    def tollgate_config(self, name, mock_url, redis_url=None, otlp=None, big_mock_url=None, cache=True):
         key_hash = hashlib.sha256(KEY.encode()).hexdigest()
         t = [
             "[server]", 'listen = "127.0.0.1:0"', "shutdown_grace_ms = 1000",
@@ -329,8 +329,9 @@ class Bench:
                   # Every feature on the path: a team budget (reserved beside the consumer's
                   # TPM, in the team's own slot) and an exact answer cache that misses every
                   # time (each request carries its own seed: `--unique`, wrk_post.lua).
-                  "[[teams]]", 'id = "perf"', "budget = 1000000000.0", 'budget_period = "month"',
-                  "[[cache]]", 'name = "bench"', 'mode = "exact"', "ttl_s = 60", "max_entries = 10000"]
+                  "[[teams]]", 'id = "perf"', "budget = 1000000000.0", 'budget_period = "month"']
+            if cache:
+                t += ["[[cache]]", 'name = "bench"', 'mode = "exact"', "ttl_s = 60", "max_entries = 10000"]
         else:
             t += ["[[backends]]", 'name = "mock"', f'url = "{mock_url}"', 'api = "openai"',
                   'models = ["gpt-4o"]']
@@ -573,16 +574,16 @@ http {{
             finally:
                 self.procs.stop(p)
 
-        def tg_redis(label):
+        def tg_redis(label, cache=True):
             rp, rurl = self.redis()
             sink, otlp = self.otlp_sink()
             self.otlp_hits = 0
-            p, url = self.tollgate("tg-redis", self.tollgate_config("tg-redis", mock_url, rurl, otlp))
+            p, url = self.tollgate("tg-redis", self.tollgate_config("tg-redis", mock_url, rurl, otlp, cache=cache))
             try:
                 row = self.measure(label, url, [p, rp], paired=True)
                 time.sleep(1.5)
                 row["note"] = (f"CPU/RSS incl. redis-server; OTLP sink got {self.otlp_hits} posts; "
-                               f"cache {cache_results(url)}")
+                               + (f"cache {cache_results(url)}" if cache else "no cache"))
                 if self.otlp_hits == 0:
                     notes.append("telemetry: `[telemetry] otlp_endpoint` was set to a local sink, which "
                                  "received nothing: this build does not export OTLP yet, so the Redis row "
@@ -675,6 +676,8 @@ http {{
             target("tollgate memory", tg_memory)
             if have_redis:
                 target("tollgate redis, all on", tg_redis)
+                # The same without the cache: what the every-miss cache costs, in the same run.
+                target("tollgate redis, all but the cache", lambda label: tg_redis(label, cache=False))
                 if have_nginx:
                     target("tollgate x3 + nginx", cluster)
             else:
