@@ -29,6 +29,7 @@ mod callers;
 mod embed;
 mod key;
 mod lookup;
+mod plain;
 mod replay;
 mod safety;
 mod stats;

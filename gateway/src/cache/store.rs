@@ -115,20 +115,22 @@ async fn store(pending: Pending, backend: Arc<str>, bytes: Vec<u8>, sse: bool) {
     let p = &pending.inner;
     let (rule, metrics) = (&p.rule, &p.shared.metrics);
     let (op, len) = (p.op, bytes.len());
+    // The entry to keep: a plain JSON answer around its own bytes, anything else through its
+    // parsed tree.
     let read = move || {
         if sse {
-            Stored::from_sse(op, &backend, &bytes)
+            Stored::from_sse(op, &backend, &bytes).map(|s| s.to_bytes())
         } else {
-            Stored::from_json(op, &backend, &bytes)
+            super::plain::entry(op, &backend, &bytes)
         }
     };
     // A large answer is parsed off the async runtime.
-    let stored = if len > crate::heavy::INLINE_BYTES {
+    let answer = if len > crate::heavy::INLINE_BYTES {
         crate::heavy::offload(len, read).await.flatten()
     } else {
         read()
     };
-    let Some(stored) = stored else {
+    let Some(answer) = answer else {
         metrics.count("tollgate_cache_stores_total", &rule.name, "not_storable");
         return;
     };
@@ -145,7 +147,6 @@ async fn store(pending: Pending, backend: Arc<str>, bytes: Vec<u8>, sse: bool) {
         },
         (None, true, None) => None,
     };
-    let answer = stored.to_bytes();
     let c = &rule.config;
     let entry = NewEntry {
         cache: &rule.name,
