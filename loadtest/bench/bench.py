@@ -883,10 +883,9 @@ def render_paired(rows, args) -> list[str]:
         med = statistics.median
         each = (" / ".join(f"{x:+.0f}" for x in added50) + " ; " + " / ".join(f"{x:.2f}" for x in rps)
                 + " ; " + " / ".join(f"{x:.2f}" for x in cpu))
+        cpu_med = f"{med(cpu):.2f}" if cpu else "—"
         out.append(f"| {r['target']} | {med(added50):+.0f} | {med(nginx50):+.0f} | {med(added99):+.0f} | "
-                   f"{med(rps):.2f} | {med(cpu):.2f} | {each} |" if cpu else
-                   f"| {r['target']} | {med(added50):+.0f} | {med(nginx50):+.0f} | {med(added99):+.0f} | "
-                   f"{med(rps):.2f} | — | {each} |")
+                   f"{med(rps):.2f} | {cpu_med} | {each} |")
     return out + [""]
 
 
