@@ -37,6 +37,11 @@ struct Choice<'a> {
     finish_reason: Option<&'a str>,
 }
 
+/// The usage as `from_json` reads it. Not `proxy::scan::UsageFields`, which reads the same
+/// fields for billing with other rules: it falls back to `input_tokens_details` when
+/// `prompt_tokens_details` is `null`, derives the output from `total_tokens`, and takes a
+/// chat answer's input from `input_tokens`; the stored entry must keep exactly what
+/// `from_json` keeps.
 #[derive(Deserialize)]
 struct Usage {
     #[serde(default)]
