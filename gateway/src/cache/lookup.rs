@@ -304,7 +304,7 @@ impl Caches {
 }
 
 /// The partition: the operation (answers of different APIs never mix) and the `vary_by`
-/// values, hashed.
+/// values, hashed as they are (nothing copied per request).
 fn partition(
     rule: &Rule,
     req: &ClientRequest,
@@ -312,21 +312,19 @@ fn partition(
     team: &str,
     headers: &HeaderMap,
 ) -> String {
-    let mut values = vec![("op".to_string(), req.op.path().to_string())];
-    for v in &rule.vary {
+    let values = rule.vary.iter().map(|(v, label)| {
         let value = match v {
-            VaryBy::Consumer => caller.consumer.to_string(),
-            VaryBy::Team => team.to_string(),
-            VaryBy::Model => req.model.clone(),
+            VaryBy::Consumer => &*caller.consumer,
+            VaryBy::Team => team,
+            VaryBy::Model => req.model.as_str(),
             VaryBy::Header(h) => headers
                 .get(h.as_str())
                 .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_string(),
+                .unwrap_or_default(),
         };
-        values.push((v.label(), value));
-    }
-    partition_id(&values)
+        (label.as_str(), value)
+    });
+    partition_id(std::iter::once(("op", req.op.path())).chain(values))
 }
 
 /// The request's key: parsed inline when small, off the runtime when large

@@ -58,7 +58,8 @@ use tollgate_quota::{Admission, ReservationEnd};
 pub struct Rule {
     pub config: CacheConfig,
     pub name: Arc<str>,
-    vary: Vec<VaryBy>,
+    /// The `vary_by` values to read, each with its label in the partition id.
+    vary: Vec<(VaryBy, String)>,
     pub store: AnyCache,
     embedder: Option<Embedder>,
 }
@@ -162,7 +163,14 @@ impl Caches {
             };
             rules.push(Arc::new(Rule {
                 name: Arc::from(c.name.as_str()),
-                vary: c.vary(),
+                vary: c
+                    .vary()
+                    .into_iter()
+                    .map(|v| {
+                        let label = v.label();
+                        (v, label)
+                    })
+                    .collect(),
                 config: c.clone(),
                 store,
                 embedder,

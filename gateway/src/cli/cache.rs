@@ -79,9 +79,8 @@ pub fn partitions_of(c: &CacheConfig, spec: &str) -> anyhow::Result<Vec<String>>
     ]
     .into_iter()
     .map(|op| {
-        let mut all = vec![("op".to_string(), op.path().to_string())];
-        all.extend(values.iter().cloned());
-        partition_id(&all)
+        let all = values.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        partition_id(std::iter::once(("op", op.path())).chain(all))
     })
     .collect())
 }

@@ -62,7 +62,7 @@ pub struct CacheStats {
 
 /// The partition id of a request: a hash of its `vary_by` values (`label=value` pairs, in the
 /// configuration's order). The same function serves `tollgate cache purge --partition`.
-pub fn partition_id(values: &[(String, String)]) -> String {
+pub fn partition_id<'a>(values: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
     let mut h = Sha256::new();
     for (k, v) in values {
         h.update(k.as_bytes());
