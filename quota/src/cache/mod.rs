@@ -70,16 +70,7 @@ pub fn partition_id<'a>(values: impl IntoIterator<Item = (&'a str, &'a str)>) ->
         h.update(v.as_bytes());
         h.update([0]);
     }
-    hex(&h.finalize()[..12])
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
+    hex::encode(&h.finalize()[..12])
 }
 
 /// The cosine distance of two vectors (1 − cos); 1 when either is zero or their sizes differ.

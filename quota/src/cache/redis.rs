@@ -22,17 +22,17 @@ const PUT_LUA: &str = include_str!("../../lua/cache_put.lua");
 
 /// The hash of one entry.
 pub fn entry_key(cache: &str, partition: &str, key: &str) -> String {
-    format!("tg:cache:{{{cache}:{partition}}}:e:{key}")
+    ["tg:cache:{", cache, ":", partition, "}:e:", key].concat()
 }
 
 /// The partition's order of entries (by expiry).
 pub fn order_key(cache: &str, partition: &str) -> String {
-    format!("tg:cache:{{{cache}:{partition}}}:order")
+    ["tg:cache:{", cache, ":", partition, "}:order"].concat()
 }
 
 /// The cache's order of every entry (by expiry), members `PART:KEY`.
 pub fn total_key(cache: &str) -> String {
-    format!("tg:cache:{{{cache}}}:all")
+    ["tg:cache:{", cache, "}:all"].concat()
 }
 
 /// The vector index of a cache, per vector size.

@@ -15,40 +15,40 @@ pub(super) const SEEDED_KEY: &str = "tg:seeded";
 pub(super) const REPLICAS_KEY: &str = "tg:replicas";
 
 pub(super) fn consumer_key(id: &str) -> String {
-    format!("tg:consumer:{{{id}}}")
+    ["tg:consumer:{", id, "}"].concat()
 }
 
 pub(super) fn bucket_key(id: &str) -> String {
-    format!("tg:bucket:{{{id}}}")
+    ["tg:bucket:{", id, "}"].concat()
 }
 
 pub(super) fn quota_key(id: &str) -> String {
-    format!("tg:quota:{{{id}}}")
+    ["tg:quota:{", id, "}"].concat()
 }
 
 /// A consumer's MCP tool calls of the last minute (a sorted set scored by time).
 pub(super) fn tool_rate_key(id: &str) -> String {
-    format!("tg:toolrate:{{{id}}}")
+    ["tg:toolrate:{", id, "}"].concat()
 }
 
 /// A consumer's MCP tool calls in its quota window (`w`, `used`).
 pub(super) fn tool_quota_key(id: &str) -> String {
-    format!("tg:toolquota:{{{id}}}")
+    ["tg:toolquota:{", id, "}"].concat()
 }
 
 /// A consumer's budget spend (`w`, `spent` in nano-units).
 pub(super) fn spend_key(id: &str) -> String {
-    format!("tg:spend:{{{id}}}")
+    ["tg:spend:{", id, "}"].concat()
 }
 
 /// A team's record (its budget), the admin hash.
 pub(super) fn team_key(team: &str) -> String {
-    format!("tg:team:{{{team}}}")
+    ["tg:team:{", team, "}"].concat()
 }
 
 /// A team's budget spend (`w`, `spent` in nano-units).
 pub(super) fn team_spend_key(team: &str) -> String {
-    format!("tg:teamspend:{{{team}}}")
+    ["tg:teamspend:{", team, "}"].concat()
 }
 
 /// A team step's reservation record.
@@ -64,7 +64,7 @@ pub(super) fn team_settled_key(team: &str, batch_id: u64) -> String {
 
 /// An alert's once-per-window claim.
 pub(super) fn alert_key(name: &str) -> String {
-    format!("tg:alert:{name}")
+    ["tg:alert:", name].concat()
 }
 
 pub(super) fn reservation_key(id: &str, reservation: u64) -> String {
@@ -106,19 +106,19 @@ pub(super) fn parse_dims_field(field: &str) -> Option<(&str, &str, &str, usize)>
 }
 
 pub(super) fn breaker_key(backend: &str) -> String {
-    format!("tg:breaker:{{{backend}}}")
+    ["tg:breaker:{", backend, "}"].concat()
 }
 
 pub(super) fn bfail_key(backend: &str) -> String {
-    format!("tg:bfail:{{{backend}}}")
+    ["tg:bfail:{", backend, "}"].concat()
 }
 
 pub(super) fn seed_keys_key(id: &str) -> String {
-    format!("tg:seedkeys:{{{id}}}")
+    ["tg:seedkeys:{", id, "}"].concat()
 }
 
 pub(super) fn api_key(sha: &str) -> String {
-    format!("tg:key:{sha}")
+    ["tg:key:", sha].concat()
 }
 
 /// The applied-once marker of a settle batch.
