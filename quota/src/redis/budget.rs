@@ -111,35 +111,42 @@ impl RedisStore {
             .into_iter()
             .map(|(team, list)| {
                 let mut keys = vec![team_spend_key(team), team_settled_key(team, batch_id)];
-                let mut args: Vec<String> = Vec::new();
-                for s in &list {
-                    let Some(t) = &s.money.team else { continue };
-                    let (rid, mode) = match t.end {
-                        ReservationEnd::None => (None, "c"),
-                        ReservationEnd::Settled { id, retried } => {
-                            (Some(id), if retried { "r" } else { "c" })
-                        }
-                        ReservationEnd::Abandoned { id } => (Some(id), "a"),
-                    };
-                    let index = match rid {
-                        Some(id) => {
-                            keys.push(team_reservation_key(team, id));
-                            keys.len()
-                        }
-                        None => 0,
-                    };
-                    args.push(index.to_string());
-                    args.push(mode.to_string());
-                    args.push((s.money.actual as i64 - t.reserved as i64).to_string());
-                    args.push(if t.window == ANY_WINDOW {
-                        "any".to_string()
-                    } else {
-                        t.window.to_string()
-                    });
-                }
+                // Each settlement's reservation key, if it has one, and the index its arguments
+                // give for it (0: none).
+                let ends: Vec<(&Settlement, &TeamCharge, usize, &str)> = list
+                    .iter()
+                    .filter_map(|s| s.money.team.as_ref().map(|t| (*s, t)))
+                    .map(|(s, t)| {
+                        let (rid, mode) = match t.end {
+                            ReservationEnd::None => (None, "c"),
+                            ReservationEnd::Settled { id, retried } => {
+                                (Some(id), if retried { "r" } else { "c" })
+                            }
+                            ReservationEnd::Abandoned { id } => (Some(id), "a"),
+                        };
+                        let index = match rid {
+                            Some(id) => {
+                                keys.push(team_reservation_key(team, id));
+                                keys.len()
+                            }
+                            None => 0,
+                        };
+                        (s, t, index, mode)
+                    })
+                    .collect();
                 let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
                 let mut cmd = evalsha(&self.inner.team_settle, &keys);
-                cmd.arg(crate::RESERVATION_TTL_MS).arg(list.len()).arg(args);
+                cmd.arg(crate::RESERVATION_TTL_MS).arg(ends.len());
+                for (s, t, index, mode) in ends {
+                    cmd.arg(index)
+                        .arg(mode)
+                        .arg(s.money.actual as i64 - t.reserved as i64);
+                    if t.window == ANY_WINDOW {
+                        cmd.arg("any");
+                    } else {
+                        cmd.arg(t.window);
+                    }
+                }
                 (team_spend_key(team), cmd)
             })
             .collect()
