@@ -15,10 +15,29 @@ use std::io::Write as _;
 /// The entry [`Stored::from_json`] + [`Stored::to_bytes`] would keep, if any.
 pub fn entry(op: Operation, backend: &str, body: &[u8]) -> Option<Vec<u8>> {
     match read(op, body) {
-        Some(Some((input, output, cached))) => Some(write(backend, input, output, cached, body)),
-        Some(None) => None,
-        None => Stored::from_json(op, backend, body).map(|s| s.to_bytes()),
+        Read::Keep {
+            input,
+            output,
+            cached,
+        } => Some(write(backend, input, output, cached, body)),
+        Read::Refuse => None,
+        Read::Unsure => Stored::from_json(op, backend, body).map(|s| s.to_bytes()),
     }
+}
+
+/// What the typed read decided.
+#[derive(Debug, PartialEq, Eq)]
+enum Read {
+    /// Keep the answer, with this usage.
+    Keep {
+        input: u64,
+        output: u64,
+        cached: u64,
+    },
+    /// `from_json` would refuse it too.
+    Refuse,
+    /// Not certain: ask `from_json`.
+    Unsure,
 }
 
 #[derive(Deserialize)]
@@ -70,41 +89,42 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<Details>>, D
     Option::<Details>::deserialize(d).map(Some)
 }
 
-/// `Some(Some(usage))`: keep; `Some(None)`: refuse; `None`: not certain, ask `from_json`.
-fn read(op: Operation, body: &[u8]) -> Option<Option<(u64, u64, u64)>> {
+fn read(op: Operation, body: &[u8]) -> Read {
     if op == Operation::Embeddings {
-        return Some(None);
+        return Read::Refuse;
     }
     // A struct reads from a JSON array too; the answer must be an object.
     if body.trim_ascii_start().first() != Some(&b'{') || memchr::memchr(b'\\', body).is_some() {
-        return None;
+        return Read::Unsure;
     }
     if fired_filter(body) {
-        return None;
+        return Read::Unsure;
     }
-    let a: Answer = serde_json::from_slice(body).ok()?;
+    let Ok(a) = serde_json::from_slice::<Answer>(body) else {
+        return Read::Unsure;
+    };
     match op {
         Operation::Chat | Operation::Completions => {
             let choices = a.choices.unwrap_or_default();
             let finish = choices.first().and_then(|c| c.finish_reason);
             if choices.len() != 1 || matches!(finish, None | Some("content_filter")) {
-                return Some(None);
+                return Read::Refuse;
             }
         }
-        Operation::Responses if a.status != Some("completed") => return Some(None),
+        Operation::Responses if a.status != Some("completed") => return Read::Refuse,
         _ => {}
     }
     let Some(u) = a.usage else {
-        return Some(None);
+        return Read::Refuse;
     };
     let (input, output) = match op {
         Operation::Responses => match (u.input_tokens, u.output_tokens) {
             (Some(i), Some(o)) => (i, o),
-            _ => return Some(None),
+            _ => return Read::Refuse,
         },
         _ => match u.prompt_tokens {
             Some(i) => (i, u.completion_tokens.unwrap_or(0)),
-            None => return Some(None),
+            None => return Read::Refuse,
         },
     };
     let details = match u.prompt_tokens_details {
@@ -112,7 +132,11 @@ fn read(op: Operation, body: &[u8]) -> Option<Option<(u64, u64, u64)>> {
         None => u.input_tokens_details.flatten(),
     };
     let cached = details.and_then(|d| d.cached_tokens).unwrap_or(0);
-    Some(Some((input, output, cached)))
+    Read::Keep {
+        input,
+        output,
+        cached,
+    }
 }
 
 /// Whether some `"filtered"` key (there are no escapes: every such run of bytes is a key or a
@@ -146,6 +170,14 @@ fn write(backend: &str, input: u64, output: u64, cached: u64, body: &[u8]) -> Ve
 mod tests {
     use super::*;
     use serde_json::{Value, json};
+
+    fn keep(input: u64, output: u64, cached: u64) -> Read {
+        Read::Keep {
+            input,
+            output,
+            cached,
+        }
+    }
 
     fn fields(s: &Stored) -> (String, u64, u64, u64, Value) {
         (
@@ -189,11 +221,7 @@ mod tests {
     #[test]
     fn plain_answers_are_kept_as_they_came() {
         let body = chat(json!({}));
-        assert_eq!(
-            read(Operation::Chat, &body),
-            Some(Some((9, 4, 2))),
-            "the quick way"
-        );
+        assert_eq!(read(Operation::Chat, &body), keep(9, 4, 2), "the quick way");
         let (backend, input, output, cached, v) = same(Operation::Chat, &body).unwrap();
         assert_eq!(
             (backend.as_str(), input, output, cached),
@@ -203,7 +231,7 @@ mod tests {
         let resp = json!({"id": "resp_1", "object": "response", "status": "completed", "output": [],
             "usage": {"input_tokens": 5, "output_tokens": 6, "input_tokens_details": {"cached_tokens": 1}}});
         let resp = resp.to_string().into_bytes();
-        assert_eq!(read(Operation::Responses, &resp), Some(Some((5, 6, 1))));
+        assert_eq!(read(Operation::Responses, &resp), keep(5, 6, 1));
         assert!(same(Operation::Responses, &resp).is_some());
     }
 
@@ -221,7 +249,7 @@ mod tests {
         for b in &refused {
             assert_eq!(
                 read(Operation::Chat, b),
-                Some(None),
+                Read::Refuse,
                 "{}",
                 String::from_utf8_lossy(b)
             );
@@ -229,7 +257,7 @@ mod tests {
         }
         let incomplete =
             br#"{"status": "incomplete", "usage": {"input_tokens": 1, "output_tokens": 1}}"#;
-        assert_eq!(read(Operation::Responses, incomplete), Some(None));
+        assert_eq!(read(Operation::Responses, incomplete), Read::Refuse);
         assert!(same(Operation::Responses, incomplete).is_none());
         assert!(same(Operation::Embeddings, &chat(json!({}))).is_none());
     }
@@ -254,7 +282,7 @@ mod tests {
         for b in &general {
             assert_eq!(
                 read(Operation::Chat, b),
-                None,
+                Read::Unsure,
                 "{}",
                 String::from_utf8_lossy(b)
             );
@@ -267,7 +295,7 @@ mod tests {
         );
         assert_eq!(same(Operation::Chat, &null_details).unwrap().3, 0);
         let unfired = chat(json!({"x": {"filtered" : false}, "y": "filtered"}));
-        assert_eq!(read(Operation::Chat, &unfired), Some(Some((9, 4, 2))));
+        assert_eq!(read(Operation::Chat, &unfired), keep(9, 4, 2));
         same(Operation::Chat, &unfired);
     }
 }
